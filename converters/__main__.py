@@ -1,0 +1,37 @@
+"""python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from converters import FAMILY_FORMATS, VARIANTS, CheckpointError, convert
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m converters",
+        description="Convert an official PyTorch / transformers / open_clip checkpoint into medjax Flax parameters.",
+        epilog=f"Known variants: {', '.join(sorted(VARIANTS))}. Families (with --config): "
+               f"{', '.join(sorted(FAMILY_FORMATS))}.")
+    parser.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or a transformers folder")
+    parser.add_argument("output_dir", help="folder to write params.safetensors and medjax.json into")
+    parser.add_argument("--model", required=True, help="a known variant name or a family name")
+    parser.add_argument("--config", help="JSON of the upstream constructor's keyword arguments, an open_clip model "
+                                         "config, or a transformers config.json")
+    parser.add_argument("--dinov2-resize", choices=("auto", "official", "transformers"), default="auto",
+                        help="DINOv2 run-time pos-embed resize: as the file's implementation does (auto), or forced")
+    args = parser.parse_args(argv)
+    try:
+        meta = convert(args.checkpoint, args.output_dir, args.model, args.config, args.dinov2_resize)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"output_dir": args.output_dir, "family": meta["family"], "format": meta["source"]["format"],
+                      "num_params": meta["num_params"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

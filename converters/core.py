@@ -1,0 +1,245 @@
+"""The conversion engine: safe checkpoint reading and declarative key tables.
+
+A key table is a list of `Rule`s. Each maps a source key template (`blocks.{i}.attn.qkv.weight`) to a Flax parameter
+path template (`blocks_{i}/attn/qkv/kernel`) with a transform. Templates work both ways, so a missing parameter is
+reported under the checkpoint key that should have supplied it. Every problem (missing, unexpected, mis-shaped) is
+collected and raised together in one `ConversionError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Callable
+
+import numpy as np
+
+from medjax.pretrained import unflatten
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, or is not what the user said it is."""
+
+
+class ConversionError(CheckpointError):
+    """The checkpoint's keys or shapes do not fit the model; lists every offending key."""
+
+    def __init__(self, source: str, model: str, missing=(), unexpected=(), mismatched=(), notes=()):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"checkpoint {source} does not fit model {model}:"]
+        if self.missing:
+            lines.append(f"  missing keys ({len(self.missing)}):")
+            lines += [f"    {k}" for k in self.missing]
+        if self.unexpected:
+            lines.append(f"  unexpected keys ({len(self.unexpected)}):")
+            lines += [f"    {k}" for k in self.unexpected]
+        if self.mismatched:
+            lines.append(f"  shape mismatches ({len(self.mismatched)}):")
+            lines += [f"    {k}" for k in self.mismatched]
+        lines += [f"  {n}" for n in notes]
+        super().__init__("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+def _read_torch(path: str) -> dict:
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(f"{path}: reading PyTorch checkpoints needs torch; install medjax[torch]") from e
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load: the file is not a plain tensor checkpoint (it needs code execution to "
+            f"unpickle, which medjax never allows). torch said: {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    return obj
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(path, framework="np") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    except (TypeError, ValueError):  # bfloat16 has no numpy dtype: go through torch
+        with safe_open(path, framework="pt") as f:
+            out = {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return out
+
+
+def _flatten_tensors(obj, path: str) -> dict[str, np.ndarray]:
+    import torch
+
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    out, bad = {}, []
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = _to_numpy(v)
+        elif isinstance(v, np.ndarray):
+            out[k] = v
+        else:
+            bad.append(f"{k} ({type(v).__name__})")
+    if bad:
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {', '.join(bad[:10])}")
+    return out
+
+
+def resolve_checkpoint(path: str) -> list[str]:
+    """The weight files behind `path`: the file itself, or a Hugging Face folder's (possibly sharded) safetensors."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if not os.path.isdir(path):
+        return [path]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise CheckpointError(f"{path}: a folder without model.safetensors, its index, or pytorch_model.bin")
+
+
+def read_state_dict(path: str, wrapper_keys=("model", "state_dict")) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint as numpy arrays. `.safetensors` is read directly; anything else goes through
+    `torch.load(weights_only=True)`. A top-level `{'model': ...}` or `{'state_dict': ...}` wrapper is unwrapped."""
+    state = {}
+    for f in resolve_checkpoint(path):
+        if f.endswith(".safetensors"):
+            state.update(_read_safetensors(f))
+            continue
+        obj = _read_torch(f)
+        if isinstance(obj, dict):
+            for w in wrapper_keys:
+                if w in obj and isinstance(obj[w], dict):
+                    obj = obj[w]
+                    break
+        state.update(_flatten_tensors(obj, f))
+    if not state:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- key tables
+
+def linear(a):  # torch Linear weight (out, in) -> Flax Dense kernel (in, out)
+    return a.T
+
+
+def conv(a):  # torch Conv2d weight (O, I, kh, kw) -> Flax Conv kernel (kh, kw, I, O)
+    return a.transpose(2, 3, 1, 0)
+
+
+def copy(a):
+    return a
+
+
+def reshape(a):  # marker: reshape to the model's shape (same number of elements), e.g. CLIP's (D,) class embedding
+    return a
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    source: str  # checkpoint key template, `{i}` for an integer index
+    target: str  # Flax path template, `/`-separated
+    transform: Callable = copy
+    part: tuple[int, int] | None = None  # (index, count): pieces concatenated on the last axis (q, k, v -> qkv)
+
+    def source_regex(self) -> re.Pattern:
+        pattern = re.escape(self.source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        return re.compile(pattern)
+
+    def target_regex(self) -> re.Pattern:
+        pattern = re.escape(self.target).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+        return re.compile(pattern)
+
+
+def apply_rules(state: dict[str, np.ndarray], rules: list[Rule], ignore: list[str], expected: dict[str, tuple],
+                source: str, model: str, hooks: dict[str, Callable] | None = None, notes=()) -> dict:
+    """Map a flat checkpoint `state` onto the flat `expected` {flax path: shape} with `rules`.
+
+    Keys fully matching an `ignore` regex are dropped (the documented ignorable keys). `hooks` maps a Flax path to a
+    function (array, expected shape) -> array run before the shape check (e.g. a load-time pos-embed resize).
+    Returns the nested parameter dict; raises ConversionError listing every problem.
+    """
+    compiled = [(r, r.source_regex()) for r in rules]
+    ignore_re = [re.compile(p) for p in ignore]
+    flat, parts, unexpected, mismatched = {}, {}, [], []
+    for key in sorted(state):
+        if any(p.fullmatch(key) for p in ignore_re):
+            continue
+        for rule, rx in compiled:
+            m = rx.fullmatch(key)
+            if m:
+                break
+        else:
+            unexpected.append(f"{key} {tuple(state[key].shape)}")
+            continue
+        target = rule.target.format(**m.groupdict())
+        value = rule.transform(state[key])
+        if rule.transform is reshape and target in expected and value.size == np.prod(expected[target]):
+            value = value.reshape(expected[target])
+        if rule.part is None:
+            flat[target] = (key, value)
+        else:
+            parts.setdefault(target, {})[rule.part[0]] = (key, value, rule.part[1])
+    for target, pieces in parts.items():
+        count = next(iter(pieces.values()))[2]
+        if len(pieces) == count:
+            ordered = [pieces[i] for i in range(count)]
+            flat[target] = ("+".join(k for k, _, _ in ordered), np.concatenate([v for _, v, _ in ordered], axis=-1))
+    for target, fn in (hooks or {}).items():
+        if target in flat and target in expected:
+            key, value = flat[target]
+            flat[target] = (key, fn(value, expected[target]))
+    for target, (key, value) in flat.items():
+        if target in expected and tuple(value.shape) != tuple(expected[target]):
+            mismatched.append(f"{key}: checkpoint gives {tuple(value.shape)} for {target}, the model expects "
+                              f"{tuple(expected[target])}")
+        elif target not in expected:
+            unexpected.append(f"{key} (maps to {target}, which this model configuration does not have)")
+    missing = [_source_name(t, rules, parts) for t in sorted(expected) if t not in flat]
+    if missing or unexpected or mismatched:
+        raise ConversionError(source, model, missing, unexpected, mismatched, notes)
+    return unflatten({t: np.asarray(v, dtype=np.float32) for t, (_, v) in flat.items()})
+
+
+def _source_name(target: str, rules: list[Rule], parts: dict) -> str:
+    """The checkpoint key(s) that should have produced the Flax parameter `target`."""
+    for rule in rules:
+        m = rule.target_regex().fullmatch(target)
+        if m:
+            names = [r.source.format(**m.groupdict()) for r in rules
+                     if r.target == rule.target and (r.part is None or r.part[0] not in parts.get(target, {}))]
+            return f"{' + '.join(names)} (for {target})"
+    return f"(no checkpoint key maps to {target})"

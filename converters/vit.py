@@ -1,0 +1,344 @@
+"""Key tables and config readers for the ViT family: DINOv2, MAE, DeiT (timm naming), transformers' Dinov2 /
+Dinov2WithRegisters / ViTMAE / ViT, and the open_clip CLIP image tower."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from converters.core import CheckpointError, Rule, conv, linear, reshape
+from medjax.models.layers import swiglu_hidden
+from medjax.models.vit import ViTConfig
+
+# ------------------------------------------------------------------------------------------------ key tables
+
+
+def _norm(src: str, dst: str) -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
+def _dense(src: str, dst: str, part=None) -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}/kernel", linear, part), Rule(f"{src}.bias", f"{dst}/bias", part=part)]
+
+
+# timm / DINOv2 naming: DINOv2 torch.hub files, MAE and DeiT `{'model': ...}` files.
+TIMM_RULES = [
+    Rule("cls_token", "cls_token"),
+    Rule("pos_embed", "pos_embed"),
+    Rule("register_tokens", "reg_tokens"),
+    Rule("patch_embed.proj.weight", "patch_embed/kernel", conv),
+    Rule("patch_embed.proj.bias", "patch_embed/bias"),
+    *_norm("blocks.{i}.norm1", "blocks_{i}/norm1"),
+    *_dense("blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
+    *_dense("blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
+    Rule("blocks.{i}.ls1.gamma", "blocks_{i}/ls1/gamma"),
+    *_norm("blocks.{i}.norm2", "blocks_{i}/norm2"),
+    *_dense("blocks.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
+    *_dense("blocks.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
+    *_dense("blocks.{i}.mlp.w12", "blocks_{i}/mlp/w12"),
+    *_dense("blocks.{i}.mlp.w3", "blocks_{i}/mlp/w3"),
+    Rule("blocks.{i}.ls2.gamma", "blocks_{i}/ls2/gamma"),
+    *_norm("norm", "norm"),
+]
+
+# transformers' on-disk naming (Dinov2Model, Dinov2WithRegistersModel, ViTMAEModel, ViTModel).
+HF_RULES = [
+    Rule("embeddings.cls_token", "cls_token"),
+    Rule("embeddings.position_embeddings", "pos_embed"),
+    Rule("embeddings.register_tokens", "reg_tokens"),
+    Rule("embeddings.patch_embeddings.projection.weight", "patch_embed/kernel", conv),
+    Rule("embeddings.patch_embeddings.projection.bias", "patch_embed/bias"),
+    *_norm("encoder.layer.{i}.norm1", "blocks_{i}/norm1"),
+    *_norm("encoder.layer.{i}.layernorm_before", "blocks_{i}/norm1"),
+    *_dense("encoder.layer.{i}.attention.attention.query", "blocks_{i}/attn/qkv", (0, 3)),
+    *_dense("encoder.layer.{i}.attention.attention.key", "blocks_{i}/attn/qkv", (1, 3)),
+    *_dense("encoder.layer.{i}.attention.attention.value", "blocks_{i}/attn/qkv", (2, 3)),
+    *_dense("encoder.layer.{i}.attention.output.dense", "blocks_{i}/attn/proj"),
+    Rule("encoder.layer.{i}.layer_scale1.lambda1", "blocks_{i}/ls1/gamma"),
+    *_norm("encoder.layer.{i}.norm2", "blocks_{i}/norm2"),
+    *_norm("encoder.layer.{i}.layernorm_after", "blocks_{i}/norm2"),
+    *_dense("encoder.layer.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
+    *_dense("encoder.layer.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
+    *_dense("encoder.layer.{i}.intermediate.dense", "blocks_{i}/mlp/fc1"),
+    *_dense("encoder.layer.{i}.output.dense", "blocks_{i}/mlp/fc2"),
+    *_dense("encoder.layer.{i}.mlp.weights_in", "blocks_{i}/mlp/w12"),
+    *_dense("encoder.layer.{i}.mlp.weights_out", "blocks_{i}/mlp/w3"),
+    Rule("encoder.layer.{i}.layer_scale2.lambda1", "blocks_{i}/ls2/gamma"),
+    *_norm("layernorm", "norm"),
+]
+
+# open_clip `visual.*` (the prefix is stripped before matching).
+OPEN_CLIP_RULES = [
+    Rule("conv1.weight", "patch_embed/kernel", conv),
+    Rule("class_embedding", "cls_token", reshape),
+    Rule("positional_embedding", "pos_embed", reshape),
+    *_norm("ln_pre", "ln_pre"),
+    *_norm("transformer.resblocks.{i}.ln_1", "blocks_{i}/norm1"),
+    Rule("transformer.resblocks.{i}.attn.in_proj_weight", "blocks_{i}/attn/qkv/kernel", linear),
+    Rule("transformer.resblocks.{i}.attn.in_proj_bias", "blocks_{i}/attn/qkv/bias"),
+    *_dense("transformer.resblocks.{i}.attn.out_proj", "blocks_{i}/attn/proj"),
+    Rule("transformer.resblocks.{i}.ls_1.gamma", "blocks_{i}/ls1/gamma"),
+    *_norm("transformer.resblocks.{i}.ln_2", "blocks_{i}/norm2"),
+    *_dense("transformer.resblocks.{i}.mlp.c_fc", "blocks_{i}/mlp/fc1"),
+    *_dense("transformer.resblocks.{i}.mlp.c_proj", "blocks_{i}/mlp/fc2"),
+    Rule("transformer.resblocks.{i}.ls_2.gamma", "blocks_{i}/ls2/gamma"),
+    *_norm("ln_post", "norm"),
+    Rule("proj", "proj"),  # used as x @ proj: already (in, out)
+]
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+class Format:
+    """One on-disk layout: how to recognise it, how to rename keys, what may be ignored."""
+
+    def __init__(self, name, family, rules, signature, ignore=(), strip_prefixes=(), select_prefix=None,
+                 key_fixes=(), hf=False, load_time_pos_resize=None):
+        self.name, self.family, self.rules, self.signature = name, family, rules, signature
+        self.ignore, self.strip_prefixes, self.select_prefix = list(ignore), strip_prefixes, select_prefix
+        self.key_fixes, self.hf, self.load_time_pos_resize = key_fixes, hf, load_time_pos_resize
+
+    def matches(self, keys) -> bool:
+        return any(re.fullmatch(self.signature, self.normalise(k) or "") for k in keys)
+
+    def normalise(self, key: str) -> str | None:
+        """The key as the table names it; None for keys outside the selected prefix (e.g. CLIP's text tower)."""
+        if key.startswith("module."):  # saved from DistributedDataParallel
+            key = key[len("module."):]
+        if self.select_prefix is not None:
+            if not key.startswith(self.select_prefix):
+                return None
+            key = key[len(self.select_prefix):]
+        for p in self.strip_prefixes:
+            if key.startswith(p):
+                key = key[len(p):]
+                break
+        for pattern, repl in self.key_fixes:
+            key = re.sub(pattern, repl, key)
+        return key
+
+
+FORMATS = [
+    Format("dinov2_hub", "dinov2", TIMM_RULES, r"blocks\.\d+\.ls1\.gamma|register_tokens|mask_token",
+           ignore=[r"mask_token"], key_fixes=[(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.")]),  # block_chunks > 0
+    Format("dinov2_transformers", "dinov2", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
+           ignore=[r"embeddings\.mask_token"], strip_prefixes=("dinov2.", "dinov2_with_registers."), hf=True),
+    Format("mae_official", "mae", TIMM_RULES, r"pos_embed", ignore=[r"mask_token", r"decoder.*"],
+           load_time_pos_resize=False),
+    Format("mae_transformers", "mae", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
+           ignore=[r"decoder\..*"], strip_prefixes=("vit.",), hf=True, load_time_pos_resize=False),
+    Format("deit_official", "deit", TIMM_RULES, r"pos_embed", ignore=[r"head\.(weight|bias)"],
+           load_time_pos_resize=False),
+    Format("deit_transformers", "deit", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
+           ignore=[r"pooler\..*", r"classifier\..*"], strip_prefixes=("vit.",), hf=True, load_time_pos_resize=False),
+    Format("open_clip", "clip", OPEN_CLIP_RULES, r"conv1\.weight", select_prefix="visual.",
+           load_time_pos_resize=True),
+]
+FAMILY_FORMATS = {f: [x for x in FORMATS if x.family == f] for f in ("dinov2", "mae", "deit", "clip")}
+
+IGNORED_KEYS_DOC = {
+    "dinov2": "mask_token (training only)",
+    "mae": "mask_token and decoder* (the MAE decoder), decoder.* in transformers' ViTMAEForPreTraining",
+    "deit": "head.weight/head.bias (the ImageNet classifier); transformers' pooler.* and classifier.*",
+    "clip": "everything outside visual.* (text tower, logit_scale)",
+}
+
+# ------------------------------------------------------------------------------------------------ configs
+
+DESCRIPTIVE_KEYS = {"family", "format", "upstream", "fixture"}
+# Constructor arguments that do not change the inference architecture (training-only or Python objects).
+_INERT = {"drop_path_rate", "drop_path_uniform", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+          "attn_drop_rate", "block_fn", "embed_layer", "act_layer", "weight_init", "num_classes", "global_pool",
+          "norm_layer", "block_chunks", "fix_init", "mlp_layer", "output_tokens"}
+
+
+def _check_keys(kwargs: dict, known: set, what: str):
+    unknown = sorted(set(kwargs) - known - _INERT - DESCRIPTIVE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{what}: unsupported constructor arguments {unknown}; supported: {sorted(known)}")
+
+
+def _eps_from_norm_layer(kwargs: dict, default: float) -> float:
+    m = re.search(r"eps\s*=\s*([0-9.eE+-]+)", str(kwargs.get("norm_layer", "")))
+    return float(m.group(1)) if m else default
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+
+
+def _grid(img_size, patch) -> tuple[int, int]:
+    h, w = _pair(img_size)
+    return h // patch, w // patch
+
+
+_DINOV2_KW = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+              "ffn_bias", "proj_bias", "init_values", "ffn_layer", "num_register_tokens", "interpolate_antialias",
+              "interpolate_offset"}
+
+
+def dinov2_config(kw: dict) -> ViTConfig:
+    """facebookresearch/dinov2 `DinoVisionTransformer` kwargs (defaults as upstream)."""
+    _check_keys(kw, _DINOV2_KW, "dinov2 config")
+    dim, ratio, ffn = kw.get("embed_dim", 768), kw.get("mlp_ratio", 4.0), kw.get("ffn_layer", "mlp")
+    if ffn not in ("mlp", "swiglu", "swiglufused"):
+        raise CheckpointError(f"dinov2 config: ffn_layer {ffn!r} is not supported (mlp, swiglu, swiglufused)")
+    hidden = int(dim * ratio)
+    offset = kw.get("interpolate_offset", 0.1)
+    return ViTConfig(
+        family="dinov2", width=dim, depth=kw.get("depth", 12), num_heads=kw.get("num_heads", 12),
+        patch_size=kw.get("patch_size", 16), pos_grid=_grid(kw.get("img_size", 224), kw.get("patch_size", 16)),
+        mlp_hidden=hidden if ffn == "mlp" else swiglu_hidden(hidden), ffn="mlp" if ffn == "mlp" else "swiglu",
+        in_chans=kw.get("in_chans", 3), qkv_bias=kw.get("qkv_bias", True), proj_bias=kw.get("proj_bias", True),
+        ffn_bias=kw.get("ffn_bias", True), layerscale=bool(kw.get("init_values")), norm_eps=1e-6,
+        num_registers=kw.get("num_register_tokens", 0), pos_resize="offset" if offset else "size",
+        pos_resize_offset=float(offset or 0.0), pos_resize_antialias=bool(kw.get("interpolate_antialias", False)))
+
+
+_TIMM_KW = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+            "init_values", "class_token", "no_embed_class", "qk_norm", "pre_norm", "fc_norm", "reg_tokens"}
+
+
+def timm_config(kw: dict, family: str) -> ViTConfig:
+    """timm `VisionTransformer` kwargs as MAE's and DeiT's factories pass them."""
+    _check_keys(kw, _TIMM_KW, f"{family} config")
+    for key, ok in (("class_token", True), ("no_embed_class", False), ("qk_norm", False), ("pre_norm", False),
+                    ("reg_tokens", 0)):
+        if kw.get(key, ok) != ok:
+            raise CheckpointError(f"{family} config: {key}={kw[key]!r} is not supported (only {ok!r})")
+    if kw.get("fc_norm") or kw.get("global_pool") in ("avg", True):
+        raise CheckpointError(f"{family} config: global-pool / fc_norm models are not supported; medjax takes the "
+                              "encoder (global_pool '' or 'token') and pools itself")
+    dim, patch = kw.get("embed_dim", 768), kw.get("patch_size", 16)
+    return ViTConfig(
+        family=family, width=dim, depth=kw.get("depth", 12), num_heads=kw.get("num_heads", 12), patch_size=patch,
+        pos_grid=_grid(kw.get("img_size", 224), patch), mlp_hidden=int(dim * kw.get("mlp_ratio", 4.0)),
+        in_chans=kw.get("in_chans", 3), qkv_bias=kw.get("qkv_bias", True), layerscale=bool(kw.get("init_values")),
+        norm_eps=_eps_from_norm_layer(kw, 1e-6))
+
+
+_OPEN_CLIP_VISION_KW = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
+                        "output_tokens", "pool_type", "attentional_pool", "no_ln_pre", "final_ln_after_pool",
+                        "pos_embed_type", "patch_dropout", "act_kwargs", "norm_kwargs", "output_dim"}
+
+
+def open_clip_config(cfg: dict) -> ViTConfig:
+    """An open_clip model config (`model_configs/*.json`: embed_dim, vision_cfg, text_cfg)."""
+    _check_keys(cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text", "init_logit_bias",
+                      "cast_dtype", "multimodal_cfg"}, "open_clip config")
+    if "vision_cfg" not in cfg or "embed_dim" not in cfg:
+        raise CheckpointError("open_clip config: needs `embed_dim` and `vision_cfg` (an open_clip model config)")
+    v = cfg["vision_cfg"]
+    _check_keys(v, _OPEN_CLIP_VISION_KW, "open_clip vision_cfg")
+    unsupported = {"quick_gelu": cfg.get("quick_gelu", False), "attentional_pool": v.get("attentional_pool", False),
+                   "no_ln_pre": v.get("no_ln_pre", False), "final_ln_after_pool": v.get("final_ln_after_pool", False),
+                   "pool_type not 'tok'": v.get("pool_type", "tok") != "tok",
+                   "pos_embed_type not 'learnable'": v.get("pos_embed_type", "learnable") != "learnable",
+                   "timm_model_name": bool(v.get("timm_model_name")), "layers as a list": isinstance(v.get("layers"), list)}
+    bad = [k for k, on in unsupported.items() if on]
+    if bad:
+        raise CheckpointError(f"open_clip config: unsupported options {bad} (medjax's CLIP tower is the standard "
+                              "ViT with GELU, ln_pre and token pooling; CoCa has its own family)")
+    width, patch = v.get("width", 768), v.get("patch_size", 16)
+    return ViTConfig(
+        family="clip", width=width, depth=v.get("layers", 12), num_heads=width // v.get("head_width", 64),
+        patch_size=patch, pos_grid=_grid(v.get("image_size", 224), patch),
+        mlp_hidden=int(width * v.get("mlp_ratio", 4.0)), patch_bias=False, layerscale=v.get("ls_init_value") is not None,
+        norm_eps=1e-5, ln_pre=True, proj_dim=cfg["embed_dim"])
+
+
+def transformers_config(cfg: dict, family: str) -> ViTConfig:
+    """A transformers config.json (Dinov2Config, Dinov2WithRegistersConfig, ViTMAEConfig, ViTConfig)."""
+    expected_types = {"dinov2": ("dinov2", "dinov2_with_registers"), "mae": ("vit_mae",), "deit": ("vit", "deit")}
+    model_type = cfg.get("model_type")
+    if model_type not in expected_types.get(family, ()):
+        raise CheckpointError(f"transformers config has model_type {model_type!r}; a {family} checkpoint needs one of "
+                              f"{expected_types.get(family)}")
+    if cfg.get("hidden_act", "gelu") != "gelu":
+        raise CheckpointError(f"transformers config: hidden_act {cfg['hidden_act']!r} is not supported (gelu)")
+    dim, patch = cfg.get("hidden_size", 768), cfg.get("patch_size", 16)
+    common = dict(width=dim, depth=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
+                  patch_size=patch, pos_grid=_grid(cfg.get("image_size", 224), patch),
+                  in_chans=cfg.get("num_channels", 3), qkv_bias=cfg.get("qkv_bias", True),
+                  norm_eps=cfg.get("layer_norm_eps", 1e-6 if family == "dinov2" else 1e-12))
+    if family != "dinov2":
+        return ViTConfig(family=family, mlp_hidden=cfg.get("intermediate_size", 3072), **common)
+    hidden = int(dim * cfg.get("mlp_ratio", 4))
+    swiglu = cfg.get("use_swiglu_ffn", False)
+    registers = cfg.get("num_register_tokens", 0) if model_type == "dinov2_with_registers" else 0
+    # transformers resizes size-based with no offset; its register model adds antialias (like the official one).
+    return ViTConfig(family="dinov2", mlp_hidden=swiglu_hidden(hidden) if swiglu else hidden,
+                     ffn="swiglu" if swiglu else "mlp", layerscale=True, num_registers=registers,
+                     pos_resize="size", pos_resize_antialias=bool(registers), **common)
+
+
+def parse_config(family: str, cfg: dict) -> ViTConfig:
+    if "model_type" in cfg:
+        return transformers_config(cfg, family)
+    if family == "dinov2":
+        return dinov2_config(cfg)
+    if family == "clip":
+        return open_clip_config(cfg)
+    return timm_config(cfg, family)
+
+
+def official_dinov2_resize(config: ViTConfig, style: str) -> ViTConfig:
+    """Pick the DINOv2 run-time pos-embed resize: 'official' (facebookresearch/dinov2) or 'transformers'."""
+    import dataclasses
+
+    if config.num_registers:  # both implementations agree for the register models: size-based, antialiased
+        return config
+    if style == "official":
+        return dataclasses.replace(config, pos_resize="offset", pos_resize_offset=0.1, pos_resize_antialias=False)
+    return dataclasses.replace(config, pos_resize="size", pos_resize_offset=0.0, pos_resize_antialias=False)
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+def _hub(dim, depth, heads, registers=False, swiglu=False):
+    return {"img_size": 518, "patch_size": 14, "embed_dim": dim, "depth": depth, "num_heads": heads, "mlp_ratio": 4,
+            "init_values": 1.0, "ffn_layer": "swiglufused" if swiglu else "mlp", "block_chunks": 0,
+            "num_register_tokens": 4 if registers else 0, "interpolate_antialias": registers,
+            "interpolate_offset": 0.0 if registers else 0.1}
+
+
+def _timm(dim, depth, heads, patch):
+    return {"img_size": 224, "patch_size": patch, "embed_dim": dim, "depth": depth, "num_heads": heads,
+            "mlp_ratio": 4, "qkv_bias": True}
+
+
+VARIANTS = {}
+for _size, _args in {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "g": (1536, 40, 24)}.items():
+    for _reg in (False, True):
+        VARIANTS[f"dinov2_vit{_size}14{'_reg4' if _reg else ''}"] = ("dinov2", _hub(*_args, _reg, _size == "g"))
+VARIANTS.update({
+    "mae_vit_base_patch16": ("mae", _timm(768, 12, 12, 16)),
+    "mae_vit_large_patch16": ("mae", _timm(1024, 24, 16, 16)),
+    "mae_vit_huge_patch14": ("mae", _timm(1280, 32, 16, 14)),
+    "deit_base_patch16_224": ("deit", _timm(768, 12, 12, 16)),
+    "clip_vit_b16": ("clip", {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768,
+                                                                "patch_size": 16}}),
+})
+
+
+def pos_embed_load_resize(antialias: bool):
+    """Resize a checkpoint's (1, 1 + M*M, D) pos-embed to the model's grid at conversion time (MAE/DeiT/open_clip
+    do this when a model is built for another image size), size-based bicubic, CLS row kept."""
+
+    def hook(value: np.ndarray, expected_shape: tuple) -> np.ndarray:
+        from medjax.resize import resize_bicubic
+
+        dim = value.shape[-1]
+        value = value.reshape(1, -1, dim)
+        if value.shape == tuple(expected_shape) or value.shape[-1] != expected_shape[-1]:
+            return value
+        n_old, n_new = value.shape[1] - 1, expected_shape[1] - 1
+        m, g = int(round(n_old ** 0.5)), int(round(n_new ** 0.5))
+        if m * m != n_old or g * g != n_new:
+            return value  # not square: leave it to the shape check to report
+        grid = value[:, 1:].reshape(1, m, m, dim)
+        grid = np.asarray(resize_bicubic(grid, size=(g, g), antialias=antialias, axes=(1, 2)))
+        return np.concatenate([value[:, :1], grid.reshape(1, g * g, dim)], axis=1)
+
+    return hook

@@ -1,0 +1,170 @@
+"""One Vision Transformer for the ViT family: DINOv2, MAE, DeiT and the open_clip CLIP image tower.
+
+The families differ only in switches of `ViTConfig` (LayerScale, SwiGLU, registers, ln_pre, projection, how the
+pos-embed follows the input size) and in which outputs they expose. Input is NHWC float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from medjax.models.layers import Attention, LayerScale, Mlp, SwiGLU, layer_norm
+from medjax.resize import resize_bicubic
+
+FAMILIES = ("dinov2", "mae", "deit", "clip")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    family: Literal["dinov2", "mae", "deit", "clip"]
+    width: int
+    depth: int
+    num_heads: int
+    patch_size: int
+    pos_grid: tuple[int, int]  # grid of the stored pos-embed (patch part)
+    mlp_hidden: int
+    ffn: Literal["mlp", "swiglu"] = "mlp"
+    in_chans: int = 3
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    patch_bias: bool = True
+    layerscale: bool = False
+    norm_eps: float = 1e-6
+    num_registers: int = 0
+    ln_pre: bool = False
+    proj_dim: int | None = None  # CLIP: pooled = ln_post(cls) @ proj
+    # How the stored pos-embed meets another input grid, at every forward:
+    #   "none"   - the grid must match (MAE, DeiT, CLIP resize at conversion time instead);
+    #   "offset" - DINOv2 official: bicubic with scale_factor (g + offset) / M;
+    #   "size"   - bicubic to the target size (DINOv2 registers, transformers' Dinov2).
+    pos_resize: Literal["none", "offset", "size"] = "none"
+    pos_resize_offset: float = 0.0
+    pos_resize_antialias: bool = False
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"ViTConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.width % self.num_heads:
+            raise ValueError(f"ViTConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
+        object.__setattr__(self, "pos_grid", tuple(self.pos_grid))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The input size at which the stored pos-embed is used as is."""
+        return self.pos_grid[0] * self.patch_size, self.pos_grid[1] * self.patch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"ViTConfig: unknown fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class Block(nn.Module):
+    config: ViTConfig
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        y = layer_norm(c.norm_eps, "norm1", self.dtype)(x)
+        y = Attention(c.num_heads, c.qkv_bias, c.proj_bias, self.dtype, name="attn")(y)
+        x = x + (LayerScale(name="ls1")(y) if c.layerscale else y)
+        y = layer_norm(c.norm_eps, "norm2", self.dtype)(x)
+        ffn = SwiGLU if c.ffn == "swiglu" else Mlp
+        y = ffn(c.mlp_hidden, c.ffn_bias, self.dtype, name="mlp")(y)
+        return x + (LayerScale(name="ls2")(y) if c.layerscale else y)
+
+
+def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], image_hw: tuple[int, int]):
+    """The pos-embed (1, 1 + M*M', D) for a `grid` of patches, as the upstream implementation resizes it at run time.
+
+    Like upstream, the stored table is used unchanged when the token count matches and the image is square.
+    """
+    stored = config.pos_grid
+    if grid[0] * grid[1] == stored[0] * stored[1] and image_hw[0] == image_hw[1]:
+        return pos_embed
+    if config.pos_resize == "none":
+        raise ValueError(
+            f"{config.family} input of {image_hw[0]}x{image_hw[1]} px gives a {grid[0]}x{grid[1]} patch grid, but the "
+            f"pos-embed is stored for {stored[0]}x{stored[1]} ({config.image_size[0]}x{config.image_size[1]} px) and this "
+            "family does not resize it at run time; convert the checkpoint again with `img_size` set in --config")
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_pos = patch_pos.reshape(1, stored[0], stored[1], -1).astype(jnp.float32)
+    if config.pos_resize == "offset":
+        if stored[0] != stored[1]:
+            raise ValueError(f"offset pos-embed resize needs a square stored grid, got {stored}")
+        scale = tuple((g + config.pos_resize_offset) / stored[0] for g in grid)
+        patch_pos = resize_bicubic(patch_pos, scale_factor=scale, antialias=config.pos_resize_antialias, axes=(1, 2))
+    else:
+        patch_pos = resize_bicubic(patch_pos, size=grid, antialias=config.pos_resize_antialias, axes=(1, 2))
+    if patch_pos.shape[1:3] != tuple(grid):
+        raise ValueError(f"pos-embed resize produced grid {patch_pos.shape[1:3]}, expected {grid}")
+    patch_pos = patch_pos.reshape(1, grid[0] * grid[1], -1).astype(pos_embed.dtype)
+    return jnp.concatenate([cls_pos, patch_pos], axis=1)
+
+
+class VisionTransformer(nn.Module):
+    """Returns a dict: the upstream-named outputs of the family plus `linear_head_input` and `attention_head_input`."""
+
+    config: ViTConfig
+    dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, images):
+        c = self.config
+        batch, height, width, chans = images.shape
+        p = c.patch_size
+        if height % p or width % p:
+            raise ValueError(f"{c.family}: input {height}x{width} px is not a multiple of the patch size {p}")
+        if chans != c.in_chans:
+            raise ValueError(f"{c.family}: input has {chans} channels, the patch embedding expects {c.in_chans}")
+        grid = (height // p, width // p)
+        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, dtype=self.dtype,
+                    name="patch_embed")(images)
+        x = x.reshape(batch, grid[0] * grid[1], c.width)
+        num_pos = 1 + c.pos_grid[0] * c.pos_grid[1]
+        cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, c.width))
+        pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (1, num_pos, c.width))
+        pos_embed = interpolate_pos_embed(c, pos_embed, grid, (height, width))
+        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, c.width)), x], axis=1)
+        x = x + pos_embed.astype(x.dtype)
+        if c.num_registers:  # registers go after CLS and get no pos-embed
+            reg = self.param("reg_tokens", nn.initializers.normal(1e-6), (1, c.num_registers, c.width))
+            x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (batch, c.num_registers, c.width)),
+                                 x[:, 1:]], axis=1)
+        if c.ln_pre:
+            x = layer_norm(c.norm_eps, "ln_pre", self.dtype)(x)
+        for i in range(c.depth):
+            x = Block(c, self.dtype, name=f"blocks_{i}")(x)
+        x_norm = layer_norm(c.norm_eps, "norm", self.dtype)(x)
+        return self._outputs(x, x_norm)
+
+    def _outputs(self, x_prenorm, x_norm):
+        c = self.config
+        first_patch = 1 + c.num_registers
+        cls, patches = x_norm[:, 0], x_norm[:, first_patch:]
+        if c.family == "dinov2":
+            out = {"x_norm_clstoken": cls, "x_norm_regtokens": x_norm[:, 1:first_patch], "x_norm_patchtokens": patches,
+                   "x_prenorm": x_prenorm}
+            # The attention head consumes the patch tokens before the final norm (SPEC section 3).
+            return out | {"linear_head_input": cls, "attention_head_input": x_prenorm[:, first_patch:]}
+        if c.family == "mae":
+            return {"x_norm": x_norm, "linear_head_input": patches.mean(axis=1), "attention_head_input": patches}
+        if c.family == "deit":
+            return {"x_norm_clstoken": cls, "debug_x_norm": x_norm, "linear_head_input": cls,
+                    "attention_head_input": patches}
+        proj = self.param("proj", nn.initializers.normal(c.width ** -0.5), (c.width, c.proj_dim))
+        pooled = jnp.dot(cls, proj.astype(cls.dtype))
+        return {"pooled": pooled, "tokens": patches, "debug_pooled_pre_proj": cls, "debug_trunk_out": x_prenorm,
+                "linear_head_input": pooled, "attention_head_input": patches}

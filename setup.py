@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="medjax",
+    version="0.1.0",
+    description="Fine-tune natural-domain vision foundation models for medical image classification in JAX/Flax.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["medjax", "medjax.*", "converters", "converters.*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "numpy>=2,<2.5",
+        "safetensors>=0.4",
+        "absl-py",
+    ],
+    extras_require={
+        # Reading .pth/.pt/.bin checkpoints (torch.load(weights_only=True)). Pin: the CPU wheel, no CUDA download.
+        "torch": ["torch==2.13.0"],
+        # Test-only references: transformers' PyTorch models and pytest.
+        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3"],
+    },
+)
