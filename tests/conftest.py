@@ -1,0 +1,52 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+PARITY_TOL = 2e-5
+
+
+def fixture_path(family, *names):
+    return os.path.join(FIXTURES, family, *names)
+
+
+def run_cli(*args, check=True):
+    """Run `python -m ...` as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def perturb_(model, seed=0):
+    """Move every parameter and float buffer of a torch model away from its init (LayerScale 1.0, zero biases...)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            std = 0.5 / np.sqrt(t[0].numel()) if (name.endswith("weight") and t.ndim >= 2) else 0.1
+            if any(s in name for s in ("cls_token", "position_embeddings", "register_tokens", "mask_token")):
+                std = 0.5
+            t.add_(torch.randn(t.shape, generator=gen) * std)
+    return model
+
+
+def max_abs(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+@pytest.fixture
+def matmul_f32():
+    import jax
+
+    with jax.default_matmul_precision("float32"):
+        yield
