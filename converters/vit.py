@@ -120,7 +120,7 @@ class Format:
 
 
 FORMATS = [
-    Format("dinov2_hub", "dinov2", TIMM_RULES, r"blocks\.\d+\.ls1\.gamma|register_tokens|mask_token",
+    Format("dinov2_hub", "dinov2", TIMM_RULES, r"pos_embed",
            ignore=[r"mask_token"], key_fixes=[(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.")]),  # block_chunks > 0
     Format("dinov2_transformers", "dinov2", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
            ignore=[r"embeddings\.mask_token"], strip_prefixes=("dinov2.", "dinov2_with_registers."), hf=True),

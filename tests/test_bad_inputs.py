@@ -1,0 +1,147 @@
+"""Loud, safe loading: every way a checkpoint can be wrong gets one clear error naming each key or file."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import converters
+from converters import CheckpointError, ConversionError
+from conftest import fixture_path, run_cli
+
+DINO_CKPT, DINO_CFG = fixture_path("dinov2", "checkpoint.pth"), fixture_path("dinov2", "config.json")
+
+
+def _dino_state():
+    return torch.load(DINO_CKPT, weights_only=True)
+
+
+def _convert(path, tmp_path, model="dinov2", config=DINO_CFG):
+    return converters.convert(str(path), str(tmp_path / "out"), model, config)
+
+
+def test_missing_unexpected_and_mismatched_keys_reported_together(tmp_path):
+    state = _dino_state()
+    del state["blocks.1.attn.qkv.weight"], state["norm.bias"]
+    state["blocks.0.extra.weight"] = torch.zeros(3)
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(7, 48)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(ConversionError) as info:
+        _convert(tmp_path / "bad.pth", tmp_path)
+    e, msg = info.value, str(info.value)
+    assert any("blocks.1.attn.qkv.weight" in m for m in e.missing) and any("norm.bias" in m for m in e.missing)
+    assert any("blocks.0.extra.weight" in u for u in e.unexpected)
+    assert any("blocks.0.mlp.fc1.weight" in m and "(48, 7)" in m and "(48, 192)" in m for m in e.mismatched)
+    assert str(tmp_path / "bad.pth") in msg
+    assert not (tmp_path / "out").exists(), "nothing is written when conversion fails"
+
+
+def test_missing_part_of_split_qkv_names_the_source_key(tmp_path):
+    import transformers
+
+    model = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=64, image_size=32, patch_size=16))
+    model.save_pretrained(tmp_path / "hf")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    del state["encoder.layer.0.attention.attention.key.weight"]
+    save_file(state, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(ConversionError) as info:
+        converters.convert(str(tmp_path / "hf"), str(tmp_path / "out"), "deit")
+    assert info.value.missing == ["encoder.layer.0.attention.attention.key.weight (for blocks_0/attn/qkv/kernel)"]
+
+
+def test_wrong_model_mae_checkpoint_as_dinov2(tmp_path):
+    with pytest.raises(ConversionError) as info:
+        _convert(fixture_path("mae", "checkpoint.pth"), tmp_path, "dinov2", DINO_CFG)
+    msg = str(info.value)
+    assert "blocks.0.ls1.gamma" in msg and "blocks.1.ls2.gamma" in msg  # MAE has no LayerScale
+    assert "pos_embed" in msg  # 4x4 grid + CLS vs DINOv2's 7x7
+
+
+def test_wrong_family_clip_checkpoint_as_dinov2(tmp_path):
+    with pytest.raises(CheckpointError, match="not a dinov2 checkpoint.*looks like a clip checkpoint"):
+        _convert(fixture_path("clip", "open_clip_model.safetensors"), tmp_path)
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {"cls_token": torch.zeros(1)}, "payload": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="refused to load.*code execution"):
+        _convert(tmp_path / "evil.pth", tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pth", "open_clip_model.safetensors"])
+def test_truncated_file(tmp_path, name):
+    family = "clip" if name.endswith("safetensors") else "dinov2"
+    data = open(fixture_path(family, name), "rb").read()
+    path = tmp_path / name
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        _convert(path, tmp_path, family, fixture_path(family, "config.json"))
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_unknown_model_and_bad_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        _convert(tmp_path / "nope.pth", tmp_path)
+    with pytest.raises(CheckpointError, match="unknown --model 'dinov3'.*dinov2_vitb14"):
+        _convert(DINO_CKPT, tmp_path, "dinov3")
+    with pytest.raises(CheckpointError, match="needs --config"):
+        _convert(DINO_CKPT, tmp_path, "dinov2", None)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="bad.json: not valid JSON"):
+        _convert(DINO_CKPT, tmp_path, "dinov2", str(tmp_path / "bad.json"))
+    cfg = json.load(open(DINO_CFG)) | {"embed_dimension": 48}
+    (tmp_path / "typo.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unsupported constructor arguments \['embed_dimension'\]"):
+        _convert(DINO_CKPT, tmp_path, "dinov2", str(tmp_path / "typo.json"))
+
+
+def test_cli_reports_error_and_exit_code(tmp_path):
+    proc = run_cli("converters", fixture_path("mae", "checkpoint.pth"), str(tmp_path / "o"), "--model", "dinov2",
+                   "--config", DINO_CFG, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: checkpoint") and "missing keys" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_embed_errors(tmp_path):
+    proc = run_cli("medjax.embed", "--params", str(tmp_path), "--images", str(tmp_path / "none.npy"), "--output",
+                   "y.npz", check=False)
+    assert proc.returncode == 2 and "none.npy" in proc.stderr
+    np.save(tmp_path / "gray.npy", np.zeros((1, 1, 56, 56), np.float32))
+    proc = run_cli("medjax.embed", "--params", str(tmp_path), "--images", str(tmp_path / "gray.npy"), "--output",
+                   "y.npz", check=False)
+    assert proc.returncode == 2 and "not a converted backbone" in proc.stderr
+    _convert(DINO_CKPT, tmp_path)
+    proc = run_cli("medjax.embed", "--params", str(tmp_path / "out"), "--images", str(tmp_path / "gray.npy"),
+                   "--output", str(tmp_path / "y.npz"), check=False)
+    assert proc.returncode == 2 and "NCHW with 3 channels" in proc.stderr
+    np.save(tmp_path / "odd.npy", np.zeros((1, 3, 50, 56), np.float32))
+    proc = run_cli("medjax.embed", "--params", str(tmp_path / "out"), "--images", str(tmp_path / "odd.npy"),
+                   "--output", str(tmp_path / "y.npz"), check=False)
+    assert proc.returncode == 2 and "50x56 px is not a multiple of the patch size 14" in proc.stderr
+
+
+def test_tampered_params_file_is_caught(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    from medjax import pretrained
+
+    _convert(DINO_CKPT, tmp_path)
+    params_file = tmp_path / "out" / pretrained.PARAMS_FILE
+    flat = load_file(params_file)
+    del flat["norm/bias"]
+    save_file(flat, params_file)
+    with pytest.raises(ValueError, match="missing norm/bias"):
+        pretrained.load(str(tmp_path / "out"))

@@ -1,0 +1,103 @@
+"""Architecture facts of the named variants and the conversion-time pos-embed resize."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import converters
+from converters import VARIANTS, vit
+from conftest import fixture_path, max_abs
+from medjax import models, pretrained
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_count(model_cls, config, skip=()):
+    with torch.device("meta"):
+        model = model_cls(config)
+    return sum(p.numel() for n, p in model.named_parameters() if not any(s in n for s in skip))
+
+
+def _dinov2_hf(size, registers):
+    dim, depth, heads = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16), "g": (1536, 40, 24)}[size]
+    kw = dict(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, patch_size=14, image_size=518,
+              use_swiglu_ffn=size == "g")
+    if registers:
+        return _hf_count(transformers.Dinov2WithRegistersModel,
+                         transformers.Dinov2WithRegistersConfig(num_register_tokens=4, **kw), skip=("mask_token",))
+    return _hf_count(transformers.Dinov2Model, transformers.Dinov2Config(**kw), skip=("mask_token",))
+
+
+def _vit_hf(cls, cfg_cls, dim, depth, heads, patch, **extra):
+    config = cfg_cls(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
+                     patch_size=patch, image_size=224, **extra)
+    return _hf_count(cls, config)
+
+
+REFERENCE_COUNTS = {  # the same architectures in transformers (PyTorch), counted on the meta device
+    **{f"dinov2_vit{s}14{'_reg4' if r else ''}": (lambda s=s, r=r: _dinov2_hf(s, r)) for s in "sblg" for r in (0, 1)},
+    "mae_vit_base_patch16": lambda: _vit_hf(transformers.ViTMAEModel, transformers.ViTMAEConfig, 768, 12, 12, 16),
+    "mae_vit_large_patch16": lambda: _vit_hf(transformers.ViTMAEModel, transformers.ViTMAEConfig, 1024, 24, 16, 16),
+    "mae_vit_huge_patch14": lambda: _vit_hf(transformers.ViTMAEModel, transformers.ViTMAEConfig, 1280, 32, 16, 14),
+    "deit_base_patch16_224": lambda: _hf_count(
+        transformers.ViTModel, transformers.ViTConfig(), skip=("pooler",)),
+    "clip_vit_b16": lambda: _hf_count(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
+        image_size=224, projection_dim=512)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variant_parameter_counts_match_upstream(name):
+    family, kwargs = VARIANTS[name]
+    ours = models.count_params(models.param_shapes(vit.parse_config(family, kwargs)))
+    assert ours == REFERENCE_COUNTS[name]()
+
+
+@pytest.mark.parametrize("family,antialias", [("mae", False), ("clip", True)])
+def test_load_time_pos_embed_resize(tmp_path, family, antialias):
+    """Converting for a larger image size resizes the stored pos-embed once, as MAE's interpolate_pos_embed
+    (bicubic) and open_clip's resize_pos_embed (antialiased bicubic) do."""
+    cfg = json.load(open(fixture_path(family, "config.json")))
+    if family == "clip":
+        cfg["vision_cfg"]["image_size"] = 96
+        name, key = "open_clip_model.safetensors", "visual.positional_embedding"
+    else:
+        cfg["img_size"] = 96
+        name, key = "checkpoint.pth", "pos_embed"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    converters.convert(fixture_path(family, name), str(tmp_path / "out"), family, str(tmp_path / "cfg.json"))
+    _, params, _ = pretrained.load(str(tmp_path / "out"))
+    state = converters.core.read_state_dict(fixture_path(family, name))
+    pos = torch.from_numpy(state[key]).reshape(1, 17, -1)
+    grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False,
+                                           antialias=antialias)
+    expected = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 36, -1)], dim=1)
+    assert max_abs(params["pos_embed"], expected.numpy()) <= 1e-6
+
+
+def test_fixed_grid_families_reject_other_input_sizes(tmp_path):
+    import jax.numpy as jnp
+
+    converters.convert(fixture_path("mae", "checkpoint.pth"), str(tmp_path / "out"), "mae",
+                       fixture_path("mae", "config.json"))
+    config, params, _ = pretrained.load(str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="convert the checkpoint again with `img_size`"):
+        models.build_backbone(config).apply({"params": params}, jnp.zeros((1, 96, 96, 3)))
+
+
+def test_metadata(tmp_path):
+    meta = converters.convert(fixture_path("deit", "checkpoint.pth"), str(tmp_path / "out"), "deit",
+                              fixture_path("deit", "config.json"))
+    saved = json.load(open(tmp_path / "out" / "medjax.json"))
+    assert saved["family"] == "deit" and saved["architecture"]["width"] == 64
+    assert saved["source"]["file"] == "checkpoint.pth" and saved["source"]["format"] == "deit_official"
+    import hashlib
+
+    assert saved["source"]["sha256"] == hashlib.sha256(open(fixture_path("deit", "checkpoint.pth"), "rb").read()).hexdigest()
+    assert saved["converter_version"] == converters.CONVERTER_VERSION
+    state = converters.core.read_state_dict(fixture_path("deit", "checkpoint.pth"))
+    assert meta["num_params"] == saved["num_params"] == sum(v.size for k, v in state.items() if not k.startswith("head."))
