@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["medjax", "medjax.*", "converters", "converters.*"]),
+    package_data={"medjax": ["assets/*/*"]},
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
@@ -20,7 +21,8 @@ setup(
         "absl-py",
     ],
     extras_require={
-        # Reading .pth/.pt/.bin checkpoints (torch.load(weights_only=True)). Pin: the CPU wheel, no CUDA download.
+        # Reading .pth/.pt/.bin checkpoints with torch.load(weights_only=True) (safetensors files need no torch).
+        # Pinned: this CPU wheel; an unpinned torch pulls several GB of CUDA packages.
         "torch": ["torch==2.13.0"],
         # Test-only references: transformers' PyTorch models and pytest.
         "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3"],
