@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from converters import FAMILY_FORMATS, VARIANTS, CheckpointError, convert
+from converters import FAMILIES, VARIANTS, CheckpointError, convert
 
 
 def main(argv=None) -> int:
@@ -14,7 +14,7 @@ def main(argv=None) -> int:
         prog="python -m converters",
         description="Convert an official PyTorch / transformers / open_clip checkpoint into medjax Flax parameters.",
         epilog=f"Known variants: {', '.join(sorted(VARIANTS))}. Families (with --config): "
-               f"{', '.join(sorted(FAMILY_FORMATS))}.")
+               f"{', '.join(sorted(FAMILIES))}.")
     parser.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or a transformers folder")
     parser.add_argument("output_dir", help="folder to write params.safetensors and medjax.json into")
     parser.add_argument("--model", required=True, help="a known variant name or a family name")
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
                         help="DINOv2 run-time pos-embed resize: as the file's implementation does (auto), or forced")
     args = parser.parse_args(argv)
     try:
-        meta = convert(args.checkpoint, args.output_dir, args.model, args.config, args.dinov2_resize)
+        meta = convert(args.checkpoint, args.output_dir, args.model, args.config, dinov2_resize=args.dinov2_resize)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

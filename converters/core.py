@@ -150,6 +150,27 @@ def read_state_dict(path: str, wrapper_keys=("model", "state_dict")) -> dict[str
     return state
 
 
+# ----------------------------------------------------------------------------------------------- configs
+
+DESCRIPTIVE_KEYS = {"family", "format", "upstream", "fixture"}  # present in config files, never architecture
+# Constructor arguments that do not change the inference network (training-only settings, Python objects).
+INERT_KEYS = {"drop_path_rate", "drop_path_uniform", "drop_rate", "pos_drop_rate", "patch_drop_rate",
+              "proj_drop_rate", "attn_drop_rate", "block_fn", "embed_layer", "act_layer", "weight_init", "num_classes",
+              "global_pool", "norm_layer", "block_chunks", "fix_init", "mlp_layer", "output_tokens",
+              "use_checkpoint"}
+
+
+def check_keys(kwargs: dict, known: set, what: str):
+    """Refuse constructor arguments medjax does not know, naming them (a typo must not be silently dropped)."""
+    unknown = sorted(set(kwargs) - set(known) - INERT_KEYS - DESCRIPTIVE_KEYS)
+    if unknown:
+        raise CheckpointError(f"{what}: unsupported constructor arguments {unknown}; supported: {sorted(known)}")
+
+
+def pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
+
+
 # ----------------------------------------------------------------------------------------------- key tables
 
 def linear(a):  # torch Linear weight (out, in) -> Flax Dense kernel (in, out)
@@ -243,3 +264,49 @@ def _source_name(target: str, rules: list[Rule], parts: dict) -> str:
                      if r.target == rule.target and (r.part is None or r.part[0] not in parts.get(target, {}))]
             return f"{' + '.join(names)} (for {target})"
     return f"(no checkpoint key maps to {target})"
+
+
+# ----------------------------------------------------------------------------------------------- formats, families
+
+class Format:
+    """One on-disk layout: how to recognise it, how to rename keys, what may be ignored."""
+
+    def __init__(self, name, family, rules, signature, ignore=(), strip_prefixes=(), select_prefix=None,
+                 key_fixes=(), hf=False, hooks=None):
+        """signature: regex a key of this format matches (after normalising); ignore: regexes of documented
+        ignorable keys; select_prefix: only keys under it are used (the rest of a bigger model is skipped);
+        key_fixes: (regex, replacement) applied to keys first; hf: a transformers file (config.json beside it);
+        hooks: {flax path: fn(array, expected shape) -> array} run before the shape check."""
+        self.name, self.family, self.rules, self.signature = name, family, rules, signature
+        self.ignore, self.strip_prefixes, self.select_prefix = list(ignore), strip_prefixes, select_prefix
+        self.key_fixes, self.hf, self.hooks = key_fixes, hf, dict(hooks or {})
+
+    def matches(self, keys) -> bool:
+        return any(re.fullmatch(self.signature, self.normalise(k) or "") for k in keys)
+
+    def normalise(self, key: str) -> str | None:
+        """The key as the table names it; None for keys outside the selected prefix (e.g. CLIP's text tower)."""
+        if key.startswith("module."):  # saved from DistributedDataParallel
+            key = key[len("module."):]
+        if self.select_prefix is not None:
+            if not key.startswith(self.select_prefix):
+                return None
+            key = key[len(self.select_prefix):]
+        for p in self.strip_prefixes:
+            if key.startswith(p):
+                key = key[len(p):]
+                break
+        for pattern, repl in self.key_fixes:
+            key = re.sub(pattern, repl, key)
+        return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A backbone family as the converter sees it."""
+
+    name: str
+    formats: list  # [Format], tried in order
+    parse_config: Callable  # upstream kwargs / open_clip config / transformers config.json -> medjax config
+    ignored: str  # the documented ignorable keys, quoted in errors
+    adjust: Callable | None = None  # (config, fmt, kwargs, options) -> config, e.g. DINOv2's resize choice

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from converters.core import CheckpointError, Rule, conv, linear, reshape
+from converters.core import CheckpointError, Family, Format, Rule, check_keys, conv, linear, pair, reshape
 from medjax.models.layers import swiglu_hidden
 from medjax.models.vit import ViTConfig
 
@@ -90,34 +90,30 @@ OPEN_CLIP_RULES = [
 # ------------------------------------------------------------------------------------------------ formats
 
 
-class Format:
-    """One on-disk layout: how to recognise it, how to rename keys, what may be ignored."""
+def pos_embed_load_resize(antialias: bool):
+    """Resize a checkpoint's (1, 1 + M*M, D) pos-embed to the model's grid at conversion time (MAE/DeiT/open_clip
+    do this when a model is built for another image size), size-based bicubic, CLS row kept."""
 
-    def __init__(self, name, family, rules, signature, ignore=(), strip_prefixes=(), select_prefix=None,
-                 key_fixes=(), hf=False, load_time_pos_resize=None):
-        self.name, self.family, self.rules, self.signature = name, family, rules, signature
-        self.ignore, self.strip_prefixes, self.select_prefix = list(ignore), strip_prefixes, select_prefix
-        self.key_fixes, self.hf, self.load_time_pos_resize = key_fixes, hf, load_time_pos_resize
+    def hook(value: np.ndarray, expected_shape: tuple) -> np.ndarray:
+        from medjax.resize import resize_bicubic
 
-    def matches(self, keys) -> bool:
-        return any(re.fullmatch(self.signature, self.normalise(k) or "") for k in keys)
+        dim = value.shape[-1]
+        value = value.reshape(1, -1, dim)
+        if value.shape == tuple(expected_shape) or value.shape[-1] != expected_shape[-1]:
+            return value
+        n_old, n_new = value.shape[1] - 1, expected_shape[1] - 1
+        m, g = int(round(n_old ** 0.5)), int(round(n_new ** 0.5))
+        if m * m != n_old or g * g != n_new:
+            return value  # not square: leave it to the shape check to report
+        grid = value[:, 1:].reshape(1, m, m, dim)
+        grid = np.asarray(resize_bicubic(grid, size=(g, g), antialias=antialias, axes=(1, 2)))
+        return np.concatenate([value[:, :1], grid.reshape(1, g * g, dim)], axis=1)
 
-    def normalise(self, key: str) -> str | None:
-        """The key as the table names it; None for keys outside the selected prefix (e.g. CLIP's text tower)."""
-        if key.startswith("module."):  # saved from DistributedDataParallel
-            key = key[len("module."):]
-        if self.select_prefix is not None:
-            if not key.startswith(self.select_prefix):
-                return None
-            key = key[len(self.select_prefix):]
-        for p in self.strip_prefixes:
-            if key.startswith(p):
-                key = key[len(p):]
-                break
-        for pattern, repl in self.key_fixes:
-            key = re.sub(pattern, repl, key)
-        return key
+    return hook
 
+
+BICUBIC_RESIZE = pos_embed_load_resize(antialias=False)  # MAE interpolate_pos_embed, DeiT
+ANTIALIASED_BICUBIC_RESIZE = pos_embed_load_resize(antialias=True)  # open_clip resize_pos_embed
 
 FORMATS = [
     Format("dinov2_hub", "dinov2", TIMM_RULES, r"pos_embed",
@@ -125,17 +121,17 @@ FORMATS = [
     Format("dinov2_transformers", "dinov2", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
            ignore=[r"embeddings\.mask_token"], strip_prefixes=("dinov2.", "dinov2_with_registers."), hf=True),
     Format("mae_official", "mae", TIMM_RULES, r"pos_embed", ignore=[r"mask_token", r"decoder.*"],
-           load_time_pos_resize=False),
+           hooks={"pos_embed": BICUBIC_RESIZE}),
     Format("mae_transformers", "mae", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
-           ignore=[r"decoder\..*"], strip_prefixes=("vit.",), hf=True, load_time_pos_resize=False),
+           ignore=[r"decoder\..*"], strip_prefixes=("vit.",), hf=True, hooks={"pos_embed": BICUBIC_RESIZE}),
     Format("deit_official", "deit", TIMM_RULES, r"pos_embed", ignore=[r"head\.(weight|bias)"],
-           load_time_pos_resize=False),
+           hooks={"pos_embed": BICUBIC_RESIZE}),
     Format("deit_transformers", "deit", HF_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
-           ignore=[r"pooler\..*", r"classifier\..*"], strip_prefixes=("vit.",), hf=True, load_time_pos_resize=False),
+           ignore=[r"pooler\..*", r"classifier\..*"], strip_prefixes=("vit.",), hf=True,
+           hooks={"pos_embed": BICUBIC_RESIZE}),
     Format("open_clip", "clip", OPEN_CLIP_RULES, r"conv1\.weight", select_prefix="visual.",
-           load_time_pos_resize=True),
+           hooks={"pos_embed": ANTIALIASED_BICUBIC_RESIZE}),
 ]
-FAMILY_FORMATS = {f: [x for x in FORMATS if x.family == f] for f in ("dinov2", "mae", "deit", "clip")}
 
 IGNORED_KEYS_DOC = {
     "dinov2": "mask_token (training only)",
@@ -146,30 +142,13 @@ IGNORED_KEYS_DOC = {
 
 # ------------------------------------------------------------------------------------------------ configs
 
-DESCRIPTIVE_KEYS = {"family", "format", "upstream", "fixture"}
-# Constructor arguments that do not change the inference architecture (training-only or Python objects).
-_INERT = {"drop_path_rate", "drop_path_uniform", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
-          "attn_drop_rate", "block_fn", "embed_layer", "act_layer", "weight_init", "num_classes", "global_pool",
-          "norm_layer", "block_chunks", "fix_init", "mlp_layer", "output_tokens"}
-
-
-def _check_keys(kwargs: dict, known: set, what: str):
-    unknown = sorted(set(kwargs) - known - _INERT - DESCRIPTIVE_KEYS)
-    if unknown:
-        raise CheckpointError(f"{what}: unsupported constructor arguments {unknown}; supported: {sorted(known)}")
-
-
 def _eps_from_norm_layer(kwargs: dict, default: float) -> float:
     m = re.search(r"eps\s*=\s*([0-9.eE+-]+)", str(kwargs.get("norm_layer", "")))
     return float(m.group(1)) if m else default
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, (int, float)) else (int(v[0]), int(v[1]))
-
-
 def _grid(img_size, patch) -> tuple[int, int]:
-    h, w = _pair(img_size)
+    h, w = pair(img_size)
     return h // patch, w // patch
 
 
@@ -180,7 +159,7 @@ _DINOV2_KW = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_h
 
 def dinov2_config(kw: dict) -> ViTConfig:
     """facebookresearch/dinov2 `DinoVisionTransformer` kwargs (defaults as upstream)."""
-    _check_keys(kw, _DINOV2_KW, "dinov2 config")
+    check_keys(kw, _DINOV2_KW, "dinov2 config")
     dim, ratio, ffn = kw.get("embed_dim", 768), kw.get("mlp_ratio", 4.0), kw.get("ffn_layer", "mlp")
     if ffn not in ("mlp", "swiglu", "swiglufused"):
         raise CheckpointError(f"dinov2 config: ffn_layer {ffn!r} is not supported (mlp, swiglu, swiglufused)")
@@ -202,7 +181,7 @@ _TIMM_KW = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_hea
 
 def timm_config(kw: dict, family: str) -> ViTConfig:
     """timm `VisionTransformer` kwargs as MAE's and DeiT's factories pass them."""
-    _check_keys(kw, _TIMM_KW, f"{family} config")
+    check_keys(kw, _TIMM_KW, f"{family} config")
     for key, ok in (("class_token", True), ("no_embed_class", False), ("qk_norm", False), ("pre_norm", False),
                     ("reg_tokens", 0)):
         if kw.get(key, ok) != ok:
@@ -225,12 +204,12 @@ _OPEN_CLIP_VISION_KW = {"image_size", "layers", "width", "head_width", "mlp_rati
 
 def open_clip_config(cfg: dict) -> ViTConfig:
     """An open_clip model config (`model_configs/*.json`: embed_dim, vision_cfg, text_cfg)."""
-    _check_keys(cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text", "init_logit_bias",
+    check_keys(cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text", "init_logit_bias",
                       "cast_dtype", "multimodal_cfg"}, "open_clip config")
     if "vision_cfg" not in cfg or "embed_dim" not in cfg:
         raise CheckpointError("open_clip config: needs `embed_dim` and `vision_cfg` (an open_clip model config)")
     v = cfg["vision_cfg"]
-    _check_keys(v, _OPEN_CLIP_VISION_KW, "open_clip vision_cfg")
+    check_keys(v, _OPEN_CLIP_VISION_KW, "open_clip vision_cfg")
     unsupported = {"quick_gelu": cfg.get("quick_gelu", False), "attentional_pool": v.get("attentional_pool", False),
                    "no_ln_pre": v.get("no_ln_pre", False), "final_ln_after_pool": v.get("final_ln_after_pool", False),
                    "pool_type not 'tok'": v.get("pool_type", "tok") != "tok",
@@ -283,7 +262,7 @@ def parse_config(family: str, cfg: dict) -> ViTConfig:
     return timm_config(cfg, family)
 
 
-def official_dinov2_resize(config: ViTConfig, style: str) -> ViTConfig:
+def dinov2_resize(config: ViTConfig, style: str) -> ViTConfig:
     """Pick the DINOv2 run-time pos-embed resize: 'official' (facebookresearch/dinov2) or 'transformers'."""
     import dataclasses
 
@@ -322,23 +301,18 @@ VARIANTS.update({
 })
 
 
-def pos_embed_load_resize(antialias: bool):
-    """Resize a checkpoint's (1, 1 + M*M, D) pos-embed to the model's grid at conversion time (MAE/DeiT/open_clip
-    do this when a model is built for another image size), size-based bicubic, CLS row kept."""
+def _adjust_dinov2(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) -> ViTConfig:
+    """--dinov2-resize: 'auto' resizes as the implementation the file came from; 'official' / 'transformers' force."""
+    style = options.get("dinov2_resize", "auto")
+    if style == "auto":
+        if ("model_type" in kwargs) == fmt.hf:
+            return config  # the config describes the file's own implementation
+        style = "transformers" if fmt.hf else "official"
+    return dinov2_resize(config, style)
 
-    def hook(value: np.ndarray, expected_shape: tuple) -> np.ndarray:
-        from medjax.resize import resize_bicubic
 
-        dim = value.shape[-1]
-        value = value.reshape(1, -1, dim)
-        if value.shape == tuple(expected_shape) or value.shape[-1] != expected_shape[-1]:
-            return value
-        n_old, n_new = value.shape[1] - 1, expected_shape[1] - 1
-        m, g = int(round(n_old ** 0.5)), int(round(n_new ** 0.5))
-        if m * m != n_old or g * g != n_new:
-            return value  # not square: leave it to the shape check to report
-        grid = value[:, 1:].reshape(1, m, m, dim)
-        grid = np.asarray(resize_bicubic(grid, size=(g, g), antialias=antialias, axes=(1, 2)))
-        return np.concatenate([value[:, :1], grid.reshape(1, g * g, dim)], axis=1)
-
-    return hook
+FAMILIES = [
+    Family(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
+           IGNORED_KEYS_DOC[name], _adjust_dinov2 if name == "dinov2" else None)
+    for name in ("dinov2", "mae", "deit", "clip")
+]

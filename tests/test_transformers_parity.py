@@ -202,3 +202,34 @@ def test_full_size_dinov2_vitb14(tmp_path):
     assert max_abs(got["x_norm_clstoken"], x_norm[:, 0]) <= 1e-4
     assert max_abs(got["x_norm_patchtokens"], x_norm[:, 1:]) <= 1e-4
     assert max_abs(got["x_prenorm"], x_prenorm) <= 1e-4
+
+
+def test_transformers_file_with_official_kwargs_keeps_transformers_resize(tmp_path):
+    """An architecture given in upstream (torch.hub) kwargs does not change how a transformers file resizes."""
+    import json
+
+    torch.manual_seed(0)
+    model = perturb_(transformers.Dinov2Model(transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=98)), seed=7)
+    _save(model, tmp_path / "hf")
+    kwargs = {"img_size": 98, "patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2, "init_values": 1.0}
+    (tmp_path / "official.json").write_text(json.dumps(kwargs))
+    converters.convert(str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "jx"), "dinov2",
+                       str(tmp_path / "official.json"))
+    images = _images(2, 56, 56)
+    x_norm, _ = _dinov2_reference(model, images)
+    assert max_abs(_medjax(str(tmp_path / "jx"), images)["x_norm_patchtokens"], x_norm[:, 1:]) <= PARITY_TOL
+
+
+def test_cli_with_explicit_transformers_config(tmp_path):
+    from conftest import run_cli
+
+    torch.manual_seed(0)
+    config = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=16, image_size=32)
+    hf = _save(perturb_(transformers.ViTMAEForPreTraining(config), seed=8), tmp_path / "hf")
+    proc = run_cli("converters", f"{hf}/model.safetensors", str(tmp_path / "jx"), "--model", "mae",
+                   "--config", f"{hf}/config.json")
+    assert '"format": "mae_transformers"' in proc.stdout
+    _, params, meta = pretrained.load(str(tmp_path / "jx"))
+    assert meta["source"]["config"] == "config.json" and params["pos_embed"].shape == (1, 5, 32)
