@@ -61,11 +61,12 @@ def _read_json(path: str) -> dict:
 def convert(checkpoint: str, output_dir: str, model: str, config_path: str | None = None, **options) -> dict:
     """Convert `checkpoint` for `model` (a variant or family name) into `output_dir`; returns the metadata.
 
-    options: family-specific choices, e.g. dinov2_resize='auto'|'official'|'transformers'.
+    options: ema=True takes a checkpoint's `model_ema` weights; family-specific choices such as
+    dinov2_resize='auto'|'official'|'transformers' reach the family's `adjust`.
     """
     family_name, kwargs = _resolve_model(model, _read_json(config_path) if config_path else None)
     family = FAMILIES[family_name]
-    state = read_state_dict(checkpoint)
+    state = read_state_dict(checkpoint, ema=bool(options.get("ema")))
     fmt = _detect_format(family, state.keys(), checkpoint)
     if kwargs is None:
         if not fmt.hf:

@@ -22,9 +22,12 @@ def main(argv=None) -> int:
                                          "config, or a transformers config.json")
     parser.add_argument("--dinov2-resize", choices=("auto", "official", "transformers"), default="auto",
                         help="DINOv2 run-time pos-embed resize: as the file's implementation does (auto), or forced")
+    parser.add_argument("--ema", action="store_true",
+                        help="use the EMA weights (`model_ema`) of a checkpoint that holds both")
     args = parser.parse_args(argv)
     try:
-        meta = convert(args.checkpoint, args.output_dir, args.model, args.config, dinov2_resize=args.dinov2_resize)
+        meta = convert(args.checkpoint, args.output_dir, args.model, args.config, dinov2_resize=args.dinov2_resize,
+                       ema=args.ema)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -130,12 +130,17 @@ def resolve_checkpoint(path: str) -> list[str]:
     raise CheckpointError(f"{path}: a folder without model.safetensors, its index, or pytorch_model.bin")
 
 
-def read_state_dict(path: str, wrapper_keys=("model", "state_dict")) -> dict[str, np.ndarray]:
+def read_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint as numpy arrays. `.safetensors` is read directly; anything else goes through
-    `torch.load(weights_only=True)`. A top-level `{'model': ...}` or `{'state_dict': ...}` wrapper is unwrapped."""
+    `torch.load(weights_only=True)`. A top-level `{'model': ...}` or `{'state_dict': ...}` wrapper is unwrapped;
+    with `ema`, the `{'model_ema': ...}` entry is taken instead (and its absence is an error)."""
+    wrapper_keys = ("model_ema",) if ema else ("model", "state_dict")
     state = {}
     for f in resolve_checkpoint(path):
         if f.endswith(".safetensors"):
+            if ema:
+                raise CheckpointError(f"{f}: --ema needs a checkpoint with a 'model_ema' entry; safetensors files "
+                                      "hold a single set of weights")
             state.update(_read_safetensors(f))
             continue
         obj = _read_torch(f)
@@ -144,6 +149,10 @@ def read_state_dict(path: str, wrapper_keys=("model", "state_dict")) -> dict[str
                 if w in obj and isinstance(obj[w], dict):
                     obj = obj[w]
                     break
+            else:
+                if ema:
+                    raise CheckpointError(f"{f}: --ema asked for the EMA weights, but the checkpoint has no "
+                                          f"'model_ema' entry (top-level keys: {sorted(obj)[:10]})")
         state.update(_flatten_tensors(obj, f))
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no tensors")

@@ -145,3 +145,18 @@ def test_tampered_params_file_is_caught(tmp_path):
     save_file(flat, params_file)
     with pytest.raises(ValueError, match="missing norm/bias"):
         pretrained.load(str(tmp_path / "out"))
+
+
+def test_ema_selection(tmp_path):
+    state = _dino_state()
+    noisy = {k: v + 1.0 for k, v in state.items()}
+    torch.save({"model": noisy, "model_ema": state}, tmp_path / "both.pth")
+    plain = converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "plain"), "dinov2", DINO_CFG)
+    ema = converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "dinov2", DINO_CFG, ema=True)
+    from medjax import pretrained
+
+    norm_bias = state["norm.bias"].numpy()
+    assert np.allclose(pretrained.load(str(tmp_path / "ema"))[1]["norm"]["bias"], norm_bias)
+    assert np.allclose(pretrained.load(str(tmp_path / "plain"))[1]["norm"]["bias"], norm_bias + 1.0)
+    with pytest.raises(CheckpointError, match="no 'model_ema' entry"):
+        converters.convert(DINO_CKPT, str(tmp_path / "x"), "dinov2", DINO_CFG, ema=True)

@@ -1,4 +1,10 @@
-"""Backbone registry: family name -> (config class, Flax module)."""
+"""Backbone registry: family name -> (config class, Flax module).
+
+Each backbone module exports BACKBONES = {family: (ConfigClass, ModuleClass)}. A config class is a frozen dataclass
+with `family`, `in_chans`, an `image_size` property (a valid (H, W) input), `to_dict()` and `from_dict()`. A module
+is built as `ModuleClass(config, dtype=None)`, takes NHWC images and returns a dict of named outputs that includes
+`linear_head_input` and `attention_head_input`.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,7 @@ import jax.numpy as jnp
 
 from medjax.models import vit
 
-# family -> (config class, module class); every family of the ViT body shares one implementation.
-BACKBONES = {family: (vit.ViTConfig, vit.VisionTransformer) for family in vit.FAMILIES}
+BACKBONES = {family: spec for module in (vit,) for family, spec in module.BACKBONES.items()}
 
 
 def config_from_dict(family: str, d: dict):

@@ -168,3 +168,7 @@ class VisionTransformer(nn.Module):
         pooled = jnp.dot(cls, proj.astype(cls.dtype))
         return {"pooled": pooled, "tokens": patches, "debug_pooled_pre_proj": cls, "debug_trunk_out": x_prenorm,
                 "linear_head_input": pooled, "attention_head_input": patches}
+
+
+# every family of the ViT body shares one implementation
+BACKBONES = {family: (ViTConfig, VisionTransformer) for family in FAMILIES}
