@@ -204,6 +204,7 @@ class Rule:
     target: str  # Flax path template, `/`-separated
     transform: Callable = copy
     part: tuple[int, int] | None = None  # (index, count): pieces concatenated on the last axis (q, k, v -> qkv)
+    split: tuple[int, int] | None = None  # (index, count): this chunk of the source's first axis (qkv -> q, k, v)
 
     def source_regex(self) -> re.Pattern:
         pattern = re.escape(self.source).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
@@ -228,21 +229,27 @@ def apply_rules(state: dict[str, np.ndarray], rules: list[Rule], ignore: list[st
     for key in sorted(state):
         if any(p.fullmatch(key) for p in ignore_re):
             continue
-        for rule, rx in compiled:
-            m = rx.fullmatch(key)
-            if m:
-                break
-        else:
+        matches = [(rule, m) for rule, rx in compiled if (m := rx.fullmatch(key))]
+        if not matches:
             unexpected.append(f"{key} {tuple(state[key].shape)}")
             continue
-        target = rule.target.format(**m.groupdict())
-        value = rule.transform(state[key])
-        if rule.transform is reshape and target in expected and value.size == np.prod(expected[target]):
-            value = value.reshape(expected[target])
-        if rule.part is None:
-            flat[target] = (key, value)
-        else:
-            parts.setdefault(target, {})[rule.part[0]] = (key, value, rule.part[1])
+        # a split source feeds every split rule it matches; otherwise the first matching rule wins
+        for rule, m in (matches if matches[0][0].split else matches[:1]):
+            target = rule.target.format(**m.groupdict())
+            value = state[key]
+            if rule.split:
+                index, count = rule.split
+                if value.shape[0] % count:
+                    mismatched.append(f"{key}: {tuple(value.shape)} does not split into {count} equal parts")
+                    break
+                value = np.split(value, count)[index]
+            value = rule.transform(value)
+            if rule.transform is reshape and target in expected and value.size == np.prod(expected[target]):
+                value = value.reshape(expected[target])
+            if rule.part is None:
+                flat[target] = (key, value)
+            else:
+                parts.setdefault(target, {})[rule.part[0]] = (key, value, rule.part[1])
     for target, pieces in parts.items():
         count = next(iter(pieces.values()))[2]
         if len(pieces) == count:

@@ -1,5 +1,5 @@
 """Key tables and config readers for the ViT family: DINOv2, MAE, DeiT (timm naming), transformers' Dinov2 /
-Dinov2WithRegisters / ViTMAE / ViT, and the open_clip CLIP image tower."""
+Dinov2WithRegisters / ViTMAE / ViT / Aimv2Vision, apple/ml-aim's AIMv2, and the open_clip CLIP and CoCa towers."""
 
 from __future__ import annotations
 
@@ -87,6 +87,58 @@ OPEN_CLIP_RULES = [
     Rule("proj", "proj"),  # used as x @ proj: already (in, out)
 ]
 
+# open_clip CoCa: the CLIP tower plus the attentional pooler. Older checkpoints hold separate q/k/v_proj_weight
+# (nn.MultiheadAttention with kdim != embed_dim); a pooler whose widths agree stores a fused in_proj_weight.
+COCA_RULES = OPEN_CLIP_RULES + [
+    Rule("attn_pool.query", "attn_pool/query"),
+    *_norm("attn_pool.ln_q", "attn_pool/ln_q"),
+    *_norm("attn_pool.ln_k", "attn_pool/ln_k"),
+    *[Rule(f"attn_pool.attn.{n}_proj_weight", f"attn_pool/{n}_proj/kernel", linear) for n in "qkv"],
+    *[Rule("attn_pool.attn.in_proj_weight", f"attn_pool/{n}_proj/kernel", linear, split=(i, 3))
+      for i, n in enumerate("qkv")],
+    *[Rule("attn_pool.attn.in_proj_bias", f"attn_pool/{n}_proj/bias", split=(i, 3)) for i, n in enumerate("qkv")],
+    *_dense("attn_pool.attn.out_proj", "attn_pool/out_proj"),
+]
+
+
+def _rms(src: str, dst: str) -> list[Rule]:
+    return [Rule(f"{src}.weight", f"{dst}/scale")]
+
+
+# apple/ml-aim AIMv2 (also the original hub revisions). SwiGLU fc1 (gate) and fc3 (value) become the fused w12.
+AIM_RULES = [
+    Rule("preprocessor.patchifier.proj.weight", "patch_embed/kernel", conv),
+    Rule("preprocessor.patchifier.proj.bias", "patch_embed/bias"),
+    *_rms("preprocessor.patchifier.norm", "patch_norm"),
+    Rule("preprocessor.pos_embed", "pos_embed"),
+    *_rms("trunk.blocks.{i}.norm_1", "blocks_{i}/norm1"),
+    *_dense("trunk.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
+    *_dense("trunk.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
+    *_rms("trunk.blocks.{i}.norm_2", "blocks_{i}/norm2"),
+    *_dense("trunk.blocks.{i}.mlp.fc1", "blocks_{i}/mlp/w12", (0, 2)),
+    *_dense("trunk.blocks.{i}.mlp.fc3", "blocks_{i}/mlp/w12", (1, 2)),
+    *_dense("trunk.blocks.{i}.mlp.fc2", "blocks_{i}/mlp/w3"),
+    *_rms("trunk.post_trunk_norm", "norm"),
+]
+
+# transformers' Aimv2VisionModel on disk.
+HF_AIM_RULES = [
+    Rule("embeddings.patch_embed.weight", "patch_embed/kernel", conv),
+    Rule("embeddings.patch_embed.bias", "patch_embed/bias"),
+    *_rms("embeddings.rms_norm", "patch_norm"),
+    Rule("embeddings.position_embedding.weight", "pos_embed", reshape),
+    *_rms("encoder.layers.{i}.rms_norm1", "blocks_{i}/norm1"),
+    *_dense("encoder.layers.{i}.attention.q_proj", "blocks_{i}/attn/qkv", (0, 3)),
+    *_dense("encoder.layers.{i}.attention.k_proj", "blocks_{i}/attn/qkv", (1, 3)),
+    *_dense("encoder.layers.{i}.attention.v_proj", "blocks_{i}/attn/qkv", (2, 3)),
+    *_dense("encoder.layers.{i}.attention.out_proj", "blocks_{i}/attn/proj"),
+    *_rms("encoder.layers.{i}.rms_norm2", "blocks_{i}/norm2"),
+    *_dense("encoder.layers.{i}.ffn.gate_proj", "blocks_{i}/mlp/w12", (0, 2)),
+    *_dense("encoder.layers.{i}.ffn.up_proj", "blocks_{i}/mlp/w12", (1, 2)),
+    *_dense("encoder.layers.{i}.ffn.down_proj", "blocks_{i}/mlp/w3"),
+    *_rms("rms_norm", "norm"),
+]
+
 # ------------------------------------------------------------------------------------------------ formats
 
 
@@ -131,6 +183,11 @@ FORMATS = [
            hooks={"pos_embed": BICUBIC_RESIZE}),
     Format("open_clip", "clip", OPEN_CLIP_RULES, r"conv1\.weight", select_prefix="visual.",
            hooks={"pos_embed": ANTIALIASED_BICUBIC_RESIZE}),
+    Format("open_clip_coca", "coca", COCA_RULES, r"conv1\.weight", select_prefix="visual.",
+           hooks={"pos_embed": ANTIALIASED_BICUBIC_RESIZE}),
+    Format("aimv2_ml_aim", "aimv2", AIM_RULES, r"preprocessor\.patchifier\.proj\.weight"),
+    Format("aimv2_transformers", "aimv2", HF_AIM_RULES, r"embeddings\.patch_embed\.weight",
+           ignore=[r"head\..*"], strip_prefixes=("vision_model.",), hf=True),
 ]
 
 IGNORED_KEYS_DOC = {
@@ -138,6 +195,8 @@ IGNORED_KEYS_DOC = {
     "mae": "mask_token and decoder* (the MAE decoder), decoder.* in transformers' ViTMAEForPreTraining",
     "deit": "head.weight/head.bias (the ImageNet classifier); transformers' pooler.* and classifier.*",
     "clip": "everything outside visual.* (text tower, logit_scale)",
+    "coca": "everything outside visual.* (text tower, text_decoder, logit_scale)",
+    "aimv2": "transformers' head.* (use_head)",
 }
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -199,18 +258,25 @@ def timm_config(kw: dict, family: str) -> ViTConfig:
 
 _OPEN_CLIP_VISION_KW = {"image_size", "layers", "width", "head_width", "mlp_ratio", "patch_size", "ls_init_value",
                         "output_tokens", "pool_type", "attentional_pool", "no_ln_pre", "final_ln_after_pool",
-                        "pos_embed_type", "patch_dropout", "act_kwargs", "norm_kwargs", "output_dim"}
+                        "pos_embed_type", "patch_dropout", "act_kwargs", "norm_kwargs", "output_dim",
+                        "attn_pooler_queries", "attn_pooler_heads"}
 
 
-def open_clip_config(cfg: dict) -> ViTConfig:
-    """An open_clip model config (`model_configs/*.json`: embed_dim, vision_cfg, text_cfg)."""
+def open_clip_config(cfg: dict, family: str = "clip") -> ViTConfig:
+    """An open_clip model config (`model_configs/*.json`: embed_dim, vision_cfg, text_cfg); CoCa's adds the
+    attentional pooler (`attentional_pool`, `attn_pooler_queries`, `attn_pooler_heads`)."""
     check_keys(cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text", "init_logit_bias",
-                      "cast_dtype", "multimodal_cfg"}, "open_clip config")
+                     "cast_dtype", "multimodal_cfg"}, f"{family} open_clip config")
     if "vision_cfg" not in cfg or "embed_dim" not in cfg:
         raise CheckpointError("open_clip config: needs `embed_dim` and `vision_cfg` (an open_clip model config)")
     v = cfg["vision_cfg"]
     check_keys(v, _OPEN_CLIP_VISION_KW, "open_clip vision_cfg")
-    unsupported = {"quick_gelu": cfg.get("quick_gelu", False), "attentional_pool": v.get("attentional_pool", False),
+    coca = family == "coca"
+    if coca and v.get("attentional_pool") is not True:
+        raise CheckpointError("coca config: vision_cfg.attentional_pool must be true (CoCa's pooler); a tower "
+                              "without it is --model clip")
+    unsupported = {"quick_gelu": cfg.get("quick_gelu", False),
+                   "attentional_pool": v.get("attentional_pool", False) is not coca,
                    "no_ln_pre": v.get("no_ln_pre", False), "final_ln_after_pool": v.get("final_ln_after_pool", False),
                    "pool_type not 'tok'": v.get("pool_type", "tok") != "tok",
                    "pos_embed_type not 'learnable'": v.get("pos_embed_type", "learnable") != "learnable",
@@ -221,22 +287,55 @@ def open_clip_config(cfg: dict) -> ViTConfig:
                               "ViT with GELU, ln_pre and token pooling; CoCa has its own family)")
     width, patch = v.get("width", 768), v.get("patch_size", 16)
     return ViTConfig(
-        family="clip", width=width, depth=v.get("layers", 12), num_heads=width // v.get("head_width", 64),
+        width=width, depth=v.get("layers", 12), num_heads=width // v.get("head_width", 64),
         patch_size=patch, pos_grid=_grid(v.get("image_size", 224), patch),
         mlp_hidden=int(width * v.get("mlp_ratio", 4.0)), patch_bias=False, layerscale=v.get("ls_init_value") is not None,
-        norm_eps=1e-5, ln_pre=True, proj_dim=cfg["embed_dim"])
+        norm_eps=1e-5, ln_pre=True, proj_dim=cfg["embed_dim"], family=family,
+        attn_pool_queries=v.get("attn_pooler_queries", 256) if coca else 0, attn_pool_heads=v.get("attn_pooler_heads", 8))
+
+
+_AIM_KW = {"img_size", "patch_size", "embed_dim", "mlp_hidden_dim", "num_blocks", "num_heads", "num_channels",
+           "pos_embed_type", "head_type", "head_num_heads", "head_num_queries", "head_average_pool",
+           "head_linear_bias", "use_bias"}
+
+
+def aimv2_config(kw: dict) -> ViTConfig:
+    """apple/ml-aim `AIMv2VisionEncoder` kwargs. Like ml-aim, a smaller input takes the first rows of the pos-embed."""
+    check_keys(kw, _AIM_KW, "aimv2 config")
+    if kw.get("pos_embed_type", "absolute") != "absolute" or kw.get("head_type") is not None:
+        raise CheckpointError("aimv2 config: only pos_embed_type 'absolute' and head_type None (the released "
+                              "aimv2_large/huge encoders) are supported")
+    dim, patch, bias = kw.get("embed_dim", 1024), kw.get("patch_size", 14), bool(kw.get("use_bias", False))
+    return _aimv2(dim, kw.get("num_blocks", 24), kw.get("num_heads", 8), patch, _grid(kw.get("img_size", 224), patch),
+                  kw.get("mlp_hidden_dim", 2816), kw.get("num_channels", 3), bias, bias, 1e-5, "truncate")
+
+
+def _aimv2(dim, depth, heads, patch, grid, hidden, chans, qkv_bias, bias, eps, pos_resize) -> ViTConfig:
+    return ViTConfig(family="aimv2", width=dim, depth=depth, num_heads=heads, patch_size=patch, pos_grid=grid,
+                     mlp_hidden=hidden, ffn="swiglu", in_chans=chans, qkv_bias=qkv_bias, proj_bias=bias,
+                     ffn_bias=bias, norm="rms", norm_eps=eps, class_token=False, patch_norm=True,
+                     pos_resize=pos_resize)
 
 
 def transformers_config(cfg: dict, family: str) -> ViTConfig:
     """A transformers config.json (Dinov2Config, Dinov2WithRegistersConfig, ViTMAEConfig, ViTConfig)."""
-    expected_types = {"dinov2": ("dinov2", "dinov2_with_registers"), "mae": ("vit_mae",), "deit": ("vit", "deit")}
+    expected_types = {"dinov2": ("dinov2", "dinov2_with_registers"), "mae": ("vit_mae",), "deit": ("vit", "deit"),
+                      "aimv2": ("aimv2_vision_model",)}
     model_type = cfg.get("model_type")
     if model_type not in expected_types.get(family, ()):
         raise CheckpointError(f"transformers config has model_type {model_type!r}; a {family} checkpoint needs one of "
                               f"{expected_types.get(family)}")
+    dim, patch = cfg.get("hidden_size", 768), cfg.get("patch_size", 16)
+    if family == "aimv2":
+        if cfg.get("is_native") or cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError("transformers Aimv2 config: is_native (sin-cos pos-embed) models and activations "
+                                  "other than silu are not supported")
+        return _aimv2(dim, cfg.get("num_hidden_layers", 24), cfg.get("num_attention_heads", 8), patch,
+                      _grid(cfg.get("image_size", 224), patch), cfg.get("intermediate_size", 2816),
+                      cfg.get("num_channels", 3), cfg.get("qkv_bias", False), cfg.get("mlp_bias", False),
+                      cfg.get("rms_norm_eps", 1e-5), "none")
     if cfg.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"transformers config: hidden_act {cfg['hidden_act']!r} is not supported (gelu)")
-    dim, patch = cfg.get("hidden_size", 768), cfg.get("patch_size", 16)
     common = dict(width=dim, depth=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
                   patch_size=patch, pos_grid=_grid(cfg.get("image_size", 224), patch),
                   in_chans=cfg.get("num_channels", 3), qkv_bias=cfg.get("qkv_bias", True),
@@ -257,8 +356,10 @@ def parse_config(family: str, cfg: dict) -> ViTConfig:
         return transformers_config(cfg, family)
     if family == "dinov2":
         return dinov2_config(cfg)
-    if family == "clip":
-        return open_clip_config(cfg)
+    if family in ("clip", "coca"):
+        return open_clip_config(cfg, family)
+    if family == "aimv2":
+        return aimv2_config(cfg)
     return timm_config(cfg, family)
 
 
@@ -298,6 +399,18 @@ VARIANTS.update({
     "deit_base_patch16_224": ("deit", _timm(768, 12, 12, 16)),
     "clip_vit_b16": ("clip", {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 12, "width": 768,
                                                                 "patch_size": 16}}),
+    # open_clip model_configs/coca_ViT-B-32.json and coca_ViT-L-14.json (vision part)
+    "coca_vit_b32": ("coca", {"embed_dim": 512, "vision_cfg": {
+        "image_size": 224, "layers": 12, "width": 768, "patch_size": 32, "attentional_pool": True,
+        "attn_pooler_heads": 8, "output_tokens": True}}),
+    "coca_vit_l14": ("coca", {"embed_dim": 768, "vision_cfg": {
+        "image_size": 224, "layers": 24, "width": 1024, "patch_size": 14, "attentional_pool": True,
+        "attn_pooler_heads": 8, "output_tokens": True}}),
+    # apple/ml-aim aimv2_large / aimv2_huge at 224 px
+    "aimv2_large_patch14_224": ("aimv2", {"img_size": 224, "patch_size": 14, "embed_dim": 1024,
+                                          "mlp_hidden_dim": 2816, "num_blocks": 24, "num_heads": 8}),
+    "aimv2_huge_patch14_224": ("aimv2", {"img_size": 224, "patch_size": 14, "embed_dim": 1536,
+                                         "mlp_hidden_dim": 4096, "num_blocks": 24, "num_heads": 12}),
 })
 
 
@@ -314,5 +427,5 @@ def _adjust_dinov2(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) 
 FAMILIES = [
     Family(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
            IGNORED_KEYS_DOC[name], _adjust_dinov2 if name == "dinov2" else None)
-    for name in ("dinov2", "mae", "deit", "clip")
+    for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2")
 ]

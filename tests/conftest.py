@@ -32,7 +32,7 @@ def perturb_(model, seed=0):
             if not t.is_floating_point():
                 continue
             std = 0.5 / np.sqrt(t[0].numel()) if (name.endswith("weight") and t.ndim >= 2) else 0.1
-            if any(s in name for s in ("cls_token", "position_embeddings", "register_tokens", "mask_token")):
+            if any(s in name for s in ("cls_token", "position_embedding", "register_tokens", "mask_token")):
                 std = 0.5
             t.add_(torch.randn(t.shape, generator=gen) * std)
     return model

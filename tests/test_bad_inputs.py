@@ -160,3 +160,41 @@ def test_ema_selection(tmp_path):
     assert np.allclose(pretrained.load(str(tmp_path / "plain"))[1]["norm"]["bias"], norm_bias + 1.0)
     with pytest.raises(CheckpointError, match="no 'model_ema' entry"):
         converters.convert(DINO_CKPT, str(tmp_path / "x"), "dinov2", DINO_CFG, ema=True)
+
+
+def test_coca_checkpoint_without_its_pooler(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    state = {k: v for k, v in load_file(fixture_path("coca", "open_clip_model.safetensors")).items()
+             if not k.startswith("visual.attn_pool.")}
+    save_file(state, tmp_path / "no_pooler.safetensors")
+    with pytest.raises(ConversionError) as info:
+        converters.convert(str(tmp_path / "no_pooler.safetensors"), str(tmp_path / "out"), "coca",
+                           fixture_path("coca", "config.json"))
+    missing = " ".join(info.value.missing)
+    for key in ("attn_pool.query", "attn_pool.attn.q_proj_weight", "attn_pool.attn.k_proj_weight",
+                "attn_pool.attn.v_proj_weight", "attn_pool.attn.in_proj_bias", "attn_pool.ln_q.weight",
+                "attn_pool.ln_k.bias", "attn_pool.attn.out_proj.weight"):
+        assert key in missing, key
+    # a CoCa checkpoint given as plain CLIP names the pooler keys as unexpected instead
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 56, "layers": 2, "width": 64, "head_width": 32,
+                                           "patch_size": 8}}
+    (tmp_path / "clip.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="attn_pool.query"):
+        converters.convert(fixture_path("coca", "open_clip_model.safetensors"), str(tmp_path / "out"), "clip",
+                           str(tmp_path / "clip.json"))
+
+
+def test_sam2_checkpoint_given_as_aimv2(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a aimv2 checkpoint in any supported format"):
+        converters.convert(fixture_path("sam2_hiera", "checkpoint.pt"), str(tmp_path / "out"), "aimv2",
+                           fixture_path("aimv2", "config.json"))
+
+
+@pytest.mark.parametrize("family,name", [("coca", "open_clip_pytorch_model.bin"), ("aimv2", "model.safetensors")])
+def test_truncated_issue3_files(tmp_path, family, name):
+    data = open(fixture_path(family, name), "rb").read()
+    (tmp_path / name).write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
+        converters.convert(str(tmp_path / name), str(tmp_path / "out"), family, fixture_path(family, "config.json"))
+    assert name in str(info.value)

@@ -1,5 +1,7 @@
 """Parity with the official-format fixtures (upstream PyTorch outputs), through the two CLIs a user runs."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,10 @@ CASES = [  # (fixture, checkpoint file, --model)
     ("deit", "checkpoint.pth", "deit"),
     ("clip", "open_clip_model.safetensors", "clip"),
     ("clip", "open_clip_pytorch_model.bin", "clip"),
+    ("coca", "open_clip_model.safetensors", "coca"),
+    ("coca", "open_clip_pytorch_model.bin", "coca"),
+    ("aimv2", "model.safetensors", "aimv2"),
+    ("aimv2", "hf_native/model.safetensors", "aimv2"),  # the same weights in transformers' Aimv2VisionModel naming
 ]
 # debug_* arrays medjax does not produce: DeiT's ImageNet classifier output (the head is dropped on purpose), and
 # DINOv2's interpolated pos-embed, which is checked in tests/test_vit.py instead.
@@ -20,8 +26,8 @@ NOT_PRODUCED = {"debug_logits", "debug_interpolated_pos_embed"}
 @pytest.mark.parametrize("family,checkpoint,model", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_fixture_parity_through_clis(tmp_path, family, checkpoint, model):
     out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
-    run_cli("converters", fixture_path(family, checkpoint), str(out_dir), "--model", model,
-            "--config", fixture_path(family, "config.json"))
+    config = fixture_path(family, os.path.dirname(checkpoint), "config.json")  # hf_native/ has its own
+    run_cli("converters", fixture_path(family, checkpoint), str(out_dir), "--model", model, "--config", config)
     run_cli("medjax.embed", "--params", str(out_dir), "--images", fixture_path(family, "images.npy"),
             "--output", str(out_npz))
     got, expected = np.load(out_npz), np.load(fixture_path(family, "expected.npz"))

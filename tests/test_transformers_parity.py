@@ -233,3 +233,21 @@ def test_cli_with_explicit_transformers_config(tmp_path):
     assert '"format": "mae_transformers"' in proc.stdout
     _, params, meta = pretrained.load(str(tmp_path / "jx"))
     assert meta["source"]["config"] == "config.json" and params["pos_embed"].shape == (1, 5, 32)
+
+
+@pytest.mark.parametrize("size", [56, 70])  # transformers' Aimv2 (non-native) supports square inputs only
+def test_aimv2_transformers(tmp_path, size):
+    torch.manual_seed(0)
+    config = transformers.Aimv2VisionConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2,
+                                            num_attention_heads=3, patch_size=14, image_size=size, num_channels=3)
+    model = perturb_(transformers.Aimv2VisionModel(config), seed=9)
+    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "aimv2")
+    images = _images(2, size, size)
+    with torch.no_grad():
+        out = model(torch.from_numpy(images), output_hidden_states=True)
+    got = _medjax(str(tmp_path / "jx"), images)
+    ref = out.last_hidden_state.numpy()
+    assert max_abs(got["last_hidden_state"], ref) <= PARITY_TOL
+    assert max_abs(got["debug_last_block_prenorm"], out.hidden_states[-1].numpy()) <= PARITY_TOL
+    assert max_abs(got["linear_head_input"], ref.mean(1)) <= PARITY_TOL
+    assert max_abs(got["attention_head_input"], ref) <= PARITY_TOL

@@ -46,7 +46,28 @@ REFERENCE_COUNTS = {  # the same architectures in transformers (PyTorch), counte
     "clip_vit_b16": lambda: _hf_count(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=16,
         image_size=224, projection_dim=512)),
+    "aimv2_large_patch14_224": lambda: _hf_count(transformers.Aimv2VisionModel, transformers.Aimv2VisionConfig(
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=8, patch_size=14,
+        image_size=224, use_head=False)),
+    "aimv2_huge_patch14_224": lambda: _hf_count(transformers.Aimv2VisionModel, transformers.Aimv2VisionConfig(
+        hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=12, patch_size=14,
+        image_size=224, use_head=False)),
+    "coca_vit_b32": lambda: _coca_count(768, 12, 32, 512),
+    "coca_vit_l14": lambda: _coca_count(1024, 24, 14, 768),
 }
+
+
+def _coca_count(width, layers, patch, out_dim):
+    """open_clip's CoCa tower from reference parts: transformers' CLIP vision trunk (conv without bias, CLS, pos,
+    ln_pre, blocks), torch's nn.MultiheadAttention(out_dim, 8, kdim=vdim=width) pooler with 256 queries and its two
+    LayerNorms, ln_post over out_dim and the (out_dim, out_dim) projection."""
+    trunk = _hf_count(transformers.CLIPVisionModel, transformers.CLIPVisionConfig(
+        hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=width // 64,
+        patch_size=patch, image_size=224), skip=("post_layernorm",))
+    with torch.device("meta"):
+        mha = torch.nn.MultiheadAttention(out_dim, 8, kdim=width, vdim=width)
+    pooler = sum(p.numel() for p in mha.parameters()) + 256 * out_dim + 2 * out_dim + 2 * width
+    return trunk + pooler + 2 * out_dim + out_dim * out_dim
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -101,3 +122,44 @@ def test_metadata(tmp_path):
     assert saved["converter_version"] == converters.CONVERTER_VERSION
     state = converters.core.read_state_dict(fixture_path("deit", "checkpoint.pth"))
     assert meta["num_params"] == saved["num_params"] == sum(v.size for k, v in state.items() if not k.startswith("head."))
+
+
+def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
+    """A pooler whose query and token widths agree is stored with a fused in_proj_weight (newer open_clip):
+    the split rules feed q/k/v, checked against torch's nn.MultiheadAttention as open_clip's pooler runs it."""
+    import jax.numpy as jnp
+
+    from converters.core import apply_rules
+    from converters.vit import COCA_RULES
+    from medjax.models.layers import AttentionalPooler
+    from medjax.pretrained import flatten
+
+    torch.manual_seed(0)
+    dim, heads, queries = 32, 8, 6
+    mha, ln_q, ln_k = torch.nn.MultiheadAttention(dim, heads, batch_first=True), torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+    query = torch.randn(queries, dim)
+    state = {f"attn_pool.attn.{k}": v for k, v in mha.state_dict().items()}
+    state |= {f"attn_pool.ln_q.{k}": v for k, v in ln_q.state_dict().items()}
+    state |= {f"attn_pool.ln_k.{k}": v for k, v in ln_k.state_dict().items()}
+    state = {k: (v + 0.1 * torch.randn(v.shape)).numpy() for k, v in state.items()} | {"attn_pool.query": query.numpy()}
+    assert "attn_pool.attn.in_proj_weight" in state
+    pooler = AttentionalPooler(dim, heads, queries, 1e-5)
+    x = np.random.default_rng(0).standard_normal((2, 5, dim)).astype(np.float32)
+    shapes = pooler.init(jax_key(), jnp.asarray(x))["params"]
+    expected = {f"attn_pool/{k}": tuple(v.shape) for k, v in flatten(shapes).items()}
+    params = apply_rules(state, COCA_RULES, [], expected, "fused", "coca")["attn_pool"]
+    got = pooler.apply({"params": params}, jnp.asarray(x))
+    for name, module in (("attn", mha), ("ln_q", ln_q), ("ln_k", ln_k)):
+        module.load_state_dict({k.split(".", 2)[-1]: torch.from_numpy(v) for k, v in state.items()
+                                if k.startswith(f"attn_pool.{name}.")})
+    with torch.no_grad():
+        q = ln_q(torch.from_numpy(state["attn_pool.query"])).expand(2, -1, -1)
+        kv = ln_k(torch.from_numpy(x))
+        ref = mha(q, kv, kv, need_weights=False)[0].numpy()
+    assert max_abs(got, ref) <= 2e-5
+
+
+def jax_key():
+    import jax
+
+    return jax.random.key(0)

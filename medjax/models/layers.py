@@ -17,6 +17,11 @@ def layer_norm(eps: float, name: str, dtype=None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, name=name)
 
 
+def rms_norm(eps: float, name: str, dtype=None) -> nn.RMSNorm:
+    # x * rsqrt(mean(x^2) + eps) * scale, as torch.nn.RMSNorm
+    return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name)
+
+
 class LayerScale(nn.Module):
     """Per-channel scale (`gamma`), DINOv2's `ls1`/`ls2`."""
 
@@ -42,6 +47,30 @@ class Attention(nn.Module):
         q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 2, 0)
         out = jax.nn.dot_product_attention(q, k, v)
         return nn.Dense(dim, use_bias=self.proj_bias, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, dim))
+
+
+class AttentionalPooler(nn.Module):
+    """open_clip's CoCa pooler: learned queries attend to the (ln_k-normed) tokens with nn.MultiheadAttention
+    semantics (separate q/k/v projections since the token width may differ from the query width)."""
+
+    dim: int
+    num_heads: int
+    num_queries: int
+    eps: float
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        batch = x.shape[0]
+        query = self.param("query", nn.initializers.normal(0.02), (self.num_queries, self.dim))
+        x = layer_norm(self.eps, "ln_k", self.dtype)(x)
+        q = layer_norm(self.eps, "ln_q", self.dtype)(query)
+        head = self.dim // self.num_heads
+        q = nn.Dense(self.dim, dtype=self.dtype, name="q_proj")(q).reshape(1, self.num_queries, self.num_heads, head)
+        k = nn.Dense(self.dim, dtype=self.dtype, name="k_proj")(x).reshape(batch, -1, self.num_heads, head)
+        v = nn.Dense(self.dim, dtype=self.dtype, name="v_proj")(x).reshape(batch, -1, self.num_heads, head)
+        out = jax.nn.dot_product_attention(jnp.broadcast_to(q, (batch, *q.shape[1:])), k, v)
+        return nn.Dense(self.dim, dtype=self.dtype, name="out_proj")(out.reshape(batch, self.num_queries, self.dim))
 
 
 class Mlp(nn.Module):

@@ -1,7 +1,8 @@
-"""One Vision Transformer for the ViT family: DINOv2, MAE, DeiT and the open_clip CLIP image tower.
+"""One Vision Transformer for the ViT family: DINOv2, MAE, DeiT, AIMv2 and the open_clip CLIP and CoCa towers.
 
-The families differ only in switches of `ViTConfig` (LayerScale, SwiGLU, registers, ln_pre, projection, how the
-pos-embed follows the input size) and in which outputs they expose. Input is NHWC float.
+The families differ only in switches of `ViTConfig` (CLS token, LayerNorm or RMSNorm, LayerScale, SwiGLU, registers,
+ln_pre, the attentional pooler, projection, how the pos-embed follows the input size) and in which outputs they
+expose. Input is NHWC float.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from typing import Literal
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.layers import Attention, LayerScale, Mlp, SwiGLU, layer_norm
+from medjax.models.layers import Attention, AttentionalPooler, LayerScale, Mlp, SwiGLU, layer_norm, rms_norm
 from medjax.resize import resize_bicubic
 
-FAMILIES = ("dinov2", "mae", "deit", "clip")
+FAMILIES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    family: Literal["dinov2", "mae", "deit", "clip"]
+    family: Literal["dinov2", "mae", "deit", "clip", "aimv2", "coca"]
     width: int
     depth: int
     num_heads: int
@@ -34,15 +35,21 @@ class ViTConfig:
     ffn_bias: bool = True
     patch_bias: bool = True
     layerscale: bool = False
+    norm: Literal["layer", "rms"] = "layer"
     norm_eps: float = 1e-6
+    class_token: bool = True
+    patch_norm: bool = False  # AIMv2: RMSNorm right after the patch embedding
     num_registers: int = 0
     ln_pre: bool = False
-    proj_dim: int | None = None  # CLIP: pooled = ln_post(cls) @ proj
+    proj_dim: int | None = None  # CLIP / CoCa: pooled = ln_post(...) @ proj
+    attn_pool_queries: int = 0  # CoCa's attentional pooler (0: none)
+    attn_pool_heads: int = 8
     # How the stored pos-embed meets another input grid, at every forward:
     #   "none"   - the grid must match (MAE, DeiT, CLIP resize at conversion time instead);
     #   "offset" - DINOv2 official: bicubic with scale_factor (g + offset) / M;
-    #   "size"   - bicubic to the target size (DINOv2 registers, transformers' Dinov2).
-    pos_resize: Literal["none", "offset", "size"] = "none"
+    #   "size"   - bicubic to the target size (DINOv2 registers, transformers' Dinov2);
+    #   "truncate" - AIMv2 (apple/ml-aim): the first N rows of the table, for N <= stored tokens.
+    pos_resize: Literal["none", "offset", "size", "truncate"] = "none"
     pos_resize_offset: float = 0.0
     pos_resize_antialias: bool = False
 
@@ -70,6 +77,10 @@ class ViTConfig:
         return cls(**d)
 
 
+def make_norm(config: ViTConfig, name: str, dtype=None):
+    return (rms_norm if config.norm == "rms" else layer_norm)(config.norm_eps, name, dtype)
+
+
 class Block(nn.Module):
     config: ViTConfig
     dtype: jnp.dtype | None = None
@@ -77,24 +88,25 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        y = layer_norm(c.norm_eps, "norm1", self.dtype)(x)
+        y = make_norm(c, "norm1", self.dtype)(x)
         y = Attention(c.num_heads, c.qkv_bias, c.proj_bias, self.dtype, name="attn")(y)
         x = x + (LayerScale(name="ls1")(y) if c.layerscale else y)
-        y = layer_norm(c.norm_eps, "norm2", self.dtype)(x)
+        y = make_norm(c, "norm2", self.dtype)(x)
         ffn = SwiGLU if c.ffn == "swiglu" else Mlp
         y = ffn(c.mlp_hidden, c.ffn_bias, self.dtype, name="mlp")(y)
         return x + (LayerScale(name="ls2")(y) if c.layerscale else y)
 
 
 def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], image_hw: tuple[int, int]):
-    """The pos-embed (1, 1 + M*M', D) for a `grid` of patches, as the upstream implementation resizes it at run time.
-
-    Like upstream, the stored table is used unchanged when the token count matches and the image is square.
-    """
+    """The pos-embed (1, [CLS +] tokens, D) for a `grid` of patches, as the upstream implementation adapts it at run
+    time. Like upstream, the stored table is used unchanged when the token count matches and the image is square."""
     stored = config.pos_grid
-    if grid[0] * grid[1] == stored[0] * stored[1] and image_hw[0] == image_hw[1]:
+    tokens = grid[0] * grid[1]
+    if tokens == stored[0] * stored[1] and image_hw[0] == image_hw[1]:
         return pos_embed
-    if config.pos_resize == "none":
+    if config.pos_resize == "truncate" and tokens <= stored[0] * stored[1]:
+        return pos_embed[:, :int(config.class_token) + tokens]
+    if config.pos_resize in ("none", "truncate"):
         raise ValueError(
             f"{config.family} input of {image_hw[0]}x{image_hw[1]} px gives a {grid[0]}x{grid[1]} patch grid, but the "
             f"pos-embed is stored for {stored[0]}x{stored[1]} ({config.image_size[0]}x{config.image_size[1]} px) and this "
@@ -110,7 +122,7 @@ def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], i
         patch_pos = resize_bicubic(patch_pos, size=grid, antialias=config.pos_resize_antialias, axes=(1, 2))
     if patch_pos.shape[1:3] != tuple(grid):
         raise ValueError(f"pos-embed resize produced grid {patch_pos.shape[1:3]}, expected {grid}")
-    patch_pos = patch_pos.reshape(1, grid[0] * grid[1], -1).astype(pos_embed.dtype)
+    patch_pos = patch_pos.reshape(1, tokens, -1).astype(pos_embed.dtype)
     return jnp.concatenate([cls_pos, patch_pos], axis=1)
 
 
@@ -133,21 +145,26 @@ class VisionTransformer(nn.Module):
         x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, dtype=self.dtype,
                     name="patch_embed")(images)
         x = x.reshape(batch, grid[0] * grid[1], c.width)
-        num_pos = 1 + c.pos_grid[0] * c.pos_grid[1]
-        cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, c.width))
+        if c.patch_norm:
+            x = make_norm(c, "patch_norm", self.dtype)(x)
+        num_pos = int(c.class_token) + c.pos_grid[0] * c.pos_grid[1]
         pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (1, num_pos, c.width))
         pos_embed = interpolate_pos_embed(c, pos_embed, grid, (height, width))
-        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, c.width)), x], axis=1)
+        if c.class_token:
+            cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, c.width))
+            x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, c.width)), x], axis=1)
         x = x + pos_embed.astype(x.dtype)
         if c.num_registers:  # registers go after CLS and get no pos-embed
             reg = self.param("reg_tokens", nn.initializers.normal(1e-6), (1, c.num_registers, c.width))
             x = jnp.concatenate([x[:, :1], jnp.broadcast_to(reg.astype(x.dtype), (batch, c.num_registers, c.width)),
                                  x[:, 1:]], axis=1)
         if c.ln_pre:
-            x = layer_norm(c.norm_eps, "ln_pre", self.dtype)(x)
+            x = make_norm(c, "ln_pre", self.dtype)(x)
         for i in range(c.depth):
             x = Block(c, self.dtype, name=f"blocks_{i}")(x)
-        x_norm = layer_norm(c.norm_eps, "norm", self.dtype)(x)
+        if c.attn_pool_queries:
+            return self._coca_outputs(x)
+        x_norm = make_norm(c, "norm", self.dtype)(x)
         return self._outputs(x, x_norm)
 
     def _outputs(self, x_prenorm, x_norm):
@@ -164,10 +181,28 @@ class VisionTransformer(nn.Module):
         if c.family == "deit":
             return {"x_norm_clstoken": cls, "debug_x_norm": x_norm, "linear_head_input": cls,
                     "attention_head_input": patches}
-        proj = self.param("proj", nn.initializers.normal(c.width ** -0.5), (c.width, c.proj_dim))
-        pooled = jnp.dot(cls, proj.astype(cls.dtype))
+        if c.family == "aimv2":  # no CLS: every token is a patch
+            return {"last_hidden_state": x_norm, "debug_last_block_prenorm": x_prenorm,
+                    "linear_head_input": x_norm.mean(axis=1), "attention_head_input": x_norm}
+        pooled = self._project(cls)
         return {"pooled": pooled, "tokens": patches, "debug_pooled_pre_proj": cls, "debug_trunk_out": x_prenorm,
                 "linear_head_input": pooled, "attention_head_input": patches}
+
+    def _coca_outputs(self, trunk_out):
+        """CoCa: the pooler's first output, ln_post'd and projected, is `pooled`; the other outputs are `tokens`."""
+        c = self.config
+        pool = AttentionalPooler(c.proj_dim, c.attn_pool_heads, c.attn_pool_queries, c.norm_eps, self.dtype,
+                                 name="attn_pool")(trunk_out)
+        x = make_norm(c, "norm", self.dtype)(pool)
+        pooled, tokens = self._project(x[:, 0]), x[:, 1:]
+        return {"pooled": pooled, "tokens": tokens, "debug_pooled_pre_proj": x[:, 0], "debug_trunk_out": trunk_out,
+                "debug_attn_pool_out": pool, "linear_head_input": pooled,
+                "attention_head_input": jnp.concatenate([pooled[:, None], tokens], axis=1)}
+
+    def _project(self, x):
+        dim = x.shape[-1]
+        proj = self.param("proj", nn.initializers.normal(dim ** -0.5), (dim, self.config.proj_dim))
+        return jnp.dot(x, proj.astype(x.dtype))
 
 
 # every family of the ViT body shares one implementation
