@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import converters
-from converters import VARIANTS, vit
+from converters import vit
 from conftest import fixture_path, max_abs
 from medjax import models, pretrained
 
@@ -70,9 +70,9 @@ def _coca_count(width, layers, patch, out_dim):
     return trunk + pooler + 2 * out_dim + out_dim * out_dim
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", sorted(vit.VARIANTS))
 def test_variant_parameter_counts_match_upstream(name):
-    family, kwargs = VARIANTS[name]
+    family, kwargs = vit.VARIANTS[name]
     ours = models.count_params(models.param_shapes(vit.parse_config(family, kwargs)))
     assert ours == REFERENCE_COUNTS[name]()
 
