@@ -25,6 +25,6 @@ setup(
         # Pinned: this CPU wheel; an unpinned torch pulls several GB of CUDA packages.
         "torch": ["torch==2.13.0"],
         # Test-only references: transformers' PyTorch models and pytest.
-        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3"],
+        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3", "scikit-learn"],
     },
 )

@@ -24,8 +24,8 @@ def config_from_dict(family: str, d: dict):
     return BACKBONES[family][0].from_dict(d)
 
 
-def build_backbone(config, dtype=None):
-    return BACKBONES[config.family][1](config, dtype=dtype)
+def build_backbone(config, dtype=None, name=None):
+    return BACKBONES[config.family][1](config, dtype=dtype, name=name)
 
 
 def param_shapes(config) -> dict:

@@ -1,0 +1,143 @@
+"""A backbone with a classification head (SPEC section 4): the linear head, or the DeiT-B "Y-model" attention head."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from medjax import models, pretrained
+from medjax.models.layers import layer_norm
+from medjax.models.vit import Block, ViTConfig, interpolate_pos_embed
+
+
+def deit_body_config(width=768, depth=12, num_heads=12, grid=14, mlp_ratio=4) -> ViTConfig:
+    """The supervised DeiT-B body of the attention head; its 14x14 pos-embed follows the token grid at run time."""
+    return ViTConfig(family="deit", width=width, depth=depth, num_heads=num_heads, patch_size=16, pos_grid=(grid, grid),
+                     mlp_hidden=width * mlp_ratio, norm_eps=1e-6, pos_resize="size")
+
+
+class AttentionHead(nn.Module):
+    """tokens -> Dense(D_f, 768) -> LayerNorm(1e-5) -> DeiT body (CLS prepended, pos-embed bicubic-resized to the
+    token grid, differentiably) -> final norm -> CLS -> Dense(n_classes)."""
+
+    deit: ViTConfig
+    num_classes: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, tokens):
+        c = self.deit
+        batch, n, _ = tokens.shape
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"the attention head needs a square token grid, got {n} tokens")
+        x = nn.Dense(c.width, dtype=self.dtype, name="in_proj")(tokens)
+        x = layer_norm(1e-5, "in_norm", self.dtype)(x)
+        cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c.width))
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + c.pos_grid[0] * c.pos_grid[1], c.width))
+        pos = interpolate_pos_embed(c, pos, (side, side), (side * c.patch_size, side * c.patch_size))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, c.width)), x], axis=1) + pos.astype(x.dtype)
+        for i in range(c.depth):
+            x = Block(c, self.dtype, name=f"blocks_{i}")(x)
+        x = layer_norm(c.norm_eps, "norm", self.dtype)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x[:, 0])
+
+
+class Classifier(nn.Module):
+    backbone: object  # a backbone config (medjax.models)
+    num_classes: int
+    head: str = "linear"  # "linear" | "attention"
+    deit: ViTConfig | None = None
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, images):
+        features = models.build_backbone(self.backbone, self.dtype, name="backbone")(images)
+        if self.head == "linear":
+            logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features["linear_head_input"])
+        elif self.head == "attention":
+            logits = AttentionHead(self.deit, self.num_classes, self.dtype, name="head")(
+                features["attention_head_input"])
+        else:
+            raise ValueError(f"model.head must be 'linear' or 'attention', got {self.head!r}")
+        return logits.astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def reduce_stem_channels(backbone_params: dict, mode: str) -> dict:
+    """Grayscale datasets: the RGB patch-embedding conv becomes 1-channel, by the red filter (`red`, the reference)
+    or the sum over RGB (`sum`). The stem is the one 4-d kernel with 3 input channels."""
+    flat = pretrained.flatten(backbone_params)
+    stems = [k for k, v in flat.items() if np.ndim(v) == 4 and np.shape(v)[2] == 3]
+    if len(stems) != 1:
+        raise ValueError(f"cannot find the RGB stem convolution to reduce to 1 channel (candidates: {stems})")
+    kernel = np.asarray(flat[stems[0]])
+    if mode == "red":
+        flat[stems[0]] = kernel[:, :, 0:1]
+    elif mode == "sum":
+        flat[stems[0]] = kernel.sum(axis=2, keepdims=True)
+    else:
+        raise ValueError(f"model.grayscale must be 'red' or 'sum', got {mode!r}")
+    return pretrained.unflatten(flat)
+
+
+def load_backbone(model_cfg, channels: int):
+    """(backbone config, params or None) from `model.pretrained` (a converted folder) or `model.architecture`."""
+    if model_cfg.get("pretrained"):
+        path = model_cfg.pretrained
+        if not os.path.exists(os.path.join(path, pretrained.METADATA_FILE)):
+            raise FileNotFoundError(
+                f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
+                f"`python -m converters CHECKPOINT {path} --model NAME` (see README, Converting checkpoints)")
+        config, params, _ = pretrained.load(path)
+    elif model_cfg.get("architecture"):
+        config, params = models.config_from_dict(model_cfg.family, dict(model_cfg.architecture)), None
+    else:
+        raise ValueError("set model.pretrained (a converted backbone folder) or model.architecture (random init)")
+    if channels != config.in_chans:
+        if channels != 1 or config.in_chans != 3:
+            raise ValueError(f"the data has {channels} channels, the backbone expects {config.in_chans}")
+        config = dataclasses.replace(config, in_chans=1)
+        if params is not None:
+            params = reduce_stem_channels(params, model_cfg.get("grayscale", "red"))
+    return config, params
+
+
+def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int, rng, dtype=jnp.float32):
+    """(model, params): the classifier with the pretrained backbone (if any) and the DeiT body (if given) in place."""
+    backbone_cfg, backbone_params = load_backbone(model_cfg, channels)
+    deit = None
+    if model_cfg.head == "attention":
+        a = model_cfg.attention_head
+        deit_params = None
+        if a.get("deit_params"):
+            deit, deit_params, _ = pretrained.load(a.deit_params)
+            deit = dataclasses.replace(deit, pos_resize="size")
+        else:
+            deit = deit_body_config(a.width, a.depth, a.num_heads, a.grid)
+    model = Classifier(backbone_cfg, num_classes, model_cfg.head, deit, dtype=dtype)
+    dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    params = jax.jit(model.init)(rng, dummy)["params"]
+    params = jax.tree_util.tree_map(np.asarray, params)
+    if backbone_params is not None:
+        params["backbone"] = _replace(params["backbone"], backbone_params, "backbone")
+    if deit is not None and model_cfg.head == "attention" and model_cfg.attention_head.get("deit_params"):
+        body = {k: v for k, v in deit_params.items() if k != "patch_embed"}  # the Y-model drops DeiT's patch embed
+        params["head"] = params["head"] | _replace({k: params["head"][k] for k in body}, body, "head")
+    return model, params
+
+
+def _replace(init: dict, loaded: dict, where: str) -> dict:
+    a, b = pretrained.flatten(init), pretrained.flatten(loaded)
+    bad = sorted(set(a) ^ set(b)) + [k for k in a if k in b and np.shape(a[k]) != np.shape(b[k])]
+    if bad:
+        raise ValueError(f"pretrained {where} parameters do not fit the model: {bad[:20]}")
+    return pretrained.unflatten({k: np.asarray(b[k], np.float32) for k in a})

@@ -1,0 +1,82 @@
+"""Device mesh and shardings: a (`data`, `fsdp`) mesh, the batch split over both axes, parameters sharded by rules
+over their paths (big_vision style: the first rule whose regex matches the path wins)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from medjax.pretrained import flatten, unflatten
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """A mesh over every device of every process; -1 takes what the other axis leaves."""
+    n = jax.device_count()
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+    devices = np.asarray(jax.devices()).reshape(data, fsdp)
+    return Mesh(devices, BATCH_AXES)
+
+
+def fsdp_spec(shape: tuple, fsdp_size: int, min_size: int = 2 ** 14) -> P:
+    """Shard the largest dimension divisible by the fsdp axis; small or indivisible parameters are replicated."""
+    if fsdp_size == 1 or int(np.prod(shape)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[axis] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def param_specs(params, mesh: Mesh, rules=((".*", "fsdp"),)) -> dict:
+    """PartitionSpecs for a parameter tree: rules are (regex over the `/`-joined path, 'fsdp' | 'replicate')."""
+    compiled = [(re.compile(r), tactic) for r, tactic in rules]
+    fsdp_size = mesh.shape["fsdp"]
+    out = {}
+    for path, leaf in flatten(params).items():
+        tactic = next((t for r, t in compiled if r.search(path)), "replicate")
+        if tactic == "fsdp":
+            out[path] = fsdp_spec(tuple(np.shape(leaf)), fsdp_size)
+        elif tactic == "replicate":
+            out[path] = P()
+        else:
+            raise ValueError(f"sharding rule tactic must be 'fsdp' or 'replicate', got {tactic!r}")
+    return unflatten(out)
+
+
+def tree_shardings(tree, params, params_spec: dict, mesh: Mesh):
+    """Shardings for any state tree (params, optimizer moments): a leaf whose path ends with a parameter's path and
+    whose shape is that parameter's takes its spec; everything else (counters, rng) is replicated."""
+    flat_spec = flatten(params_spec)
+    shapes = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+
+    def spec_for(path, leaf):
+        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path]
+        names = [str(k) for k in keys if k is not None]
+        for start in range(len(names)):
+            candidate = "/".join(names[start:])
+            if candidate in flat_spec and shapes[candidate] == tuple(np.shape(leaf)):
+                return NamedSharding(mesh, flat_spec[candidate])
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(spec_for, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(batch: dict, mesh: Mesh) -> dict:
+    """This process's slice of the batch (numpy) -> global jax.Arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
