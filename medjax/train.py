@@ -70,6 +70,18 @@ def make_eval_step(model, task: str):
     return eval_step
 
 
+def sharded_train_step(model, params, trainable, tx, task: str, mesh, rules, seed: int = 0):
+    """(state placed on the mesh, its shardings, the jitted train step with explicit shardings and donated state)."""
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       rng=jax.random.PRNGKey(seed + 1))
+    specs = sharding.param_specs(params, mesh, [tuple(r) for r in rules])
+    state_sharding = sharding.tree_shardings(state, params, specs, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step = jax.jit(make_train_step(model, tx, task, trainable), in_shardings=(state_sharding, None),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+    return jax.device_put(state, state_sharding), state_sharding, step
+
+
 # ----------------------------------------------------------------------------------------------- the run
 
 
@@ -107,16 +119,9 @@ class Trainer:
                                                          config.image_size, jax.random.PRNGKey(config.seed), dtype)
         self.trainable = optim.trainable_mask(params, config.model.freeze, config.model.get("unfreeze_from_block", 0))
         self.tx, self.schedule = optim.make_optimizer(o, params, self.trainable, self.total_steps, warmup)
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                           rng=jax.random.PRNGKey(config.seed + 1))
-        specs = sharding.param_specs(params, self.mesh, [tuple(r) for r in config.sharding_rules])
-        self.state_sharding = sharding.tree_shardings(state, params, specs, self.mesh)
+        self.state, self.state_sharding, self.train_step = sharded_train_step(
+            self.model, params, self.trainable, self.tx, d.task, self.mesh, config.sharding_rules, config.seed)
         self.params_sharding = self.state_sharding.params
-        self.state = jax.device_put(state, self.state_sharding)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.train_step = jax.jit(make_train_step(self.model, self.tx, d.task, self.trainable),
-                                  in_shardings=(self.state_sharding, None),
-                                  out_shardings=(self.state_sharding, replicated), donate_argnums=0)
         self.eval_step = jax.jit(make_eval_step(self.model, d.task), in_shardings=(self.params_sharding, None))
         self.train_iter = iter(self._loader("train", train=True))
 
