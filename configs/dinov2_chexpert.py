@@ -51,4 +51,5 @@ def get_config():
     c.sharding_rules = [(".*", "fsdp")]
     c.worker_count = 0
     c.progress_bar = True
+    c.debug_sigkill_at_step = 0  # tests only: SIGKILL the run after this step (a preemption at a known point)
     return c

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -64,8 +65,8 @@ def make_train_step(model, tx, task: str, trainable):
 
 
 def make_eval_step(model, task: str):
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["image"])
+    def eval_step(params, images):
+        logits = model.apply({"params": params}, images)
         return jax.nn.softmax(logits) if task == "multiclass" else jax.nn.sigmoid(logits)
     return eval_step
 
@@ -255,6 +256,8 @@ class Trainer:
                 self._save(step)
             elif step % self.checkpoint_every == 0:
                 self._save(step)
+            if step == c.get("debug_sigkill_at_step"):  # tests: a preemption at a known point
+                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         return self._finish(writer)
 
@@ -267,9 +270,9 @@ class Trainer:
             self.best = {"step": step, "value": value, "metrics": val}
             self._save_best(step)
         self.history.append({"step": step, "epoch": step / self.steps_per_epoch, d.target_metric: value})
-        shown = "undefined" if value is None else f"{value:.4f}"
-        bar.write(f"step {step} (epoch {step / self.steps_per_epoch:.2f}): val {d.target_metric} {shown}"
-                  f"{' (best)' if improved else ''}; best {self.best['value']} at step {self.best['step']}")
+        fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
+        bar.write(f"step {step} (epoch {step / self.steps_per_epoch:.2f}): val {d.target_metric} {fmt(value)}"
+                  f"{' (new best)' if improved else ''}; best {fmt(self.best['value'])} at step {self.best['step']}")
         if writer:
             for k, v in val.items():
                 if isinstance(v, (int, float)) and v is not None:
