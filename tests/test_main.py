@@ -14,10 +14,11 @@ from conftest import ROOT
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 
 
-def _main(workdir, data_root, *overrides, check=True):
+def _main(workdir, data_root, *overrides, check=True, devices=1):
     cmd = [sys.executable, "-m", "medjax.main", "--config=configs/demo.py", f"--workdir={workdir}",
            f"--config.data_root={data_root}", *FAST, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -39,6 +40,10 @@ def test_demo_trains_end_to_end(tmp_path, data_root):
     # a second run in the same work directory resumes at the end and does not train again
     again = _main(tmp_path / "run", data_root)
     assert "Resumed from" in again.stdout
+    # the checkpoint of a 1-device run restores onto 8 devices with FSDP sharding and trains one more epoch
+    more = _main(tmp_path / "run", data_root, "--config.epochs=3", "--config.mesh.data=1", "--config.mesh.fsdp=8",
+                 devices=8)
+    assert "Resumed from" in more.stdout and "(epoch 3.00)" in more.stdout
 
 
 def _final_params(workdir):
