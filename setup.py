@@ -19,6 +19,11 @@ setup(
         "numpy>=2,<2.5",
         "safetensors>=0.4",
         "absl-py",
+        "grain==0.2.18",
+        "pillow",
+        "pydicom",
+        "tqdm",
+        "tensorboardX",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         # Reading .pth/.pt/.bin checkpoints with torch.load(weights_only=True) (safetensors files need no torch).

@@ -36,10 +36,16 @@ class TrainState:
     rng: jax.Array
 
 
-def loss_fn(logits, labels, task: str):
-    if task == "multiclass":  # CrossEntropyLoss
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return optax.sigmoid_binary_cross_entropy(logits, labels).mean()  # BCEWithLogitsLoss
+def loss_fn(logits, labels, task: str, mask=None):
+    """CrossEntropyLoss (multi-class) or BCEWithLogitsLoss (multi-label), averaged over the rows where `mask` is
+    True (a row the loader could not read under skip_bad_images is masked out)."""
+    if task == "multiclass":
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+        per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+    if mask is None:
+        return per_example.mean()
+    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def make_train_step(model, tx, task: str, trainable):
@@ -49,7 +55,7 @@ def make_train_step(model, tx, task: str, trainable):
     def train_step(state: TrainState, batch):
         def compute_loss(params):
             params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-            return loss_fn(model.apply({"params": params}, batch["image"]), batch["label"], task)
+            return loss_fn(model.apply({"params": params}, batch["image"]), batch["label"], task, batch.get("mask"))
 
         loss, grads = jax.value_and_grad(compute_loss)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -228,7 +234,7 @@ class Trainer:
         pending = []
         for step in range(start + 1, self.total_steps + 1):
             batch = sharding.global_batch(next(self.train_iter), self.mesh)
-            self.state, out = self.train_step(self.state, {"image": batch["image"], "label": batch["label"]})
+            self.state, out = self.train_step(self.state, batch)
             pending.append(out)
             seen += c.batch_size
             if step % log_every == 0 or step == self.total_steps or step % self.eval_every == 0:

@@ -1,0 +1,261 @@
+"""Decoding and the reference study's train/eval transforms (SPEC section 6) as grain transforms.
+
+Train: resize to 256x256 (bilinear, aspect not kept) -> center crop 224 -> RandomResizedCrop 224 (scale 0.8-1.2,
+ratio 3/4-4/3) -> vertical flip p0.5 -> horizontal flip p0.5 -> ColorJitter(brightness 0.2, contrast 0.2,
+saturation 0.1, hue 0.1) with p0.8 -> [0, 1] -> normalise. Eval: resize 256 -> center crop 224 -> normalise.
+For another output size S the resize is round(S * 256 / 224).
+
+The operations are torchvision's on PIL images (Pillow's antialiased bilinear, ImageEnhance, HSV hue shift), so the
+pixels match a torchvision pipeline given the same random draws. One exact rewrite: the flips are taken after the
+jitter, as array views (the jitter is per pixel plus a global mean, so they commute). Fusing the resize and the center
+crop into one box resize was tried and dropped: about 0.3 ms per 512 px image, but 1-grey-level rounding differences
+that the jitter amplifies.
+
+Randomness: every draw of a record comes from `numpy.random.default_rng((seed, 1, epoch, index))`, so a record's
+augmentation depends only on the loader seed, the epoch and the record's index in its split, not on sharding,
+threads or batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import grain
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from medjax.data.records import DataError, Record
+
+log = logging.getLogger(__name__)
+BILINEAR = Image.Resampling.BILINEAR
+
+
+# ------------------------------------------------------------------------------------------------------ decode
+
+def _is_dicom(path: str) -> bool:
+    if path.lower().endswith((".dcm", ".dicom")):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head[128:132] == b"DICM"
+
+
+def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    scaled = (arr.astype(np.float32) - lo) * (255.0 / max(hi - lo, 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _read_dicom(path: str) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB (pydicom converts YBR to RGB by default)
+        return Image.fromarray(arr if arr.dtype == np.uint8 else _to_uint8(arr, 0, arr.max()), "RGB")
+    if arr.ndim != 2:
+        raise ValueError(f"expected one 2-D frame, got pixel array of shape {arr.shape}")
+    arr = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        arr = apply_voi_lut(arr, ds)
+    lo, hi = float(arr.min()), float(arr.max())
+    out = _to_uint8(arr, lo, hi)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+        out = 255 - out
+    return Image.fromarray(out, "L")
+
+
+def decode(path: str, channels: int) -> Image.Image:
+    """Reads an image file as an 8-bit PIL image, mode 'L' (channels=1) or 'RGB' (channels=3).
+
+    PNG/JPEG/BMP/TIFF through Pillow; DICOM through pydicom (modality and VOI LUTs, then the image's min-max to 0-255,
+    MONOCHROME1 inverted). 16-bit images are scaled by their bit depth (v / 257), not clipped at 255 as Pillow's own
+    'I;16' -> 'L' conversion does. Grayscale is replicated to RGB, RGB reduced with Pillow's ITU-R 601 luma.
+    Raises the underlying error (OSError, ValueError, ...) on unreadable files; the loader adds the record's origin.
+    """
+    if _is_dicom(path):
+        img = _read_dicom(path)
+    else:
+        with Image.open(path) as f:
+            f.load()
+            img = f
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            arr = np.asarray(img)
+            img = Image.fromarray(_to_uint8(np.clip(arr, 0, 65535), 0, 65535), "L")
+        elif img.mode == "F":
+            img = Image.fromarray(_to_uint8(np.asarray(img), 0, 1), "L")
+    mode = "L" if channels == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)
+
+
+# ------------------------------------------------------------------------------------------------------ geometry
+
+def resize_size(image_size: int) -> int:
+    return int(round(image_size * 256 / 224))
+
+
+def resize_center_crop(img: Image.Image, size: int, crop: int) -> Image.Image:
+    """Resize to size x size (bilinear, aspect not kept), then torchvision's center crop to crop x crop."""
+    top = int(round((size - crop) / 2.0))
+    return img.resize((size, size), BILINEAR).crop((top, top, top + crop, top + crop))
+
+
+def random_resized_crop_params(rng: np.random.Generator, height: int, width: int, scale=(0.8, 1.2),
+                               ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with numpy draws: (top, left, height, width)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """Every random choice of one record's train transform."""
+
+    crop: tuple[int, int, int, int]  # RandomResizedCrop (top, left, height, width) on the center crop
+    vflip: bool
+    hflip: bool
+    jitter: bool  # ColorJitter applied (p 0.8)
+    order: tuple[int, ...]  # order of brightness (0), contrast (1), saturation (2), hue (3)
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
+def sample_train_params(rng: np.random.Generator, image_size: int) -> TrainParams:
+    crop = random_resized_crop_params(rng, image_size, image_size)
+    vflip, hflip, jitter = bool(rng.random() < 0.5), bool(rng.random() < 0.5), bool(rng.random() < 0.8)
+    order = tuple(int(i) for i in rng.permutation(4))
+    return TrainParams(crop, vflip, hflip, jitter, order, float(rng.uniform(0.8, 1.2)), float(rng.uniform(0.8, 1.2)),
+                       float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.1, 0.1)))
+
+
+def adjust_hue(img: Image.Image, hue: float) -> Image.Image:
+    """torchvision's PIL adjust_hue: shift the HSV hue channel by hue * 255 (uint8 wrap-around); no-op on 'L'."""
+    if img.mode != "RGB":
+        return img
+    h, s, v = img.convert("HSV").split()
+    shift = np.uint8(int(hue * 255) % 256)
+    with np.errstate(over="ignore"):
+        h = Image.fromarray(np.asarray(h, np.uint8) + shift, "L")
+    return Image.merge("HSV", (h, s, v)).convert("RGB")
+
+
+def color_jitter(img: Image.Image, p: TrainParams) -> Image.Image:
+    for op in p.order:
+        if op == 0:
+            img = ImageEnhance.Brightness(img).enhance(p.brightness)
+        elif op == 1:
+            img = ImageEnhance.Contrast(img).enhance(p.contrast)
+        elif op == 2 and img.mode == "RGB":
+            img = ImageEnhance.Color(img).enhance(p.saturation)
+        elif op == 3:
+            img = adjust_hue(img, p.hue)
+    return img
+
+
+def train_transform(img: Image.Image, p: TrainParams, image_size: int) -> np.ndarray:
+    """The reference train transform up to [0, 1]: returns uint8 (S, S, C)."""
+    img = resize_center_crop(img, resize_size(image_size), image_size)
+    top, left, h, w = p.crop
+    img = img.crop((left, top, left + w, top + h)).resize((image_size, image_size), BILINEAR)
+    if p.jitter:
+        img = color_jitter(img, p)
+    arr = np.asarray(img)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    if p.vflip:
+        arr = arr[::-1]
+    if p.hflip:
+        arr = arr[:, ::-1]
+    return arr
+
+
+def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+    """The reference eval transform up to [0, 1]: resize, center crop; returns uint8 (S, S, C)."""
+    arr = np.asarray(resize_center_crop(img, resize_size(image_size), image_size))
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+# ------------------------------------------------------------------------------------------------------ grain
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One position of a loader's stream: which record, in which epoch, and whether it is real (not padding)."""
+
+    epoch: int
+    index: int
+    valid: bool = True
+
+
+class LoadAndTransform(grain.transforms.Map):
+    """Slot -> {'image': uint8 (S, S, C), 'label', 'mask'}: decode the record's image and apply the train or eval
+    transform. Padding slots and (with skip_bad_images) unreadable images give a black image with mask False."""
+
+    def __init__(self, records: list[Record], *, channels: int, num_classes: int, multilabel: bool,
+                 image_size: int, train: bool, seed: int, skip_bad_images: bool):
+        self.records, self.channels, self.image_size = records, channels, image_size
+        self.train, self.seed, self.skip_bad_images = train, seed, skip_bad_images
+        self.empty_label = np.zeros(num_classes, np.float32) if multilabel else np.int32(0)
+        self.multilabel = multilabel
+
+    def _label(self, record: Record):
+        return np.asarray(record.label, np.float32) if self.multilabel else np.int32(record.label)
+
+    def _blank(self):
+        return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.uint8),
+                "label": self.empty_label, "mask": np.bool_(False)}
+
+    def map(self, slot: Slot) -> dict:
+        record = self.records[slot.index]
+        if not slot.valid:
+            return self._blank()
+        try:
+            img = decode(record.path, self.channels)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is reported with the file and row
+            if isinstance(e, FileNotFoundError):
+                reason = "file not found"
+            else:
+                reason = f"cannot decode ({type(e).__name__}: {e})"
+            if self.skip_bad_images:
+                log.warning("skipped bad image %s (%s): %s", record.path, record.origin, reason)
+                return self._blank()
+            raise DataError(f"{record.path} ({record.origin}): {reason}. Fix or remove the file, or pass "
+                            "skip_bad_images=True to skip it (it then counts as padding, mask False).") from e
+        if self.train:
+            rng = np.random.default_rng((self.seed, 1, slot.epoch, slot.index))
+            image = train_transform(img, sample_train_params(rng, self.image_size), self.image_size)
+        else:
+            image = eval_transform(img, self.image_size)
+        return {"image": image, "label": self._label(record), "mask": np.bool_(True)}
+
+
+class Normalize(grain.transforms.Map):
+    """uint8 image -> float32 (x / 255 - mean) / std, NHWC."""
+
+    def __init__(self, mean, std):
+        std = np.asarray(std, np.float32)
+        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self.offset = (-np.asarray(mean, np.float32) / std).astype(np.float32)
+
+    def map(self, element: dict) -> dict:
+        image = element["image"].astype(np.float32)
+        image *= self.scale
+        image += self.offset
+        return {**element, "image": image}
