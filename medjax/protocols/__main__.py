@@ -1,0 +1,159 @@
+"""python -m medjax.protocols {probe,knn,fewshot,peft} --params DIR --dataset NAME --root DIR --workdir DIR [...]
+
+Runs one of the radiology study's protocols on a converted backbone and prints its results as JSON (also written to
+<workdir>/<command>.json). The frozen protocols share the feature cache in <workdir>/features: the first of them
+runs the backbone once per split, the others read the cache. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def _option(s):
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {s!r}")
+    k, v = s.split("=", 1)
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m medjax.protocols", description=__doc__.splitlines()[2].strip())
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", required=True, help="converted backbone folder (python -m converters ...)")
+    common.add_argument("--dataset", required=True, help="chexpert, ddsm, cbis_ddsm, isic2019, aptos2019, csv, folder")
+    common.add_argument("--root", required=True, help="the dataset folder in its public layout")
+    common.add_argument("--workdir", required=True, help="feature cache, split file and results go here")
+    common.add_argument("--image-size", type=int, default=224, help="input size (a multiple of the patch size)")
+    common.add_argument("--normalization", default="dataset", choices=("dataset", "imagenet", "clip"))
+    common.add_argument("--grayscale", default="red", choices=("red", "sum"), help="1-channel stem reduction")
+    common.add_argument("--seed", type=int, default=0, help="the dataset's split seed")
+    common.add_argument("--data-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                        help="reader option, e.g. uncertain=ones (repeatable; values parsed as JSON when they can be)")
+    common.add_argument("--extract-batch-size", type=int, default=64, help="batch size of the backbone pass")
+    common.add_argument("--cache-blocks", type=int, default=4,
+                        help="last blocks whose CLS is cached (shared by all frozen protocols; clipped to the depth)")
+    common.add_argument("--fake-data", type=int, default=0, metavar="N",
+                        help="write N synthetic images at --root first if it does not exist (demo, tests)")
+    grid = argparse.ArgumentParser(add_help=False)
+    grid.add_argument("--blocks", type=_ints, default=[1, 4], help="n last blocks of the grid (default 1,4)")
+    grid.add_argument("--lrs", type=_floats, default=[1e-3, 5e-3, 1e-2, 5e-2])
+    grid.add_argument("--epochs", type=int, default=10)
+    grid.add_argument("--batch-size", type=int, default=128, help="linear-probe batch size")
+
+    probe = sub.add_parser("probe", parents=[common, grid], help="linear probe: grid, val selection, retrain, test")
+    probe.add_argument("--probe-seed", type=int, default=0)
+    probe.add_argument("--no-retrain", action="store_true", help="test the grid-trained head (no train+val retrain)")
+    knn = sub.add_parser("knn", parents=[common], help="weighted kNN (multi-class) or ML-kNN (multi-label)")
+    knn.add_argument("--k", type=int, default=20)
+    knn.add_argument("--temperature", type=float, default=0.07)
+    few = sub.add_parser("fewshot", parents=[common, grid], help="linear probe on k examples (patients) per class")
+    few.add_argument("--shots", type=_ints, default=[1, 2, 4, 8, 16])
+    few.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    peft = sub.add_parser("peft", parents=[common], help="LoRA or BitFit fine-tuning with a linear head")
+    peft.add_argument("--method", required=True, choices=("lora", "bitfit"))
+    peft.add_argument("--epochs", type=int, default=10)
+    peft.add_argument("--batch-size", type=int, default=64)
+    peft.add_argument("--lr", type=float, default=1e-4)
+    peft.add_argument("--rank", type=int, default=48)
+    peft.add_argument("--alpha", type=float, default=16.0)
+    return p
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+def run(args) -> dict:
+    from medjax import data
+    from medjax.protocols import features, few_shot, knn, linear_probe, peft
+
+    if args.fake_data and not os.path.exists(args.root):
+        from medjax.data import fake
+
+        _log(f"writing {args.fake_data} synthetic {args.dataset} images to {args.root}")
+        fake.write(args.dataset, args.root, args.fake_data, seed=args.seed)
+    os.makedirs(args.workdir, exist_ok=True)
+    ds = data.get_dataset(args.dataset, args.root, workdir=args.workdir, seed=args.seed, **dict(args.data_option))
+    head = {"protocol": args.command, "dataset": ds.name, "task": ds.task, "params": os.path.abspath(args.params),
+            "image_size": args.image_size, "split_file": ds.split_file}
+    if args.command == "peft":
+        return head | peft.finetune(args.params, ds, method=args.method,
+                                    image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
+                                    lr=args.lr, rank=args.rank, alpha=args.alpha, seed=args.seed,
+                                    normalization=args.normalization, grayscale=args.grayscale, log=_log)
+    missing = [s for s in ("train", "val", "test") if s not in ds.splits]
+    if missing:
+        raise ValueError(f"{ds.name} has no {', '.join(missing)} split; the protocols need train, val and test")
+    cache_blocks = max([args.cache_blocks] + list(getattr(args, "blocks", [])))
+    feats, info = features.cached_features(args.params, ds, ("train", "val", "test"), args.workdir,
+                                           image_size=args.image_size, num_blocks=cache_blocks,
+                                           batch_size=args.extract_batch_size, normalization=args.normalization,
+                                           grayscale=args.grayscale, log=_log)
+    head["features"] = info
+    common = dict(task=ds.task, class_names=ds.class_names, target_metric=ds.target_metric)
+    if args.command == "knn":
+        return head | knn.knn_protocol(feats["train"], {"val": feats["val"], "test": feats["test"]}, k=args.k,
+                                       temperature=args.temperature, **common)
+    heads, skipped = linear_probe.head_grid(args.blocks, (False, True), args.lrs, max_blocks=info["num_blocks"])
+    head["skipped_heads"] = skipped
+    if skipped:
+        _log(f"skipped {len(skipped)} head(s) needing more than the backbone's {info['num_blocks']} block(s)")
+    if args.command == "probe":
+        r = linear_probe.linear_probe(feats["train"], feats["val"], feats["test"], heads=heads, epochs=args.epochs,
+                                      batch_size=args.batch_size, seed=args.probe_seed, retrain=not args.no_retrain,
+                                      **common)
+        final = r.pop("head_params")
+        path = os.path.join(args.workdir, "probe_head.npz")
+        np.savez(path, **final)
+        return head | r | {"head_file": path}
+    return head | few_shot.few_shot(feats["train"], feats["val"], feats["test"], ds.splits["train"],
+                                    shots=args.shots, seeds=args.seeds, heads=heads, epochs=args.epochs,
+                                    batch_size=args.batch_size, **common)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        result = _jsonable(run(args))
+    except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = os.path.join(args.workdir, f"{args.command}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

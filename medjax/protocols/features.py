@@ -1,0 +1,204 @@
+"""Frozen features, extracted once and cached: what the frozen protocols (linear probe, kNN, few-shot) train on.
+
+For a ViT-family backbone with a CLS token (DINOv2, DeiT, MAE, CLIP) a split is stored as
+- `cls`: (N, n, D) the CLS token of each of the last n blocks, passed through the backbone's final norm (the normed
+  CLS of DINOv2's `get_intermediate_layers(n, norm=True)`), in block order (the last block last; `cls[:, -1]` is
+  `x_norm_clstoken`);
+- `patch_mean`: (N, D) the mean of the last block's normed patch tokens (registers excluded);
+- `labels`: (N,) class indices or (N, K) multi-hot; `paths`: (N,) image paths, to check the alignment.
+
+The block outputs are taken with flax's `capture_intermediates` on the `Block` modules and normed with the final
+norm's own parameters, so the model code is untouched. Other backbones (no CLS or no numbered blocks) give n = 1 with
+their `linear_head_input` as the "CLS" and the mean of their `attention_head_input` tokens as `patch_mean`.
+
+Each split costs exactly one backbone pass (eval transforms, in split order, padding dropped); the arrays go to
+`<workdir>/features/<dataset>_<split>_<key>.npz`, where the key hashes everything the numbers depend on (the
+converted parameters, the split's records, image size, normalisation, n), so a changed input never reads a stale file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+
+FEATURES_VERSION = 1
+
+
+@dataclasses.dataclass
+class SplitFeatures:
+    cls: np.ndarray  # (N, n, D) float32
+    patch_mean: np.ndarray  # (N, D) float32
+    labels: np.ndarray  # (N,) int or (N, K) float
+    paths: np.ndarray  # (N,) str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cls.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.cls.shape[2]
+
+    def subset(self, idx) -> "SplitFeatures":
+        idx = np.asarray(idx)
+        return SplitFeatures(self.cls[idx], self.patch_mean[idx], self.labels[idx], self.paths[idx])
+
+    def concat(self, other: "SplitFeatures") -> "SplitFeatures":
+        return SplitFeatures(*(np.concatenate([a, b]) for a, b in zip(dataclasses.astuple(self),
+                                                                        dataclasses.astuple(other))))
+
+
+def blocks_available(config) -> int:
+    """How many "last blocks" a backbone offers: its depth for a ViT with a CLS token, else 1."""
+    from medjax.models import vit
+
+    if isinstance(config, vit.ViTConfig) and config.class_token and not config.attn_pool_queries:
+        return config.depth
+    return 1
+
+
+def make_feature_fn(config, num_blocks: int, dtype=None):
+    """(params, images NHWC) -> {'cls': (B, n, D), 'patch_mean': (B, D)}, for jax.jit."""
+    import jax.numpy as jnp
+
+    from medjax import models
+    from medjax.models import vit
+
+    available = blocks_available(config)
+    if not 1 <= num_blocks <= available:
+        raise ValueError(f"{config.family}: {num_blocks} last blocks requested, this backbone offers 1..{available}")
+    model = models.build_backbone(config, dtype)
+
+    if available == 1:
+        def generic(params, images):
+            out = model.apply({"params": params}, images)
+            tokens = out["attention_head_input"]
+            pooled = tokens.mean(axis=tuple(range(1, tokens.ndim - 1))) if tokens.ndim > 2 else tokens
+            return {"cls": out["linear_head_input"][:, None].astype(jnp.float32),
+                    "patch_mean": pooled.astype(jnp.float32)}
+        return generic
+
+    norm = vit.make_norm(config, None, dtype)
+    first_patch = 1 + config.num_registers
+    names = [f"blocks_{i}" for i in range(config.depth - num_blocks, config.depth)]
+
+    def vit_features(params, images):
+        blocks_only = lambda m, method: isinstance(m, vit.Block) and method == "__call__"  # noqa: E731
+        _, state = model.apply({"params": params}, images, mutable=["intermediates"],
+                               capture_intermediates=blocks_only)
+        normed = [norm.apply({"params": params["norm"]}, state["intermediates"][n]["__call__"][0]) for n in names]
+        return {"cls": jnp.stack([x[:, 0] for x in normed], axis=1).astype(jnp.float32),
+                "patch_mean": normed[-1][:, first_patch:].mean(axis=1).astype(jnp.float32)}
+    return vit_features
+
+
+def _label_array(dataset, records) -> np.ndarray:
+    if dataset.task == "multilabel":
+        return np.asarray([r.label for r in records], np.float32).reshape(len(records), dataset.num_classes)
+    return np.asarray([r.label for r in records], np.int64)
+
+
+def extract(feature_fn, params, dataset, split: str, *, image_size: int, batch_size: int = 64,
+            normalization="dataset", worker_count: int = 0) -> SplitFeatures:
+    """One backbone pass over `split` with eval transforms, in split order (padding rows dropped)."""
+    import jax
+
+    from medjax.data import make_loader
+
+    fn = jax.jit(feature_fn)
+    loader = make_loader(dataset, split, batch_size=batch_size, image_size=image_size, train=False, seed=0,
+                         normalization=normalization, shard_index=0, shard_count=1, worker_count=worker_count)
+    cls, pooled, labels = [], [], []
+    for batch in loader:
+        mask = np.asarray(batch["mask"])
+        out = jax.device_get(fn(params, batch["image"]))
+        cls.append(out["cls"][mask])
+        pooled.append(out["patch_mean"][mask])
+        labels.append(np.asarray(batch["label"])[mask])
+    records = dataset.splits[split]
+    feats = SplitFeatures(np.concatenate(cls), np.concatenate(pooled), np.concatenate(labels),
+                          np.asarray([r.path for r in records]))
+    if len(feats.cls) != len(records):
+        # an unreadable image (skip_bad_images) comes back as a masked row: keep the arrays aligned with the records
+        raise ValueError(f"{dataset.name}/{split}: {len(feats.cls)} feature rows for {len(records)} records; "
+                         "rerun with check_images='decode' and skip_bad_images=True to drop unreadable images first")
+    expected = _label_array(dataset, records)
+    if not np.array_equal(np.asarray(feats.labels, expected.dtype), expected):
+        raise AssertionError(f"{dataset.name}/{split}: loader order does not match the split's records")
+    feats.labels = expected
+    return feats
+
+
+def _params_fingerprint(params_dir: str) -> dict:
+    from medjax import pretrained
+
+    path = os.path.join(params_dir, pretrained.PARAMS_FILE)
+    st = os.stat(path)
+    with open(os.path.join(params_dir, pretrained.METADATA_FILE), "rb") as f:
+        meta = hashlib.sha256(f.read()).hexdigest()
+    return {"dir": os.path.abspath(params_dir), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "meta": meta}
+
+
+def cache_key(params_dir: str, dataset, split: str, *, image_size: int, num_blocks: int, normalization,
+              grayscale: str) -> str:
+    records = [(r.path, r.label) for r in dataset.splits[split]]
+    desc = {"version": FEATURES_VERSION, "params": _params_fingerprint(params_dir), "dataset": dataset.name,
+            "split": split, "records": hashlib.sha256(json.dumps(records).encode()).hexdigest(),
+            "image_size": image_size, "num_blocks": num_blocks, "normalization": normalization,
+            "grayscale": grayscale}
+    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_backbone_for(params_dir: str, dataset, grayscale: str = "red"):
+    """(config, params) of a converted backbone, its stem reduced to 1 channel for grayscale data."""
+    import ml_collections
+
+    from medjax import classifier
+
+    cfg = ml_collections.ConfigDict({"pretrained": params_dir, "grayscale": grayscale})
+    return classifier.load_backbone(cfg, dataset.channels)
+
+
+def cached_features(params_dir: str, dataset, splits, workdir: str, *, image_size: int = 224, num_blocks: int = 4,
+                    batch_size: int = 64, normalization="dataset", grayscale: str = "red", worker_count: int = 0,
+                    log=print) -> tuple[dict[str, SplitFeatures], dict]:
+    """({split: SplitFeatures}, info) for the requested splits, extracting only those not cached yet. num_blocks is
+    clipped to what the backbone offers (`info['num_blocks']`). info['extracted'] lists the splits that cost a backbone
+    pass in this call, info['cached'] those read from disk, info['extract_seconds'] the time spent."""
+    config, params = load_backbone_for(params_dir, dataset, grayscale)
+    num_blocks = min(num_blocks, blocks_available(config))
+    out, info = {}, {"num_blocks": num_blocks, "extracted": [], "cached": [], "extract_seconds": 0.0, "files": {}}
+    feature_fn = None
+    os.makedirs(os.path.join(workdir, "features"), exist_ok=True)
+    for split in splits:
+        key = cache_key(params_dir, dataset, split, image_size=image_size, num_blocks=num_blocks,
+                        normalization=normalization, grayscale=grayscale)
+        path = os.path.join(workdir, "features", f"{dataset.name}_{split}_{key}.npz")
+        info["files"][split] = path
+        if os.path.exists(path):
+            with np.load(path, allow_pickle=False) as z:
+                out[split] = SplitFeatures(z["cls"], z["patch_mean"], z["labels"], z["paths"])
+            info["cached"].append(split)
+            continue
+        if feature_fn is None:
+            feature_fn = make_feature_fn(config, num_blocks)
+        t0 = time.perf_counter()
+        feats = extract(feature_fn, params, dataset, split, image_size=image_size, batch_size=batch_size,
+                        normalization=normalization, worker_count=worker_count)
+        info["extract_seconds"] += time.perf_counter() - t0
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **dataclasses.asdict(feats))
+        os.replace(tmp, path)
+        if log:
+            log(f"extracted {dataset.name}/{split}: {len(feats)} images -> {path}")
+        out[split] = feats
+        info["extracted"].append(split)
+    return out, info
