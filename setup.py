@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["medjax", "medjax.*", "converters", "converters.*"]),
+    packages=find_packages(include=["medjax", "medjax.*", "converters", "converters.*", "configs"]),
     package_data={"medjax": ["assets/*/*"]},
     install_requires=[
         "jax==0.10.2",

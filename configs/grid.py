@@ -21,6 +21,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from configs.common import study_config
+
 # model key: (name in the study's table, converter variant = folder under weights_dir, family,
 #             backbone parameters in millions as medjax counts them (converted, no head), in the study's table)
 BACKBONES = {
@@ -92,7 +94,7 @@ def get_config(arg=None):
     name, variant, family, params_m, in_study = BACKBONES[cell["model"]]
     folder, warmup, data_options = DATASETS[cell["dataset"]]
 
-    c = ml_collections.ConfigDict()
+    c = study_config()
     # Locations: references, so that --config.weights_dir / --config.data_dir move every path built from them.
     c.weights_dir = config_dict.FieldReference(os.environ.get("MEDJAX_WEIGHTS", "/data/medjax"))
     c.data_dir = config_dict.FieldReference(os.environ.get("MEDJAX_DATA", "/data"))
@@ -102,46 +104,14 @@ def get_config(arg=None):
 
     c.dataset = cell["dataset"]
     c.data_root = c.get_ref("data_dir") + f"/{folder}"
-    c.fake_data = 0
     c.data_options = ml_collections.ConfigDict(data_options)
-    c.image_size = 224
-    c.normalization = "dataset"  # the reference's per-dataset statistics; "imagenet" for the backbone's own
-    c.seed = 0
-
-    c.model = ml_collections.ConfigDict()
     c.model.family = family
     c.model.pretrained = c.get_ref("weights_dir") + f"/{variant}"
-    c.model.convert_from = None
-    c.model.architecture = None
     c.model.head = cell["head"]
     c.model.freeze = cell["freeze"]
-    c.model.unfreeze_from_block = 0
-    c.model.grayscale = "red"  # CheXpert and DDSM are 1-channel: the stem keeps its red filter, as the reference
-    c.model.attention_head = ml_collections.ConfigDict({"width": 768, "depth": 12, "num_heads": 12, "grid": 14})
     c.model.attention_head.deit_params = (c.get_ref("weights_dir") + f"/{DEIT_VARIANT}"
                                           if cell["head"] == "attention" else "")
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-4
-    c.optim.weight_decay = 1e-5
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-    c.optim.clip = 1.0
-    c.optim.schedule = "reference"  # linear warm-up from 1e-8, then constant (with the reference's overshoot)
-    # The trainer takes warmup_steps when set, else warmup_epochs x steps per epoch.
-    c.optim.warmup_steps = warmup.get("warmup_steps", config_dict.placeholder(int))
+    if "warmup_steps" in warmup:  # CheXpert / ISIC: 1000 iterations; DDSM / APTOS: 5 epochs
+        c.optim.warmup_steps = warmup["warmup_steps"]
     c.optim.warmup_epochs = warmup.get("warmup_epochs", 0)
-    c.optim.layer_decay = config_dict.placeholder(float)
-
-    c.batch_size = 64
-    c.epochs = 100
-    c.total_steps = 0
-    c.eval_every = 0  # every epoch
-    c.checkpoint_every = 0
-    c.log_every = 50
-    c.compute_dtype = "bfloat16"  # float32 master weights, bf16 compute
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
-    c.sharding_rules = [(".*", "fsdp")]
-    c.worker_count = 0
-    c.progress_bar = True
-    c.debug_sigkill_at_step = 0
     return c
