@@ -69,7 +69,8 @@ WEIGHTS_DIR=""
 DRY_RUN=0
 OVERRIDES=()
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }; }
+# shellcheck source=launch/common.sh
+. "$REPO/launch/common.sh"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
@@ -94,21 +95,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-if [[ -n "$GRID" ]]; then
-  [[ -z "$CONFIG" ]] || { echo "error: give --config or --grid, not both" >&2; exit 2; }
-  CONFIG="configs/grid.py"
-fi
-if [[ -z "$CONFIG" ]]; then
-  echo "error: --config (or --grid) is required, e.g. --config configs/demo.py (see --help)" >&2
-  exit 2
-fi
+CONFIG="$(check_run_args "$REPO" "$CONFIG" "$GRID" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")"
 CONFIG_FILE="${CONFIG%%:*}"
-[[ -f "$REPO/$CONFIG_FILE" ]] || { echo "error: config file $CONFIG_FILE not found in $REPO" >&2; exit 2; }
 for n in "$NODES" "$GPUS" "$CPUS" ${PORT:+"$PORT"}; do
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "error: expected a positive integer, got $n" >&2; exit 2; }
-done
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-  [[ "$o" == --config.* ]] || { echo "error: arguments after -- must be --config.x=y overrides, got $o" >&2; exit 2; }
 done
 WORKDIR="${WORKDIR:-runs/$JOB_NAME}"
 [[ "$WORKDIR" == /* ]] || WORKDIR="$REPO/$WORKDIR"

@@ -81,7 +81,8 @@ KEEP=0
 DRY_RUN=0
 OVERRIDES=()
 
-need_value() { [[ $# -ge 2 && -n "$2" ]] || { echo "error: $1 needs a value (see --help)" >&2; exit 2; }; }
+# shellcheck source=launch/common.sh
+. "$REPO/launch/common.sh"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --name) need_value "$@"; NAME="$2"; shift 2 ;;
@@ -107,19 +108,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-if [[ -n "$GRID" ]]; then
-  [[ -z "$CONFIG" ]] || { echo "error: give --config or --grid, not both" >&2; exit 2; }
-  CONFIG="configs/grid.py"
-fi
-if [[ -z "$CONFIG" ]]; then
-  echo "error: --config (or --grid) is required, e.g. --config configs/demo.py (see --help)" >&2
-  exit 2
-fi
+CONFIG="$(check_run_args "$REPO" "$CONFIG" "$GRID" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")"
 CONFIG_FILE="${CONFIG%%:*}"
-[[ -f "$REPO/$CONFIG_FILE" ]] || { echo "error: config file $CONFIG_FILE not found in $REPO" >&2; exit 2; }
-for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do
-  [[ "$o" == --config.* ]] || { echo "error: arguments after -- must be --config.x=y overrides, got $o" >&2; exit 2; }
-done
 WORKDIR="${WORKDIR:-runs/$NAME}"
 REMOTE_SRC="medjax"  # the checkout on every worker, relative to the home directory
 PY="\$HOME/medjax-venv/bin/python"

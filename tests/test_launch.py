@@ -47,9 +47,11 @@ def _sh(script, *args, fake=None, env=None, check=True):
     return proc
 
 
-@pytest.mark.parametrize("script", [TPU, SLURM])
+@pytest.mark.parametrize("script", [TPU, SLURM, os.path.join(os.path.dirname(TPU), "common.sh")])
 def test_shellcheck_clean(script):
-    proc = subprocess.run([_shellcheck(), "--severity=style", script], capture_output=True, text=True)
+    # -x follows the shared launch/common.sh the scripts source (paths relative to the repository root)
+    proc = subprocess.run([_shellcheck(), "-x", "--severity=style", script], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(TPU)))
     assert proc.returncode == 0, proc.stdout
 
 
