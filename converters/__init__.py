@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 
-from converters import hiera, vit
+from converters import hiera, vit, vmamba
 from converters.core import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
                              sha256)
 from medjax import models, pretrained
 from medjax.pretrained import flatten
 
 CONVERTER_VERSION = "1"
-FAMILIES = {f.name: f for module in (vit, hiera) for f in module.FAMILIES}
-VARIANTS = {name: v for module in (vit, hiera) for name, v in module.VARIANTS.items()}  # name -> (family, kwargs)
+FAMILIES = {f.name: f for module in (vit, hiera, vmamba) for f in module.FAMILIES}
+VARIANTS = {name: v for module in (vit, hiera, vmamba) for name, v in module.VARIANTS.items()}  # name -> (family, kwargs)
 
 __all__ = ["convert", "CheckpointError", "ConversionError", "FAMILIES", "VARIANTS"]
 

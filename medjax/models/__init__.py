@@ -13,9 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from medjax.models import hiera, vit
+from medjax.models import hiera, vit, vmamba
 
-BACKBONES = {family: spec for module in (vit, hiera) for family, spec in module.BACKBONES.items()}
+BACKBONES = {family: spec for module in (vit, hiera, vmamba) for family, spec in module.BACKBONES.items()}
 
 
 def config_from_dict(family: str, d: dict):
