@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from medjax.models.base import ConfigMixin
 from medjax.models.layers import Mlp, layer_norm
 from medjax.resize import resize_bicubic
 
@@ -36,7 +37,7 @@ NUM_STAGES = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class HieraConfig:
+class HieraConfig(ConfigMixin):
     """A Hiera trunk + FPN neck. Per-stage tuples list the 4 stages from fine (stride 4) to coarse (stride 32)."""
 
     family: Literal["sam2_hiera"]
@@ -107,16 +108,7 @@ class HieraConfig:
                 return side, side
         raise ValueError(f"HieraConfig: no square input from 224 to 4095 px fits {self}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "HieraConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"HieraConfig: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 class BlockSpec(NamedTuple):

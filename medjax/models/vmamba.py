@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from medjax.models.base import ConfigMixin
 from medjax.models.layers import Mlp, gelu, layer_norm
 
 NORM_EPS = 1e-5  # upstream LayerNorm / LayerNorm2d default
@@ -30,7 +31,7 @@ K_DIRECTIONS = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class VMambaConfig:
+class VMambaConfig(ConfigMixin):
     family: str = "vmamba"
     dims: tuple[int, ...] = (96, 192, 384, 768)  # stage widths C_i
     depths: tuple[int, ...] = (2, 2, 15, 2)
@@ -79,14 +80,6 @@ class VMambaConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         return d | {"dims": list(self.dims), "depths": list(self.depths)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VMambaConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"VMambaConfig: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 # ------------------------------------------------------------------------------------------------ selective scan
