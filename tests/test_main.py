@@ -82,3 +82,15 @@ def test_missing_data_and_weights_say_what_to_run(tmp_path):
     proc = _main(tmp_path / "run", str(tmp_path / "nowhere"), "--config.model.pretrained=/nonexistent",
                  check=False)
     assert proc.returncode != 0 and "python -m converters CHECKPOINT /nonexistent" in proc.stderr + proc.stdout
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root):
+    proc = _main(tmp_path / "run", data_root, "--config.optim.lr=1e30", "--config.optim.warmup_steps=2",
+                 "--config.checkpoint_every=1", "--config.eval_every=100", check=False)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "non-finite loss" in proc.stderr and "last good checkpoint is step" in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "metrics.json")
+    step, params = _final_params(tmp_path / "run")
+    import jax
+
+    assert step >= 1 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(params))
