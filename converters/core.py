@@ -61,6 +61,16 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _first_reason(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reasons = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "Can only" in line]
+    return (reasons or lines or ["(no message)"])[0]
+
+
+class _Settings:
+    """An inert stand-in for a pickled settings object (attributes only, no code)."""
+
+
 def _read_torch(path: str) -> dict:
     try:
         import torch
@@ -69,11 +79,16 @@ def _read_torch(path: str) -> dict:
     import pickle
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints often carry their run's argparse.Namespace beside the weights (MAE, DeiT): it is
+        # rebuilt as an inert stand-in. Any other class is still refused.
+        with torch.serialization.safe_globals([(_Settings, "argparse.Namespace")]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: the file is not a plain tensor checkpoint (it needs code execution to "
-            f"unpickle, which medjax never allows). torch said: {str(e).splitlines()[0]}") from e
+            f"unpickle, which medjax never allows). If it is a training checkpoint from a source you trust, re-save "
+            f"its 'model' entry alone (torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')) and "
+            f"convert that. torch said: {_first_reason(e)}") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from e
     return obj

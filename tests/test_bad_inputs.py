@@ -198,3 +198,29 @@ def test_truncated_issue3_files(tmp_path, family, name):
     with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
         converters.convert(str(tmp_path / name), str(tmp_path / "out"), family, fixture_path(family, "config.json"))
     assert name in str(info.value)
+
+
+SAVE_WITH_SETTINGS = """
+import argparse, sys, types, torch
+yacs = types.ModuleType("yacs"); config = types.ModuleType("yacs.config")
+class CfgNode(dict):
+    pass
+CfgNode.__module__ = "yacs.config"; config.CfgNode = CfgNode; yacs.config = config
+sys.modules["yacs"], sys.modules["yacs.config"] = yacs, config
+state = torch.load(sys.argv[1], weights_only=True)
+torch.save({"model": state, "epoch": 3, "args": argparse.Namespace(lr=1e-3, model="x")}, sys.argv[2])
+torch.save({"model": state, "config": CfgNode(MODEL=CfgNode(TYPE="vssm"))}, sys.argv[3])
+"""
+
+
+def test_training_checkpoint_with_settings_objects(tmp_path):
+    """An argparse.Namespace beside the weights (MAE/DeiT training checkpoints) is read as inert data; a yacs
+    CfgNode (a dict subclass, which torch's safe loader cannot rebuild) is refused with the way out named."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", SAVE_WITH_SETTINGS, DINO_CKPT, str(tmp_path / "args.pth"),
+                    str(tmp_path / "cfg.pth")], check=True)
+    assert _convert(tmp_path / "args.pth", tmp_path)["num_params"] > 0
+    with pytest.raises(CheckpointError, match="re-save its 'model' entry"):
+        converters.convert(str(tmp_path / "cfg.pth"), str(tmp_path / "out2"), "dinov2", DINO_CFG)
