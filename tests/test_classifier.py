@@ -45,10 +45,9 @@ def test_attention_head_matches_torch_composition(tmp_path, dino_dir, matmul_f32
     tokens = models_tokens(dino_dir, images).copy()
     h = params["head"]
     with torch.no_grad():
-        x = torch.tensor(tokens) @ torch.tensor(np.asarray(h["in_proj"]["kernel"])) + torch.from_numpy(
-            np.asarray(h["in_proj"]["bias"]))
-        x = torch.nn.functional.layer_norm(x, (32,), torch.tensor(np.asarray(h["in_norm"]["scale"])),
-                                           torch.tensor(np.asarray(h["in_norm"]["bias"])), 1e-5)
+        x = _torch(tokens) @ _torch(h["in_proj"]["kernel"]) + _torch(h["in_proj"]["bias"])
+        x = torch.nn.functional.layer_norm(x, (32,), _torch(h["in_norm"]["scale"]),
+                                           _torch(h["in_norm"]["bias"]), 1e-5)
         pos = vit.embeddings.position_embeddings
         grid = pos[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
         grid = torch.nn.functional.interpolate(grid, size=(2, 2), mode="bicubic", align_corners=False)
@@ -57,11 +56,15 @@ def test_attention_head_matches_torch_composition(tmp_path, dino_dir, matmul_f32
         for layer in vit.layers:
             x = layer(x, None)
         x = vit.layernorm(x)[:, 0]
-        ref = x @ torch.tensor(np.asarray(h["fc"]["kernel"])) + torch.tensor(np.asarray(h["fc"]["bias"]))
+        ref = x @ _torch(h["fc"]["kernel"]) + _torch(h["fc"]["bias"])
     assert max_abs(logits, ref.numpy()) <= PARITY_TOL
     # gradients reach the DeiT pos-embed through the resize
     grads = jax.grad(lambda p: model.apply({"params": p}, jnp.asarray(images)).sum())(params)
     assert np.abs(np.asarray(grads["head"]["pos_embed"][:, 1:])).max() > 0
+
+
+def _torch(x):
+    return torch.from_numpy(np.array(x, copy=True))
 
 
 def models_tokens(params_dir, images):
