@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from medjax import models, pretrained
 from medjax.models.layers import layer_norm
-from medjax.models.vit import Block, ViTConfig, interpolate_pos_embed
+from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed, stack_blocks
 
 
 def deit_body_config(width=768, depth=12, num_heads=12, grid=14, mlp_ratio=4) -> ViTConfig:
@@ -43,8 +43,7 @@ class AttentionHead(nn.Module):
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + c.pos_grid[0] * c.pos_grid[1], c.width))
         pos = interpolate_pos_embed(c, pos, (side, side), (side * c.patch_size, side * c.patch_size))
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, c.width)), x], axis=1) + pos.astype(x.dtype)
-        for i in range(c.depth):
-            x = Block(c, self.dtype, name=f"blocks_{i}")(x)
+        x = apply_blocks(c, x, self.dtype)
         x = layer_norm(c.norm_eps, "norm", self.dtype)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x[:, 0])
 
@@ -108,6 +107,23 @@ def load_backbone(model_cfg, channels: int):
         config = dataclasses.replace(config, in_chans=1)
         if params is not None:
             params = reduce_stem_channels(params, model_cfg.get("grayscale", "red"))
+    return _execution_options(model_cfg, config, params)
+
+
+def _execution_options(model_cfg, config, params):
+    """`model.remat` / `model.scan` (ViT family) set how the blocks run. A scanned model takes the converted
+    (unrolled) parameters stacked; partial freezing and layer-wise lr decay need the unrolled layout."""
+    options = {k: bool(model_cfg.get(k)) for k in ("remat", "scan") if model_cfg.get(k) is not None}
+    if not isinstance(config, ViTConfig):
+        if any(options.values()):
+            raise ValueError(f"model.remat / model.scan are options of the ViT family, not of {config.family!r}")
+        return config, params
+    config = dataclasses.replace(config, **options)
+    if config.scan and model_cfg.get("freeze") == "partial":
+        raise ValueError("model.freeze='partial' selects blocks by name (blocks_<i>); it cannot be combined with "
+                         "model.scan=True, whose blocks are stacked in one array per parameter")
+    if config.scan and params is not None and "blocks" not in params:
+        params = stack_blocks(params)
     return config, params
 
 

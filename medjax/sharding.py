@@ -3,7 +3,10 @@ over their paths (big_vision style: the first rule whose regex matches the path 
 
 from __future__ import annotations
 
+import collections
+import itertools
 import re
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -80,3 +83,22 @@ def global_batch(batch: dict, mesh: Mesh) -> dict:
     """This process's slice of the batch (numpy) -> global jax.Arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterable[dict], mesh: Mesh, size: int = 2) -> Iterator[dict]:
+    """Global device batches (`global_batch`) from an iterable of host batches, with `size` batches already
+    transferred ahead of the one handed out.
+
+    jax dispatches a step asynchronously, so while step k runs the loop reads and transfers batch k + 1 + size: the
+    host-to-device copy (and the host-side read) overlaps compute instead of sitting between two steps. The host
+    iterable is read ahead of the consumer; bound it (itertools.islice) where its position must be exact, e.g. before
+    checkpointing it. size 0 transfers each batch when it is asked for."""
+    if size < 0:
+        raise ValueError(f"prefetch size must be >= 0, got {size}")
+    batches = iter(batches)
+    ahead = collections.deque(global_batch(b, mesh) for b in itertools.islice(batches, size))
+    for batch in batches:
+        ahead.append(global_batch(batch, mesh))
+        yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()

@@ -7,6 +7,7 @@ event files (`tensorboard/`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -232,12 +233,17 @@ class Trainer:
         t0, seen = time.perf_counter(), 0
         log_every = c.get("log_every", 10)
         pending = []
+        batches = iter(())
         for step in range(start + 1, self.total_steps + 1):
-            batch = sharding.global_batch(next(self.train_iter), self.mesh)
+            batch = next(batches, None)
+            if batch is None:  # a new stretch up to the next checkpoint
+                batches = self._prefetch(step)
+                batch = next(batches)
             self.state, out = self.train_step(self.state, batch)
             pending.append(out)
             seen += c.batch_size
-            if step % log_every == 0 or step == self.total_steps or step % self.eval_every == 0:
+            if step % log_every == 0 or step == self.total_steps or step % self.eval_every == 0 \
+                    or step % self.checkpoint_every == 0:  # nothing is saved before its losses are checked
                 host = jax.device_get(pending)
                 pending = []
                 if not all(bool(o["finite"]) for o in host):
@@ -266,6 +272,14 @@ class Trainer:
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         return self._finish(writer)
+
+    def _prefetch(self, step: int):
+        """Device batches for the steps from `step` up to the next checkpoint, `prefetch` (default 2) transferred
+        ahead. Reading stops at the checkpoint, so the saved input iterator is exactly at the step saved with it."""
+        end = next(s for s in range(step, self.total_steps + 1)
+                   if s % self.eval_every == 0 or s % self.checkpoint_every == 0 or s == self.total_steps)
+        return sharding.prefetch_to_device(itertools.islice(self.train_iter, end - step + 1), self.mesh,
+                                           self.config.get("prefetch", 2))
 
     def _validate(self, step: int, writer, bar):
         d = self.dataset

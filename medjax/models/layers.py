@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -20,6 +22,53 @@ def layer_norm(eps: float, name: str, dtype=None) -> nn.LayerNorm:
 def rms_norm(eps: float, name: str, dtype=None) -> nn.RMSNorm:
     # x * rsqrt(mean(x^2) + eps) * scale, as torch.nn.RMSNorm
     return nn.RMSNorm(epsilon=eps, dtype=dtype, name=name)
+
+
+# ------------------------------------------------------------------------------------------------ matmuls
+
+
+def cpu_bf16(dtype) -> bool:
+    """bfloat16 compute on XLA:CPU, where a bf16 x bf16 matmul runs natively (~2x float32, AVX512-BF16/AMX) only when
+    it accumulates into float32 (preferred_element_type); a bf16-output matmul is upcast to a float32 GEMM."""
+    return dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def bf16_einsum(spec: str, a, b, out_dtype):
+    """einsum(spec, a, b) of bfloat16 operands, accumulated in float32 and returned as `out_dtype`; the two backward
+    matmuls take the cotangent in bfloat16 and accumulate in float32 too. The values are those of a plain bf16
+    einsum (XLA:CPU accumulates it in float32 as well); only the GEMM kernel changes."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _bf16_einsum_fwd(spec, a, b, out_dtype):
+    return bf16_einsum(spec, a, b, out_dtype), (a, b)
+
+
+def _bf16_einsum_bwd(spec, out_dtype, residuals, g):
+    a, b = residuals
+    inputs, out = spec.split("->")
+    sa, sb = inputs.split(",")
+    g = g.astype(jnp.bfloat16)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32).astype(b.dtype)
+    return da, db
+
+
+bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """nn.Dense's matmul: `bf16_einsum` for bfloat16 compute on CPU, lax.dot_general everywhere else."""
+    standard = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+    if standard and preferred_element_type is None and lhs.dtype == rhs.dtype and cpu_bf16(lhs.dtype):
+        return bf16_einsum("...k,kn->...n", lhs, rhs, jnp.bfloat16)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kwargs)
+
+
+def dense(features: int, use_bias: bool = True, dtype=None, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, dot_general=dense_dot_general, name=name)
 
 
 class LayerScale(nn.Module):
@@ -43,10 +92,36 @@ class Attention(nn.Module):
     def __call__(self, x):
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
-        qkv = nn.Dense(3 * dim, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-        q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim), 2, 0)
-        out = jax.nn.dot_product_attention(q, k, v)
-        return nn.Dense(dim, use_bias=self.proj_bias, dtype=self.dtype, name="proj")(out.reshape(batch, tokens, dim))
+        qkv = dense(3 * dim, self.qkv_bias, self.dtype, "qkv")(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        if use_cudnn_attention(qkv.dtype, head_dim):
+            q, k, v = jnp.moveaxis(qkv, 2, 0)
+            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        else:
+            q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # (3, batch, heads, tokens, head_dim)
+            out = jnp.transpose(head_major_attention(q, k, v), (0, 2, 1, 3))
+        return dense(dim, self.proj_bias, self.dtype, "proj")(out.reshape(batch, tokens, dim))
+
+
+def use_cudnn_attention(dtype, head_dim: int) -> bool:
+    """cuDNN's fused (flash) attention: on GPU, for half-precision compute and the head sizes it supports. Elsewhere,
+    and in float32, XLA's attention runs (`head_major_attention`)."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def head_major_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v on (batch, heads, tokens, head_dim) arrays, the math of jax.nn.dot_product_attention's
+    XLA path (float32 scores and softmax) with the heads outside the token axis: the batched matmuls then need no
+    transposes, ~1.3x faster forward + backward on CPU than the (batch, tokens, heads, head_dim) layout."""
+    if cpu_bf16(q.dtype):
+        scores = bf16_einsum("bnqh,bnkh->bnqk", q, k, jnp.float32)
+    else:
+        scores = jnp.einsum("bnqh,bnkh->bnqk", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores * jnp.float32(q.shape[-1] ** -0.5), axis=-1).astype(v.dtype)
+    if cpu_bf16(v.dtype):
+        return bf16_einsum("bnqk,bnkh->bnqh", probs, v, v.dtype)
+    return jnp.einsum("bnqk,bnkh->bnqh", probs, v)
 
 
 class AttentionalPooler(nn.Module):
@@ -82,8 +157,8 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = gelu(nn.Dense(self.hidden, use_bias=self.use_bias, dtype=self.dtype, name="fc1")(x))
-        return nn.Dense(x.shape[-1], use_bias=self.use_bias, dtype=self.dtype, name="fc2")(h)
+        h = gelu(dense(self.hidden, self.use_bias, self.dtype, "fc1")(x))
+        return dense(x.shape[-1], self.use_bias, self.dtype, "fc2")(h)
 
 
 class SwiGLU(nn.Module):
@@ -95,8 +170,8 @@ class SwiGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        gate, value = jnp.split(nn.Dense(2 * self.hidden, use_bias=self.use_bias, dtype=self.dtype, name="w12")(x), 2, -1)
-        return nn.Dense(x.shape[-1], use_bias=self.use_bias, dtype=self.dtype, name="w3")(nn.silu(gate) * value)
+        gate, value = jnp.split(dense(2 * self.hidden, self.use_bias, self.dtype, "w12")(x), 2, -1)
+        return dense(x.shape[-1], self.use_bias, self.dtype, "w3")(nn.silu(gate) * value)
 
 
 def swiglu_hidden(hidden_features: int) -> int:

@@ -8,9 +8,12 @@ expose. Input is NHWC float.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from medjax.models.layers import Attention, AttentionalPooler, LayerScale, Mlp, SwiGLU, layer_norm, rms_norm
@@ -52,6 +55,14 @@ class ViTConfig:
     pos_resize: Literal["none", "offset", "size", "truncate"] = "none"
     pos_resize_offset: float = 0.0
     pos_resize_antialias: bool = False
+    # How the blocks run; neither changes the outputs (tests/test_perf.py).
+    #   remat - recompute each block's activations in the backward pass instead of keeping them (nn.remat): the
+    #           activation memory of a step drops from `depth` blocks' worth to about one, for ~1/3 more FLOPs;
+    #   scan  - one nn.scan over the blocks: XLA compiles one block body instead of `depth` copies. The parameters
+    #           then live stacked under `blocks` (leading axis = depth) instead of `blocks_0` ... `blocks_{depth-1}`;
+    #           `stack_blocks` / `unstack_blocks` convert between the two layouts (checkpoints are stored unstacked).
+    remat: bool = False
+    scan: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -95,6 +106,84 @@ class Block(nn.Module):
         ffn = SwiGLU if c.ffn == "swiglu" else Mlp
         y = ffn(c.mlp_hidden, c.ffn_bias, self.dtype, name="mlp")(y)
         return x + (LayerScale(name="ls2")(y) if c.layerscale else y)
+
+
+@jax.custom_vjp
+def _materialize_cotangent(x):
+    """Identity whose backward hands the cotangent through a `lax.cond`, which XLA cannot fuse across.
+
+    Without it, XLA:CPU fuses the residual stream's gradient (a growing chain of adds of every later block's
+    LayerNorm backward) into each of its consumers instead of computing it once: the backward of an unrolled ViT does
+    O(depth^2) elementwise work (ViT-B: ~1.4x the step time on 2 cores). Both branches are the identity."""
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda t: t, lambda t: t * 1, g),)
+
+
+_materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
+def apply_blocks(config: ViTConfig, x, dtype=None):
+    """The `depth` blocks, one after another: unrolled (`blocks_<i>`) or scanned (`blocks`, stacked), each
+    optionally rematerialised. Must be called inside a compact method (the blocks become its submodules)."""
+    # prevent_cse keeps XLA from merging the recomputation into the forward pass; a scan body already prevents it.
+    block = nn.remat(Block, prevent_cse=not config.scan) if config.remat else Block
+    if not config.scan:
+        barrier = jax.default_backend() == "cpu"  # GPU/TPU fusion does not duplicate the chain (and a cond syncs)
+        for i in range(config.depth):
+            if barrier:
+                x = _materialize_cotangent(x)
+            x = block(config, dtype, name=f"blocks_{i}")(x)
+        return x
+    scan = nn.scan(lambda module, carry, _: (module(carry), None), variable_axes={"params": 0},
+                   split_rngs={"params": True}, length=config.depth)
+    x, _ = scan(block(config, dtype, name="blocks"), x, None)
+    return x
+
+
+def _block_names(params: dict) -> list[str]:
+    names = sorted((k for k in params if re.fullmatch(r"blocks_\d+", k)), key=lambda k: int(k[len("blocks_"):]))
+    if names != [f"blocks_{i}" for i in range(len(names))]:
+        raise ValueError(f"the blocks must be numbered blocks_0 ... blocks_<depth-1> without gaps, got {names}")
+    return names
+
+
+def stack_blocks(params: dict) -> dict:
+    """The unrolled layout (`blocks_0` ... `blocks_{L-1}`, as converters write it) -> the scanned one (`blocks`,
+    every leaf with a leading axis of length L), for ViTConfig(scan=True). Takes a backbone's parameters or a
+    classifier's (then its `backbone` is converted); numpy leaves stay numpy."""
+    if "backbone" in params and "blocks_0" not in params:
+        return params | {"backbone": stack_blocks(params["backbone"])}
+    if "blocks" in params:
+        raise ValueError("the parameters are already stacked (they have `blocks`)")
+    names = _block_names(params)
+    if not names:
+        raise ValueError("no blocks_<i> to stack: not the parameters of a ViT backbone")
+    leaves = jax.tree_util.tree_leaves([params[k] for k in names])
+    stack = np.stack if all(isinstance(v, np.ndarray) for v in leaves) else jnp.stack
+    stacked = jax.tree_util.tree_map(lambda *xs: stack(xs), *[params[k] for k in names])
+    return {k: v for k, v in params.items() if k not in names} | {"blocks": stacked}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """The inverse of `stack_blocks`: `blocks` (leading axis L) -> `blocks_0` ... `blocks_{L-1}`."""
+    if "backbone" in params and "blocks" not in params:
+        return params | {"backbone": unstack_blocks(params["backbone"])}
+    if "blocks" not in params:
+        raise ValueError("no stacked `blocks` to unstack")
+    depth = {np.shape(v)[0] for v in jax.tree_util.tree_leaves(params["blocks"])}
+    if len(depth) != 1:
+        raise ValueError(f"stacked blocks disagree on their leading (depth) axis: {sorted(depth)}")
+    unstacked = {f"blocks_{i}": jax.tree_util.tree_map(lambda v, i=i: v[i], params["blocks"])
+                 for i in range(depth.pop())}
+    return {k: v for k, v in params.items() if k != "blocks"} | unstacked
 
 
 def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], image_hw: tuple[int, int]):
@@ -160,8 +249,7 @@ class VisionTransformer(nn.Module):
                                  x[:, 1:]], axis=1)
         if c.ln_pre:
             x = make_norm(c, "ln_pre", self.dtype)(x)
-        for i in range(c.depth):
-            x = Block(c, self.dtype, name=f"blocks_{i}")(x)
+        x = apply_blocks(c, x, self.dtype)
         if c.attn_pool_queries:
             return self._coca_outputs(x)
         x_norm = make_norm(c, "norm", self.dtype)(x)
