@@ -24,6 +24,8 @@ def study_config():
     c.model.freeze = "frozen"  # "frozen" | "full" | "partial" (with unfreeze_from_block)
     c.model.unfreeze_from_block = 0
     c.model.grayscale = "red"  # 1-channel data: keep the red filter of the RGB patch embedding, or "sum"
+    c.model.remat = False  # ViT family: recompute each block's activations in the backward pass (less memory)
+    c.model.scan = False  # ViT family: one nn.scan over the blocks (one compiled block; not with freeze="partial")
     c.model.attention_head = ml_collections.ConfigDict(
         {"deit_params": "", "width": 768, "depth": 12, "num_heads": 12, "grid": 14})
 
@@ -47,6 +49,7 @@ def study_config():
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.sharding_rules = [(".*", "fsdp")]  # (regex over parameter paths, "fsdp" | "replicate"), first match wins
     c.worker_count = 0
+    c.prefetch = 2  # batches transferred to the devices ahead of the running step
     c.progress_bar = True
     c.debug_sigkill_at_step = 0  # tests only: SIGKILL the run after this step (a preemption at a known point)
     return c

@@ -62,7 +62,8 @@ def layer_scales(params: dict, decay: float) -> dict:
     flat = flatten(params)
     ids = {k: int(m.group(1)) + 1 for k in flat if (m := re.search(r"^backbone/.*?blocks_(\d+)/", k))}
     if not ids:
-        raise ValueError("optim.layer_decay needs a backbone with numbered blocks (blocks_<i>)")
+        raise ValueError("optim.layer_decay needs a backbone with numbered blocks (blocks_<i>); model.scan=True "
+                         "stacks them into one `blocks` array, so it cannot be combined with layer decay")
     top = max(ids.values()) + 1
     embed = re.compile(r"backbone/(patch_embed|cls_token|pos_embed|reg_tokens|patch_norm|ln_pre)")
 

@@ -95,6 +95,7 @@ def test_train_step_compiles_once(caplog, tiny):
     model, params, trainable, tx, batches = tiny
     mesh = sharding.make_mesh(-1, 1)
     state, _, step = train.sharded_train_step(model, params, trainable, tx, "multiclass", mesh, [(".*", "fsdp")])
+    first_params = jax.tree_util.tree_leaves(state.params)
     compiles = []
 
     def listener(event, duration, **_):
@@ -113,6 +114,7 @@ def test_train_step_compiles_once(caplog, tiny):
     assert len(compiles) == 1, f"{len(compiles)} XLA compilations for {len(batches)} steps"
     assert sum("train_step" in r.getMessage() and "Compiling" in r.getMessage() for r in caplog.records) == 1
     assert step._cache_size() == 1
+    assert all(x.is_deleted() for x in first_params)  # the state's buffers were donated to the step
     assert int(state.step) == len(batches) and len(set(losses)) == len(losses)
 
 
@@ -190,6 +192,8 @@ def test_scan_loads_a_converted_checkpoint(tmp_path, tiny):
     with pytest.raises(ValueError, match="partial"):
         classifier.build_classifier(ml_collections.ConfigDict(base | {"scan": True, "freeze": "partial"}), 3, 3, 16,
                                     jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="model.scan"):  # layer decay needs the numbered blocks
+        optim.layer_scales(p, 0.75)
 
 
 # --------------------------------------------------------------------------------------------- input, kernels
