@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --model mae_vit_base_patch16 --batch-size 8 --steps 5 [--image-size 224]
         [--frozen] [--mode train|embed] [--framework medjax|pytorch|both] [--dtype float32|bfloat16]
-        [--remat] [--scan] [--rounds 1] [--warmup 2] [--threads N] [--no-hugepages] [--json]
+        [--remat] [--scan] [--fsdp N] [--rounds 1] [--warmup 2] [--threads N] [--no-hugepages] [--json]
 
 `--model` is a ViT-family variant of `python -m converters` (mae_vit_base_patch16, dinov2_vitb14, deit_base_patch16_224,
 clip_vit_b16, aimv2_large_patch14_224, ...) built with random weights at `--image-size`.
@@ -116,7 +116,7 @@ def run_medjax(args) -> dict:
     pool = [{"image": rng.standard_normal((args.batch_size, args.image_size, args.image_size, config.in_chans),
                                           dtype=np.float32),
              "label": rng.integers(0, NUM_CLASSES, args.batch_size).astype(np.int32)} for _ in range(2)]
-    mesh = sharding.make_mesh(-1, 1)
+    mesh = sharding.make_mesh(1, args.fsdp) if args.fsdp > 1 else sharding.make_mesh(-1, 1)
     total = args.warmup + args.steps
     host_batches = (pool[i % 2] for i in range(total))
     result = {"device": str(jax.devices()[0].device_kind), "devices": jax.device_count()}
@@ -150,6 +150,7 @@ def run_medjax(args) -> dict:
         t0 = time.perf_counter()
         compiled = fn.lower(state, first).compile()
         result["compile_s"] = time.perf_counter() - t0
+        result["state_gib_per_device"] = _bytes_on(jax.devices()[0], (state.params, state.opt_state)) / 2 ** 30
         holder = {"state": state}
 
         def step(batch):
@@ -172,6 +173,14 @@ def run_medjax(args) -> dict:
     times = _time_steps(args, batches_with_first(), lambda b: jax.block_until_ready(step(b)))
     result["compiles_in_steps"] = len(compiles) - before  # 0: the steps reuse the compiled executable
     return result | times
+
+
+def _bytes_on(device, tree) -> int:
+    """Bytes of the arrays of `tree` that live on `device` (its shards of sharded arrays)."""
+    import jax
+
+    return sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(tree) for s in leaf.addressable_shards
+               if s.device == device)
 
 
 def _time_steps(args, batches, run_one) -> dict:
@@ -316,6 +325,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--remat", action="store_true", help="medjax: rematerialise each block (ViTConfig.remat)")
     p.add_argument("--scan", action="store_true", help="medjax: scan over the blocks (ViTConfig.scan)")
+    p.add_argument("--fsdp", type=int, default=1,
+                   help="medjax: shard parameters and optimizer state over this many devices (a (1, N) mesh; on CPU "
+                        "N devices are emulated with --xla_force_host_platform_device_count)")
     p.add_argument("--rounds", type=int, default=1, help="alternate this many runs of each framework")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--hugepages", action=argparse.BooleanOptionalAction, default=True,
@@ -335,6 +347,8 @@ def main(argv=None) -> int:
         for f in frameworks:
             cmd = [sys.executable, os.path.abspath(__file__), *base, "--framework", f, "--worker"]
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+            if args.fsdp > 1 and env["JAX_PLATFORMS"] == "cpu":
+                env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.fsdp}"
             if args.hugepages:  # both frameworks alike
                 env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGEPAGES]))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -353,6 +367,7 @@ def main(argv=None) -> int:
             "embed": "inference (embedding)"}[args.mode]
     print(f"# {args.model} {args.image_size}px batch {args.batch_size} {args.dtype}, {what}, {args.threads} threads"
           f"{', remat' if args.remat else ''}{', scan' if args.scan else ''}"
+          f"{f', FSDP over {args.fsdp} devices' if args.fsdp > 1 else ''}"
           f"{', malloc huge pages' if args.hugepages else ''}; median over {args.steps} steps"
           f"{f' and {args.rounds} rounds' if args.rounds > 1 else ''}")
     rate = {f: statistics.median(o["images_per_s"] for o in runs[f]) for f in frameworks}
@@ -375,6 +390,8 @@ def _summary(framework: str, out: dict):
         parts.append(f"steady-state peak RSS {out['steady_rss_gib']:.2f} GiB")
     if "compile_s" in out:
         parts.append(f"compile {out['compile_s']:.1f} s, {out['compiles_in_steps']} compilation(s) during the steps")
+    if "state_gib_per_device" in out:
+        parts.append(f"parameters + optimizer state on device 0 {out['state_gib_per_device']:.3f} GiB")
     if "xla_memory_gib" in out:
         m = out["xla_memory_gib"]
         parts.append(f"XLA: arguments {m['argument']:.2f} + outputs {m['output']:.2f} - aliased {m['alias']:.2f} "
