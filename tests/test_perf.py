@@ -239,3 +239,21 @@ def test_cpu_bf16_matmul_equals_the_plain_bf16_one(monkeypatch):
     for a, b in zip(jax.tree_util.tree_leaves(fast), jax.tree_util.tree_leaves(plain)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# --------------------------------------------------------------------------------------------- the benchmark
+
+
+def test_train_step_benchmark_reports_both_frameworks_and_their_ratio():
+    """The README's benchmark command, shrunk: a DINOv2-S/14 at 28 px, one timed step per framework."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--model",
+                           "dinov2_vits14", "--image-size", "28", "--batch-size", "2", "--steps", "1", "--warmup", "1",
+                           "--threads", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    rate = {f: float(next(ln for ln in lines if ln.startswith(f"{f} images/s: ")).split(": ")[1])
+            for f in ("medjax", "pytorch")}
+    ratio = float(lines[-1].removeprefix("ratio: "))
+    assert lines[-1].startswith("ratio: ") and all(v > 0 for v in rate.values())
+    assert ratio == pytest.approx(rate["medjax"] / rate["pytorch"], rel=2e-3)  # one round: the ratio of the rates
+    assert "0 compilation(s) during the steps" in proc.stdout
