@@ -257,3 +257,17 @@ def test_train_step_benchmark_reports_both_frameworks_and_their_ratio():
     assert lines[-1].startswith("ratio: ") and all(v > 0 for v in rate.values())
     assert ratio == pytest.approx(rate["medjax"] / rate["pytorch"], rel=2e-3)  # one round: the ratio of the rates
     assert "0 compilation(s) during the steps" in proc.stdout
+
+
+def test_attention_falls_back_to_xla_where_cudnn_refuses(monkeypatch, caplog):
+    """Where the cuDNN path is chosen but cuDNN cannot run (here: on CPU), the block runs XLA's attention, equal to
+    the default path, and says why once."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 32)), jnp.float32)
+    attn = layers.Attention(num_heads=2, qkv_bias=True, proj_bias=True)
+    p = attn.init(jax.random.PRNGKey(0), x)
+    want = attn.apply(p, x)
+    monkeypatch.setattr(layers, "use_cudnn_attention", lambda dtype, head_dim: True)
+    with caplog.at_level(logging.WARNING):
+        got = attn.apply(p, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert any("cuDNN attention unavailable" in r.getMessage() for r in caplog.records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -94,10 +95,8 @@ class Attention(nn.Module):
         head_dim = dim // self.num_heads
         qkv = dense(3 * dim, self.qkv_bias, self.dtype, "qkv")(x)
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
-        if use_cudnn_attention(qkv.dtype, head_dim):
-            q, k, v = jnp.moveaxis(qkv, 2, 0)
-            out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        else:
+        out = cudnn_attention(qkv) if use_cudnn_attention(qkv.dtype, head_dim) else None
+        if out is None:
             q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # (3, batch, heads, tokens, head_dim)
             out = jnp.transpose(head_major_attention(q, k, v), (0, 2, 1, 3))
         return dense(dim, self.proj_bias, self.dtype, "proj")(out.reshape(batch, tokens, dim))
@@ -108,6 +107,23 @@ def use_cudnn_attention(dtype, head_dim: int) -> bool:
     and in float32, XLA's attention runs (`head_major_attention`)."""
     return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def cudnn_attention(qkv):
+    """cuDNN's fused attention of a (batch, tokens, 3, heads, head_dim) qkv, or None where cuDNN refuses the shapes or
+    is not available (jax raises while tracing): the caller then runs XLA's attention, and the reason is logged once."""
+    q, k, v = jnp.moveaxis(qkv, 2, 0)
+    try:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        _warn_once(f"cuDNN attention unavailable for q/k/v of shape {q.shape} {q.dtype} ({type(e).__name__}: {e}); "
+                   "using XLA's attention")
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str):
+    logging.getLogger(__name__).warning(message)
 
 
 def head_major_attention(q, k, v):
