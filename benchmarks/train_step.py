@@ -54,7 +54,7 @@ def backbone_config(name: str, image_size: int):
     """The variant's ViTConfig with its pos-embed stored for `image_size` (as converted for that size), except the
     families that resize at run time (DINOv2), which keep their 518 px table like the released checkpoints."""
     from converters import VARIANTS
-    from converters.vit import parse_config
+    from medjax.models.vit.convert import parse_config
 
     if name not in VARIANTS:
         raise SystemExit(f"unknown --model {name!r}; known: {', '.join(sorted(VARIANTS))}")

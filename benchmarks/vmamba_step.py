@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from converters import VARIANTS
-    from converters.vmamba import vssm_config
+    from medjax.models.vmamba.convert import vssm_config
     from medjax import models
 
     chunk = None if args.scan_chunk.lower() == "none" else int(args.scan_chunk)

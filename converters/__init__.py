@@ -2,24 +2,25 @@
 
     python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json]
 
-Each family module (`converters/vit.py`, ...) declares its key tables, formats, config reader and variants;
-`convert` is the same for all of them.
+Each backbone family's package declares its key tables, formats, config reader and variants in `convert.py`
+(`medjax/models/vit/convert.py`, ...), beside its model; `convert` is the same for all of them.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
-from converters import hiera, vit, vmamba
 from converters.core import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
                              sha256)
 from medjax import models, pretrained
-from medjax.pretrained import flatten
+from medjax.pretrained import flatten_variables
 
 CONVERTER_VERSION = "1"
-FAMILIES = {f.name: f for module in (vit, hiera, vmamba) for f in module.FAMILIES}
-VARIANTS = {name: v for module in (vit, hiera, vmamba) for name, v in module.VARIANTS.items()}  # name -> (family, kwargs)
+_MODULES = [importlib.import_module(f"medjax.models.{pkg}.convert") for pkg in models.PACKAGES]
+FAMILIES = {f.name: f for module in _MODULES for f in module.CONVERTERS}
+VARIANTS = {name: v for module in _MODULES for name, v in module.VARIANTS.items()}  # name -> (family, kwargs)
 
 __all__ = ["convert", "CheckpointError", "ConversionError", "FAMILIES", "VARIANTS"]
 
@@ -88,9 +89,9 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
             renamed[name] = value
     if not renamed:
         raise CheckpointError(f"{checkpoint}: no keys under {fmt.select_prefix!r}")
-    expected = {k: tuple(v.shape) for k, v in flatten(models.param_shapes(config)).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten_variables(models.variable_shapes(config)).items()}
     notes = [f"(format {fmt.name}; ignorable keys: {family.ignored})"]
-    params = apply_rules(renamed, fmt.rules, fmt.ignore, expected, checkpoint, model, fmt.hooks, notes)
+    variables = apply_rules(renamed, fmt.rules, fmt.ignore, expected, checkpoint, model, fmt.hooks, notes)
     files = resolve_checkpoint(checkpoint)
     metadata = {
         "family": family_name,
@@ -100,7 +101,10 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
                    "format": fmt.name, "config": os.path.basename(config_path) if config_path else None,
                    "ignored_keys_outside_prefix": outside},
         "converter_version": CONVERTER_VERSION,
-        "num_params": models.count_params(params),
+        "num_params": models.count_params(variables["params"]),
     }
-    pretrained.save(output_dir, params, metadata)
+    try:
+        pretrained.save(output_dir, variables, metadata)
+    except pretrained.PretrainedError as e:
+        raise CheckpointError(str(e)) from e
     return metadata

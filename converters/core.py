@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 
-from medjax.pretrained import unflatten
 
 
 class CheckpointError(ValueError):
@@ -213,6 +212,22 @@ def reshape(a):  # marker: reshape to the model's shape (same number of elements
     return a
 
 
+def norm_rules(src: str, dst: str, bias: bool = True) -> list["Rule"]:
+    """A LayerNorm / RMSNorm / BatchNorm affine: weight -> scale, bias -> bias."""
+    return [Rule(f"{src}.weight", f"{dst}/scale")] + ([Rule(f"{src}.bias", f"{dst}/bias")] if bias else [])
+
+
+def dense_rules(src: str, dst: str, part=None, transform=None, bias: bool = True) -> list["Rule"]:
+    """nn.Linear -> Dense (kernel transposed); `part` concatenates pieces (q, k, v -> qkv)."""
+    return [Rule(f"{src}.weight", f"{dst}/kernel", transform or linear, part)] + \
+        ([Rule(f"{src}.bias", f"{dst}/bias", part=part)] if bias else [])
+
+
+def conv_rules(src: str, dst: str, bias: bool = True) -> list["Rule"]:
+    """nn.Conv2d -> Conv (OIHW -> HWIO)."""
+    return [Rule(f"{src}.weight", f"{dst}/kernel", conv)] + ([Rule(f"{src}.bias", f"{dst}/bias")] if bias else [])
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     source: str  # checkpoint key template, `{i}` for an integer index
@@ -236,7 +251,8 @@ def apply_rules(state: dict[str, np.ndarray], rules: list[Rule], ignore: list[st
 
     Keys fully matching an `ignore` regex are dropped (the documented ignorable keys). `hooks` maps a Flax path to a
     function (array, expected shape) -> array run before the shape check (e.g. a load-time pos-embed resize).
-    Returns the nested parameter dict; raises ConversionError listing every problem.
+    Flax paths of collections other than `params` are written `collection:path` (`batch_stats:bn1/mean`).
+    Returns the variables ({'params': ..., other collections}); raises ConversionError listing every problem.
     """
     compiled = [(r, r.source_regex()) for r in rules]
     ignore_re = [re.compile(p) for p in ignore]
@@ -283,7 +299,9 @@ def apply_rules(state: dict[str, np.ndarray], rules: list[Rule], ignore: list[st
     missing = [_source_name(t, rules, parts) for t in sorted(expected) if t not in flat]
     if missing or unexpected or mismatched:
         raise ConversionError(source, model, missing, unexpected, mismatched, notes)
-    return unflatten({t: np.asarray(v, dtype=np.float32) for t, (_, v) in flat.items()})
+    from medjax.pretrained import unflatten_variables
+
+    return unflatten_variables({t: np.asarray(v, dtype=np.float32) for t, (_, v) in flat.items()})
 
 
 def _source_name(target: str, rules: list[Rule], parts: dict) -> str:
@@ -333,8 +351,8 @@ class Format:
 
 
 @dataclasses.dataclass(frozen=True)
-class Family:
-    """A backbone family as the converter sees it."""
+class Converter:
+    """A backbone family as the converter sees it: its on-disk formats and how to read its configs."""
 
     name: str
     formats: list  # [Format], tried in order

@@ -16,6 +16,10 @@ from medjax.models.layers import layer_norm
 from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed, stack_blocks
 
 
+class ModelConfigError(ValueError):
+    """The model section of a config does not fit the converted weights or the data."""
+
+
 def deit_body_config(width=768, depth=12, num_heads=12, grid=14, mlp_ratio=4) -> ViTConfig:
     """The supervised DeiT-B body of the attention head; its 14x14 pos-embed follows the token grid at run time."""
     return ViTConfig(family="deit", width=width, depth=depth, num_heads=num_heads, patch_size=16, pos_grid=(grid, grid),
@@ -56,8 +60,8 @@ class Classifier(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, images):
-        features = models.build_backbone(self.backbone, self.dtype, name="backbone")(images)
+    def __call__(self, images, train: bool = False):
+        features = models.build_backbone(self.backbone, self.dtype, name="backbone")(images, train=train)
         if self.head == "linear":
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features["linear_head_input"])
         elif self.head == "attention":
@@ -71,89 +75,106 @@ class Classifier(nn.Module):
 # ------------------------------------------------------------------------------------------------ building
 
 
-def reduce_stem_channels(backbone_params: dict, mode: str) -> dict:
-    """Grayscale datasets: the RGB patch-embedding conv becomes 1-channel, by the red filter (`red`, the reference)
-    or the sum over RGB (`sum`). The stem is the one 4-d kernel with 3 input channels."""
+def reduce_stem_channels(backbone_params: dict, mode: str, stem: str) -> dict:
+    """Grayscale datasets: the RGB stem convolution (the family's `stem` path) becomes 1-channel, by the red filter
+    (`red`, the reference) or the sum over RGB (`sum`)."""
     flat = pretrained.flatten(backbone_params)
-    stems = [k for k, v in flat.items() if np.ndim(v) == 4 and np.shape(v)[2] == 3]
-    if len(stems) != 1:
-        raise ValueError(f"cannot find the RGB stem convolution to reduce to 1 channel (candidates: {stems})")
-    kernel = np.asarray(flat[stems[0]])
+    if stem not in flat or np.ndim(flat[stem]) != 4 or np.shape(flat[stem])[2] != 3:
+        raise ModelConfigError(f"the family's stem {stem!r} is not an RGB convolution kernel in these parameters")
+    kernel = np.asarray(flat[stem])
     if mode == "red":
-        flat[stems[0]] = kernel[:, :, 0:1]
+        flat[stem] = kernel[:, :, 0:1]
     elif mode == "sum":
-        flat[stems[0]] = kernel.sum(axis=2, keepdims=True)
+        flat[stem] = kernel.sum(axis=2, keepdims=True)
     else:
-        raise ValueError(f"model.grayscale must be 'red' or 'sum', got {mode!r}")
+        raise ModelConfigError(f"model.grayscale must be 'red' or 'sum', got {mode!r}")
     return pretrained.unflatten(flat)
 
 
 def load_backbone(model_cfg, channels: int):
-    """(backbone config, params or None) from `model.pretrained` (a converted folder) or `model.architecture`."""
-    if model_cfg.get("pretrained"):
+    """(backbone config, variables or None) from `model.pretrained` (a converted folder) or `model.architecture`.
+    A converted folder must hold the family the config names (when it names one)."""
+    if model_cfg.pretrained:
         path = model_cfg.pretrained
         if not os.path.exists(os.path.join(path, pretrained.METADATA_FILE)):
-            raise FileNotFoundError(
+            raise ModelConfigError(
                 f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
-                f"`python -m converters CHECKPOINT {path} --model NAME` (see README, Converting checkpoints)")
-        config, params, _ = pretrained.load(path)
-    elif model_cfg.get("architecture"):
-        config, params = models.config_from_dict(model_cfg.family, dict(model_cfg.architecture)), None
+                f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` (README, "
+                "Converting checkpoints)")
+        config, variables, meta = pretrained.load(path)
+        if model_cfg.family and meta["family"] != model_cfg.family:
+            raise ModelConfigError(
+                f"model.family={model_cfg.family!r} but model.pretrained={path!r} holds a {meta['family']!r} backbone "
+                f"(converted from {meta.get('source', {}).get('file')}); set model.family={meta['family']!r} or point "
+                "model.pretrained at a converted " + model_cfg.family + " folder")
+    elif model_cfg.architecture:
+        config, variables = models.config_from_dict(model_cfg.family, dict(model_cfg.architecture)), None
     else:
-        raise ValueError("set model.pretrained (a converted backbone folder) or model.architecture (random init)")
+        raise ModelConfigError("set model.pretrained (a converted backbone folder) or model.architecture (random init)")
     if channels != config.in_chans:
         if channels != 1 or config.in_chans != 3:
-            raise ValueError(f"the data has {channels} channels, the backbone expects {config.in_chans}")
+            raise ModelConfigError(f"the data has {channels} channels, the backbone expects {config.in_chans}")
         config = dataclasses.replace(config, in_chans=1)
-        if params is not None:
-            params = reduce_stem_channels(params, model_cfg.get("grayscale", "red"))
-    return _execution_options(model_cfg, config, params)
+        if variables is not None:
+            variables = {**variables, "params": reduce_stem_channels(variables["params"], model_cfg.grayscale,
+                                                                     models.family(config.family).stem)}
+    return _execution_options(model_cfg, config, variables)
 
 
-def _execution_options(model_cfg, config, params):
+def _variant_hint(family: str) -> str:
+    """The converter's --model value a config of this family expects (its variant names, or the family name)."""
+    import converters
+
+    names = sorted(v for v, (f, _) in converters.VARIANTS.items() if f == family)
+    return "|".join(names[:4]) + ("|..." if len(names) > 4 else "") if names else (family or "NAME")
+
+
+def _execution_options(model_cfg, config, variables):
     """`model.remat` / `model.scan` (ViT family) set how the blocks run. A scanned model takes the converted
-    (unrolled) parameters stacked; partial freezing and layer-wise lr decay need the unrolled layout."""
-    options = {k: bool(model_cfg.get(k)) for k in ("remat", "scan") if model_cfg.get(k) is not None}
+    (unrolled) parameters stacked."""
+    options = {k: bool(model_cfg[k]) for k in ("remat", "scan")}
     if not isinstance(config, ViTConfig):
         if any(options.values()):
-            raise ValueError(f"model.remat / model.scan are options of the ViT family, not of {config.family!r}")
-        return config, params
+            raise ModelConfigError(f"model.remat / model.scan are options of the ViT family, not of {config.family!r}")
+        return config, variables
     config = dataclasses.replace(config, **options)
-    if config.scan and model_cfg.get("freeze") == "partial":
-        raise ValueError("model.freeze='partial' selects blocks by name (blocks_<i>); it cannot be combined with "
-                         "model.scan=True, whose blocks are stacked in one array per parameter")
-    if config.scan and params is not None and "blocks" not in params:
-        params = stack_blocks(params)
-    return config, params
+    if config.scan and variables is not None and "blocks" not in variables["params"]:
+        variables = {**variables, "params": stack_blocks(variables["params"])}
+    return config, variables
 
 
 def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int, rng, dtype=jnp.float32):
-    """(model, params): the classifier with the pretrained backbone (if any) and the DeiT body (if given) in place."""
-    backbone_cfg, backbone_params = load_backbone(model_cfg, channels)
+    """(model, variables): the classifier with the pretrained backbone (if any) and the DeiT body (if given) in
+    place. `variables` holds every collection of the model ({'params': ..., 'batch_stats': ...})."""
+    backbone_cfg, backbone_vars = load_backbone(model_cfg, channels)
     deit = None
     if model_cfg.head == "attention":
         a = model_cfg.attention_head
         deit_params = None
-        if a.get("deit_params"):
-            deit, deit_params, _ = pretrained.load(a.deit_params)
-            deit = dataclasses.replace(deit, pos_resize="size")
+        if a.deit_params:
+            deit, deit_vars, _ = pretrained.load(a.deit_params)
+            deit, deit_params = dataclasses.replace(deit, pos_resize="size"), deit_vars["params"]
         else:
             deit = deit_body_config(a.width, a.depth, a.num_heads, a.grid)
     model = Classifier(backbone_cfg, num_classes, model_cfg.head, deit, dtype=dtype)
     dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-    params = jax.jit(model.init)(rng, dummy)["params"]
-    params = jax.tree_util.tree_map(np.asarray, params)
-    if backbone_params is not None:
-        params["backbone"] = _replace(params["backbone"], backbone_params, "backbone")
-    if deit is not None and model_cfg.head == "attention" and model_cfg.attention_head.get("deit_params"):
+    variables = jax.tree_util.tree_map(np.asarray, dict(jax.jit(model.init)(rng, dummy)))
+    variables = {c: dict(v) for c, v in variables.items()}
+    if backbone_vars is not None:
+        for collection, tree in variables.items():
+            if "backbone" in tree:
+                tree["backbone"] = _replace(tree["backbone"], backbone_vars.get(collection, {}),
+                                            "backbone" if collection == "params" else f"backbone {collection}")
+    if deit is not None and model_cfg.attention_head.deit_params:
+        head = variables["params"]["head"]
         body = {k: v for k, v in deit_params.items() if k != "patch_embed"}  # the Y-model drops DeiT's patch embed
-        params["head"] = params["head"] | _replace({k: params["head"][k] for k in body}, body, "head")
-    return model, params
+        variables["params"]["head"] = head | _replace({k: head[k] for k in body}, body, "head")
+    return model, variables
 
 
 def _replace(init: dict, loaded: dict, where: str) -> dict:
     a, b = pretrained.flatten(init), pretrained.flatten(loaded)
     bad = sorted(set(a) ^ set(b)) + [k for k in a if k in b and np.shape(a[k]) != np.shape(b[k])]
     if bad:
-        raise ValueError(f"pretrained {where} parameters do not fit the model: {bad[:20]}")
+        raise ModelConfigError(f"pretrained {where} variables do not fit the model: {bad[:20]}")
     return pretrained.unflatten({k: np.asarray(b[k], np.float32) for k in a})

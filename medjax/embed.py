@@ -18,15 +18,15 @@ def embed(params_dir: str, images: np.ndarray, batch_size: int = 32, precision: 
 
     from medjax import models, pretrained
 
-    config, params, _ = pretrained.load(params_dir)
+    config, variables, _ = pretrained.load(params_dir)
     if images.ndim != 4 or images.shape[1] != config.in_chans:
         raise ValueError(f"images must be NCHW with {config.in_chans} channels, got shape {images.shape}")
     model = models.build_backbone(config)
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, jnp.transpose(x, (0, 2, 3, 1))))
+    apply = jax.jit(lambda v, x: model.apply(v, jnp.transpose(x, (0, 2, 3, 1))))  # eval mode: stored statistics
     chunks = []
     with jax.default_matmul_precision(precision):
         for start in range(0, len(images), batch_size):
-            out = apply(params, jnp.asarray(images[start:start + batch_size], jnp.float32))
+            out = apply(variables, jnp.asarray(images[start:start + batch_size], jnp.float32))
             chunks.append(jax.tree_util.tree_map(np.asarray, out))
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 

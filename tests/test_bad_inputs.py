@@ -156,8 +156,8 @@ def test_ema_selection(tmp_path):
     from medjax import pretrained
 
     norm_bias = state["norm.bias"].numpy()
-    assert np.allclose(pretrained.load(str(tmp_path / "ema"))[1]["norm"]["bias"], norm_bias)
-    assert np.allclose(pretrained.load(str(tmp_path / "plain"))[1]["norm"]["bias"], norm_bias + 1.0)
+    assert np.allclose(pretrained.load(str(tmp_path / "ema"))[1]["params"]["norm"]["bias"], norm_bias)
+    assert np.allclose(pretrained.load(str(tmp_path / "plain"))[1]["params"]["norm"]["bias"], norm_bias + 1.0)
     with pytest.raises(CheckpointError, match="no 'model_ema' entry"):
         converters.convert(DINO_CKPT, str(tmp_path / "x"), "dinov2", DINO_CFG, ema=True)
 

@@ -49,7 +49,7 @@ def test_dinov2_fixture_interpolated_pos_embed(matmul_f32):
     """The run-time pos-embed resize (7x7 grid -> 4x4, offset 0.1 scale factor) equals upstream's."""
     import jax.numpy as jnp
 
-    from converters import vit
+    from medjax.models.vit import convert as vit
     from converters.core import read_state_dict
     from medjax.models.vit import interpolate_pos_embed
     import json

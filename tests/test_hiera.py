@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import converters
-from converters import VARIANTS, CheckpointError, ConversionError, hiera
+from converters import VARIANTS, CheckpointError, ConversionError
+from medjax.models.hiera import convert as hiera
 from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
 from medjax import models, pretrained
 from medjax.models.hiera import block_plan, input_size_problem
@@ -99,7 +100,8 @@ def hf_models(tmp_path_factory):
 
 
 def _medjax(params_dir, images):
-    config, params, _ = pretrained.load(params_dir)
+    config, params_vars, _ = pretrained.load(params_dir)
+    params = params_vars["params"]
     apply = jax.jit(models.build_backbone(config).apply)
     with jax.default_matmul_precision("float32"):
         out = apply({"params": params}, jnp.asarray(images.transpose(0, 2, 3, 1)))
@@ -152,8 +154,8 @@ def test_transformers_sam2model_file(hf_models, tmp_path):
     sam.save_pretrained(tmp_path / "sam2")
     meta = converters.convert(str(tmp_path / "sam2"), str(tmp_path / "jx"), "sam2_hiera")
     assert meta["source"]["format"] == "sam2_transformers" and meta["source"]["ignored_keys_outside_prefix"] > 0
-    ours = pretrained.flatten(pretrained.load(str(tmp_path / "jx"))[1])
-    reference = pretrained.flatten(pretrained.load(params_dir)[1])
+    ours = pretrained.flatten(pretrained.load(str(tmp_path / "jx"))[1]["params"])
+    reference = pretrained.flatten(pretrained.load(params_dir)[1]["params"])
     assert ours.keys() == reference.keys()
     assert all(np.array_equal(ours[k], reference[k]) for k in ours)
 

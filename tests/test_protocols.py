@@ -39,7 +39,9 @@ def test_last_blocks_cls_is_the_normed_cls_of_each_block(dino_dir, matmul_f32):
     model cut after block 0, through the final norm."""
     import dataclasses
 
-    config, params, _ = pretrained.load(dino_dir)
+    config, params_vars, _ = pretrained.load(dino_dir)
+
+    params = params_vars["params"]
     images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 56, 56, 3)), jnp.float32)
     feats = jax.jit(features.make_feature_fn(config, 2))(params, images)
     assert feats["cls"].shape == (3, 2, 48) and feats["patch_mean"].shape == (3, 48)

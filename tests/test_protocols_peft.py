@@ -22,7 +22,8 @@ OPTIM = ml_collections.ConfigDict({"lr": 1e-2, "weight_decay": 1e-5, "b1": 0.9, 
 def classifier_and_params(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dino"))
     converters.convert(fixture_path("dinov2", "checkpoint.pth"), out, "dinov2", fixture_path("dinov2", "config.json"))
-    config, backbone, _ = pretrained.load(out)
+    config, backbone_vars, _ = pretrained.load(out)
+    backbone = backbone_vars["params"]
     # classifier.build_classifier's tree, assembled without its jitted init (seconds on 2 CPU cores)
     head = {"kernel": np.random.default_rng(0).standard_normal((48, 3)).astype(np.float32) * 0.1,
             "bias": np.zeros(3, np.float32)}

@@ -84,7 +84,8 @@ def test_ten_steps_match_pytorch(tmp_path, freeze):
     # final parameters: the trained PyTorch backbone converted again, tensor by tensor
     model.save_pretrained(tmp_path / "hf_after")
     converters.convert(str(tmp_path / "hf_after"), str(tmp_path / "jx_after"), "dinov2")
-    _, expected_backbone, _ = pretrained.load(str(tmp_path / "jx_after"))
+    _, expected_backbone_vars, _ = pretrained.load(str(tmp_path / "jx_after"))
+    expected_backbone = expected_backbone_vars["params"]
     expected = {"backbone": expected_backbone,
                 "head": {"kernel": head.weight.detach().numpy().T, "bias": head.bias.detach().numpy()}}
     got = pretrained.flatten(jax.device_get(state.params))

@@ -23,7 +23,8 @@ def _save(model, path):
 
 
 def _medjax(params_dir, images):
-    config, params, _ = pretrained.load(params_dir)
+    config, params_vars, _ = pretrained.load(params_dir)
+    params = params_vars["params"]
     with jax.default_matmul_precision("float32"):
         out = models.build_backbone(config).apply({"params": params}, jnp.asarray(images.transpose(0, 2, 3, 1)))
     return {k: np.asarray(v) for k, v in out.items()}
@@ -231,7 +232,8 @@ def test_cli_with_explicit_transformers_config(tmp_path):
     proc = run_cli("converters", f"{hf}/model.safetensors", str(tmp_path / "jx"), "--model", "mae",
                    "--config", f"{hf}/config.json")
     assert '"format": "mae_transformers"' in proc.stdout
-    _, params, meta = pretrained.load(str(tmp_path / "jx"))
+    _, params_vars, meta = pretrained.load(str(tmp_path / "jx"))
+    params = params_vars["params"]
     assert meta["source"]["config"] == "config.json" and params["pos_embed"].shape == (1, 5, 32)
 
 

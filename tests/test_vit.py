@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import converters
-from converters import vit
+from medjax.models.vit import convert as vit
 from conftest import fixture_path, max_abs
 from medjax import models, pretrained
 
@@ -90,7 +90,8 @@ def test_load_time_pos_embed_resize(tmp_path, family, antialias):
         name, key = "checkpoint.pth", "pos_embed"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     converters.convert(fixture_path(family, name), str(tmp_path / "out"), family, str(tmp_path / "cfg.json"))
-    _, params, _ = pretrained.load(str(tmp_path / "out"))
+    _, params_vars, _ = pretrained.load(str(tmp_path / "out"))
+    params = params_vars["params"]
     state = converters.core.read_state_dict(fixture_path(family, name))
     pos = torch.from_numpy(state[key]).reshape(1, 17, -1)
     grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
@@ -105,7 +106,8 @@ def test_fixed_grid_families_reject_other_input_sizes(tmp_path):
 
     converters.convert(fixture_path("mae", "checkpoint.pth"), str(tmp_path / "out"), "mae",
                        fixture_path("mae", "config.json"))
-    config, params, _ = pretrained.load(str(tmp_path / "out"))
+    config, params_vars, _ = pretrained.load(str(tmp_path / "out"))
+    params = params_vars["params"]
     with pytest.raises(ValueError, match="convert the checkpoint again with `img_size`"):
         models.build_backbone(config).apply({"params": params}, jnp.zeros((1, 96, 96, 3)))
 
@@ -130,7 +132,7 @@ def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
     import jax.numpy as jnp
 
     from converters.core import apply_rules
-    from converters.vit import COCA_RULES
+    from medjax.models.vit.convert import COCA_RULES
     from medjax.models.layers import AttentionalPooler
     from medjax.pretrained import flatten
 
@@ -147,7 +149,7 @@ def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
     x = np.random.default_rng(0).standard_normal((2, 5, dim)).astype(np.float32)
     shapes = pooler.init(jax_key(), jnp.asarray(x))["params"]
     expected = {f"attn_pool/{k}": tuple(v.shape) for k, v in flatten(shapes).items()}
-    params = apply_rules(state, COCA_RULES, [], expected, "fused", "coca")["attn_pool"]
+    params = apply_rules(state, COCA_RULES, [], expected, "fused", "coca")["params"]["attn_pool"]
     got = pooler.apply({"params": params}, jnp.asarray(x))
     for name, module in (("attn", mha), ("ln_q", ln_q), ("ln_k", ln_k)):
         module.load_state_dict({k.split(".", 2)[-1]: torch.from_numpy(v) for k, v in state.items()

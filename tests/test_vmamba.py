@@ -12,7 +12,7 @@ import torch
 import converters
 from conftest import fixture_path, max_abs, run_cli
 from converters import CheckpointError, ConversionError, VARIANTS
-from converters.vmamba import vssm_config
+from medjax.models.vmamba.convert import vssm_config
 from medjax import models
 from medjax.models import vmamba
 from vmamba_reference import selective_scan_ref
@@ -242,7 +242,8 @@ def test_ema_weights_are_taken_with_ema(tmp_path):
     ema = {k: v + 1.0 for k, v in ckpt["model"].items()}
     torch.save({"model": ckpt["model"], "model_ema": ema, "epoch": 3}, tmp_path / "both.pth")
     converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "vmamba", CFG, ema=True)
-    _, params, _ = pretrained.load(str(tmp_path / "ema"))
+    _, params_vars, _ = pretrained.load(str(tmp_path / "ema"))
+    params = params_vars["params"]
     expected = ema["layers.1.blocks.0.op.A_logs"].numpy()
     assert max_abs(params["layers_1"]["blocks_0"]["op"]["A_logs"], expected) == 0
     with pytest.raises(CheckpointError, match="model_ema"):

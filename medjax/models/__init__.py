@@ -1,39 +1,52 @@
-"""Backbone registry: family name -> (config class, Flax module).
+"""The backbone registry: one package per family under `medjax/models/`, listed once in `PACKAGES`.
 
-Each backbone module exports BACKBONES = {family: (ConfigClass, ModuleClass)}. A config class is a frozen dataclass
-with `family`, `in_chans`, an `image_size` property (a valid (H, W) input), `to_dict()` and `from_dict()`. A module
-is built as `ModuleClass(config, dtype=None)`, takes NHWC images and returns a dict of named outputs that includes
-`linear_head_input` and `attention_head_input`.
+Each package holds its Flax module (`model.py`), its converter key tables and variants (`convert.py`, read by
+`python -m converters`) and, in `__init__.py`, `FAMILIES`: one `medjax.models.family.Family` per `config.family` value
+it serves (the contract the engine asks for block order, embeddings, LoRA targets, feature taps and the stem).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import jax
 import jax.numpy as jnp
 
-from medjax.models import hiera, vit, vmamba
+from medjax.models.family import Family
 
-BACKBONES = {family: spec for module in (vit, hiera, vmamba) for family, spec in module.BACKBONES.items()}
+# A new family is a folder and one entry here.
+PACKAGES = ("vit", "hiera", "vmamba")
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for pkg in PACKAGES for f in importlib.import_module(f"medjax.models.{pkg}").FAMILIES}
 
 
-def config_from_dict(family: str, d: dict):
-    if family not in BACKBONES:
-        raise ValueError(f"unknown backbone family {family!r}; known: {sorted(BACKBONES)}")
-    return BACKBONES[family][0].from_dict(d)
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown backbone family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def config_from_dict(name: str, d: dict):
+    return family(name).config.from_dict(d)
 
 
 def build_backbone(config, dtype=None, name=None):
-    return BACKBONES[config.family][1](config, dtype=dtype, name=name)
+    return family(config.family).module(config, dtype=dtype, name=name)
 
 
-def param_shapes(config) -> dict:
-    """Parameter shapes of a backbone without allocating them (jax.eval_shape)."""
+def variable_shapes(config) -> dict:
+    """Every variable collection of a backbone ({'params': ..., 'batch_stats': ...}), as shapes (jax.eval_shape)."""
     model = build_backbone(config)
     h, w = config.image_size
     dummy = jax.ShapeDtypeStruct((1, h, w, config.in_chans), jnp.float32)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), dummy)["params"]
+    return dict(jax.eval_shape(lambda x: model.init(jax.random.key(0), x), dummy))
+
+
+def param_shapes(config) -> dict:
+    """Parameter shapes of a backbone without allocating them."""
+    return variable_shapes(config)["params"]
 
 
 def count_params(tree) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 
@@ -193,3 +195,57 @@ class SwiGLU(nn.Module):
 def swiglu_hidden(hidden_features: int) -> int:
     """DINOv2's SwiGLU hidden size: two thirds of the MLP hidden size, rounded up to a multiple of 8."""
     return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+# ------------------------------------------------------------------------------------------------ BatchNorm
+
+_FROZEN_NORMS: contextvars.ContextVar = contextvars.ContextVar("medjax_frozen_norms", default=frozenset())
+
+
+@contextlib.contextmanager
+def frozen_norms(paths):
+    """Inside this context (entered by the engine around `model.apply`, so it holds while jax traces the step), the
+    BatchNorms at these module paths (`backbone/layer1_0/bn1`) are frozen: they normalise with their stored statistics
+    and never update them, whatever `train` says."""
+    token = _FROZEN_NORMS.set(frozenset(paths))
+    try:
+        yield
+    finally:
+        _FROZEN_NORMS.reset(token)
+
+
+class BatchNorm(nn.Module):
+    """torch.nn.BatchNorm2d / 1d over the last axis, with PyTorch's semantics.
+
+    train=True: normalise with the batch mean and biased variance, and update the running statistics as
+    (1 - momentum) * running + momentum * batch, the variance unbiased (n / (n - 1)), momentum 0.1. train=False, or
+    a BatchNorm listed in `frozen_norms`: normalise with the running statistics, which stay bitwise unchanged. The
+    statistics live in the `batch_stats` collection as `mean` and `var` (torch's running_mean / running_var).
+    Under jit on a sharded batch the statistics are those of the global batch (SyncBatchNorm)."""
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
+        frozen = "/".join(self.scope.path) in _FROZEN_NORMS.get()
+        if train and not frozen and not self.is_initializing():
+            axes = tuple(range(x.ndim - 1))
+            x32 = x.astype(jnp.float32)
+            mean = x32.mean(axes)
+            var = jnp.square(x32 - mean).mean(axes)
+            n = x32.size // features
+            ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+            ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * var * (n / max(n - 1, 1))
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        dtype = self.dtype or x.dtype
+        return (x.astype(jnp.float32) - mean) * inv + bias if dtype == jnp.float32 else \
+            ((x - mean.astype(dtype)) * inv.astype(dtype) + bias.astype(dtype))

@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
-from converters.core import CheckpointError, Family, Format, Rule, check_keys, conv, linear, pair
-from medjax.models.hiera import FAMILY, HieraConfig
+from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, conv_rules,
+                             dense_rules, norm_rules, pair)
+from medjax.models.hiera.model import FAMILY, HieraConfig
 
 # ------------------------------------------------------------------------------------------------ key tables
 
@@ -14,46 +15,37 @@ def nchw_to_nhwc(a):  # the (1, C, h, w) pos-embeds are stored channels-last
     return a.transpose(0, 2, 3, 1)
 
 
-def _norm(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
 
-
-def _dense(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/kernel", linear), Rule(f"{src}.bias", f"{dst}/bias")]
-
-
-def _conv(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/kernel", conv), Rule(f"{src}.bias", f"{dst}/bias")]
 
 
 # facebookresearch/sam2 naming, inside `image_encoder.` (trunk = Hiera, neck = FpnNeck).
 OFFICIAL_RULES = [
     Rule("trunk.pos_embed", "pos_embed", nchw_to_nhwc),
     Rule("trunk.pos_embed_window", "pos_embed_window", nchw_to_nhwc),
-    *_conv("trunk.patch_embed.proj", "patch_embed"),
-    *_norm("trunk.blocks.{i}.norm1", "blocks_{i}/norm1"),
-    *_dense("trunk.blocks.{i}.proj", "blocks_{i}/proj"),
-    *_dense("trunk.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
-    *_dense("trunk.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
-    *_norm("trunk.blocks.{i}.norm2", "blocks_{i}/norm2"),
-    *_dense("trunk.blocks.{i}.mlp.layers.0", "blocks_{i}/mlp/fc1"),
-    *_dense("trunk.blocks.{i}.mlp.layers.1", "blocks_{i}/mlp/fc2"),
-    *_conv("neck.convs.{i}.conv", "neck/convs_{i}"),
+    *conv_rules("trunk.patch_embed.proj", "patch_embed"),
+    *norm_rules("trunk.blocks.{i}.norm1", "blocks_{i}/norm1"),
+    *dense_rules("trunk.blocks.{i}.proj", "blocks_{i}/proj"),
+    *dense_rules("trunk.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
+    *dense_rules("trunk.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
+    *norm_rules("trunk.blocks.{i}.norm2", "blocks_{i}/norm2"),
+    *dense_rules("trunk.blocks.{i}.mlp.layers.0", "blocks_{i}/mlp/fc1"),
+    *dense_rules("trunk.blocks.{i}.mlp.layers.1", "blocks_{i}/mlp/fc2"),
+    *conv_rules("neck.convs.{i}.conv", "neck/convs_{i}"),
 ]
 
 # transformers' on-disk naming (Sam2VisionModel; `vision_encoder.` inside Sam2Model / Sam2VideoModel).
 HF_RULES = [
     Rule("backbone.pos_embed", "pos_embed", nchw_to_nhwc),
     Rule("backbone.pos_embed_window", "pos_embed_window", nchw_to_nhwc),
-    *_conv("backbone.patch_embed.projection", "patch_embed"),
-    *_norm("backbone.blocks.{i}.layer_norm1", "blocks_{i}/norm1"),
-    *_dense("backbone.blocks.{i}.proj", "blocks_{i}/proj"),
-    *_dense("backbone.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
-    *_dense("backbone.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
-    *_norm("backbone.blocks.{i}.layer_norm2", "blocks_{i}/norm2"),
-    *_dense("backbone.blocks.{i}.mlp.proj_in", "blocks_{i}/mlp/fc1"),
-    *_dense("backbone.blocks.{i}.mlp.proj_out", "blocks_{i}/mlp/fc2"),
-    *_conv("neck.convs.{i}", "neck/convs_{i}"),
+    *conv_rules("backbone.patch_embed.projection", "patch_embed"),
+    *norm_rules("backbone.blocks.{i}.layer_norm1", "blocks_{i}/norm1"),
+    *dense_rules("backbone.blocks.{i}.proj", "blocks_{i}/proj"),
+    *dense_rules("backbone.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
+    *dense_rules("backbone.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
+    *norm_rules("backbone.blocks.{i}.layer_norm2", "blocks_{i}/norm2"),
+    *dense_rules("backbone.blocks.{i}.mlp.proj_in", "blocks_{i}/mlp/fc1"),
+    *dense_rules("backbone.blocks.{i}.mlp.proj_out", "blocks_{i}/mlp/fc2"),
+    *conv_rules("neck.convs.{i}", "neck/convs_{i}"),
 ]
 
 FORMATS = [
@@ -278,4 +270,4 @@ VARIANTS = {
                                               window_pos_embed_bkg_spatial_size=[7, 7], window_spec=[8, 4, 16, 8])),
 }
 
-FAMILIES = [Family(FAMILY, FORMATS, parse_config, IGNORED_KEYS_DOC)]
+CONVERTERS = [Converter(FAMILY, FORMATS, parse_config, IGNORED_KEYS_DOC)]

@@ -305,7 +305,8 @@ class Sam2HieraEncoder(nn.Module):
     dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, train: bool = False):
+        del train  # no dropout or batch statistics
         c = self.config
         batch, height, width, chans = images.shape
         if chans != c.in_chans:
@@ -340,4 +341,11 @@ class Sam2HieraEncoder(nn.Module):
         return out | {"linear_head_input": tokens.mean(axis=1), "attention_head_input": tokens}
 
 
-BACKBONES = {FAMILY: (HieraConfig, Sam2HieraEncoder)}
+def layers(config: HieraConfig) -> list[str]:
+    """The patch embedding and position embeddings, then `blocks_0` ... in network order (numbered across stages);
+    the FPN neck comes after."""
+    return [r"(patch_embed|pos_embed|pos_embed_window)(/|$)"] + [f"blocks_{i}/" for i in range(len(block_plan(config)))]
+
+
+def lora_targets(config: HieraConfig) -> list[str]:
+    return [r"blocks_\d+/(attn/qkv|mlp/(fc1|fc2))/kernel$"]

@@ -346,7 +346,8 @@ class VMamba(nn.Module):
     dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32, the scan runs in float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, train: bool = False):
+        del train  # no dropout or batch statistics
         c = self.config
         if images.ndim != 4 or images.shape[-1] != c.in_chans:
             raise ValueError(f"vmamba: expected NHWC images with {c.in_chans} channels, got shape {images.shape}")
@@ -364,4 +365,17 @@ class VMamba(nn.Module):
         }
 
 
-BACKBONES = {"vmamba": (VMambaConfig, VMamba)}
+def layers(config: VMambaConfig) -> list[str]:
+    """The patch embedding, then every block in network order across the stages (`layers_<s>/blocks_<j>` restart
+    their numbering in each stage). Stage s's downsample runs between its last block and stage s + 1's first, and is
+    counted with the block it feeds; the classifier norm comes after."""
+    out = ["patch_embed/"]
+    for s, depth in enumerate(config.depths):
+        for j in range(depth):
+            here = f"layers_{s}/blocks_{j}/"
+            out.append(f"(layers_{s - 1}/downsample_|{here})" if j == 0 and s > 0 else here)
+    return out
+
+
+def lora_targets(config: VMambaConfig) -> list[str]:
+    return [r"layers_\d+/blocks_\d+/mlp/(fc1|fc2)/kernel$"]

@@ -8,8 +8,8 @@ first or last). Files are upstream training checkpoints, `{'model': state_dict, 
 
 from __future__ import annotations
 
-from converters.core import CheckpointError, Family, Format, Rule, check_keys, conv
-from medjax.models.vmamba import VMambaConfig
+from converters.core import CheckpointError, Converter, Format, Rule, check_keys, conv, conv_rules, norm_rules
+from medjax.models.vmamba.model import VMambaConfig
 
 
 def linear2d(a):
@@ -19,39 +19,33 @@ def linear2d(a):
     return a.T
 
 
-def _norm(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
-
-
-def _conv(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/kernel", conv), Rule(f"{src}.bias", f"{dst}/bias")]
 
 
 _BLOCK, _OP = "layers.{i}.blocks.{j}", "layers_{i}/blocks_{j}"
 RULES = [
-    *_conv("patch_embed.0", "patch_embed/conv1"),
-    *_norm("patch_embed.2", "patch_embed/norm1"),
-    *_conv("patch_embed.5", "patch_embed/conv2"),
-    *_norm("patch_embed.7", "patch_embed/norm2"),
-    *_norm(f"{_BLOCK}.norm", f"{_OP}/norm"),
+    *conv_rules("patch_embed.0", "patch_embed/conv1"),
+    *norm_rules("patch_embed.2", "patch_embed/norm1"),
+    *conv_rules("patch_embed.5", "patch_embed/conv2"),
+    *norm_rules("patch_embed.7", "patch_embed/norm2"),
+    *norm_rules(f"{_BLOCK}.norm", f"{_OP}/norm"),
     Rule(f"{_BLOCK}.op.in_proj.weight", f"{_OP}/op/in_proj/kernel", linear2d),
-    *_conv(f"{_BLOCK}.op.conv2d", f"{_OP}/op/conv2d"),  # depthwise (D, 1, k, k) -> (k, k, 1, D); bias if conv_bias
+    *conv_rules(f"{_BLOCK}.op.conv2d", f"{_OP}/op/conv2d"),  # depthwise (D, 1, k, k) -> (k, k, 1, D); bias if conv_bias
     # the SSM parameters keep upstream's layouts
     Rule(f"{_BLOCK}.op.x_proj_weight", f"{_OP}/op/x_proj_weight"),  # (K, R + 2N, D)
     Rule(f"{_BLOCK}.op.dt_projs_weight", f"{_OP}/op/dt_projs_weight"),  # (K, D, R)
     Rule(f"{_BLOCK}.op.dt_projs_bias", f"{_OP}/op/dt_projs_bias"),  # (K, D)
     Rule(f"{_BLOCK}.op.A_logs", f"{_OP}/op/A_logs"),  # (K * D, N)
     Rule(f"{_BLOCK}.op.Ds", f"{_OP}/op/Ds"),  # (K * D,)
-    *_norm(f"{_BLOCK}.op.out_norm", f"{_OP}/op/out_norm"),
+    *norm_rules(f"{_BLOCK}.op.out_norm", f"{_OP}/op/out_norm"),
     Rule(f"{_BLOCK}.op.out_proj.weight", f"{_OP}/op/out_proj/kernel", linear2d),
-    *_norm(f"{_BLOCK}.norm2", f"{_OP}/norm2"),
+    *norm_rules(f"{_BLOCK}.norm2", f"{_OP}/norm2"),
     Rule(f"{_BLOCK}.mlp.fc1.weight", f"{_OP}/mlp/fc1/kernel", linear2d),
     Rule(f"{_BLOCK}.mlp.fc1.bias", f"{_OP}/mlp/fc1/bias"),
     Rule(f"{_BLOCK}.mlp.fc2.weight", f"{_OP}/mlp/fc2/kernel", linear2d),
     Rule(f"{_BLOCK}.mlp.fc2.bias", f"{_OP}/mlp/fc2/bias"),
-    *_conv("layers.{i}.downsample.1", "layers_{i}/downsample_conv"),
-    *_norm("layers.{i}.downsample.3", "layers_{i}/downsample_norm"),
-    *_norm("classifier.norm", "classifier_norm"),
+    *conv_rules("layers.{i}.downsample.1", "layers_{i}/downsample_conv"),
+    *norm_rules("layers.{i}.downsample.3", "layers_{i}/downsample_norm"),
+    *norm_rules("classifier.norm", "classifier_norm"),
 ]
 
 IGNORED = "classifier.head.weight/classifier.head.bias (the ImageNet classifier; medjax outputs its input)"
@@ -142,4 +136,4 @@ VARIANTS = {
     "vmamba_base": ("vmamba", _s2l15(128, 0.6)),  # vssm_base_0229_ckpt_epoch_237.pth
 }
 
-FAMILIES = [Family("vmamba", FORMATS, vssm_config, IGNORED)]
+CONVERTERS = [Converter("vmamba", FORMATS, vssm_config, IGNORED)]

@@ -19,7 +19,7 @@ from flax import linen as nn
 from medjax.models.layers import Attention, AttentionalPooler, LayerScale, Mlp, SwiGLU, layer_norm, rms_norm
 from medjax.resize import resize_bicubic
 
-FAMILIES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca")
+NAMES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +65,8 @@ class ViTConfig:
     scan: bool = False
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"ViTConfig.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family not in NAMES:
+            raise ValueError(f"ViTConfig.family must be one of {NAMES}, got {self.family!r}")
         if self.width % self.num_heads:
             raise ValueError(f"ViTConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
         object.__setattr__(self, "pos_grid", tuple(self.pos_grid))
@@ -222,7 +222,8 @@ class VisionTransformer(nn.Module):
     dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
 
     @nn.compact
-    def __call__(self, images):
+    def __call__(self, images, train: bool = False):
+        del train  # no dropout or batch statistics
         c = self.config
         batch, height, width, chans = images.shape
         p = c.patch_size
@@ -293,5 +294,43 @@ class VisionTransformer(nn.Module):
         return jnp.dot(x, proj.astype(x.dtype))
 
 
-# every family of the ViT body shares one implementation
-BACKBONES = {family: (ViTConfig, VisionTransformer) for family in FAMILIES}
+# ------------------------------------------------------------------------------------------------ contract facts
+
+EMBEDDINGS = r"(patch_embed|patch_norm|cls_token|pos_embed|reg_tokens|ln_pre)(/|$)"
+
+
+def layers(config: ViTConfig) -> list[str]:
+    """The embeddings, then `blocks_0` ... `blocks_{depth-1}`; the final norm, pooler and projection come after."""
+    if config.scan:
+        raise ValueError("model.scan=True stacks the blocks in one array per parameter, so per-block rules (partial "
+                         "freezing, layer-wise lr decay) cannot select them; use model.scan=False")
+    return [EMBEDDINGS] + [f"blocks_{i}/" for i in range(config.depth)]
+
+
+def lora_targets(config: ViTConfig) -> list[str]:
+    """The qkv and MLP kernels (fc1/fc2, or SwiGLU's w12/w3) of every block."""
+    return [r"blocks_\d+/(attn/qkv|mlp/(fc1|fc2|w12|w3))/kernel$"]
+
+
+def max_taps(config: ViTConfig) -> int:
+    """A ViT with a CLS token offers the normed CLS of each of its blocks; the others only their final feature."""
+    return config.depth if config.class_token and not config.attn_pool_queries else 1
+
+
+def taps(config: ViTConfig, num_blocks: int, dtype=None):
+    """The normed CLS of the last n blocks (DINOv2's `get_intermediate_layers(n, norm=True)`, in block order) and the
+    mean of the last block's normed patch tokens (registers excluded). The block outputs are captured with flax's
+    `capture_intermediates` and normed with the final norm's own parameters."""
+    model = VisionTransformer(config, dtype)
+    norm = make_norm(config, None, dtype)
+    first_patch = 1 + config.num_registers
+    names = [f"blocks_{i}" for i in range(config.depth - num_blocks, config.depth)]
+
+    def fn(variables, images):
+        blocks_only = lambda m, method: isinstance(m, Block) and method == "__call__"  # noqa: E731
+        _, state = model.apply(variables, images, mutable=["intermediates"], capture_intermediates=blocks_only)
+        normed = [norm.apply({"params": variables["params"]["norm"]}, state["intermediates"][n]["__call__"][0])
+                  for n in names]
+        return {"cls": jnp.stack([x[:, 0] for x in normed], axis=1).astype(jnp.float32),
+                "patch_mean": normed[-1][:, first_patch:].mean(axis=1).astype(jnp.float32)}
+    return fn

@@ -7,19 +7,14 @@ import re
 
 import numpy as np
 
-from converters.core import CheckpointError, Family, Format, Rule, check_keys, conv, linear, pair, reshape
+from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules,
+                             linear, norm_rules, pair, reshape)
 from medjax.models.layers import swiglu_hidden
-from medjax.models.vit import ViTConfig
+from medjax.models.vit.model import ViTConfig
 
 # ------------------------------------------------------------------------------------------------ key tables
 
 
-def _norm(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
-
-
-def _dense(src: str, dst: str, part=None) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/kernel", linear, part), Rule(f"{src}.bias", f"{dst}/bias", part=part)]
 
 
 # timm / DINOv2 naming: DINOv2 torch.hub files, MAE and DeiT `{'model': ...}` files.
@@ -29,17 +24,17 @@ TIMM_RULES = [
     Rule("register_tokens", "reg_tokens"),
     Rule("patch_embed.proj.weight", "patch_embed/kernel", conv),
     Rule("patch_embed.proj.bias", "patch_embed/bias"),
-    *_norm("blocks.{i}.norm1", "blocks_{i}/norm1"),
-    *_dense("blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
-    *_dense("blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
+    *norm_rules("blocks.{i}.norm1", "blocks_{i}/norm1"),
+    *dense_rules("blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
+    *dense_rules("blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
     Rule("blocks.{i}.ls1.gamma", "blocks_{i}/ls1/gamma"),
-    *_norm("blocks.{i}.norm2", "blocks_{i}/norm2"),
-    *_dense("blocks.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
-    *_dense("blocks.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
-    *_dense("blocks.{i}.mlp.w12", "blocks_{i}/mlp/w12"),
-    *_dense("blocks.{i}.mlp.w3", "blocks_{i}/mlp/w3"),
+    *norm_rules("blocks.{i}.norm2", "blocks_{i}/norm2"),
+    *dense_rules("blocks.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
+    *dense_rules("blocks.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
+    *dense_rules("blocks.{i}.mlp.w12", "blocks_{i}/mlp/w12"),
+    *dense_rules("blocks.{i}.mlp.w3", "blocks_{i}/mlp/w3"),
     Rule("blocks.{i}.ls2.gamma", "blocks_{i}/ls2/gamma"),
-    *_norm("norm", "norm"),
+    *norm_rules("norm", "norm"),
 ]
 
 # transformers' on-disk naming (Dinov2Model, Dinov2WithRegistersModel, ViTMAEModel, ViTModel).
@@ -49,23 +44,23 @@ HF_RULES = [
     Rule("embeddings.register_tokens", "reg_tokens"),
     Rule("embeddings.patch_embeddings.projection.weight", "patch_embed/kernel", conv),
     Rule("embeddings.patch_embeddings.projection.bias", "patch_embed/bias"),
-    *_norm("encoder.layer.{i}.norm1", "blocks_{i}/norm1"),
-    *_norm("encoder.layer.{i}.layernorm_before", "blocks_{i}/norm1"),
-    *_dense("encoder.layer.{i}.attention.attention.query", "blocks_{i}/attn/qkv", (0, 3)),
-    *_dense("encoder.layer.{i}.attention.attention.key", "blocks_{i}/attn/qkv", (1, 3)),
-    *_dense("encoder.layer.{i}.attention.attention.value", "blocks_{i}/attn/qkv", (2, 3)),
-    *_dense("encoder.layer.{i}.attention.output.dense", "blocks_{i}/attn/proj"),
+    *norm_rules("encoder.layer.{i}.norm1", "blocks_{i}/norm1"),
+    *norm_rules("encoder.layer.{i}.layernorm_before", "blocks_{i}/norm1"),
+    *dense_rules("encoder.layer.{i}.attention.attention.query", "blocks_{i}/attn/qkv", (0, 3)),
+    *dense_rules("encoder.layer.{i}.attention.attention.key", "blocks_{i}/attn/qkv", (1, 3)),
+    *dense_rules("encoder.layer.{i}.attention.attention.value", "blocks_{i}/attn/qkv", (2, 3)),
+    *dense_rules("encoder.layer.{i}.attention.output.dense", "blocks_{i}/attn/proj"),
     Rule("encoder.layer.{i}.layer_scale1.lambda1", "blocks_{i}/ls1/gamma"),
-    *_norm("encoder.layer.{i}.norm2", "blocks_{i}/norm2"),
-    *_norm("encoder.layer.{i}.layernorm_after", "blocks_{i}/norm2"),
-    *_dense("encoder.layer.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
-    *_dense("encoder.layer.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
-    *_dense("encoder.layer.{i}.intermediate.dense", "blocks_{i}/mlp/fc1"),
-    *_dense("encoder.layer.{i}.output.dense", "blocks_{i}/mlp/fc2"),
-    *_dense("encoder.layer.{i}.mlp.weights_in", "blocks_{i}/mlp/w12"),
-    *_dense("encoder.layer.{i}.mlp.weights_out", "blocks_{i}/mlp/w3"),
+    *norm_rules("encoder.layer.{i}.norm2", "blocks_{i}/norm2"),
+    *norm_rules("encoder.layer.{i}.layernorm_after", "blocks_{i}/norm2"),
+    *dense_rules("encoder.layer.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
+    *dense_rules("encoder.layer.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
+    *dense_rules("encoder.layer.{i}.intermediate.dense", "blocks_{i}/mlp/fc1"),
+    *dense_rules("encoder.layer.{i}.output.dense", "blocks_{i}/mlp/fc2"),
+    *dense_rules("encoder.layer.{i}.mlp.weights_in", "blocks_{i}/mlp/w12"),
+    *dense_rules("encoder.layer.{i}.mlp.weights_out", "blocks_{i}/mlp/w3"),
     Rule("encoder.layer.{i}.layer_scale2.lambda1", "blocks_{i}/ls2/gamma"),
-    *_norm("layernorm", "norm"),
+    *norm_rules("layernorm", "norm"),
 ]
 
 # open_clip `visual.*` (the prefix is stripped before matching).
@@ -73,17 +68,17 @@ OPEN_CLIP_RULES = [
     Rule("conv1.weight", "patch_embed/kernel", conv),
     Rule("class_embedding", "cls_token", reshape),
     Rule("positional_embedding", "pos_embed", reshape),
-    *_norm("ln_pre", "ln_pre"),
-    *_norm("transformer.resblocks.{i}.ln_1", "blocks_{i}/norm1"),
+    *norm_rules("ln_pre", "ln_pre"),
+    *norm_rules("transformer.resblocks.{i}.ln_1", "blocks_{i}/norm1"),
     Rule("transformer.resblocks.{i}.attn.in_proj_weight", "blocks_{i}/attn/qkv/kernel", linear),
     Rule("transformer.resblocks.{i}.attn.in_proj_bias", "blocks_{i}/attn/qkv/bias"),
-    *_dense("transformer.resblocks.{i}.attn.out_proj", "blocks_{i}/attn/proj"),
+    *dense_rules("transformer.resblocks.{i}.attn.out_proj", "blocks_{i}/attn/proj"),
     Rule("transformer.resblocks.{i}.ls_1.gamma", "blocks_{i}/ls1/gamma"),
-    *_norm("transformer.resblocks.{i}.ln_2", "blocks_{i}/norm2"),
-    *_dense("transformer.resblocks.{i}.mlp.c_fc", "blocks_{i}/mlp/fc1"),
-    *_dense("transformer.resblocks.{i}.mlp.c_proj", "blocks_{i}/mlp/fc2"),
+    *norm_rules("transformer.resblocks.{i}.ln_2", "blocks_{i}/norm2"),
+    *dense_rules("transformer.resblocks.{i}.mlp.c_fc", "blocks_{i}/mlp/fc1"),
+    *dense_rules("transformer.resblocks.{i}.mlp.c_proj", "blocks_{i}/mlp/fc2"),
     Rule("transformer.resblocks.{i}.ls_2.gamma", "blocks_{i}/ls2/gamma"),
-    *_norm("ln_post", "norm"),
+    *norm_rules("ln_post", "norm"),
     Rule("proj", "proj"),  # used as x @ proj: already (in, out)
 ]
 
@@ -91,52 +86,49 @@ OPEN_CLIP_RULES = [
 # (nn.MultiheadAttention with kdim != embed_dim); a pooler whose widths agree stores a fused in_proj_weight.
 COCA_RULES = OPEN_CLIP_RULES + [
     Rule("attn_pool.query", "attn_pool/query"),
-    *_norm("attn_pool.ln_q", "attn_pool/ln_q"),
-    *_norm("attn_pool.ln_k", "attn_pool/ln_k"),
+    *norm_rules("attn_pool.ln_q", "attn_pool/ln_q"),
+    *norm_rules("attn_pool.ln_k", "attn_pool/ln_k"),
     *[Rule(f"attn_pool.attn.{n}_proj_weight", f"attn_pool/{n}_proj/kernel", linear) for n in "qkv"],
     *[Rule("attn_pool.attn.in_proj_weight", f"attn_pool/{n}_proj/kernel", linear, split=(i, 3))
       for i, n in enumerate("qkv")],
     *[Rule("attn_pool.attn.in_proj_bias", f"attn_pool/{n}_proj/bias", split=(i, 3)) for i, n in enumerate("qkv")],
-    *_dense("attn_pool.attn.out_proj", "attn_pool/out_proj"),
+    *dense_rules("attn_pool.attn.out_proj", "attn_pool/out_proj"),
 ]
 
-
-def _rms(src: str, dst: str) -> list[Rule]:
-    return [Rule(f"{src}.weight", f"{dst}/scale")]
 
 
 # apple/ml-aim AIMv2 (also the original hub revisions). SwiGLU fc1 (gate) and fc3 (value) become the fused w12.
 AIM_RULES = [
     Rule("preprocessor.patchifier.proj.weight", "patch_embed/kernel", conv),
     Rule("preprocessor.patchifier.proj.bias", "patch_embed/bias"),
-    *_rms("preprocessor.patchifier.norm", "patch_norm"),
+    *norm_rules("preprocessor.patchifier.norm", "patch_norm", bias=False),
     Rule("preprocessor.pos_embed", "pos_embed"),
-    *_rms("trunk.blocks.{i}.norm_1", "blocks_{i}/norm1"),
-    *_dense("trunk.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
-    *_dense("trunk.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
-    *_rms("trunk.blocks.{i}.norm_2", "blocks_{i}/norm2"),
-    *_dense("trunk.blocks.{i}.mlp.fc1", "blocks_{i}/mlp/w12", (0, 2)),
-    *_dense("trunk.blocks.{i}.mlp.fc3", "blocks_{i}/mlp/w12", (1, 2)),
-    *_dense("trunk.blocks.{i}.mlp.fc2", "blocks_{i}/mlp/w3"),
-    *_rms("trunk.post_trunk_norm", "norm"),
+    *norm_rules("trunk.blocks.{i}.norm_1", "blocks_{i}/norm1", bias=False),
+    *dense_rules("trunk.blocks.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
+    *dense_rules("trunk.blocks.{i}.attn.proj", "blocks_{i}/attn/proj"),
+    *norm_rules("trunk.blocks.{i}.norm_2", "blocks_{i}/norm2", bias=False),
+    *dense_rules("trunk.blocks.{i}.mlp.fc1", "blocks_{i}/mlp/w12", (0, 2)),
+    *dense_rules("trunk.blocks.{i}.mlp.fc3", "blocks_{i}/mlp/w12", (1, 2)),
+    *dense_rules("trunk.blocks.{i}.mlp.fc2", "blocks_{i}/mlp/w3"),
+    *norm_rules("trunk.post_trunk_norm", "norm", bias=False),
 ]
 
 # transformers' Aimv2VisionModel on disk.
 HF_AIM_RULES = [
     Rule("embeddings.patch_embed.weight", "patch_embed/kernel", conv),
     Rule("embeddings.patch_embed.bias", "patch_embed/bias"),
-    *_rms("embeddings.rms_norm", "patch_norm"),
+    *norm_rules("embeddings.rms_norm", "patch_norm", bias=False),
     Rule("embeddings.position_embedding.weight", "pos_embed", reshape),
-    *_rms("encoder.layers.{i}.rms_norm1", "blocks_{i}/norm1"),
-    *_dense("encoder.layers.{i}.attention.q_proj", "blocks_{i}/attn/qkv", (0, 3)),
-    *_dense("encoder.layers.{i}.attention.k_proj", "blocks_{i}/attn/qkv", (1, 3)),
-    *_dense("encoder.layers.{i}.attention.v_proj", "blocks_{i}/attn/qkv", (2, 3)),
-    *_dense("encoder.layers.{i}.attention.out_proj", "blocks_{i}/attn/proj"),
-    *_rms("encoder.layers.{i}.rms_norm2", "blocks_{i}/norm2"),
-    *_dense("encoder.layers.{i}.ffn.gate_proj", "blocks_{i}/mlp/w12", (0, 2)),
-    *_dense("encoder.layers.{i}.ffn.up_proj", "blocks_{i}/mlp/w12", (1, 2)),
-    *_dense("encoder.layers.{i}.ffn.down_proj", "blocks_{i}/mlp/w3"),
-    *_rms("rms_norm", "norm"),
+    *norm_rules("encoder.layers.{i}.rms_norm1", "blocks_{i}/norm1", bias=False),
+    *dense_rules("encoder.layers.{i}.attention.q_proj", "blocks_{i}/attn/qkv", (0, 3)),
+    *dense_rules("encoder.layers.{i}.attention.k_proj", "blocks_{i}/attn/qkv", (1, 3)),
+    *dense_rules("encoder.layers.{i}.attention.v_proj", "blocks_{i}/attn/qkv", (2, 3)),
+    *dense_rules("encoder.layers.{i}.attention.out_proj", "blocks_{i}/attn/proj"),
+    *norm_rules("encoder.layers.{i}.rms_norm2", "blocks_{i}/norm2", bias=False),
+    *dense_rules("encoder.layers.{i}.ffn.gate_proj", "blocks_{i}/mlp/w12", (0, 2)),
+    *dense_rules("encoder.layers.{i}.ffn.up_proj", "blocks_{i}/mlp/w12", (1, 2)),
+    *dense_rules("encoder.layers.{i}.ffn.down_proj", "blocks_{i}/mlp/w3"),
+    *norm_rules("rms_norm", "norm", bias=False),
 ]
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -424,8 +416,8 @@ def _adjust_dinov2(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) 
     return dinov2_resize(config, style)
 
 
-FAMILIES = [
-    Family(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
+CONVERTERS = [
+    Converter(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
            IGNORED_KEYS_DOC[name], _adjust_dinov2 if name == "dinov2" else None)
     for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2")
 ]

@@ -1,0 +1,10 @@
+"""The ViT family: one Vision Transformer body (`model.py`) for DINOv2, MAE, DeiT, AIMv2 and the open_clip CLIP and
+CoCa towers, their converter key tables and variants (`convert.py`), and the contract each `config.family` value
+states to the engine."""
+
+from medjax.models.family import Family
+from medjax.models.vit.model import *  # noqa: F401,F403 (the package is the model's namespace)
+from medjax.models.vit.model import NAMES, ViTConfig, VisionTransformer, layers, lora_targets, max_taps, taps
+
+FAMILIES = [Family(name, ViTConfig, VisionTransformer, layers=layers, stem="patch_embed/kernel",
+                   lora_targets=lora_targets, max_taps=max_taps, taps=taps) for name in NAMES]
