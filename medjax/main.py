@@ -2,46 +2,87 @@
 
 Fine-tunes a backbone on a dataset as the config says, resuming from DIR if it holds a checkpoint. For several
 hosts, pass --distributed (or run under a launcher that sets the JAX coordinator environment).
+
+User errors (bad config, data, weights, work directory) end with one `error:` line and exit status 2; a non-finite
+loss ends with exit status 3.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=False)
+config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics.json and TensorBoard logs go")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl's parse, with every problem as one `error:` line (exit 2) instead of a usage dump or a traceback."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        _fail(_flag_error(argv, e))
+    except Exception as e:  # noqa: BLE001 - a config file that fails to load or an override that does not parse
+        _fail(f"--config: {type(e).__name__}: {e}".splitlines()[0])
+    for name in ("config", "workdir"):
+        if not FLAGS[name].value:
+            _fail(f"--{name} is required (python -m medjax.main --config=configs/demo.py --workdir=DIR)")
+    return rest
+
+
+def _flag_error(argv, e) -> str:
+    """An unknown `--config.x=y` names the closest declared field; other flag errors pass through on one line."""
+    from configs import common
+
+    m = re.search(r"flag '--?config\.([\w.]+)'", str(e)) or re.search(r"flag 'config\.([\w.]+)'", str(e))
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if m and config_file:
+        try:
+            config = config_flags.config_flags._LoadConfigModule("config", config_file).get_config()  # noqa: SLF001
+            return common.unknown_field_message(config, m.group(1))
+        except Exception:  # noqa: BLE001 - fall back to absl's own words
+            pass
+    return str(e).splitlines()[0]
+
+
 def prepare(config, workdir: str):
-    """Things a config may ask for on first use: synthetic data, a bundled checkpoint to convert."""
-    if config.get("fake_data") and not os.path.exists(config.data_root):
+    """Things a config may ask for on first use: synthetic data (under the work directory when data_root is unset,
+    so that two runs never share it), a bundled checkpoint to convert."""
+    if config.fake_data and not config.data_root:
+        config.data_root = os.path.join(workdir, "data", config.dataset)
+    if config.fake_data and not os.path.exists(config.data_root):
         from medjax.data import fake
 
-        print(f"Writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}")
+        print(f"Writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}", flush=True)
         fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
     if not os.path.exists(config.data_root):
-        raise SystemExit(f"error: data_root {config.data_root!r} does not exist. Point --config.data_root at the "
-                         f"{config.dataset} folder in its public layout (README, Data), or write a synthetic one "
-                         f"with `python -m medjax.data fake --dataset {config.dataset} --root DIR --num N`.")
-    convert = config.model.get("convert_from")
-    if convert and not config.model.get("pretrained"):
+        raise UserError(f"data_root {config.data_root!r} does not exist. Point --config.data_root at the "
+                        f"{config.dataset} folder in its public layout (README, Data), or write a synthetic one "
+                        f"with `python -m medjax.data fake --dataset {config.dataset} --root DIR --num N`.")
+    convert = config.model.convert_from
+    if convert.checkpoint and not config.model.pretrained:
         import converters
 
         target = os.path.join(workdir, "backbone")
         if not os.path.exists(os.path.join(target, "medjax.json")):
-            converters.convert(convert.checkpoint, target, convert.model, convert.get("config"))
+            print(f"Converting {convert.checkpoint} ({convert.model}) into {target}", flush=True)
+            converters.convert(convert.checkpoint, target, convert.model, convert.config or None)
         config.model.pretrained = target
-    if config.model.get("pretrained") and not os.path.exists(os.path.join(config.model.pretrained, "medjax.json")):
-        raise SystemExit(f"error: model.pretrained {config.model.pretrained!r} holds no converted backbone. Convert "
-                         "the official checkpoint once: `python -m converters CHECKPOINT "
-                         f"{config.model.pretrained} --model NAME` (README, Converting checkpoints).")
+
+
+class UserError(ValueError):
+    pass
 
 
 def main(argv):
@@ -52,20 +93,28 @@ def main(argv):
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO; keep the console for the summary
         logging.set_verbosity(logging.WARNING)
 
-    if FLAGS.distributed:
-        jax.distributed.initialize()
-    from medjax import train
+    from configs import common
+    from converters import CheckpointError
+    from medjax import classifier, pretrained, rules, train
+    from medjax.data import DataError
 
     config = FLAGS.config
-    prepare(config, FLAGS.workdir)
     try:
+        common.validate(config)
+        if FLAGS.distributed:
+            jax.distributed.initialize()
+        prepare(config, FLAGS.workdir)
         result = train.Trainer(config, FLAGS.workdir).run()
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except (common.ConfigError, UserError, DataError, CheckpointError, train.RunError, classifier.ModelConfigError,
+            pretrained.PretrainedError, rules.RuleError) as e:
+        print(f"error: {str(e).strip()}", file=sys.stderr)
+        return 2
     print(f"metrics written to {os.path.join(FLAGS.workdir, 'metrics.json')}")
     return 0 if result else 1
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,93 +1,49 @@
 """The trainer: files -> grain batches -> one sharded, jit-compiled train step -> evaluation, checkpoints, metrics.
 
-Everything a run needs to resume lives in its work directory: orbax checkpoints of the train state and the input
-iterator (`checkpoints/`), the best model by the validation target metric (`best/`), `metrics.json` and TensorBoard
-event files (`tensorboard/`).
+Everything a run needs to resume lives in its work directory, and is committed together:
+- `checkpoints/<step>/`: one orbax checkpoint holding the train state (parameters, every other variable collection
+  such as BatchNorm statistics, optimizer state, step, RNG), the input iterator (per process) and the run's progress
+  (best step and value, validation history) as one item each, written to a temporary folder and renamed into place,
+  so a kill at any moment leaves the previous complete checkpoint;
+- `best/step_<N>/`: the best model by the validation target metric (every variable collection), written before the
+  checkpoint that names it; older best models are removed only after that checkpoint is committed, so at every
+  moment the checkpoint's best step has a complete model on disk;
+- `run_config.json`: the config the run started with; a restart with a config that changes the run's meaning is
+  refused, naming the fields;
+- `metrics.json` and TensorBoard event files (`tensorboard/`).
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
-from medjax import classifier, metrics, optim, sharding
+from medjax import engine, metrics, sharding
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    rng: jax.Array
+class RunError(ValueError):
+    """The run cannot start as configured (work directory, batch size, splits); the message says what to change."""
 
 
-def loss_fn(logits, labels, task: str, mask=None):
-    """CrossEntropyLoss (multi-class) or BCEWithLogitsLoss (multi-label), averaged over the rows where `mask` is
-    True (a row the loader could not read under skip_bad_images is masked out)."""
-    if task == "multiclass":
-        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    else:
-        per_example = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
-    if mask is None:
-        return per_example.mean()
-    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def make_train_step(model, tx, task: str, trainable):
-    """One update. Frozen parameters sit behind stop_gradient, so no backward pass runs through a frozen backbone.
-    A non-finite loss or gradient leaves the state unchanged and is reported in `finite`."""
-
-    def train_step(state: TrainState, batch):
-        def compute_loss(params):
-            params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-            return loss_fn(model.apply({"params": params}, batch["image"]), batch["label"], task, batch.get("mask"))
-
-        loss, grads = jax.value_and_grad(compute_loss)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                                  opt_state=keep(opt_state, state.opt_state))
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
-
-    return train_step
-
-
-def make_eval_step(model, task: str):
-    def eval_step(params, images):
-        logits = model.apply({"params": params}, images)
-        return jax.nn.softmax(logits) if task == "multiclass" else jax.nn.sigmoid(logits)
-    return eval_step
-
-
-def sharded_train_step(model, params, trainable, tx, task: str, mesh, rules, seed: int = 0):
-    """(state placed on the mesh, its shardings, the jitted train step with explicit shardings and donated state)."""
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       rng=jax.random.PRNGKey(seed + 1))
-    specs = sharding.param_specs(params, mesh, [tuple(r) for r in rules])
-    state_sharding = sharding.tree_shardings(state, params, specs, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(make_train_step(model, tx, task, trainable), in_shardings=(state_sharding, None),
-                   out_shardings=(state_sharding, replicated), donate_argnums=0)
-    return jax.device_put(state, state_sharding), state_sharding, step
+# Config fields that may change between a run and its restart: they do not alter what is computed.
+RESTART_SAFE = ("log_every", "progress_bar", "prefetch", "worker_count", "keep_checkpoints", "debug_sigkill_at_step",
+                "debug_sigkill_at", "check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
+                "model.convert_from.config", "model.attention_head.deit_params", "weights_dir", "data_dir",
+                "grid_cell.arg")
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -99,116 +55,185 @@ class Trainer:
     def __init__(self, config, workdir: str):
         import orbax.checkpoint as ocp
 
+        from configs import common
         from medjax import data
 
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
+        self._check_restart()
+        self._phase(f"Reading {config.dataset} from {config.data_root}")
         self.dataset = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
-                                        **dict(config.get("data_options", {})))
+                                        check_images=config.check_images, skip_bad_images=config.skip_bad_images,
+                                        **common.data_options(config))
         d = self.dataset
-        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+        self._check_splits()
         if config.batch_size % jax.process_count():
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
-        if config.batch_size % self.mesh.size:
-            raise ValueError(f"batch_size {config.batch_size} is not divisible by the {self.mesh.size} devices")
+            raise RunError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+        if config.batch_size % mesh.size:
+            raise RunError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices; set "
+                           f"--config.batch_size to a multiple of {mesh.size}")
         self.local_batch = config.batch_size // jax.process_count()
         n_train = len(d.splits["train"])
         self.steps_per_epoch = n_train // config.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the train split has {n_train} images, fewer than one batch of {config.batch_size}")
-        self.total_steps = config.get("total_steps") or config.epochs * self.steps_per_epoch
+            raise RunError(f"the train split has {n_train} images, fewer than one batch of {config.batch_size}; "
+                           "lower --config.batch_size")
+        self.total_steps = config.total_steps or config.epochs * self.steps_per_epoch
         o = config.optim
-        warmup = o.warmup_steps if o.get("warmup_steps") is not None else int(o.warmup_epochs * self.steps_per_epoch)
-        self.eval_every = config.get("eval_every") or self.steps_per_epoch
-        self.checkpoint_every = config.get("checkpoint_every") or self.eval_every
+        warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_epochs * self.steps_per_epoch)
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.checkpoint_every = config.checkpoint_every or self.eval_every
 
-        dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
-        self.model, params = classifier.build_classifier(config.model, len(d.class_names), d.channels,
-                                                         config.image_size, jax.random.PRNGKey(config.seed), dtype)
-        self.trainable = optim.trainable_mask(params, config.model.freeze, config.model.get("unfreeze_from_block", 0))
-        self.tx, self.schedule = optim.make_optimizer(o, params, self.trainable, self.total_steps, warmup)
-        self.state, self.state_sharding, self.train_step = sharded_train_step(
-            self.model, params, self.trainable, self.tx, d.task, self.mesh, config.sharding_rules, config.seed)
-        self.params_sharding = self.state_sharding.params
-        self.eval_step = jax.jit(make_eval_step(self.model, d.task), in_shardings=(self.params_sharding, None))
+        self._phase(f"Building {config.model.family or 'the'} model and its sharded train step on {mesh.size} "
+                    "device(s)")
+        self.engine = engine.build(config, num_classes=len(d.class_names), channels=d.channels, task=d.task,
+                                   total_steps=self.total_steps, warmup_steps=warmup, mesh=mesh)
+        e = self.engine
+        self.mesh, self.state, self.schedule = e.mesh, e.state, e.schedule
+        self.train_step, self.eval_step = e.train_step, e.eval_step
         self.train_iter = iter(self._loader("train", train=True))
 
         self.ckpt = ocp.CheckpointManager(
             os.path.abspath(os.path.join(workdir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=config.get("keep_checkpoints", 2), create=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _grain_handler()})
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _grain_handler(),
+                           "progress": ocp.JsonCheckpointHandler()})
         self.best = {"step": None, "value": None, "metrics": None}
         self.history: list[dict] = []
         self._restore()
+        if jax.process_index() == 0:
+            print(engine.summary_table(e, self.state), flush=True)
+
+    def _phase(self, message: str):
+        if jax.process_index() == 0:
+            print(message, flush=True)
 
     def _loader(self, split: str, train: bool):
         from medjax import data
 
         c = self.config
         return data.make_loader(self.dataset, split, batch_size=self.local_batch, image_size=c.image_size,
-                                train=train, seed=c.seed, normalization=c.get("normalization", "dataset"),
-                                worker_count=c.get("worker_count", 0))
+                                train=train, seed=c.seed, normalization=c.normalization, worker_count=c.worker_count)
+
+    # -------------------------------------------------------------------------------------------- start-up checks
+
+    def _check_restart(self):
+        """The first start records the config; a restart must not change what the run computes."""
+        path = os.path.join(self.workdir, "run_config.json")
+        now = _flat_config(self.config.to_dict())
+        if os.path.exists(path):
+            with open(path) as f:
+                before = json.load(f)
+            changed = sorted(k for k in set(before) | set(now)
+                             if before.get(k, "<absent>") != now.get(k, "<absent>")
+                             and not any(k == f or k.startswith(f + ".") for f in RESTART_SAFE))
+            if changed:
+                diff = ", ".join(f"{k}: {before.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}"
+                                 for k in changed[:8])
+                raise RunError(f"{self.workdir} holds a run started with another config ({diff}); restart it with "
+                               "its own config, or use a new --workdir")
+        elif jax.process_index() == 0:
+            _write_json(path, now)
+
+    def _check_splits(self):
+        """Every split the run selects or reports on must be able to define the target metric."""
+        d = self.dataset
+        for split in ("train", "val"):
+            if split not in d.splits or not d.splits[split]:
+                raise RunError(f"{d.name}: the {split} split is empty; the run needs train and val images")
+        for split in ("val", "test"):
+            if split not in d.splits:
+                continue
+            labels = np.asarray([r.label for r in d.splits[split]])
+            if d.task == "multiclass":
+                counts = np.bincount(labels.astype(int), minlength=len(d.class_names))
+                if (counts > 0).sum() < 2:
+                    raise RunError(
+                        f"{d.name}: the {split} split cannot define {d.target_metric}: its class counts are "
+                        + ", ".join(f"{n} {c}" for n, c in zip(d.class_names, counts))
+                        + "; it needs images of at least two classes (use more data or another split seed)")
+            else:
+                labels = labels.reshape(len(labels), -1)
+                both = [(labels[:, k] > 0).any() and (labels[:, k] <= 0).any() for k in range(labels.shape[1])]
+                if not any(both):
+                    raise RunError(f"{d.name}: the {split} split cannot define {d.target_metric}: no class has both "
+                                   "positive and negative images")
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
+    def _abstract(self, tree, shardings):
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
     def _restore(self):
-        import orbax.checkpoint as ocp
         import grain
+        import orbax.checkpoint as ocp
 
         step = self.ckpt.latest_step()
         if step is None:
             return
-        abstract = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_sharding)
+        self._phase(f"Restoring the checkpoint of step {step}")
         restored = self.ckpt.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(self.train_iter)))
+            state=ocp.args.StandardRestore(self._abstract(self.state, self.engine.state_sharding)),
+            data=grain.checkpoint.CheckpointRestore(self.train_iter), progress=ocp.args.JsonRestore()))
         self.state = restored["state"]
-        summary = os.path.join(self.workdir, "progress.json")
-        if os.path.exists(summary):
-            with open(summary) as f:
-                saved = json.load(f)
-            self.best, self.history = saved["best"], saved["history"]
+        self.best, self.history = restored["progress"]["best"], restored["progress"]["history"]
         logging.info("resumed from %s at step %d", self.workdir, step)
         print(f"Resumed from {self.workdir} at step {step}")
 
-    def _save(self, step: int, force=False):
-        import orbax.checkpoint as ocp
+    def _save(self, step: int):
         import grain
+        import orbax.checkpoint as ocp
 
         self.ckpt.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(self.train_iter)),
-            force=force)
+            state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(self.train_iter),
+            progress=ocp.args.JsonSave({"best": self.best, "history": self.history})), force=True)
         self.ckpt.wait_until_finished()
+        self._debug_kill("after_checkpoint")
         if jax.process_index() == 0:
-            _write_json(os.path.join(self.workdir, "progress.json"), {"best": self.best, "history": self.history})
+            self._prune_best()
+
+    def _best_dir(self, step: int) -> str:
+        return os.path.abspath(os.path.join(self.workdir, "best", f"step_{step}"))
 
     def _save_best(self, step: int):
         import orbax.checkpoint as ocp
 
-        path = os.path.abspath(os.path.join(self.workdir, "best", "params"))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(path, self.state.params, force=True)
+        with ocp.StandardCheckpointer() as ckptr:  # orbax writes a temporary folder and renames it when complete
+            ckptr.save(self._best_dir(step), self.engine.variables_of(self.state), force=True)
             ckptr.wait_until_finished()
+        self._debug_kill("after_best")
+
+    def _prune_best(self):
+        """Remove best models other than the one the committed checkpoint names (and unfinished writes)."""
+        root = os.path.join(self.workdir, "best")
+        keep = f"step_{self.best['step']}"
+        for name in os.listdir(root) if os.path.isdir(root) else ():
+            if name != keep:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
     def _load_best(self):
         import orbax.checkpoint as ocp
 
-        path = os.path.abspath(os.path.join(self.workdir, "best", "params"))
-        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                          self.state.params, self.params_sharding)
+        abstract = self._abstract(self.engine.variables_of(self.state), self.engine.variables_sharding)
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path, abstract)
+            return ckptr.restore(self._best_dir(self.best["step"]), abstract)
+
+    def _debug_kill(self, point: str):
+        if self.config.debug_sigkill_at == point:  # tests: a kill in an exact window of the save path
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -------------------------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, params, split: str) -> dict:
+    def evaluate(self, variables, split: str) -> dict:
         """Every example of the split, in order: the loader pads the last batch and marks the padding."""
         from jax.experimental import multihost_utils
 
         probs, labels = [], []
         for batch in self._loader(split, train=False):
             mask = np.asarray(batch["mask"])
-            out = self.eval_step(params, sharding.global_batch({"image": batch["image"]}, self.mesh)["image"])
+            out = self.eval_step(variables, sharding.global_batch({"image": batch["image"]}, self.mesh)["image"])
             out = multihost_utils.process_allgather(out, tiled=True) if jax.process_count() > 1 else np.asarray(out)
             gathered = [np.asarray(batch["label"]), mask]
             if jax.process_count() > 1:
@@ -225,13 +250,15 @@ class Trainer:
     def run(self) -> dict:
         from tqdm import tqdm
 
-        c, d = self.config, self.dataset
+        c = self.config
         writer = _tensorboard(self.workdir)
         start = int(jax.device_get(self.state.step))
+        if start < self.total_steps:
+            self._phase(f"Training steps {start + 1}..{self.total_steps} ({self.steps_per_epoch} per epoch); the "
+                        "first step compiles")
         bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   disable=jax.process_index() != 0 or not c.get("progress_bar", True))
-        t0, seen = time.perf_counter(), 0
-        log_every = c.get("log_every", 10)
+                   disable=jax.process_index() != 0 or not c.progress_bar)
+        window = collections.deque(maxlen=8)  # (time, images) at the recent log points: throughput after compile
         pending = []
         batches = iter(())
         for step in range(start + 1, self.total_steps + 1):
@@ -241,8 +268,10 @@ class Trainer:
                 batch = next(batches)
             self.state, out = self.train_step(self.state, batch)
             pending.append(out)
-            seen += c.batch_size
-            if step % log_every == 0 or step == self.total_steps or step % self.eval_every == 0 \
+            if step == start + 1:
+                jax.block_until_ready(out)
+                window.append((time.perf_counter(), 0))
+            if step % c.log_every == 0 or step == self.total_steps or step % self.eval_every == 0 \
                     or step % self.checkpoint_every == 0:  # nothing is saved before its losses are checked
                 host = jax.device_get(pending)
                 pending = []
@@ -255,40 +284,43 @@ class Trainer:
                         f"checkpoint is step {last} in {self.workdir}/checkpoints. Lower optim.lr or use "
                         "compute_dtype='float32'.")
                 loss = float(host[-1]["loss"])
-                rate = seen / (time.perf_counter() - t0)
+                window.append((time.perf_counter(), (step - start - 1) * c.batch_size))
+                (t0, n0), (t1, n1) = window[0], window[-1]
+                rate = (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else float("nan")
                 lr = float(self.schedule(step - 1))
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 if writer:
                     writer.add_scalar("train/loss", loss, step)
                     writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/images_per_second", rate, step)
+                    if math.isfinite(rate):
+                        writer.add_scalar("train/images_per_second", rate, step)
             bar.update(1)
             if step % self.eval_every == 0 or step == self.total_steps:
                 self._validate(step, writer, bar)
                 self._save(step)
             elif step % self.checkpoint_every == 0:
                 self._save(step)
-            if step == c.get("debug_sigkill_at_step"):  # tests: a preemption at a known point
+            if step == c.debug_sigkill_at_step:  # tests: a preemption at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         return self._finish(writer)
 
     def _prefetch(self, step: int):
-        """Device batches for the steps from `step` up to the next checkpoint, `prefetch` (default 2) transferred
-        ahead. Reading stops at the checkpoint, so the saved input iterator is exactly at the step saved with it."""
+        """Device batches for the steps from `step` up to the next checkpoint, `prefetch` transferred ahead. Reading
+        stops at the checkpoint, so the saved input iterator is exactly at the step saved with it."""
         end = next(s for s in range(step, self.total_steps + 1)
                    if s % self.eval_every == 0 or s % self.checkpoint_every == 0 or s == self.total_steps)
         return sharding.prefetch_to_device(itertools.islice(self.train_iter, end - step + 1), self.mesh,
-                                           self.config.get("prefetch", 2))
+                                           self.config.prefetch)
 
     def _validate(self, step: int, writer, bar):
         d = self.dataset
-        val = self.evaluate(self.state.params, "val")
+        val = self.evaluate(self.engine.variables_of(self.state), "val")
         value = metrics.target_metric(d.target_metric, val)
         improved = value is not None and (self.best["value"] is None or value > self.best["value"])
         if improved:
-            self.best = {"step": step, "value": value, "metrics": val}
             self._save_best(step)
+            self.best = {"step": step, "value": value, "metrics": val}
         self.history.append({"step": step, "epoch": step / self.steps_per_epoch, d.target_metric: value})
         fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
         bar.write(f"step {step} (epoch {step / self.steps_per_epoch:.2f}): val {d.target_metric} {fmt(value)}"
@@ -302,8 +334,14 @@ class Trainer:
         d = self.dataset
         result = {"dataset": d.name, "task": d.task, "target_metric": d.target_metric,
                   "best_step": self.best["step"], "val": self.best["metrics"], "history": self.history,
-                  "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
-        if "test" in d.splits and self.best["step"] is not None:
+                  "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                  "skipped_images": [{"path": p, "origin": o, "reason": r} for p, o, r in getattr(d, "skipped", [])]}
+        if self.best["step"] is None:  # every validation left the target metric undefined (e.g. NaN probabilities)
+            if jax.process_index() == 0:
+                _write_json(os.path.join(self.workdir, "metrics.json"), result)
+            raise RunError(f"no validation of {d.name} defined {d.target_metric}, so no best model was chosen and "
+                           f"nothing was tested; the history is in {self.workdir}/metrics.json")
+        if "test" in d.splits:
             test = self.evaluate(self._load_best(), "test")
             result["test"] = test
             print(f"test {d.target_metric} (best model, step {self.best['step']}): "
@@ -317,6 +355,17 @@ class Trainer:
         if jax.process_index() == 0:
             _write_json(os.path.join(self.workdir, "metrics.json"), result)
         return result
+
+
+def _flat_config(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_config(v, key + "."))
+        else:
+            out[key] = json.loads(json.dumps(v, default=str))
+    return out
 
 
 def _grain_handler():
