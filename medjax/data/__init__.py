@@ -18,7 +18,7 @@ import os
 from typing import Callable
 
 from medjax.data import aptos2019, cbis_ddsm, chexpert, ddsm, generic, isic2019
-from medjax.data.records import DataError, Dataset, Record
+from medjax.data.records import DataError, Dataset, Record, allow_outside_root as _allow_outside_root, check_inside_root
 from medjax.data.splits import write_split_file
 
 __all__ = ["READERS", "DataError", "Dataset", "Record", "describe", "get_dataset", "make_loader", "num_batches"]
@@ -70,7 +70,7 @@ def _check_images(dataset: Dataset, check: str) -> None:
 
 
 def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_images: bool = False,
-                check_images: str = "exists", **options) -> Dataset:
+                check_images: str = "exists", allow_outside_root: bool = False, **options) -> Dataset:
     """Reads dataset `name` from `root` in its public layout and splits it.
 
     name: one of READERS ('chexpert', 'ddsm', 'cbis_ddsm', 'isic2019', 'aptos2019', 'csv', 'folder'); each reader's
@@ -80,6 +80,8 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     check_images: 'exists' (default: every listed image must exist), 'decode' (and decode; slow) or 'none'.
     skip_bad_images: instead of raising on a missing or unreadable image, leave it out and list it in
     `Dataset.skipped` (logged, and in the split file); at load time an unreadable image becomes a mask=False row.
+    allow_outside_root: accept image paths in data files that are absolute or hold '..' (refused by default: they
+    would read outside the dataset root). Symlinked folders inside the root are always allowed.
     Raises DataError naming the file (and row) on bad input.
     """
     if name not in READERS:
@@ -91,7 +93,13 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise DataError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {', '.join(accepted)}")
-    dataset = reader(os.path.abspath(os.path.expanduser(root)), **options)
+    root = os.path.abspath(os.path.expanduser(root))
+    with _allow_outside_root(allow_outside_root):
+        dataset = reader(root, **options)
+        check_inside_root(dataset)
+    if not dataset.splits.get("train"):
+        raise DataError(f"{root}: no training images were read for dataset {name!r}; expected its files in the "
+                        f"layout of `medjax.data.{reader.__module__.rsplit('.', 1)[-1]}`")
     dataset.skip_bad_images = skip_bad_images
     _check_images(dataset, check_images)
     if workdir:

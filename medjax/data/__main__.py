@@ -46,7 +46,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "fake":
-        print(json.dumps(fake.write(args.dataset, args.root, args.num, args.seed, args.size)))
+        try:
+            print(json.dumps(fake.write(args.dataset, args.root, args.num, args.seed, args.size)))
+        except data.DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"error: {e.filename or args.root}: cannot write ({e.strerror or e})", file=sys.stderr)
+            return 2
         return 0
     options = {}
     for item in args.option:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, read_csv, require_dir
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
 from medjax.data.splits import split_by_group
 
 CLASS_NAMES = ["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"]
@@ -33,7 +33,8 @@ def read(root: str, *, seed: int = 0, val_fraction: float = 0.15, test_fraction:
     images = os.path.join(root, "train_images", "train_images")
     if not os.path.isdir(images) and os.path.isdir(os.path.join(root, "train_images")):
         images = os.path.join(root, "train_images")
-    records = [Record(os.path.join(images, row["id_code"] + ".png"), label_of(row["diagnosis"], origin), None, origin)
+    records = [Record(join_under(images, row["id_code"] + ".png", origin, "column 'id_code'"),
+                      label_of(row["diagnosis"], origin), None, origin)
                for origin, row in read_csv(os.path.join(root, "train_1.csv"), ["id_code", "diagnosis"],
                                            "the APTOS 2019 label CSV")]
     splits = split_by_group(records, {"val": val_fraction, "test": test_fraction}, seed)

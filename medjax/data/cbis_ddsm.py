@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, read_csv, require_dir
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["benign", "malignant"]
@@ -33,9 +33,9 @@ COLUMNS = ["patient_id", "left or right breast", "image view", "pathology", "ima
 log = logging.getLogger(__name__)
 
 
-def _find_dicom(dicom_root: str, value: str) -> str:
+def _find_dicom(dicom_root: str, value: str, origin: str) -> str:
     value = value.strip().replace("\\", "/")
-    exact = os.path.join(dicom_root, *value.split("/"))
+    exact = join_under(dicom_root, value, origin, "column 'image file path'")  # refuses '..' before any walk
     if os.path.isfile(exact):
         return exact
     folder = os.path.join(dicom_root, value.split("/")[0])
@@ -59,18 +59,22 @@ def read(root: str, *, abnormality: str = "both", seed: int = 0, val_fraction: f
     for kind in kinds:
         for split in ("train", "test"):
             csv_path = os.path.join(root, CSV_FILES[kind, split])
-            for origin, row in read_csv(csv_path, COLUMNS, f"the TCIA {kind} case description CSV"):
+            for origin, row in read_csv(csv_path, COLUMNS, f"the TCIA {kind} case description CSV",
+                                        require_rows=False):
                 pathology = row["pathology"].upper()
                 if pathology not in PATHOLOGY:
                     raise DataError(f"{origin}: pathology {row['pathology']!r} is not one of {sorted(PATHOLOGY)}")
                 key = (split, row["patient_id"], row["left or right breast"].upper(), row["image view"].upper())
                 if key not in images:
-                    images[key] = {"path": _find_dicom(dicom_root, row["image file path"]), "label": 0,
+                    images[key] = {"path": _find_dicom(dicom_root, row["image file path"], origin), "label": 0,
                                    "origin": origin}
                 images[key]["label"] = max(images[key]["label"], PATHOLOGY[pathology])
     by_split = {"train": [], "test": []}
     for (split, patient, _, _), v in images.items():
         by_split[split].append(Record(v["path"], v["label"], patient, v["origin"]))
+    if not by_split["train"]:
+        raise DataError(f"{root}: the {' and '.join(CSV_FILES[k, 'train'] for k in kinds)} list no image; expected "
+                        "one row per abnormality of the training set")
     test_patients = {r.patient for r in by_split["test"]}
     excluded = [(r.path, r.origin, f"patient {r.patient} is also in the official test set")
                 for r in by_split["train"] if r.patient in test_patients]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, read_csv, require_dir
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -40,11 +40,11 @@ def decode_labels(cells: list[str], uncertain: str, origin: str) -> tuple[int, .
     return tuple(out)
 
 
-def _image_path(root: str, value: str) -> str:
+def _image_path(root: str, value: str, origin: str) -> str:
     parts = value.replace("\\", "/").split("/")
     if parts[0].lower().startswith("chexpert-v1.0"):  # the Path column names the root folder itself
         parts = parts[1:]
-    return os.path.join(root, *parts)
+    return join_under(root, "/".join(parts), origin, "column 'Path'")
 
 
 def _read(root: str, csv_name: str, uncertain: str, frontal_only: bool) -> list[Record]:
@@ -56,7 +56,7 @@ def _read(root: str, csv_name: str, uncertain: str, frontal_only: bool) -> list[
         m = _PATIENT.search(row["Path"])
         if not m:
             raise DataError(f"{origin}: Path {row['Path']!r} has no patientNNNNN component")
-        records.append(Record(_image_path(root, row["Path"]), decode_labels([row[c] for c in CLASS_NAMES],
+        records.append(Record(_image_path(root, row["Path"], origin), decode_labels([row[c] for c in CLASS_NAMES],
                                                                              uncertain, origin),
                               m.group(1), origin))
     return sorted(records, key=lambda r: r.path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, require_dir
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_lines, require_dir
 from medjax.data.splits import check_disjoint
 
 MEAN, STD = (0.286,), (0.267,)
@@ -43,18 +43,19 @@ def read(root: str, *, num_classes: int = 2, seed: int | None = None) -> Dataset
         if not os.path.exists(path):
             continue
         records = []
-        with open(path) as f:
-            for n, line in enumerate(f, 1):
-                name = line.strip()
-                if not name:
-                    continue
-                origin = f"{path} line {n}"
-                case = _CASE.search(os.path.basename(name))
-                records.append(Record(os.path.join(root, "ddsm_raw", name), label_of(name, num_classes, origin),
-                                      case.group(1) if case else None, origin))
+        for n, line in enumerate(read_lines(path, "a list of DDSM image file names"), 1):
+            name = line.strip()
+            if not name:
+                continue
+            origin = f"{path} line {n}"
+            case = _CASE.search(os.path.basename(name))
+            records.append(Record(join_under(os.path.join(root, "ddsm_raw"), name, origin, "the listed image"),
+                                  label_of(name, num_classes, origin), case.group(1) if case else None, origin))
         splits[split] = records
     if "train" not in splits:
         raise DataError(f"{lists}/train.txt: file not found; expected the list of training images")
+    if not splits["train"]:
+        raise DataError(f"{lists}/train.txt: lists no image; expected one training image file name per line")
     check_disjoint(splits, lists)
     names = ["normal", "benign_or_cancer"] if num_classes == 2 else ["normal", "benign", "cancer"]
     return fill_splits(Dataset("ddsm", "multiclass", names, 1, "roc_auc", MEAN, STD, splits, root=root,

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from medjax.data import aptos2019, cbis_ddsm, chexpert, isic2019
+from medjax.data.records import DataError
 
 # ------------------------------------------------------------------------------------------------------ pixels
 
@@ -300,9 +301,11 @@ WRITERS = {"chexpert": write_chexpert, "ddsm": write_ddsm, "cbis_ddsm": write_cb
 def write(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:
     """Writes `num` synthetic images of dataset `name` in its public layout under `root`; returns a summary."""
     if name not in WRITERS:
-        raise ValueError(f"no fake writer for {name!r}; known: {', '.join(WRITERS)}")
+        raise DataError(f"no fake writer for {name!r}; known: {', '.join(WRITERS)}")
     if num < 1:
-        raise ValueError(f"num must be positive, got {num}")
+        raise DataError(f"num must be positive, got {num}")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DataError(f"{root}: is a file; expected a folder to write the synthetic {name} dataset into")
     os.makedirs(root, exist_ok=True)
     images = WRITERS[name](root, num, np.random.default_rng(seed), size)
     return {"dataset": name, "root": os.path.abspath(root), "images": images, "seed": seed, "size": size}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from medjax.data.records import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, Dataset, Record,
-                                 fill_splits, read_csv, require_dir)
+                                 fill_splits, join_under, read_csv, require_dir)
 from medjax.data.splits import check_disjoint, split_by_group
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -98,7 +98,8 @@ def read_csv_dataset(root: str, *, csv: str = "labels.csv", image_column: str = 
                 raise DataError(f"{origin}: split {row[split_column]!r} is not train, val or test")
             split_of.append(split)
         patient = row[patient_column] or None if patient_column else None
-        records.append(Record(os.path.join(root, row[image_column]), label, patient, origin))
+        records.append(Record(join_under(root, row[image_column], origin, f"column {image_column!r}"), label, patient,
+                              origin))
     if not records:
         raise DataError(f"{csv_path}: no rows")
     options = dict(csv=csv, image_column=image_column, label_column=label_column, label_columns=label_columns,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, read_csv, require_dir
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
 from medjax.data.splits import split_by_group
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
@@ -46,13 +46,14 @@ def read(root: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: 
     if not os.path.isdir(images) and os.path.isdir(os.path.join(root, IMAGES)):
         images = os.path.join(root, IMAGES)
     columns = ["image", *CLASS_NAMES]
-    records = [Record(os.path.join(images, row["image"] + ".jpg"), label_of(row, origin), None, origin)
+    records = [Record(join_under(images, row["image"] + ".jpg", origin, "column 'image'"), label_of(row, origin), None,
+                      origin)
                for origin, row in read_csv(os.path.join(root, GROUND_TRUTH), columns, "the ISIC 2019 ground truth")]
     lesion = {}
     if group_by_lesion and os.path.exists(os.path.join(root, METADATA)):
-        for _, row in read_csv(os.path.join(root, METADATA), ["image", "lesion_id"], "the ISIC 2019 metadata"):
+        for origin, row in read_csv(os.path.join(root, METADATA), ["image", "lesion_id"], "the ISIC 2019 metadata"):
             if row["lesion_id"]:
-                lesion[os.path.join(images, row["image"] + ".jpg")] = row["lesion_id"]
+                lesion[join_under(images, row["image"] + ".jpg", origin, "column 'image'")] = row["lesion_id"]
     splits = split_by_group(records, {"val": val_fraction, "test": test_fraction}, seed,
                             key=lambda r: lesion.get(r.path, r.path))
     options = dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, group_by_lesion=group_by_lesion)

@@ -6,9 +6,12 @@ split. Nothing here decodes pixels; that happens in `transforms.py`, inside the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import os
+import re
 from typing import Iterator, Sequence
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,7 +20,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file (and row) and says what was expected."""
+    """The one exception medjax.data raises for bad user data or options: a missing or unreadable file, a bad or
+    empty CSV, a label outside the classes, a path that leaves the dataset root, an unknown option. The message is
+    one line that names the file (and row, column or option) and says what was expected; `python -m medjax.data`
+    and the trainer print it as `error: MESSAGE` and exit with status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +73,60 @@ class Dataset:
         return len(self.class_names)
 
 
+# Paths read from data files (CSV cells, list files) must stay inside the dataset root unless the user opts in with
+# the data option allow_outside_root=True; get_dataset sets this for the duration of a read.
+_ALLOW_OUTSIDE_ROOT = contextvars.ContextVar("allow_outside_root", default=False)
+_WINDOWS_ABSOLUTE = re.compile(r"^([A-Za-z]:|[\\/]{2})")
+
+
+@contextlib.contextmanager
+def allow_outside_root(allow: bool):
+    token = _ALLOW_OUTSIDE_ROOT.set(bool(allow))
+    try:
+        yield
+    finally:
+        _ALLOW_OUTSIDE_ROOT.reset(token)
+
+
+def leaves_root(value: str) -> bool:
+    """True for a path read from a data file that is absolute or has a '..' segment ('/' and '\\' both separate)."""
+    return (os.path.isabs(value) or value.startswith(("/", "\\")) or bool(_WINDOWS_ABSOLUTE.match(value))
+            or ".." in re.split(r"[\\/]", value))
+
+
+def join_under(root: str, value: str, origin: str, field: str) -> str:
+    """`root` joined with a relative path read from a data file (`field` of `origin`, for the message).
+
+    Windows separators are accepted. Refuses an absolute path or a '..' segment, which would read outside the
+    dataset root, unless allow_outside_root is on. Symlinks are not resolved: a symlinked folder inside the root
+    is part of the root.
+    """
+    value = value.strip()
+    if not value:
+        raise DataError(f"{origin}: {field} is empty; expected an image path relative to the dataset root {root}")
+    if leaves_root(value):
+        if not _ALLOW_OUTSIDE_ROOT.get():
+            raise DataError(f"{origin}: {field} {value!r} leaves the dataset root {root}; expected a path inside it "
+                            "(relative, no '..'). Pass the data option allow_outside_root=True to allow such paths")
+        if os.path.isabs(value):
+            return os.path.normpath(value)
+    return os.path.join(root, *[p for p in re.split(r"[\\/]", value) if p not in ("", ".")])
+
+
+def check_inside_root(dataset: "Dataset") -> None:
+    """Every record's path must lie inside dataset.root, judged on the path itself (symlinks are not resolved),
+    unless allow_outside_root is on: the last guard behind the readers' join_under."""
+    if _ALLOW_OUTSIDE_ROOT.get() or not dataset.root:
+        return
+    root = os.path.normpath(dataset.root)
+    for records in dataset.splits.values():
+        for r in records:
+            path = os.path.normpath(r.path)
+            if os.path.commonpath([root, path]) != root:
+                raise DataError(f"{r.origin}: image {r.path} is outside the dataset root {root}; pass the data "
+                                "option allow_outside_root=True to allow it")
+
+
 def require_dir(path: str, what: str) -> str:
     if not os.path.isdir(path):
         raise DataError(f"{path}: {'not a folder' if os.path.exists(path) else 'does not exist'}; expected {what}")
@@ -79,19 +139,57 @@ def require_file(path: str, what: str) -> str:
     return path
 
 
-def read_csv(path: str, required: Sequence[str] = (), what: str = "") -> Iterator[tuple[str, dict[str, str]]]:
-    """Yields (origin, row) for each data row of a CSV; origin is 'FILE line N' (N counts physical lines)."""
+def read_csv(path: str, required: Sequence[str] = (), what: str = "",
+             require_rows: bool = True) -> Iterator[tuple[str, dict[str, str]]]:
+    """Yields (origin, row) for each data row of a CSV; origin is 'FILE line N' (N counts physical lines).
+
+    Raises DataError for a missing, empty or non-UTF-8 file, a malformed line, a missing required column and (with
+    require_rows) a file that has a header but no data rows.
+    """
     require_file(path, what or "a CSV file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = columns
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-                            f"found {', '.join(map(repr, columns)) or 'no header'}")
-        for row in reader:
-            yield f"{path} line {reader.line_num}", {k: (v or "").strip() for k, v in row.items() if k is not None}
+    line = 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: empty file; expected a header row"
+                                + (f" with the column(s) {', '.join(map(repr, required))}" if required else "")
+                                + " and one row per image")
+            columns = [c.strip() for c in reader.fieldnames]
+            reader.fieldnames = columns
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+                                f"found {', '.join(map(repr, columns)) or 'no header'}")
+            rows = 0
+            for row in reader:
+                line = reader.line_num
+                if not any((v or "").strip() for k, v in row.items() if k is not None):
+                    continue  # a blank line (csv yields those with trailing commas as empty rows)
+                rows += 1
+                yield f"{path} line {line}", {k: (v or "").strip() for k, v in row.items() if k is not None}
+            if require_rows and not rows:
+                raise DataError(f"{path}: no data rows, only the header; expected one row per image")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text CSV (undecodable byte at offset {e.start} of a read block, "
+                        f"after line {line}); expected {what or 'a CSV file'}") from None
+    except csv.Error as e:
+        raise DataError(f"{path} line {line + 1}: malformed CSV ({e}); expected {what or 'a CSV file'}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); expected {what or 'a CSV file'}") from None
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a split list), or DataError naming the file."""
+    require_file(path, what)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (undecodable byte at offset {e.start}); expected {what}") \
+            from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); expected {what}") from None
 
 
 def fill_splits(dataset: Dataset, order: Sequence[str] = ("train", "val", "test")) -> Dataset:

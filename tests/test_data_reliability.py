@@ -1,0 +1,164 @@
+"""Issue 13, data side: paths outside the dataset root (item 4), empty or broken data files as one `error:` line
+(item 8), corrupt images found before training or skipped and reported (item 3), the atomic synthetic-data writer
+(item 10). Each test fails on the code before the fix."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+from medjax import data
+from medjax.data import DataError, fake
+
+
+def _png(path, value=100, size=(12, 10), mode="RGB"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new(mode, size, (value,) * 3 if mode == "RGB" else value).save(path)
+
+
+def _own_csv(root, rows, header=("image", "label")):
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "labels.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([list(header), *rows])
+
+
+def _error_line(proc):
+    """The CLI's stderr must be exactly one line starting with 'error: '; returns it."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ item 4: outside paths
+
+@pytest.fixture
+def outside(tmp_path):
+    """A decodable image outside the dataset root tmp_path/root."""
+    path = str(tmp_path / "secret" / "outside.png")
+    _png(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "windows_dotdot"])
+def test_csv_path_leaving_the_root_is_refused(tmp_path, outside, kind):
+    root = str(tmp_path / "root")
+    _png(os.path.join(root, "images", "a.png"))
+    value = {"dotdot": "../secret/outside.png", "absolute": outside,
+             "windows_dotdot": "images\\..\\..\\secret\\outside.png"}[kind]
+    _own_csv(root, [["images/a.png", "x"], [value, "y"]])
+    with pytest.raises(DataError, match=r"labels.csv line 3: column 'image' .* leaves the dataset root .*"
+                                        r"allow_outside_root=True"):
+        data.get_dataset("csv", root)
+    proc = run_cli("medjax.data", "describe", "--dataset", "csv", "--root", root, check=False)
+    assert "labels.csv line 3" in _error_line(proc) and "leaves the dataset root" in proc.stderr
+    # opting in reads it (and the split file records where it came from)
+    ds = data.get_dataset("csv", root, allow_outside_root=True, val_fraction=0.0, test_fraction=0.0,
+                          workdir=str(tmp_path / "work"))
+    assert os.path.normpath(ds.splits["train"][1].path) == outside
+
+
+def test_dataset_readers_refuse_paths_leaving_the_root(tmp_path, outside):
+    chex = fake.write("chexpert", str(tmp_path / "chex"), 6, size=16)["root"]
+    path = os.path.join(chex, "train.csv")
+    lines = open(path).read().splitlines()
+    lines[2] = lines[2].replace("CheXpert-v1.0-small/train/", "CheXpert-v1.0-small/../../secret/", 1)
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"train.csv line 3: column 'Path' .*\.\./\.\./secret.* leaves the dataset"):
+        data.get_dataset("chexpert", chex)
+
+    isic = fake.write("isic2019", str(tmp_path / "isic"), 6, size=16)["root"]
+    path = os.path.join(isic, "ISIC_2019_Training_GroundTruth.csv")
+    text = open(path).read()
+    open(path, "w").write(text.replace("ISIC_0000003", "../../../secret/outside", 1))
+    with pytest.raises(DataError, match=r"GroundTruth.csv line 5: column 'image' .* leaves the dataset root"):
+        data.get_dataset("isic2019", isic)
+
+    ddsm = fake.write("ddsm", str(tmp_path / "ddsm"), 6, size=16)["root"]
+    with open(os.path.join(ddsm, "ddsm_raw_image_lists", "train.txt"), "a") as f:
+        f.write("../../secret/normal_A_0999_1.LEFT_CC.png\n")
+    with pytest.raises(DataError, match=r"train.txt line \d+: the listed image .* leaves the dataset root"):
+        data.get_dataset("ddsm", ddsm)
+
+    cbis = fake.write("cbis_ddsm", str(tmp_path / "cbis"), 4, size=16)["root"]
+    path = os.path.join(cbis, "mass_case_description_train_set.csv")
+    if len(open(path).read().splitlines()) < 2:
+        path = os.path.join(cbis, "calc_case_description_train_set.csv")
+    rows = list(csv.reader(open(path, newline="")))
+    rows[1][rows[0].index("image file path")] = "../../secret/x/y/000000.dcm"
+    csv.writer(open(path, "w", newline="")).writerows(rows)
+    with pytest.raises(DataError, match=r"set.csv line \d+: column 'image file path' .* leaves the dataset root"):
+        data.get_dataset("cbis_ddsm", cbis)
+
+
+def test_symlinked_folder_inside_the_root_stays_allowed(tmp_path):
+    store = tmp_path / "store"
+    _png(str(store / "a.png"))
+    root = str(tmp_path / "root")
+    os.makedirs(root)
+    os.symlink(store, os.path.join(root, "images"))
+    _own_csv(root, [["images/a.png", "x"], ["./images/a.png", "y"]])
+    ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0, check_images="decode")
+    assert [r.path for r in ds.splits["train"]] == [os.path.join(root, "images", "a.png")] * 2  # not resolved
+
+
+# ------------------------------------------------------------------------------------------ item 8: clear errors
+
+@pytest.mark.parametrize("content, expected", [
+    ("", r"train_1.csv: empty file; expected a header row with the column\(s\) 'id_code', 'diagnosis'"),
+    ("id_code,diagnosis\n", r"train_1.csv: no data rows, only the header; expected one row per image"),
+    ("id_code,diagnosis\n\n,\n", r"train_1.csv: no data rows, only the header"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary", r"train_1.csv: not a UTF-8 text CSV"),
+])
+def test_empty_header_only_or_binary_csv(tmp_path, content, expected):
+    root = tmp_path / "aptos"
+    (root / "train_images" / "train_images").mkdir(parents=True)
+    (root / "train_1.csv").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=expected):
+        data.get_dataset("aptos2019", str(root))
+    line = _error_line(run_cli("medjax.data", "describe", "--dataset", "aptos2019", "--root", str(root),
+                               check=False))
+    assert "train_1.csv" in line
+
+
+def test_header_only_chexpert_and_empty_lists_are_errors_not_empty_splits(tmp_path):
+    chex = fake.write("chexpert", str(tmp_path / "chex"), 6, size=16)["root"]
+    path = os.path.join(chex, "train.csv")
+    header = open(path).readline()
+    open(path, "w").write(header)
+    proc = run_cli("medjax.data", "describe", "--dataset", "chexpert", "--root", chex, check=False)
+    assert "train.csv: no data rows" in _error_line(proc) and proc.stdout == ""
+    ddsm = fake.write("ddsm", str(tmp_path / "ddsm"), 6, size=16)["root"]
+    open(os.path.join(ddsm, "ddsm_raw_image_lists", "train.txt"), "w").write("\n")
+    with pytest.raises(DataError, match=r"train.txt: lists no image"):
+        data.get_dataset("ddsm", ddsm)
+    folder = tmp_path / "folder"
+    (folder / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"folder: no images"):
+        data.get_dataset("folder", str(folder))
+
+
+def test_missing_image_is_one_error_line_naming_file_and_row(tmp_path):
+    root = fake.write("aptos2019", str(tmp_path / "aptos"), 6, size=16)["root"]
+    code = open(os.path.join(root, "train_1.csv")).read().splitlines()[3].split(",")[0]
+    os.remove(os.path.join(root, "train_images", "train_images", f"{code}.png"))
+    work = tmp_path / "work"
+    line = _error_line(run_cli("medjax.data", "describe", "--dataset", "aptos2019", "--root", root,
+                               "--workdir", str(work), check=False))
+    assert f"{code}.png" in line and "train_1.csv line 4" in line and "file not found" in line
+    assert not work.exists()  # nothing written
+
+
+def test_fake_cli_bad_arguments_are_error_lines(tmp_path):
+    line = _error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "x"),
+                               "--num", "0", check=False))
+    assert "num" in line and "positive" in line
+    (tmp_path / "file").write_text("x")
+    line = _error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "file"),
+                               "--num", "2", check=False))
+    assert "file" in line
