@@ -85,26 +85,30 @@ def test_missing_image_raises_or_is_skipped_and_counted(aptos, tmp_path):
     assert proc.returncode == 2 and "file not found" in proc.stderr and "line 6" in proc.stderr
 
 
-def test_corrupt_image(aptos):
+def test_corrupt_image(aptos, tmp_path):
     ds = data.get_dataset("aptos2019", aptos)
     bad = ds.splits["train"][1]
     data_bytes = open(bad.path, "rb").read()
     with open(bad.path, "wb") as f:
         f.write(data_bytes[: len(data_bytes) // 2])  # truncated PNG
-    kw = dict(batch_size=4, image_size=16, train=False, shard_index=0, shard_count=1)
-    with pytest.raises(DataError, match=rf"{os.path.basename(bad.path)} \(.*{bad.origin.split('/')[-1]}\): "
-                                        r"cannot decode"):
-        list(data.make_loader(ds, "train", **kw))
-    # up front: check_images='decode' finds it before training starts
+    # up front: the default check finds it before training starts
+    with pytest.raises(DataError, match=rf"1 of 12 images cannot be read \(verify check\): .*"
+                                        rf"{os.path.basename(bad.path)} \(.*{bad.origin.split('/')[-1]}\): cannot decode"):
+        data.get_dataset("aptos2019", aptos)
     with pytest.raises(DataError, match=rf"{os.path.basename(bad.path)} .*cannot decode"):
         data.get_dataset("aptos2019", aptos, check_images="decode")
-    checked = data.get_dataset("aptos2019", aptos, check_images="decode", skip_bad_images=True)
+    checked = data.get_dataset("aptos2019", aptos, skip_bad_images=True)
     assert [p for p, _, _ in checked.skipped] == [bad.path]
-    # at load time with skip_bad_images: the row becomes padding (mask False), the rest is intact
-    lenient = data.get_dataset("aptos2019", aptos, skip_bad_images=True)
+    # found only while loading (check off): the row becomes padding (mask False), the rest is intact, the run goes on
+    # and the image is listed in skipped_images
+    lenient = data.get_dataset("aptos2019", aptos, check_images="exists", workdir=str(tmp_path / "work"))
+    kw = dict(batch_size=4, image_size=16, train=False, shard_index=0, shard_count=1)
     batches = list(data.make_loader(lenient, "train", **kw))
     mask = np.concatenate([b["mask"] for b in batches])
     assert not mask[1] and mask.sum() == len(lenient.splits["train"]) - 1
+    assert [(s["image"], s["found"]) for s in lenient.skipped_images] == [
+        (os.path.relpath(bad.path, aptos), "loading")]
+    assert lenient.skipped_images[0]["reason"].startswith("cannot decode (OSError")
 
 
 def test_not_an_image(aptos):
@@ -112,7 +116,11 @@ def test_not_an_image(aptos):
     with open(ds.splits["val"][0].path, "w") as f:
         f.write("this is not a PNG")
     with pytest.raises(DataError, match=r"cannot decode \(UnidentifiedImageError"):
-        list(data.make_loader(ds, "val", batch_size=2, image_size=16, train=False, shard_index=0, shard_count=1))
+        data.get_dataset("aptos2019", aptos)
+    batches = list(data.make_loader(ds, "val", batch_size=2, image_size=16, train=False, shard_index=0,
+                                    shard_count=1))
+    assert not batches[0]["mask"][0]
+    assert ds.skipped_images[0]["reason"].startswith("cannot decode (UnidentifiedImageError")
 
 
 def test_ddsm_unlabelled_name_and_missing_lists(tmp_path):

@@ -162,3 +162,84 @@ def test_fake_cli_bad_arguments_are_error_lines(tmp_path):
     line = _error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "file"),
                                "--num", "2", check=False))
     assert "file" in line
+
+
+# ------------------------------------------------------------------------------------------ item 3: corrupt images
+
+def _truncate(path):
+    content = open(path, "rb").read()
+    open(path, "wb").write(content[: len(content) // 2])
+
+
+@pytest.fixture
+def chex(tmp_path):
+    return fake.write("chexpert", str(tmp_path / "chex"), 12, seed=3, size=32)["root"]
+
+
+def test_truncated_jpegs_are_all_reported_before_training_by_default(chex, tmp_path):
+    ds = data.get_dataset("chexpert", chex)
+    bad = [ds.splits["train"][0], ds.splits["train"][-1]]
+    for r in bad:
+        _truncate(r.path)
+    work = tmp_path / "work"
+    with pytest.raises(DataError) as err:
+        data.get_dataset("chexpert", chex, workdir=str(work))
+    message = str(err.value)
+    assert message.startswith(f"2 of {sum(map(len, ds.splits.values()))} images cannot be read (verify check): ")
+    for r in bad:
+        assert f"{r.path} ({r.origin}): cannot decode (OSError: " in message
+    assert "skip_bad_images=True" in message and "\n" not in message
+    assert not work.exists()  # a refused start writes nothing
+    line = _error_line(run_cli("medjax.data", "describe", "--dataset", "chexpert", "--root", chex, check=False))
+    assert all(os.path.basename(r.path) in line for r in bad)
+
+    # skip and report: left out of the splits, listed in the split file and in skipped_images
+    ds = data.get_dataset("chexpert", chex, workdir=str(work), skip_bad_images=True)
+    paths = [r.path for recs in ds.splits.values() for r in recs]
+    assert not any(r.path in paths for r in bad)
+    saved = json.load(open(ds.split_file))["skipped"]
+    assert [s["image"] for s in saved] == [os.path.relpath(r.path, chex) for r in bad]
+    assert [(s["image"], s["origin"], s["found"]) for s in ds.skipped_images] == [
+        (os.path.relpath(r.path, chex), r.origin, "start-up check") for r in bad]
+
+
+def test_the_check_is_cached_in_the_workdir(chex, tmp_path, monkeypatch):
+    from medjax.data import checks
+
+    calls = []
+    real = checks._reason
+    monkeypatch.setattr(checks, "_reason", lambda path, *a: calls.append(path) or real(path, *a))
+    work = str(tmp_path / "work")
+    ds = data.get_dataset("chexpert", chex, workdir=work)
+    n = sum(map(len, ds.splits.values()))
+    assert len(calls) == n and os.path.isfile(os.path.join(work, "splits", "chexpert.checked.json"))
+    calls.clear()
+    data.get_dataset("chexpert", chex, workdir=work)  # a resume: nothing checked again
+    assert calls == []
+    changed = ds.splits["val"][0].path
+    content = open(changed, "rb").read()
+    _truncate(changed)
+    with pytest.raises(DataError, match="1 of"):
+        data.get_dataset("chexpert", chex, workdir=work)
+    assert calls == [changed]  # only the changed file
+    open(changed, "wb").write(content)
+    calls.clear()
+    data.get_dataset("chexpert", chex, workdir=work, check_images="decode")  # a stricter level checks all again
+    assert sorted(calls) == sorted(r.path for recs in ds.splits.values() for r in recs)
+
+
+def test_an_image_broken_during_training_never_stops_the_run(chex, tmp_path):
+    work = str(tmp_path / "work")
+    ds = data.get_dataset("chexpert", chex, workdir=work)
+    victim = ds.splits["train"][2]
+    _truncate(victim.path)  # after the start-up check
+    loader = data.make_loader(ds, "train", batch_size=2, image_size=16, train=True, num_epochs=3, shard_index=0,
+                              shard_count=1)
+    masks = np.concatenate([b["mask"] for b in loader])
+    assert (~masks).sum() == 3  # once per epoch, a masked row; every other row is real
+    assert [(s["image"], s["found"]) for s in ds.skipped_images] == [(os.path.relpath(victim.path, chex), "loading")]
+    # a resumed run (a new Dataset on the same work directory) still reports it, from the log in the workdir
+    resumed = data.get_dataset("chexpert", chex, workdir=work, check_images="exists")
+    assert [s["image"] for s in resumed.skipped_images] == [os.path.relpath(victim.path, chex)]
+    log_lines = open(os.path.join(work, "splits", "chexpert.skipped_while_loading.jsonl")).read().splitlines()
+    assert len(log_lines) == 1 and json.loads(log_lines[0])["origin"] == victim.origin

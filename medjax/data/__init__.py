@@ -17,8 +17,9 @@ import logging
 import os
 from typing import Callable
 
-from medjax.data import aptos2019, cbis_ddsm, chexpert, ddsm, generic, isic2019
-from medjax.data.records import DataError, Dataset, Record, allow_outside_root as _allow_outside_root, check_inside_root
+from medjax.data import aptos2019, cbis_ddsm, checks, chexpert, ddsm, generic, isic2019
+from medjax.data.records import DataError, Dataset, Record, check_inside_root, fill_splits
+from medjax.data.records import allow_outside_root as _allow_outside_root
 from medjax.data.splits import write_split_file
 
 __all__ = ["READERS", "DataError", "Dataset", "Record", "describe", "get_dataset", "make_loader", "num_batches"]
@@ -34,52 +35,48 @@ READERS: dict[str, Callable[..., Dataset]] = {
     "csv": generic.read_csv_dataset,
     "folder": generic.read_folder,
 }
-CHECKS = ("none", "exists", "decode")
+CHECKS = checks.LEVELS
+MAX_LISTED = 20  # bad images named in the start-up error; describe --skip-bad-images lists them all
 
 
-def _check_images(dataset: Dataset, check: str) -> None:
-    """Finds listed images that are missing (check 'exists') or unreadable ('decode'); raises on the first, or with
-    skip_bad_images removes them all and lists them in `dataset.skipped`."""
-    if check == "none":
-        return
-    decode = None
-    if check == "decode":
-        from medjax.data.transforms import decode
-    for split, records in dataset.splits.items():
-        kept = []
-        for r in records:
-            reason = None
-            if not os.path.isfile(r.path):
-                reason = "file not found"
-            elif decode is not None:
-                try:
-                    decode(r.path, dataset.channels)
-                except Exception as e:  # noqa: BLE001 - reported with the file and row
-                    reason = f"cannot decode ({type(e).__name__}: {e})"
-            if reason is None:
-                kept.append(r)
-            elif dataset.skip_bad_images:
-                dataset.skipped.append((r.path, r.origin, reason))
-            else:
-                raise DataError(f"{r.path} ({r.origin}): {reason}. Fix the file or the list, or pass "
-                                "skip_bad_images=True to skip and count bad images.")
-        dataset.splits[split] = kept
-    if dataset.skipped:
-        log.warning("%s: skipped %d bad image(s), first: %s (%s): %s", dataset.name, len(dataset.skipped),
-                    *dataset.skipped[0])
+def _check_images(dataset: Dataset, level: str, workdir: str | None) -> Callable[[], None]:
+    """Checks every image of every split at `level` (see `medjax.data.checks`). Bad images stop the start with one
+    DataError naming all of them (up to MAX_LISTED), or with skip_bad_images are left out and listed in
+    `dataset.skipped`. Returns the function that writes the check cache, to call once the dataset is accepted."""
+    records = [r for recs in dataset.splits.values() for r in recs]
+    cache = os.path.join(workdir, "splits", f"{dataset.name}.checked.json") if workdir else None
+    result = checks.find_bad_images(records, level, dataset.channels, root=dataset.root, cache_path=cache)
+    if result.bad and not dataset.skip_bad_images:
+        listed = "; ".join(f"{r.path} ({r.origin}): {why}" for r, why in result.bad[:MAX_LISTED])
+        more = f"; and {len(result.bad) - MAX_LISTED} more" if len(result.bad) > MAX_LISTED else ""
+        raise DataError(f"{len(result.bad)} of {len(records)} images cannot be read ({level} check): {listed}{more}. "
+                        "Fix or remove them, or pass skip_bad_images=True to train without them (they are then "
+                        "listed in the split file and the run's metrics)")
+    if result.bad:
+        bad = {id(r) for r, _ in result.bad}
+        dataset.skipped.extend((r.path, r.origin, why) for r, why in result.bad)
+        dataset.splits = {s: [r for r in recs if id(r) not in bad] for s, recs in dataset.splits.items()}
+        log.warning("%s: skipped %d bad image(s) of %d, first: %s (%s): %s", dataset.name, len(result.bad),
+                    len(records), *dataset.skipped[0])
+    if cache and result.checked:
+        return lambda: checks.save_check_cache(cache, level, result.good)
+    return lambda: None
 
 
 def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_images: bool = False,
-                check_images: str = "exists", allow_outside_root: bool = False, **options) -> Dataset:
+                check_images: str = "verify", allow_outside_root: bool = False, **options) -> Dataset:
     """Reads dataset `name` from `root` in its public layout and splits it.
 
     name: one of READERS ('chexpert', 'ddsm', 'cbis_ddsm', 'isic2019', 'aptos2019', 'csv', 'folder'); each reader's
     docstring gives the layout, the split rule and its options, e.g. `seed` (split seed), CheXpert's
     `uncertain='zeros'|'ones'`, `frontal_only`, `use_valid_as_test`.
     workdir: if given, the splits are written to `<workdir>/splits/<name>.json` (image paths relative to root).
-    check_images: 'exists' (default: every listed image must exist), 'decode' (and decode; slow) or 'none'.
-    skip_bad_images: instead of raising on a missing or unreadable image, leave it out and list it in
-    `Dataset.skipped` (logged, and in the split file); at load time an unreadable image becomes a mask=False row.
+    check_images: 'verify' (default: every image exists and is intact: PNG checksums, other formats decoded; cached
+    in the work directory so that a resume does not check unchanged files again), 'decode' (every image decoded
+    by the loader's decoder), 'exists' or 'none'. All bad images are reported at once (see `medjax.data.checks`).
+    skip_bad_images: instead of stopping on missing or unreadable images, leave them out and list them in
+    `Dataset.skipped` (logged, and in the split file). An image that cannot be read later, while loading, never
+    stops a run: it becomes a mask=False row and is listed too. `Dataset.skipped_images` has them all.
     allow_outside_root: accept image paths in data files that are absolute or hold '..' (refused by default: they
     would read outside the dataset root). Symlinked folders inside the root are always allowed.
     Raises DataError naming the file (and row) on bad input.
@@ -101,9 +98,16 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
         raise DataError(f"{root}: no training images were read for dataset {name!r}; expected its files in the "
                         f"layout of `medjax.data.{reader.__module__.rsplit('.', 1)[-1]}`")
     dataset.skip_bad_images = skip_bad_images
-    _check_images(dataset, check_images)
+    save_check_cache = _check_images(dataset, check_images, workdir)
+    empty = [s for s in ("train",) if not dataset.splits.get(s)]
+    if empty:
+        raise DataError(f"{root}: every training image was skipped as unreadable ({len(dataset.skipped)} images, "
+                        f"first {dataset.skipped[0][0]}: {dataset.skipped[0][2]}); nothing to train on")
+    fill_splits(dataset)
     if workdir:
         dataset.split_file = write_split_file(dataset, workdir)
+        save_check_cache()
+        dataset.failure_log = os.path.join(workdir, "splits", f"{dataset.name}.skipped_while_loading.jsonl")
     return dataset
 
 

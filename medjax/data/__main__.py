@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     d.add_argument("--root", required=True)
     d.add_argument("--seed", type=int, default=None, help="split seed (default: the reader's)")
     d.add_argument("--workdir", help="also write the split file to WORKDIR/splits/NAME.json")
-    d.add_argument("--check-images", choices=data.CHECKS, default="exists")
+    d.add_argument("--check-images", choices=data.CHECKS, default="verify",
+                   help="start-up image check (default verify: every image exists and is intact)")
     d.add_argument("--skip-bad-images", action="store_true")
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="reader option, value as JSON or a string, e.g. uncertain=ones, frontal_only=true")

@@ -132,7 +132,7 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
     mean, std = normalization_stats(dataset, normalization)
     load = LoadAndTransform(records, channels=dataset.channels, num_classes=dataset.num_classes,
                             multilabel=dataset.task == "multilabel", image_size=image_size, train=train, seed=seed,
-                            skip_bad_images=dataset.skip_bad_images)
+                            failures=dataset.load_failures, failure_log=dataset.failure_log)
     threads = read_threads if read_threads is not None else min(16, os.cpu_count() or 1)
     buffer = prefetch if prefetch is not None else max(2 * batch_size, 2 * threads)
     normalize = Normalize(mean, std)

@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import csv
 import dataclasses
+import json
 import os
 import re
 from typing import Iterator, Sequence
@@ -48,9 +49,12 @@ class Dataset:
     task: 'multiclass' (int labels, softmax cross-entropy) or 'multilabel' (multi-hot labels, sigmoid BCE).
     channels: 1 (grayscale) or 3. mean/std: per-channel statistics of pixel values in [0, 1] (SPEC section 5).
     splits: 'train', 'val', 'test' (only those the dataset has) -> records in a fixed order.
-    skipped: (path, origin, reason) of every image left out by `skip_bad_images=True`.
+    skipped: (path, origin, reason) of every image the start-up check left out (`skip_bad_images=True`).
+    load_failures: (path, origin, reason) of images that could not be read while loading in this process (they
+    became masked rows); `failure_log` (under the work directory) collects them from every process.
     excluded: (path, origin, reason) of records a split rule removed (e.g. a CBIS-DDSM train image of a test
     patient), so that nothing is dropped silently.
+    skipped_images: all skipped images, found at start-up or while loading, for the run's report.
     """
 
     name: str
@@ -67,10 +71,44 @@ class Dataset:
     excluded: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     skip_bad_images: bool = False
     split_file: str | None = None
+    load_failures: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    failure_log: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def relative(self, path: str) -> str:
+        """An image path as the split file and reports write it: relative to the root where it lies inside."""
+        if self.root and os.path.commonpath([os.path.normpath(self.root), os.path.normpath(path)]) == \
+                os.path.normpath(self.root):
+            return os.path.relpath(path, self.root)
+        return path
+
+    @property
+    def skipped_images(self) -> list[dict]:
+        """Every image left out of this run, once: [{'image': path relative to the root, 'origin': 'FILE line N',
+        'reason': ..., 'found': 'start-up check' | 'loading'}]. The trainer writes it to metrics.json."""
+        out, seen = [], set()
+
+        def add(path, origin, reason, found):
+            if path not in seen:
+                seen.add(path)
+                out.append({"image": self.relative(path), "origin": origin, "reason": reason, "found": found})
+
+        for path, origin, reason in self.skipped:
+            add(path, origin, reason, "start-up check")
+        for path, origin, reason in self.load_failures:
+            add(path, origin, reason, "loading")
+        if self.failure_log and os.path.isfile(self.failure_log):
+            with open(self.failure_log) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        add(entry["image"], entry["origin"], entry["reason"], "loading")
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut by a kill
+        return out
 
 
 # Paths read from data files (CSV cells, list files) must stay inside the dataset root unless the user opts in with

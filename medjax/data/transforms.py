@@ -19,14 +19,17 @@ threads or batch size.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
+import threading
 
 import grain
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from medjax.data.records import DataError, Record
+from medjax.data.records import Record
 
 log = logging.getLogger(__name__)
 BILINEAR = Image.Resampling.BILINEAR
@@ -40,6 +43,11 @@ def _is_dicom(path: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(132)
     return head[128:132] == b"DICM"
+
+
+def is_pillow_image(path: str) -> bool:
+    """True for files Pillow reads (not DICOM, not MATLAB)."""
+    return not path.lower().endswith((".mat",)) and not _is_dicom(path)
 
 
 def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -206,14 +214,31 @@ class Slot:
 
 class LoadAndTransform(grain.transforms.Map):
     """Slot -> {'image': uint8 (S, S, C), 'label', 'mask'}: decode the record's image and apply the train or eval
-    transform. Padding slots and (with skip_bad_images) unreadable images give a black image with mask False."""
+    transform. Padding slots give a black image with mask False.
+
+    An image that cannot be read here (it changed after the start-up check, or the check was off) never stops the
+    run: it becomes a mask=False row, is logged once, appended to `failures` (this process) and, when `failure_log`
+    is given, to that JSON-lines file (every process, grain workers included), which `Dataset.skipped_images` reads.
+    """
 
     def __init__(self, records: list[Record], *, channels: int, num_classes: int, multilabel: bool,
-                 image_size: int, train: bool, seed: int, skip_bad_images: bool):
+                 image_size: int, train: bool, seed: int, failures: list | None = None,
+                 failure_log: str | None = None):
         self.records, self.channels, self.image_size = records, channels, image_size
-        self.train, self.seed, self.skip_bad_images = train, seed, skip_bad_images
+        self.train, self.seed = train, seed
+        self.failures = failures if failures is not None else []
+        self.failure_log = failure_log
         self.empty_label = np.zeros(num_classes, np.float32) if multilabel else np.int32(0)
         self.multilabel = multilabel
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # grain workers get a copy; the lock is rebuilt there
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def _label(self, record: Record):
         return np.asarray(record.label, np.float32) if self.multilabel else np.int32(record.label)
@@ -222,6 +247,22 @@ class LoadAndTransform(grain.transforms.Map):
         return {"image": np.zeros((self.image_size, self.image_size, self.channels), np.uint8),
                 "label": self.empty_label, "mask": np.bool_(False)}
 
+    def _report(self, record: Record, reason: str) -> None:
+        with self._lock:
+            if record.path in self._reported:
+                return
+            self._reported.add(record.path)
+            self.failures.append((record.path, record.origin, reason))
+        log.warning("skipped unreadable image %s (%s): %s; it counts as a masked row", record.path, record.origin,
+                    reason)
+        if self.failure_log:
+            line = json.dumps({"image": record.path, "origin": record.origin, "reason": reason}) + "\n"
+            fd = os.open(self.failure_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())  # one O_APPEND write: lines of concurrent writers do not interleave
+            finally:
+                os.close(fd)
+
     def map(self, slot: Slot) -> dict:
         record = self.records[slot.index]
         if not slot.valid:
@@ -229,15 +270,10 @@ class LoadAndTransform(grain.transforms.Map):
         try:
             img = decode(record.path, self.channels)
         except Exception as e:  # noqa: BLE001 - any decoder failure is reported with the file and row
-            if isinstance(e, FileNotFoundError):
-                reason = "file not found"
-            else:
-                reason = f"cannot decode ({type(e).__name__}: {e})"
-            if self.skip_bad_images:
-                log.warning("skipped bad image %s (%s): %s", record.path, record.origin, reason)
-                return self._blank()
-            raise DataError(f"{record.path} ({record.origin}): {reason}. Fix or remove the file, or pass "
-                            "skip_bad_images=True to skip it (it then counts as padding, mask False).") from e
+            reason = "file not found" if isinstance(e, FileNotFoundError) else \
+                f"cannot decode ({type(e).__name__}: {e})"
+            self._report(record, reason)
+            return self._blank()
         if self.train:
             rng = np.random.default_rng((self.seed, 1, slot.epoch, slot.index))
             image = train_transform(img, sample_train_params(rng, self.image_size), self.image_size)
