@@ -243,3 +243,51 @@ def test_an_image_broken_during_training_never_stops_the_run(chex, tmp_path):
     assert [s["image"] for s in resumed.skipped_images] == [os.path.relpath(victim.path, chex)]
     log_lines = open(os.path.join(work, "splits", "chexpert.skipped_while_loading.jsonl")).read().splitlines()
     assert len(log_lines) == 1 and json.loads(log_lines[0])["origin"] == victim.origin
+
+
+# ------------------------------------------------------------------------------------------ item 10: atomic writer
+
+_WRITER = """
+import json, os, sys, time
+from medjax.data import fake
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.002)
+print(json.dumps(fake.write_once("chexpert", sys.argv[1], 24, seed=5, size=24)))
+"""
+
+
+def test_concurrent_synthetic_writers_share_one_complete_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root, go = str(tmp_path / "cache" / "CheXpert-v1.0-small"), str(tmp_path / "go")
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, root, go], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    open(go, "w").close()  # start together
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    assert sum(r["written"] for r in results) == 1  # one winner; the others use its folder
+    assert {r["root"] for r in results} == {root} and {r["images"] for r in results} == {27}
+    assert os.listdir(tmp_path / "cache") == ["CheXpert-v1.0-small"]  # no temporary folder left behind
+    ds = data.get_dataset("chexpert", root, check_images="decode")
+    assert sum(map(len, ds.splits.values())) == 24
+    again = fake.write_once("chexpert", root, 24, seed=5, size=24)
+    assert again["written"] is False and again["images"] == 27
+    with pytest.raises(DataError, match="holds synthetic data written with .*'seed': 5.*not .*'seed': 6"):
+        fake.write_once("chexpert", root, 24, seed=6, size=24)
+
+
+def test_a_failed_synthetic_write_leaves_nothing(tmp_path, monkeypatch):
+    def broken(root, num, rng, size):
+        fake.write_aptos2019(root, 1, rng, size)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setitem(fake.WRITERS, "aptos2019", broken)
+    with pytest.raises(OSError):
+        fake.write_once("aptos2019", str(tmp_path / "aptos"), 4)
+    assert os.listdir(tmp_path) == []

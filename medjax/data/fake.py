@@ -9,13 +9,21 @@ Labels, patients and splits are drawn from `seed`, so the same call writes the s
 from __future__ import annotations
 
 import csv
+import errno
+import json
+import logging
 import os
+import shutil
+import uuid
 
 import numpy as np
 from PIL import Image
 
 from medjax.data import aptos2019, cbis_ddsm, chexpert, isic2019
 from medjax.data.records import DataError
+
+log = logging.getLogger(__name__)
+MARKER = ".medjax_fake.json"  # in a folder written by write_once: what was asked for
 
 # ------------------------------------------------------------------------------------------------------ pixels
 
@@ -309,3 +317,49 @@ def write(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict
     os.makedirs(root, exist_ok=True)
     images = WRITERS[name](root, num, np.random.default_rng(seed), size)
     return {"dataset": name, "root": os.path.abspath(root), "images": images, "seed": seed, "size": size}
+
+
+def write_once(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:
+    """Writes the synthetic dataset to `root` once, atomically, and reuses it afterwards; safe when several
+    processes or users call it at the same time (the demo, concurrent runs).
+
+    The data is written to a fresh temporary folder beside `root` and renamed to `root` in one step, so `root`
+    is either absent or complete. A writer that loses the race deletes its copy and uses the winner's. `root`
+    then holds `MARKER` with (dataset, num, seed, size); a later call with other values is a DataError rather
+    than a silent reuse. A `root` that exists without the marker (your own data) is used as it is.
+    Returns write()'s summary plus 'written': whether this call wrote the data.
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    want = {"dataset": name, "num": num, "seed": seed, "size": size}
+
+    def reuse() -> dict:
+        marker = os.path.join(root, MARKER)
+        if not os.path.isfile(marker):
+            log.warning("%s exists and was not written by medjax's synthetic-data writer; using it as it is", root)
+            return {"dataset": name, "root": root, "images": None, "seed": seed, "size": size, "written": False}
+        with open(marker) as f:
+            have = json.load(f)
+        if have.get("asked") != want:
+            raise DataError(f"{root}: holds synthetic data written with {have.get('asked')}, not {want}; remove the "
+                            "folder or point the data root elsewhere")
+        return {**have["summary"], "written": False}
+
+    if os.path.isdir(root) and os.listdir(root):
+        return reuse()
+    parent, base = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        summary = write(name, tmp, num, seed, size)
+        summary["root"] = root
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"asked": want, "summary": summary}, f)
+        try:
+            os.rename(tmp, root)  # atomic; fails if another writer's complete folder is already there
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not os.path.isdir(root):
+                raise DataError(f"{root}: cannot move the synthetic data into place ({e.strerror or e})") from None
+            return reuse()
+        return {**summary, "written": True}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
