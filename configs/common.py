@@ -163,3 +163,19 @@ def validate(config) -> None:
 def data_options(config) -> dict:
     """The reader options the config sets (None fields left to the reader)."""
     return {k: config.data_options[k] for k in config.data_options.keys() if config.data_options[k] is not None}
+
+
+def make(overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """`study_config()` with dotted overrides ({'model.family': 'dinov2', 'optim.lr': 1e-2}), locked: how library
+    code, benchmarks and tests build a config, so that every field keeps its declared default."""
+    c = study_config()
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(unknown_field_message(c, dotted))
+        node[leaf] = value
+    c.lock()
+    return c

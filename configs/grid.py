@@ -104,7 +104,8 @@ def get_config(arg=None):
 
     c.dataset = cell["dataset"]
     c.data_root = c.get_ref("data_dir") + f"/{folder}"
-    c.data_options = ml_collections.ConfigDict(data_options)
+    for key, value in data_options.items():
+        c.data_options[key] = value
     c.model.family = family
     c.model.pretrained = c.get_ref("weights_dir") + f"/{variant}"
     c.model.head = cell["head"]

@@ -31,10 +31,8 @@ def _parse_flags(argv):
     """absl's parse, with every problem as one `error:` line (exit 2) instead of a usage dump or a traceback."""
     try:
         rest = FLAGS(argv)
-    except flags.Error as e:
+    except Exception as e:  # noqa: BLE001 - a bad flag, a config file that fails to load, a bad override
         _fail(_flag_error(argv, e))
-    except Exception as e:  # noqa: BLE001 - a config file that fails to load or an override that does not parse
-        _fail(f"--config: {type(e).__name__}: {e}".splitlines()[0])
     for name in ("config", "workdir"):
         if not FLAGS[name].value:
             _fail(f"--{name} is required (python -m medjax.main --config=configs/demo.py --workdir=DIR)")
@@ -45,15 +43,21 @@ def _flag_error(argv, e) -> str:
     """An unknown `--config.x=y` names the closest declared field; other flag errors pass through on one line."""
     from configs import common
 
-    m = re.search(r"flag '--?config\.([\w.]+)'", str(e)) or re.search(r"flag 'config\.([\w.]+)'", str(e))
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if m and config_file:
+    overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
+    if config_file and overrides:
         try:
             config = config_flags.config_flags._LoadConfigModule("config", config_file).get_config()  # noqa: SLF001
-            return common.unknown_field_message(config, m.group(1))
-        except Exception:  # noqa: BLE001 - fall back to absl's own words
-            pass
-    return str(e).splitlines()[0]
+        except Exception as load_error:  # noqa: BLE001
+            return f"--config={config_file}: cannot load it: {type(load_error).__name__}: {load_error}".splitlines()[0]
+        for dotted in overrides:
+            node = config
+            for part in dotted.split("."):
+                if not hasattr(node, "keys") or part not in node.keys():
+                    return common.unknown_field_message(config, dotted)
+                node = node[part]
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if not isinstance(e, flags.Error) else text
 
 
 def prepare(config, workdir: str):

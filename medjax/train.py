@@ -41,6 +41,7 @@ class RunError(ValueError):
 
 # Config fields that may change between a run and its restart: they do not alter what is computed.
 RESTART_SAFE = ("log_every", "progress_bar", "prefetch", "worker_count", "keep_checkpoints", "debug_sigkill_at_step",
+                "epochs", "total_steps", "mesh", "sharding_rules", "eval_every", "checkpoint_every",
                 "debug_sigkill_at", "check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
                 "model.convert_from.config", "model.attention_head.deit_params", "weights_dir", "data_dir",
                 "grid_cell.arg")

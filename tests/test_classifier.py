@@ -3,21 +3,22 @@ the grayscale stem reduction, freezing and the optimizer state it leaves out."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
 
 import converters
 from conftest import PARITY_TOL, fixture_path, max_abs, perturb_
-from medjax import classifier, optim, pretrained
+from configs.common import make
+from medjax import classifier, engine, models, optim, pretrained, rules
+from medjax.models.vit import ViTConfig
 
 transformers = pytest.importorskip("transformers")
 
 
 def _dino_cfg(**kw):
-    return ml_collections.ConfigDict({"family": "dinov2", "pretrained": kw.pop("pretrained", ""), "head": "linear",
-                                      "architecture": None, **kw})
+    """The `model` section of a study config (configs.common.make) with these model fields."""
+    return make({"model.family": "dinov2", **{f"model.{k}": v for k, v in kw.items()}}).model
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,10 @@ def test_attention_head_matches_torch_composition(tmp_path, dino_dir, matmul_f32
         layer_norm_eps=1e-6), add_pooling_layer=False), seed=11).eval()
     vit.save_pretrained(tmp_path / "deit")
     converters.convert(str(tmp_path / "deit"), str(tmp_path / "deit_jx"), "deit")
-    cfg = _dino_cfg(pretrained=dino_dir, head="attention",
-                    attention_head={"deit_params": str(tmp_path / "deit_jx")})
-    model, params = classifier.build_classifier(cfg, 4, 3, 28, jax.random.PRNGKey(0))  # 28 px -> 2x2 tokens
+    cfg = _dino_cfg(pretrained=dino_dir, head="attention")
+    cfg.attention_head.deit_params = str(tmp_path / "deit_jx")
+    model, variables = classifier.build_classifier(cfg, 4, 3, 28, jax.random.PRNGKey(0))  # 28 px -> 2x2 tokens
+    params = variables["params"]
     images = np.random.default_rng(0).standard_normal((2, 28, 28, 3)).astype(np.float32)
     logits = model.apply({"params": params}, jnp.asarray(images))
 
@@ -79,9 +81,10 @@ def models_tokens(params_dir, images):
 @pytest.mark.parametrize("mode", ["red", "sum"])
 def test_grayscale_stem(dino_dir, mode, matmul_f32):
     """1-channel input through the reduced stem equals the RGB model on the equivalent RGB image."""
-    gray_model, gray_params = classifier.build_classifier(_dino_cfg(pretrained=dino_dir, grayscale=mode), 2, 1, 56,
-                                                          jax.random.PRNGKey(0))
-    rgb_model, rgb_params = classifier.build_classifier(_dino_cfg(pretrained=dino_dir), 2, 3, 56, jax.random.PRNGKey(0))
+    gray_model, gray_vars = classifier.build_classifier(_dino_cfg(pretrained=dino_dir, grayscale=mode), 2, 1, 56,
+                                                        jax.random.PRNGKey(0))
+    rgb_model, rgb_vars = classifier.build_classifier(_dino_cfg(pretrained=dino_dir), 2, 3, 56, jax.random.PRNGKey(0))
+    gray_params, rgb_params = gray_vars["params"], rgb_vars["params"]
     rgb_params["head"] = gray_params["head"]
     gray = np.random.default_rng(1).standard_normal((2, 56, 56, 1)).astype(np.float32)
     rgb = np.concatenate([gray, 0 * gray, 0 * gray], -1) if mode == "red" else np.repeat(gray, 3, -1)
@@ -92,22 +95,19 @@ def test_grayscale_stem(dino_dir, mode, matmul_f32):
 
 
 def test_freezing_and_optimizer_state(dino_dir):
-    _, params = classifier.build_classifier(_dino_cfg(pretrained=dino_dir), 2, 3, 56, jax.random.PRNGKey(0))
-    flat = pretrained.flatten(params)
-    n_head = sum(v.size for k, v in flat.items() if k.startswith("head/"))
-    cfg = ml_collections.ConfigDict({"lr": 1e-3, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                     "clip": 1.0, "schedule": "reference", "layer_decay": None})
-    for freeze, block, expected_trained in [("frozen", 0, n_head), ("full", 0, sum(v.size for v in flat.values())),
-                                            ("partial", 1, None)]:
-        mask = optim.trainable_mask(params, freeze, block)
-        m = pretrained.flatten(mask)
+    for freeze, block in [("frozen", 0), ("full", 0), ("partial", 1)]:
+        config = make({"model.family": "dinov2", "model.pretrained": dino_dir, "model.freeze": freeze,
+                       "model.unfreeze_from_block": block, "image_size": 56, "optim.weight_decay": 0.0})
+        e = engine.build(config, num_classes=2, channels=3, task="multiclass", total_steps=10, warmup_steps=2)
+        flat = pretrained.flatten(jax.device_get(e.state.params))
+        n_head = sum(v.size for k, v in flat.items() if k.startswith("head/"))
+        m = pretrained.flatten(e.trainable)
+        expected_trained = {"frozen": n_head, "full": sum(v.size for v in flat.values())}.get(freeze)
         if freeze == "partial":
             assert not m["backbone/blocks_0/attn/qkv/kernel"] and m["backbone/blocks_1/attn/qkv/kernel"]
             assert not m["backbone/patch_embed/kernel"] and not m["backbone/pos_embed"] and m["backbone/norm/scale"]
             expected_trained = sum(v.size for k, v in flat.items() if m[k])
-        tx, _ = optim.make_optimizer(cfg, params, mask, 10, 2)
-        state = tx.init(params)
-        moments = sum(x.size for x in jax.tree_util.tree_leaves(state) if x.ndim > 0)
+        moments = sum(x.size for x in jax.tree_util.tree_leaves(e.state.opt_state) if x.ndim > 0)
         assert moments == 2 * expected_trained, freeze  # Adam's mu and nu for trained parameters only
 
 
@@ -122,7 +122,9 @@ def test_reference_schedule_overshoot():
 def test_layer_decay_scales():
     params = {"backbone": {"patch_embed": {"kernel": np.zeros(1)}, "blocks_0": {"w": np.zeros(1)},
                            "blocks_1": {"w": np.zeros(1)}, "norm": {"scale": np.zeros(1)}}, "head": {"k": np.zeros(1)}}
-    scales = pretrained.flatten(optim.layer_scales(params, 0.5))
+    backbone = ViTConfig("dinov2", 48, 2, 3, 14, (4, 4), 64)
+    lr_rules = rules.lr_scale_rules(make({"optim.layer_decay": 0.5}).optim, models.family("dinov2"), backbone)
+    scales = pretrained.flatten(rules.lr_scales(params, lr_rules))
     assert scales == {"backbone/patch_embed/kernel": 0.125, "backbone/blocks_0/w": 0.25, "backbone/blocks_1/w": 0.5,
                       "backbone/norm/scale": 1.0, "head/k": 1.0}
 

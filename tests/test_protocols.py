@@ -43,7 +43,7 @@ def test_last_blocks_cls_is_the_normed_cls_of_each_block(dino_dir, matmul_f32):
 
     params = params_vars["params"]
     images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 56, 56, 3)), jnp.float32)
-    feats = jax.jit(features.make_feature_fn(config, 2))(params, images)
+    feats = jax.jit(features.make_feature_fn(config, 2))({"params": params}, images)
     assert feats["cls"].shape == (3, 2, 48) and feats["patch_mean"].shape == (3, 48)
     out = jax.jit(models.build_backbone(config).apply)({"params": params}, images)
     np.testing.assert_allclose(feats["cls"][:, 1], out["x_norm_clstoken"], atol=1e-6)

@@ -3,23 +3,18 @@ AdamW (decay on ndim > 1 only), the reference warm-up, global-norm clipping 1.0,
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
 
 import converters
 from conftest import perturb_
-from medjax import classifier, optim, pretrained, train
+from configs.common import make
+from medjax import engine, optim, pretrained
 
 transformers = pytest.importorskip("transformers")
 
 STEPS, BATCH, CLASSES, LR, WARMUP = 10, 4, 3, 1e-3, 4
-
-
-def _optim_config():
-    return ml_collections.ConfigDict({"lr": LR, "weight_decay": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                      "clip": 1.0, "schedule": "reference", "layer_decay": None})
 
 
 def _torch_run(model, head, images, labels, frozen):
@@ -61,15 +56,14 @@ def test_ten_steps_match_pytorch(tmp_path, freeze):
     images = rng.standard_normal((STEPS, BATCH, 3, 56, 56)).astype(np.float32)
     labels = rng.integers(0, CLASSES, (STEPS, BATCH))
 
-    # medjax: the trainer's own pieces
-    model_cfg = ml_collections.ConfigDict({"family": "dinov2", "pretrained": str(tmp_path / "jx"), "head": "linear"})
-    jmodel, params = classifier.build_classifier(model_cfg, CLASSES, 3, 56, jax.random.PRNGKey(0))
+    # medjax: the trainer's own build path
+    config = make({"model.family": "dinov2", "model.pretrained": str(tmp_path / "jx"), "model.freeze": freeze,
+                   "image_size": 56, "compute_dtype": "float32", "optim.lr": LR, "optim.weight_decay": 0.05})
+    e = engine.build(config, num_classes=CLASSES, channels=3, task="multiclass", total_steps=STEPS,
+                     warmup_steps=WARMUP)
+    params = jax.device_get(e.state.params)
     params["head"] = {"kernel": head.weight.detach().numpy().T.copy(), "bias": head.bias.detach().numpy().copy()}
-    trainable = optim.trainable_mask(params, freeze)
-    tx, _ = optim.make_optimizer(_optim_config(), params, trainable, STEPS, WARMUP)
-    state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                             rng=jax.random.PRNGKey(0))
-    step_fn = jax.jit(train.make_train_step(jmodel, tx, "multiclass", trainable))
+    state, step_fn = e.state.replace(params=jax.device_put(params, e.state_sharding.params)), e.train_step
     jax_losses = []
     with jax.default_matmul_precision("float32"):
         for s in range(STEPS):

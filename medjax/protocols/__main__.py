@@ -8,6 +8,7 @@ runs the backbone once per split, the others read the cache. Progress goes to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -95,7 +96,7 @@ def _jsonable(x):
 
 def run(args) -> dict:
     from medjax import data
-    from medjax.protocols import features, few_shot, knn, linear_probe, peft
+    from medjax.protocols import features, few_shot, knn, linear_probe
 
     if args.fake_data and not os.path.exists(args.root):
         from medjax.data import fake
@@ -107,10 +108,7 @@ def run(args) -> dict:
     head = {"protocol": args.command, "dataset": ds.name, "task": ds.task, "params": os.path.abspath(args.params),
             "image_size": args.image_size, "split_file": ds.split_file}
     if args.command == "peft":
-        return head | peft.finetune(args.params, ds, method=args.method,
-                                    image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-                                    lr=args.lr, rank=args.rank, alpha=args.alpha, seed=args.seed,
-                                    normalization=args.normalization, grayscale=args.grayscale, log=_log)
+        return head | _peft(args)
     missing = [s for s in ("train", "val", "test") if s not in ds.splits]
     if missing:
         raise ValueError(f"{ds.name} has no {', '.join(missing)} split; the protocols need train, val and test")
@@ -141,11 +139,61 @@ def run(args) -> dict:
                                     batch_size=args.batch_size, **common)
 
 
+def peft_config(args):
+    """The trainer config of the peft protocol: the study's AdamW (decay on ndim > 1, clipping 1.0), one warm-up
+    epoch then cosine to 0, train transforms, validation every epoch, the best model tested once."""
+    from configs.common import study_config
+
+    c = study_config()
+    c.dataset, c.data_root, c.seed = args.dataset, args.root, args.seed
+    for key, value in args.data_option:
+        if key not in c.data_options:
+            raise ValueError(f"--data-option {key}: not an option of any dataset")
+        c.data_options[key] = value
+    c.image_size, c.normalization = args.image_size, args.normalization
+    c.model.pretrained, c.model.grayscale, c.model.peft = args.params, args.grayscale, args.method
+    c.model.lora.rank, c.model.lora.alpha = args.rank, args.alpha
+    c.optim.lr, c.optim.schedule, c.optim.warmup_epochs, c.optim.end_lr = args.lr, "cosine", 1.0, 0.0
+    c.epochs, c.batch_size, c.compute_dtype = args.epochs, args.batch_size, "float32"
+    return c
+
+
+def _peft(args) -> dict:
+    """LoRA / BitFit through the main trainer (checkpoints and exact resume in WORKDIR/peft_<method>, metrics.json)."""
+    import jax
+    import numpy as np
+
+    from configs import common
+    from medjax import train
+
+    config = peft_config(args)
+    common.validate(config)
+    workdir = os.path.join(args.workdir, f"peft_{args.method}")
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress goes to stderr, the JSON to stdout
+        trainer = train.Trainer(config, workdir)
+        result = trainer.run()
+    e = trainer.engine
+    sizes = jax.tree_util.tree_map(np.size, e.state.params)
+    trained = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda n, t: n if t else 0, sizes, e.trainable)))
+    out = {"method": args.method, "trainable_params": int(trained),
+           "total_params": int(sum(jax.tree_util.tree_leaves(sizes))), "epochs": args.epochs, "lr": args.lr,
+           "best_epoch": result["best_step"] / result["steps_per_epoch"], "history": result["history"],
+           "val": result["val"], "target_metric": result["target_metric"], "workdir": workdir,
+           "metrics_file": os.path.join(workdir, "metrics.json")}
+    if args.method == "lora":
+        out |= {"rank": args.rank, "alpha": args.alpha}
+    if "test" in result:
+        from medjax import metrics
+
+        out |= {"test": result["test"], "test_target": metrics.target_metric(result["target_metric"], result["test"])}
+    return out
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         result = _jsonable(run(args))
-    except (FileNotFoundError, ValueError) as e:  # DataError is a ValueError
+    except (FileNotFoundError, ValueError) as e:  # DataError, ConfigError, RunError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     path = os.path.join(args.workdir, f"{args.command}.json")

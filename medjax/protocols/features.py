@@ -7,9 +7,10 @@ For a ViT-family backbone with a CLS token (DINOv2, DeiT, MAE, CLIP) a split is 
 - `patch_mean`: (N, D) the mean of the last block's normed patch tokens (registers excluded);
 - `labels`: (N,) class indices or (N, K) multi-hot; `paths`: (N,) image paths, to check the alignment.
 
-The block outputs are taken with flax's `capture_intermediates` on the `Block` modules and normed with the final
-norm's own parameters, so the model code is untouched. Other backbones (no CLS or no numbered blocks) give n = 1 with
-their `linear_head_input` as the "CLS" and the mean of their `attention_head_input` tokens as `patch_mean`.
+What "the normed CLS of the last n blocks" is comes from the backbone family's contract (`Family.taps`; the ViT family
+captures its block outputs with flax's `capture_intermediates` and norms them with the final norm's own parameters).
+Families without taps give n = 1 with their `linear_head_input` as the "CLS" and the mean of their
+`attention_head_input` tokens as `patch_mean`.
 
 Each split costs exactly one backbone pass (eval transforms, in split order, padding dropped); the arrays go to
 `<workdir>/features/<dataset>_<split>_<key>.npz`, where the key hashes everything the numbers depend on (the
@@ -57,47 +58,17 @@ class SplitFeatures:
 
 
 def blocks_available(config) -> int:
-    """How many "last blocks" a backbone offers: its depth for a ViT with a CLS token, else 1."""
-    from medjax.models import vit
+    """How many "last blocks" a backbone offers (its family's contract: the depth for a ViT with a CLS token, else 1)."""
+    from medjax import models
 
-    if isinstance(config, vit.ViTConfig) and config.class_token and not config.attn_pool_queries:
-        return config.depth
-    return 1
+    return models.family(config.family).max_taps(config)
 
 
 def make_feature_fn(config, num_blocks: int, dtype=None):
-    """(params, images NHWC) -> {'cls': (B, n, D), 'patch_mean': (B, D)}, for jax.jit."""
-    import jax.numpy as jnp
-
+    """(variables, images NHWC) -> {'cls': (B, n, D), 'patch_mean': (B, D)}, for jax.jit: the family's feature taps."""
     from medjax import models
-    from medjax.models import vit
 
-    available = blocks_available(config)
-    if not 1 <= num_blocks <= available:
-        raise ValueError(f"{config.family}: {num_blocks} last blocks requested, this backbone offers 1..{available}")
-    model = models.build_backbone(config, dtype)
-
-    if available == 1:
-        def generic(params, images):
-            out = model.apply({"params": params}, images)
-            tokens = out["attention_head_input"]
-            pooled = tokens.mean(axis=tuple(range(1, tokens.ndim - 1))) if tokens.ndim > 2 else tokens
-            return {"cls": out["linear_head_input"][:, None].astype(jnp.float32),
-                    "patch_mean": pooled.astype(jnp.float32)}
-        return generic
-
-    norm = vit.make_norm(config, None, dtype)
-    first_patch = 1 + config.num_registers
-    names = [f"blocks_{i}" for i in range(config.depth - num_blocks, config.depth)]
-
-    def vit_features(params, images):
-        blocks_only = lambda m, method: isinstance(m, vit.Block) and method == "__call__"  # noqa: E731
-        _, state = model.apply({"params": params}, images, mutable=["intermediates"],
-                               capture_intermediates=blocks_only)
-        normed = [norm.apply({"params": params["norm"]}, state["intermediates"][n]["__call__"][0]) for n in names]
-        return {"cls": jnp.stack([x[:, 0] for x in normed], axis=1).astype(jnp.float32),
-                "patch_mean": normed[-1][:, first_patch:].mean(axis=1).astype(jnp.float32)}
-    return vit_features
+    return models.family(config.family).feature_fn(config, num_blocks, dtype)
 
 
 def _label_array(dataset, records) -> np.ndarray:
@@ -106,7 +77,7 @@ def _label_array(dataset, records) -> np.ndarray:
     return np.asarray([r.label for r in records], np.int64)
 
 
-def extract(feature_fn, params, dataset, split: str, *, image_size: int, batch_size: int = 64,
+def extract(feature_fn, variables, dataset, split: str, *, image_size: int, batch_size: int = 64,
             normalization="dataset", worker_count: int = 0) -> SplitFeatures:
     """One backbone pass over `split` with eval transforms, in split order (padding rows dropped)."""
     import jax
@@ -119,7 +90,7 @@ def extract(feature_fn, params, dataset, split: str, *, image_size: int, batch_s
     cls, pooled, labels = [], [], []
     for batch in loader:
         mask = np.asarray(batch["mask"])
-        out = jax.device_get(fn(params, batch["image"]))
+        out = jax.device_get(fn(variables, batch["image"]))
         cls.append(out["cls"][mask])
         pooled.append(out["patch_mean"][mask])
         labels.append(np.asarray(batch["label"])[mask])
@@ -158,12 +129,12 @@ def cache_key(params_dir: str, dataset, split: str, *, image_size: int, num_bloc
 
 
 def load_backbone_for(params_dir: str, dataset, grayscale: str = "red"):
-    """(config, params) of a converted backbone, its stem reduced to 1 channel for grayscale data."""
-    import ml_collections
-
+    """(config, variables) of a converted backbone, its stem reduced to 1 channel for grayscale data."""
+    from configs.common import study_config
     from medjax import classifier
 
-    cfg = ml_collections.ConfigDict({"pretrained": params_dir, "grayscale": grayscale})
+    cfg = study_config().model
+    cfg.pretrained, cfg.grayscale = params_dir, grayscale
     return classifier.load_backbone(cfg, dataset.channels)
 
 
@@ -173,7 +144,7 @@ def cached_features(params_dir: str, dataset, splits, workdir: str, *, image_siz
     """({split: SplitFeatures}, info) for the requested splits, extracting only those not cached yet. num_blocks is
     clipped to what the backbone offers (`info['num_blocks']`). info['extracted'] lists the splits that cost a backbone
     pass in this call, info['cached'] those read from disk, info['extract_seconds'] the time spent."""
-    config, params = load_backbone_for(params_dir, dataset, grayscale)
+    config, variables = load_backbone_for(params_dir, dataset, grayscale)
     num_blocks = min(num_blocks, blocks_available(config))
     out, info = {}, {"num_blocks": num_blocks, "extracted": [], "cached": [], "extract_seconds": 0.0, "files": {}}
     feature_fn = None
@@ -191,7 +162,7 @@ def cached_features(params_dir: str, dataset, splits, workdir: str, *, image_siz
         if feature_fn is None:
             feature_fn = make_feature_fn(config, num_blocks)
         t0 = time.perf_counter()
-        feats = extract(feature_fn, params, dataset, split, image_size=image_size, batch_size=batch_size,
+        feats = extract(feature_fn, variables, dataset, split, image_size=image_size, batch_size=batch_size,
                         normalization=normalization, worker_count=worker_count)
         info["extract_seconds"] += time.perf_counter() - t0
         tmp = path + ".tmp.npz"
