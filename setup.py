@@ -22,6 +22,11 @@ setup(
         "grain==0.2.18",
         "pillow",
         "pydicom",
+        # pydicom's decoders for JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000 DICOM pixel data
+        "pylibjpeg>=2",
+        "pylibjpeg-libjpeg>=2",
+        "pylibjpeg-openjpeg>=2",
+        "h5py",  # MATLAB v7.3 (HDF5) files of the Figshare brain-tumour set
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",  # the report's figures

@@ -55,14 +55,58 @@ def _to_uint8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _read_dicom(path: str) -> Image.Image:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _dicom_rgb(arr: np.ndarray, bits: int) -> Image.Image:
+    """(rows, cols, 3) samples of `bits` bits -> 8-bit RGB, scaled by the bit depth."""
+    if arr.dtype == np.uint8 and bits <= 8:
+        return Image.fromarray(arr, "RGB")
+    return Image.fromarray(_to_uint8(arr, 0, float(2 ** bits - 1)), "RGB")
 
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB (pydicom converts YBR to RGB by default)
-        return Image.fromarray(arr if arr.dtype == np.uint8 else _to_uint8(arr, 0, arr.max()), "RGB")
+
+def _read_dicom(path: str) -> Image.Image:
+    """One single-frame image DICOM -> 8-bit 'L' or 'RGB'. Every transfer syntax pydicom and the installed plugins
+    (pylibjpeg with libjpeg and openjpeg) decode: uncompressed little/big endian and deflated, RLE, JPEG baseline,
+    extended (12-bit) and lossless, JPEG-LS, JPEG 2000. YBR is converted to RGB, palette colour through its LUT;
+    grayscale gets the modality LUT, the VOI LUT or window, its min-max to 0-255, and MONOCHROME1 is inverted."""
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path, force=True)
+    if "PixelData" not in ds:
+        kind = ds.get("SOPClassUID")
+        raise ValueError(f"no pixel data: not an image DICOM (SOP class {getattr(kind, 'name', kind) or 'unknown'})")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ValueError("pixel data without Rows/Columns: not an image DICOM")
+    try:
+        frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+    except ValueError:
+        raise ValueError(f"NumberOfFrames {str(ds.NumberOfFrames)!r} is not a number") from None
+    if frames > 1:
+        raise ValueError(f"multi-frame DICOM ({frames} frames): only single-frame images are read as 2-D images; a "
+                         "multi-frame file is a volume")
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
+    if syntax is None:  # no file meta (old files): the encoding pydicom read is the uncompressed syntax
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        if "file_meta" not in ds.__dict__:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    try:
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001 - re-raised with the transfer syntax, the file is added by the caller
+        name = f"{syntax.name} ({syntax})" if syntax is not None else "unknown (no file meta)"
+        raise ValueError(f"cannot decode the pixel data of transfer syntax {name}: {type(e).__name__}: {e}. The "
+                         "JPEG family needs the plugins pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg "
+                         "(installed with medjax)") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    bits = int(ds.get("BitsStored", 8) or 8)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return _dicom_rgb(rgb, int(ds.RedPaletteColorLookupTableDescriptor[2]))
+    if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB; pydicom converts YBR to RGB by default
+        return _dicom_rgb(arr, bits)
     if arr.ndim != 2:
         raise ValueError(f"expected one 2-D frame, got pixel array of shape {arr.shape}")
     arr = apply_modality_lut(arr, ds)
@@ -70,20 +114,31 @@ def _read_dicom(path: str) -> Image.Image:
         arr = apply_voi_lut(arr, ds)
     lo, hi = float(arr.min()), float(arr.max())
     out = _to_uint8(arr, lo, hi)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         out = 255 - out
     return Image.fromarray(out, "L")
+
+
+def _read_matlab_slice(path: str) -> Image.Image:
+    """A Figshare brain-tumour slice (MATLAB v7.3): cjdata.image, its min-max to 0-255."""
+    from medjax.data.brain_tumor_figshare import read_slice
+
+    image = read_slice(path)[0].astype(np.float32)
+    return Image.fromarray(_to_uint8(image, float(image.min()), float(image.max())), "L")
 
 
 def decode(path: str, channels: int) -> Image.Image:
     """Reads an image file as an 8-bit PIL image, mode 'L' (channels=1) or 'RGB' (channels=3).
 
-    PNG/JPEG/BMP/TIFF through Pillow; DICOM through pydicom (modality and VOI LUTs, then the image's min-max to 0-255,
-    MONOCHROME1 inverted). 16-bit images are scaled by their bit depth (v / 257), not clipped at 255 as Pillow's own
+    PNG/JPEG/BMP/TIFF through Pillow; DICOM through pydicom (see `_read_dicom`: modality and VOI LUTs, then the
+    image's min-max to 0-255, MONOCHROME1 inverted); MATLAB `.mat` slices of the Figshare brain-tumour set (their
+    min-max to 0-255). 16-bit images are scaled by their bit depth (v / 257), not clipped at 255 as Pillow's own
     'I;16' -> 'L' conversion does. Grayscale is replicated to RGB, RGB reduced with Pillow's ITU-R 601 luma.
     Raises the underlying error (OSError, ValueError, ...) on unreadable files; the loader adds the record's origin.
     """
-    if _is_dicom(path):
+    if path.lower().endswith(".mat"):
+        img = _read_matlab_slice(path)
+    elif _is_dicom(path):
         img = _read_dicom(path)
     else:
         with Image.open(path) as f:
