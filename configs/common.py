@@ -8,7 +8,6 @@ value outside a field's allowed set (ALLOWED) stops with one line listing the al
 from __future__ import annotations
 
 import difflib
-import inspect
 
 import ml_collections
 from ml_collections import config_dict
@@ -27,17 +26,18 @@ ALLOWED = {
 
 
 def data_option_fields() -> dict:
-    """{option: (default, datasets)}: the reader options of every dataset (keyword arguments of its reader, read from
-    the reader's signature, so a new reader's options appear here by themselves); `seed` is the config's own."""
+    """{option: (default, datasets)}: the options every dataset declares beside its reader (`medjax.data.OPTIONS`,
+    with a one-line help each; `python -m medjax.data describe --help` lists them), so a new reader's options appear
+    here by themselves; `seed` is the config's own."""
     from medjax import data
 
     out: dict[str, tuple] = {}
-    for name, reader in data.READERS.items():
-        for p in inspect.signature(reader).parameters.values():
-            if p.name in ("root", "seed") or p.kind is not p.KEYWORD_ONLY:
+    for name, declared in data.OPTIONS.items():
+        for option, (default, _help) in declared.items():
+            if option == "seed":
                 continue
-            default, datasets = out.get(p.name, (p.default, ()))
-            out[p.name] = (default if default is not None else p.default, datasets + (name,))
+            first, datasets = out.get(option, (default, ()))
+            out[option] = (first if first is not None else default, datasets + (name,))
     return out
 
 
@@ -56,9 +56,8 @@ def study_config():
     c.fake_data = 0  # >0: write this many synthetic images at data_root if nothing is there
     # Reader options (None: the reader's default). Each applies to the datasets whose reader takes it; setting one
     # the dataset does not take stops at start-up, naming the datasets that do (README, Data).
+    # Includes check_images (start-up image check), skip_bad_images and allow_outside_root, valid for every dataset.
     c.data_options = _data_options()
-    c.check_images = "exists"  # start-up check of every listed image: none | exists | decode
-    c.skip_bad_images = False  # leave out (and report) unreadable images instead of stopping
     c.image_size = 224  # train crop / eval size in pixels
     c.normalization = "dataset"  # the reference's per-dataset statistics; "imagenet" / "clip" for the backbone's own
     c.seed = 0  # split seed, init and data order

@@ -42,7 +42,7 @@ class RunError(ValueError):
 # Config fields that may change between a run and its restart: they do not alter what is computed.
 RESTART_SAFE = ("log_every", "progress_bar", "prefetch", "worker_count", "keep_checkpoints", "debug_sigkill_at_step",
                 "epochs", "total_steps", "mesh", "sharding_rules", "eval_every", "checkpoint_every",
-                "debug_sigkill_at", "check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
+                "debug_sigkill_at", "data_options.check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
                 "model.convert_from.config", "model.attention_head.deit_params", "weights_dir", "data_dir",
                 "grid_cell.arg")
 
@@ -64,7 +64,6 @@ class Trainer:
         self._check_restart()
         self._phase(f"Reading {config.dataset} from {config.data_root}")
         self.dataset = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
-                                        check_images=config.check_images, skip_bad_images=config.skip_bad_images,
                                         **common.data_options(config))
         d = self.dataset
         self._check_splits()
@@ -336,7 +335,7 @@ class Trainer:
         result = {"dataset": d.name, "task": d.task, "target_metric": d.target_metric,
                   "best_step": self.best["step"], "val": self.best["metrics"], "history": self.history,
                   "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                  "skipped_images": [{"path": p, "origin": o, "reason": r} for p, o, r in getattr(d, "skipped", [])]}
+                  "skipped_images": d.skipped_images}
         if self.best["step"] is None:  # every validation left the target metric undefined (e.g. NaN probabilities)
             if jax.process_index() == 0:
                 _write_json(os.path.join(self.workdir, "metrics.json"), result)

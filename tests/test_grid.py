@@ -1,7 +1,6 @@
 """The benchmark grid: configs/grid.py has every cell of the study, each cell's config builds with the recipe and every
 key the trainer reads, and `python -m medjax.grid` lists, prints and runs cells (skipping finished ones)."""
 
-import inspect
 import json
 import os
 
@@ -10,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import converters
+from configs import common
 from conftest import ROOT, run_cli
 from medjax import data, grid as grid_cli, report
 
@@ -64,8 +64,8 @@ def test_every_cell_config_builds_with_the_recipe(dataset):
         c = grid.get_config(grid.cell_arg(cell))
         missing = {k for k in reference - _flat_keys(c) if not k.startswith("data_options.")}
         assert not missing, (cell, missing)  # every key the trainer reads in the reference config
-        options = set(inspect.signature(data.READERS[dataset]).parameters) - {"root"}
-        assert set(c.data_options) <= options, cell  # the reader accepts every data option
+        options = set(data.OPTIONS[dataset])
+        assert set(common.data_options(c)) <= options, cell  # the reader accepts every data option set
         name, variant, family, params_m, _ = grid.BACKBONES[cell["model"]]
         assert converters.VARIANTS[variant][0] == family == c.model.family, cell
         assert c.model.pretrained == f"{c.weights_dir}/{variant}"
