@@ -12,30 +12,49 @@ public layout and prints what a reader sees.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from typing import Callable
 
-from medjax.data import aptos2019, cbis_ddsm, checks, chexpert, ddsm, generic, isic2019
+from medjax.data import (aptos2019, brain_tumor_figshare, cbis_ddsm, checks, chest_xray_pneumonia, chexpert, ddsm,
+                         generic, ham10000, ichallenge_amd, isic2018, isic2019, nih_chestxray14, statistics)
 from medjax.data.records import DataError, Dataset, Record, check_inside_root, fill_splits
 from medjax.data.records import allow_outside_root as _allow_outside_root
 from medjax.data.splits import write_split_file
 
-__all__ = ["READERS", "DataError", "Dataset", "Record", "describe", "get_dataset", "make_loader", "num_batches"]
+__all__ = ["OPTIONS", "READERS", "DataError", "Dataset", "Record", "describe", "get_dataset", "make_loader", "num_batches"]
 log = logging.getLogger(__name__)
 
-# Dataset readers by name: each takes the dataset root and keyword options and returns a split `Dataset`.
-READERS: dict[str, Callable[..., Dataset]] = {
-    "chexpert": chexpert.read,
-    "ddsm": ddsm.read,
-    "cbis_ddsm": cbis_ddsm.read,
-    "isic2019": isic2019.read,
-    "aptos2019": aptos2019.read,
-    "csv": generic.read_csv_dataset,
-    "folder": generic.read_folder,
+# Dataset readers by name: each takes the dataset root and its keyword options and returns a split `Dataset`;
+# each declares its options, {option: (default, one-line help)}, in one place beside the reader.
+_READERS: dict[str, tuple[Callable[..., Dataset], dict]] = {
+    "chexpert": (chexpert.read, chexpert.OPTIONS),
+    "ddsm": (ddsm.read, ddsm.OPTIONS),
+    "cbis_ddsm": (cbis_ddsm.read, cbis_ddsm.OPTIONS),
+    "isic2019": (isic2019.read, isic2019.OPTIONS),
+    "aptos2019": (aptos2019.read, aptos2019.OPTIONS),
+    "nih_chestxray14": (nih_chestxray14.read, nih_chestxray14.OPTIONS),
+    "chest_xray_pneumonia": (chest_xray_pneumonia.read, chest_xray_pneumonia.OPTIONS),
+    "ham10000": (ham10000.read, ham10000.OPTIONS),
+    "isic2018": (isic2018.read, isic2018.OPTIONS),
+    "ichallenge_amd": (ichallenge_amd.read, ichallenge_amd.OPTIONS),
+    "brain_tumor_figshare": (brain_tumor_figshare.read, brain_tumor_figshare.OPTIONS),
+    "csv": (generic.read_csv_dataset, generic.CSV_OPTIONS),
+    "folder": (generic.read_folder, generic.FOLDER_OPTIONS),
 }
+READERS: dict[str, Callable[..., Dataset]] = {name: read for name, (read, _) in _READERS.items()}
 CHECKS = checks.LEVELS
+# Options of get_dataset itself, valid for every dataset.
+COMMON_OPTIONS = {
+    "check_images": ("verify", "start-up image check: 'verify' (intact: PNG checksums, others decoded), 'decode', "
+                               "'exists' or 'none'; cached in the work directory"),
+    "skip_bad_images": (False, "leave missing or unreadable images out (listed in the split file and metrics) "
+                               "instead of stopping at start-up"),
+    "allow_outside_root": (False, "accept image paths that are absolute or contain '..' (refused by default)"),
+}
+# The data options (config.data_options) each dataset accepts: {dataset: {option: (default, one-line help)}}.
+OPTIONS: dict[str, dict[str, tuple]] = {name: {**declared, **COMMON_OPTIONS}
+                                        for name, (_, declared) in _READERS.items()}
 MAX_LISTED = 20  # bad images named in the start-up error; describe --skip-bad-images lists them all
 
 
@@ -86,7 +105,7 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     if check_images not in CHECKS:
         raise DataError(f"check_images={check_images!r}: expected one of {CHECKS}")
     reader = READERS[name]
-    accepted = [p for p in inspect.signature(reader).parameters if p != "root"]
+    accepted = list(OPTIONS[name])
     unknown = [k for k in options if k not in accepted]
     if unknown:
         raise DataError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {', '.join(accepted)}")
@@ -104,6 +123,8 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
         raise DataError(f"{root}: every training image was skipped as unreadable ({len(dataset.skipped)} images, "
                         f"first {dataset.skipped[0][0]}: {dataset.skipped[0][2]}); nothing to train on")
     fill_splits(dataset)
+    if dataset.mean is None or dataset.std is None:
+        dataset.mean, dataset.std, dataset.statistics_source = statistics.compute(dataset, workdir)
     if workdir:
         dataset.split_file = write_split_file(dataset, workdir)
         save_check_cache()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
+                                 take_options)
 from medjax.data.splits import split_by_group
 
 CLASS_NAMES = ["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"]
@@ -27,8 +28,17 @@ def label_of(value: str, origin: str) -> int:
     return int(grade)
 
 
-def read(root: str, *, seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15) -> Dataset:
-    """Reads APTOS 2019 (see the module docstring)."""
+OPTIONS = {
+    "seed": (0, "split seed"),
+    "val_fraction": (0.15, "fraction of images in val"),
+    "test_fraction": (0.15, "fraction of images in test"),
+}
+
+
+def read(root: str, **options) -> Dataset:
+    """Reads APTOS 2019 (see the module docstring and OPTIONS)."""
+    o = take_options(OPTIONS, options, "aptos2019")
+    seed, val_fraction, test_fraction = (o[k] for k in OPTIONS)
     require_dir(root, "the APTOS 2019 folder holding train_1.csv and train_images/")
     images = os.path.join(root, "train_images", "train_images")
     if not os.path.isdir(images) and os.path.isdir(os.path.join(root, "train_images")):
@@ -39,5 +49,4 @@ def read(root: str, *, seed: int = 0, val_fraction: float = 0.15, test_fraction:
                                            "the APTOS 2019 label CSV")]
     splits = split_by_group(records, {"val": val_fraction, "test": test_fraction}, seed)
     return fill_splits(Dataset("aptos2019", "multiclass", list(CLASS_NAMES), 3, "quadratic_kappa", MEAN, STD, splits,
-                               root=root, options=dict(seed=seed, val_fraction=val_fraction,
-                                                       test_fraction=test_fraction)))
+                               root=root, options=o))

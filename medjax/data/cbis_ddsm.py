@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
+                                 take_options)
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["benign", "malignant"]
@@ -48,8 +49,17 @@ def _find_dicom(dicom_root: str, value: str, origin: str) -> str:
     return found[0] if found else exact
 
 
-def read(root: str, *, abnormality: str = "both", seed: int = 0, val_fraction: float = 0.1) -> Dataset:
-    """Reads the official CBIS-DDSM (see the module docstring). abnormality: 'both', 'mass' or 'calc'."""
+OPTIONS = {
+    "abnormality": ("both", "'both', 'mass' or 'calc': which description CSVs to read"),
+    "seed": (0, "seed of the val patients drawn from the official train set"),
+    "val_fraction": (0.1, "fraction of the train images moved to val (whole patients)"),
+}
+
+
+def read(root: str, **options) -> Dataset:
+    """Reads the official CBIS-DDSM (see the module docstring and OPTIONS)."""
+    o = take_options(OPTIONS, options, "cbis_ddsm")
+    abnormality, seed, val_fraction = (o[k] for k in OPTIONS)
     require_dir(root, "the CBIS-DDSM folder holding the case description CSVs and the DICOM tree")
     if abnormality not in ("both", "mass", "calc"):
         raise DataError(f"abnormality={abnormality!r}: expected 'both', 'mass' or 'calc'")
@@ -86,5 +96,5 @@ def read(root: str, *, abnormality: str = "both", seed: int = 0, val_fraction: f
     splits["test"] = by_split["test"]
     check_disjoint(splits, root)
     return fill_splits(Dataset("cbis_ddsm", "multiclass", list(CLASS_NAMES), 1, "roc_auc", MEAN, STD, splits,
-                               root=root, options=dict(abnormality=abnormality, seed=seed, val_fraction=val_fraction),
+                               root=root, options=o,
                                excluded=excluded))

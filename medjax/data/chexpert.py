@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
+                                 take_options)
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -62,21 +63,30 @@ def _read(root: str, csv_name: str, uncertain: str, frontal_only: bool) -> list[
     return sorted(records, key=lambda r: r.path)
 
 
-def read(root: str, *, uncertain: str = "zeros", frontal_only: bool = False, use_valid_as_test: bool = False,
-         seed: int = 0, shuffle_patients: bool = False, val_fraction: float = 0.1,
-         test_fraction: float = 0.1) -> Dataset:
-    """Reads CheXpert (see the module docstring). uncertain: 'zeros' (U-Zeroes, default) or 'ones' (U-Ones)."""
+OPTIONS = {
+    "uncertain": ("zeros", "uncertain (-1) labels: 'zeros' (U-Zeroes, the reference) or 'ones' (U-Ones)"),
+    "frontal_only": (False, "keep frontal views only (Frontal/Lateral column)"),
+    "use_valid_as_test": (False, "valid.csv is the test split; train.csv gives train and val"),
+    "seed": (0, "split seed (used only with shuffle_patients)"),
+    "shuffle_patients": (False, "permute the patients with seed before the path-ordered split"),
+    "val_fraction": (0.1, "fraction of images in val"),
+    "test_fraction": (0.1, "fraction of images in test (ignored with use_valid_as_test)"),
+}
+
+
+def read(root: str, **options) -> Dataset:
+    """Reads CheXpert (see the module docstring and OPTIONS)."""
+    o = take_options(OPTIONS, options, "chexpert")
+    uncertain, frontal_only, use_valid_as_test = o["uncertain"], o["frontal_only"], o["use_valid_as_test"]
+    seed, val_fraction, test_fraction = o["seed"], o["val_fraction"], o["test_fraction"]
     require_dir(root, "the CheXpert-v1.0-small folder holding train.csv")
     if uncertain not in ("zeros", "ones"):
         raise DataError(f"uncertain={uncertain!r}: expected 'zeros' (U-Zeroes) or 'ones' (U-Ones)")
     records = _read(root, "train.csv", uncertain, frontal_only)
     fractions = {"val": val_fraction} if use_valid_as_test else {"val": val_fraction, "test": test_fraction}
-    splits = split_by_group(records, fractions, seed if shuffle_patients else None)
+    splits = split_by_group(records, fractions, seed if o["shuffle_patients"] else None)
     if use_valid_as_test:
         splits["test"] = _read(root, "valid.csv", uncertain, frontal_only)
     check_disjoint(splits, os.path.join(root, "train.csv"))
-    options = dict(uncertain=uncertain, frontal_only=frontal_only, use_valid_as_test=use_valid_as_test,
-                   seed=seed, shuffle_patients=shuffle_patients, val_fraction=val_fraction,
-                   test_fraction=test_fraction)
     return fill_splits(Dataset("chexpert", "multilabel", list(CLASS_NAMES), 1, "mean_auc", MEAN, STD, splits,
-                               root=root, options=options))
+                               root=root, options=o))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_lines, require_dir
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_lines, require_dir,
+                                 take_options)
 from medjax.data.splits import check_disjoint
 
 MEAN, STD = (0.286,), (0.267,)
@@ -30,9 +31,16 @@ def label_of(file_name: str, num_classes: int, origin: str) -> int:
     return min(label, 1) if num_classes == 2 else label
 
 
-def read(root: str, *, num_classes: int = 2, seed: int | None = None) -> Dataset:
-    """Reads DDSM from its fixed image lists (see the module docstring). `seed` is accepted for a uniform interface
-    and unused: the lists fix the split."""
+OPTIONS = {
+    "num_classes": (2, "2: normal vs benign-or-cancer (the reference); 3: normal, benign, cancer"),
+    "seed": (None, "unused: the lists fix the split (accepted for a uniform interface)"),
+}
+
+
+def read(root: str, **options) -> Dataset:
+    """Reads DDSM from its fixed image lists (see the module docstring and OPTIONS)."""
+    o = take_options(OPTIONS, options, "ddsm")
+    num_classes = o["num_classes"]
     require_dir(root, "the DDSM folder holding ddsm_raw_image_lists/ and ddsm_raw/")
     lists = require_dir(os.path.join(root, "ddsm_raw_image_lists"), "the lists train.txt, val.txt, test.txt")
     if num_classes not in (2, 3):
@@ -59,4 +67,4 @@ def read(root: str, *, num_classes: int = 2, seed: int | None = None) -> Dataset
     check_disjoint(splits, lists)
     names = ["normal", "benign_or_cancer"] if num_classes == 2 else ["normal", "benign", "cancer"]
     return fill_splits(Dataset("ddsm", "multiclass", names, 1, "roc_auc", MEAN, STD, splits, root=root,
-                               options={"num_classes": num_classes, "seed": seed}))
+                               options=o))

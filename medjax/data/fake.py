@@ -280,6 +280,159 @@ def write_aptos2019(root, num, rng, size):
     return num
 
 
+def write_nih_chestxray14(root, num, rng, size):
+    """Data_Entry_2017.csv with NIH's exact header (including the split `OriginalImage[Width,Height]` columns and the
+    trailing comma), train_val_list.txt / test_list.txt (about 20% of the patients in test) and grayscale PNGs
+    NNNNNNNN_NNN.png spread over images_001/images/, images_002/images/ (the Kaggle layout)."""
+    from medjax.data import nih_chestxray14 as nih
+
+    rows, lists, patient = [], {"train_val": [], "test": []}, 0
+    while len(rows) < num:
+        patient += 1
+        split = "test" if rng.random() < 0.2 else "train_val"
+        for k in range(min(int(rng.integers(1, 4)), num - len(rows))):
+            hot = [int(v) for v in rng.random(len(nih.FINDINGS)) < 0.12]
+            labels = "|".join(f for f, v in zip(nih.FINDINGS, hot) if v) or nih.NO_FINDING
+            name = f"{patient:08d}_{k:03d}.png"
+            folder = f"images_{1 + len(rows) * 2 // max(num, 1):03d}"
+            _save(_u8(multilabel_image(rng, size, size, hot)), os.path.join(root, folder, "images", name))
+            rows.append(f"{name},{labels},{k},{patient},{int(rng.integers(20, 80))},{rng.choice(['M', 'F'])},"
+                        f"{rng.choice(['PA', 'AP'])},2500,2048,0.143,0.143,")
+            lists[split].append(name)
+    with open(os.path.join(root, "Data_Entry_2017.csv"), "w") as f:
+        f.write("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+                "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n" + "\n".join(rows) + "\n")
+    for split, names in lists.items():
+        with open(os.path.join(root, f"{split}_list.txt"), "w") as f:
+            f.write("".join(n + "\n" for n in sorted(names)))
+    return num
+
+
+def write_chest_xray_pneumonia(root, num, rng, size):
+    """chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/ grayscale JPEGs named as in the real set: IM-NNNN-NNNN.jpeg,
+    NORMAL2-IM-NNNN-NNNN.jpeg, personN_bacteria_M.jpeg, personN_virus_M.jpeg; patients ~ 70/10/20 train/val/test."""
+    written, patient, image = 0, 0, 0
+    while written < num:
+        patient += 1
+        split = rng.choice(["train", "val", "test"], p=[0.7, 0.1, 0.2])
+        kind = int(rng.integers(0, 3))  # 0 normal, 1 bacteria, 2 virus
+        for k in range(min(int(rng.integers(1, 4)), num - written)):
+            image += 1
+            if kind == 0:
+                prefix = "NORMAL2-" if patient % 2 else ""
+                name, folder = f"{prefix}IM-{patient:04d}-{k + 1:04d}.jpeg", "NORMAL"
+            else:
+                name, folder = f"person{patient}_{'bacteria' if kind == 1 else 'virus'}_{image}.jpeg", "PNEUMONIA"
+            _save(_u8(class_image(rng, size, int(size * 1.2), 1, kind, 3)),
+                  os.path.join(root, "chest_xray", split, folder, name), quality=90)
+            written += 1
+    return num
+
+
+def write_ham10000(root, num, rng, size):
+    """HAM10000_metadata.csv (lesion_id, image_id, dx, dx_type, age, sex, localization; lesions of 1-3 images) and
+    RGB JPEGs ISIC_NNNNNNN.jpg split over HAM10000_images_part_1/ and HAM10000_images_part_2/."""
+    from medjax.data import ham10000
+
+    rows, lesion, image = [], 0, 24306
+    while len(rows) < num:
+        lesion += 1
+        k = int(rng.integers(0, len(ham10000.CLASS_NAMES)))
+        for _ in range(min(int(rng.integers(1, 4)), num - len(rows))):
+            name = f"ISIC_{image:07d}"
+            part = 1 if len(rows) < num / 2 else 2
+            _save(_u8(class_image(rng, int(size * 0.75), size, 3, k, len(ham10000.CLASS_NAMES))),
+                  os.path.join(root, f"HAM10000_images_part_{part}", name + ".jpg"), quality=92)
+            rows.append([f"HAM_{lesion:07d}", name, ham10000.CLASS_NAMES[k], rng.choice(["histo", "follow_up"]),
+                         int(rng.integers(2, 18)) * 5, rng.choice(["male", "female"]), "back"])
+            image += 1
+    _write_csv(os.path.join(root, ham10000.METADATA),
+               ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization"], rows)
+    return num
+
+
+def write_isic2018(root, num, rng, size):
+    """ISIC2018_Task3_{Training,Validation,Test}_GroundTruth/<same>.csv (image + one-hot 1.0/0.0 over MEL, NV, BCC,
+    AKIEC, BKL, DF, VASC) with ISIC2018_Task3_*_Input/ISIC_NNNNNNN.jpg (plus the archives' LICENSE.txt), about
+    80/10/10, and ISIC2018_Task3_Training_LesionGroupings.csv."""
+    from medjax.data import isic2018
+
+    sets = {"Training": [], "Validation": [], "Test": []}
+    groupings, lesion = [], 0
+    for i, k in enumerate(_labels(rng, num, len(isic2018.CLASS_NAMES))):
+        which = "Training" if i < max(1, int(num * 0.8)) else "Validation" if i < int(num * 0.9) else "Test"
+        name = f"ISIC_{24306 + i:07d}"
+        folder = os.path.join(root, f"{isic2018.PREFIX}{which}_Input")
+        _save(_u8(class_image(rng, int(size * 0.75), size, 3, k, len(isic2018.CLASS_NAMES))),
+              os.path.join(folder, name + ".jpg"), quality=92)
+        sets[which].append([name] + ["1.0" if j == k else "0.0" for j in range(len(isic2018.CLASS_NAMES))])
+        if which == "Training":
+            lesion += int(rng.random() < 0.6) or lesion == 0
+            groupings.append([name, f"HAM_{lesion:07d}", "histopathology"])
+    for which, rows in sets.items():
+        name = f"{isic2018.PREFIX}{which}_GroundTruth"
+        if rows:
+            _write_csv(os.path.join(root, name, name + ".csv"), ["image", *isic2018.CLASS_NAMES], rows)
+            with open(os.path.join(root, f"{isic2018.PREFIX}{which}_Input", "LICENSE.txt"), "w") as f:
+                f.write("CC-BY-NC\n")
+    _write_csv(os.path.join(root, isic2018.GROUPINGS), ["image", "lesion_id", "diagnosis_confirm_type"], groupings)
+    return num
+
+
+def write_ichallenge_amd(root, num, rng, size):
+    """Training400/AMD/ANNNN.jpg and Training400/Non-AMD/NNNNN.jpg (RGB fundus-like JPEGs, about 1/4 AMD)."""
+    counts = [0, 0]
+    for k in [int(v) for v in rng.permutation([1] * max(1, num // 4) + [0] * (num - max(1, num // 4)))]:
+        counts[k] += 1
+        name = f"{'A' if k else 'N'}{counts[k]:04d}.jpg"
+        _save(_u8(class_image(rng, size, size, 3, k, 2)),
+              os.path.join(root, "Training400", "AMD" if k else "Non-AMD", name), quality=92)
+    return num
+
+
+def write_brain_tumor_figshare(root, num, rng, size):
+    """<N>.mat MATLAB v7.3 files (HDF5 with MATLAB's 512-byte header) spread over brainTumorDataPublic_1-K folders:
+    struct cjdata with image (int16, stored transposed as MATLAB does), label (1-3), PID (uint16 character codes),
+    tumorBorder and tumorMask; patients of 1-4 slices; cvind.mat with a fold 1-5 per slice (by patient)."""
+    import h5py
+
+    per_folder = max(1, -(-num // 4))
+    folds, n, patient = [], 0, 0
+    while n < num:
+        patient += 1
+        label, pid, fold = int(rng.integers(1, 4)), str(int(rng.integers(100000, 999999))), patient % 5 + 1
+        for _ in range(min(int(rng.integers(1, 5)), num - n)):
+            n += 1
+            first = (n - 1) // per_folder * per_folder + 1
+            folder = os.path.join(root, f"brainTumorDataPublic_{first}-{min(first + per_folder - 1, num)}")
+            image = np.rint(class_image(rng, size, size, 1, label - 1, 3)[..., 0] * 4).astype(np.int16)
+            mask = (image > np.percentile(image, 95)).astype(np.uint8)
+            os.makedirs(folder, exist_ok=True)
+            _write_mat(os.path.join(folder, f"{n}.mat"), h5py, {
+                "image": image.T, "label": np.array([[float(label)]]),
+                "PID": np.array([[ord(c)] for c in pid], np.uint16).T, "tumorBorder": np.zeros((1, 8)),
+                "tumorMask": mask.T})
+            folds.append(fold)
+    with h5py.File(os.path.join(root, "cvind.mat"), "w", userblock_size=512) as f:
+        f.create_dataset("cvind", data=np.array(folds, np.float64)[None, :])
+    _mat_header(os.path.join(root, "cvind.mat"))
+    return num
+
+
+def _mat_header(path):
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+    with open(path, "r+b") as f:
+        f.write(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM")
+
+
+def _write_mat(path, h5py, fields):
+    with h5py.File(path, "w", userblock_size=512) as f:
+        group = f.create_group("cjdata")
+        for key, value in fields.items():
+            group.create_dataset(key, data=value)
+    _mat_header(path)
+
+
 GENERIC_CLASSES = ["class_a", "class_b", "class_c"]
 
 
@@ -303,7 +456,10 @@ def write_folder(root, num, rng, size):
 
 
 WRITERS = {"chexpert": write_chexpert, "ddsm": write_ddsm, "cbis_ddsm": write_cbis_ddsm, "isic2019": write_isic2019,
-           "aptos2019": write_aptos2019, "csv": write_csv_dataset, "folder": write_folder}
+           "aptos2019": write_aptos2019, "nih_chestxray14": write_nih_chestxray14,
+           "chest_xray_pneumonia": write_chest_xray_pneumonia, "ham10000": write_ham10000, "isic2018": write_isic2018,
+           "ichallenge_amd": write_ichallenge_amd, "brain_tumor_figshare": write_brain_tumor_figshare,
+           "csv": write_csv_dataset, "folder": write_folder}
 
 
 def write(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from medjax.data.records import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, Dataset, Record,
-                                 fill_splits, join_under, read_csv, require_dir)
+                                 fill_splits, join_under, read_csv, require_dir, take_options)
 from medjax.data.splits import check_disjoint, split_by_group
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -50,13 +50,38 @@ def _finish(name, root, task, class_names, channels, mean, std, target_metric, r
                                mean, std, splits, root=root, options=options))
 
 
-def read_csv_dataset(root: str, *, csv: str = "labels.csv", image_column: str = "image", label_column: str = "label",
-                     label_columns: list[str] | None = None, multilabel: bool | None = None, separator: str = "|",
-                     class_names: list[str] | None = None, patient_column: str | None = None,
-                     split_column: str | None = None, seed: int = 0, val_fraction: float = 0.1,
-                     test_fraction: float = 0.1, channels: int = 3, mean=None, std=None,
-                     target_metric: str | None = None) -> Dataset:
-    """Reads a user's CSV dataset (see the module docstring)."""
+_COMMON = {
+    "seed": (0, "split seed"),
+    "val_fraction": (0.1, "fraction of images in val (seeded split)"),
+    "test_fraction": (0.1, "fraction of images in test (seeded split)"),
+    "channels": (3, "1 (grayscale) or 3 (RGB)"),
+    "mean": (None, "per-channel mean of pixels in [0, 1] (default: ImageNet's)"),
+    "std": (None, "per-channel std of pixels in [0, 1] (default: ImageNet's)"),
+    "target_metric": (None, "metric that picks the best model (default: mean_auc, roc_auc or balanced_accuracy)"),
+}
+CSV_OPTIONS = {
+    "csv": ("labels.csv", "the CSV, relative to the root (or absolute)"),
+    "image_column": ("image", "column of image paths relative to the root"),
+    "label_column": ("label", "column of class names (multi-label: separator-joined)"),
+    "label_columns": (None, "list of 0/1 columns, one per class (instead of label_column)"),
+    "multilabel": (None, "multi-label task (default: true when label_columns is given)"),
+    "separator": ("|", "separator of class names in label_column for multi-label data"),
+    "class_names": (None, "class names in order (default: sorted names found, or label_columns)"),
+    "patient_column": (None, "column of patient ids: splits become patient-disjoint"),
+    "split_column": (None, "column of train/val/test per row: fixed splits"),
+    **_COMMON,
+}
+FOLDER_OPTIONS = {
+    "class_names": (None, "class folder names in order (default: sorted folder names)"),
+    **_COMMON,
+}
+
+
+def read_csv_dataset(root: str, **options) -> Dataset:
+    """Reads a user's CSV dataset (see the module docstring and CSV_OPTIONS)."""
+    o = take_options(CSV_OPTIONS, options, "csv")
+    (csv, image_column, label_column, label_columns, multilabel, separator, class_names, patient_column,
+     split_column, seed, val_fraction, test_fraction, channels, mean, std, target_metric) = (o[k] for k in CSV_OPTIONS)
     require_dir(root, "the dataset folder holding the CSV and the images")
     csv_path = csv if os.path.isabs(csv) else os.path.join(root, csv)
     multilabel = bool(label_columns) if multilabel is None else multilabel
@@ -102,9 +127,7 @@ def read_csv_dataset(root: str, *, csv: str = "labels.csv", image_column: str = 
                               origin))
     if not records:
         raise DataError(f"{csv_path}: no rows")
-    options = dict(csv=csv, image_column=image_column, label_column=label_column, label_columns=label_columns,
-                   multilabel=multilabel, patient_column=patient_column, split_column=split_column, seed=seed,
-                   val_fraction=val_fraction, test_fraction=test_fraction, channels=channels)
+    options = {**o, "multilabel": multilabel}
     return _finish("csv", root, "multilabel" if multilabel else "multiclass", names, channels, mean, std,
                    target_metric, records, split_of if split_column else None, seed,
                    {"val": val_fraction, "test": test_fraction}, options)
@@ -115,10 +138,10 @@ def _images_under(folder: str) -> list[str]:
                   if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def read_folder(root: str, *, class_names: list[str] | None = None, seed: int = 0, val_fraction: float = 0.1,
-                test_fraction: float = 0.1, channels: int = 3, mean=None, std=None,
-                target_metric: str | None = None) -> Dataset:
-    """Reads a folder-per-class dataset (see the module docstring)."""
+def read_folder(root: str, **options) -> Dataset:
+    """Reads a folder-per-class dataset (see the module docstring and FOLDER_OPTIONS)."""
+    o = take_options(FOLDER_OPTIONS, options, "folder")
+    class_names, seed, val_fraction, test_fraction, channels, mean, std, target_metric = (o[k] for k in FOLDER_OPTIONS)
     require_dir(root, "a folder with one sub-folder per class (or train/, val/, test/ holding those)")
     fixed = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, s))]
     if fixed and "train" not in fixed:
@@ -139,7 +162,6 @@ def read_folder(root: str, *, class_names: list[str] | None = None, seed: int = 
                 split_of.append(split)
     if not records:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders")
-    options = dict(class_names=names, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                   channels=channels)
+    options = {**o, "class_names": names}
     return _finish("folder", root, "multiclass", names, channels, mean, std, target_metric, records,
                    split_of if fixed else None, seed, {"val": val_fraction, "test": test_fraction}, options)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
+                                 take_options)
 from medjax.data.splits import split_by_group
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]
@@ -38,9 +39,18 @@ def label_of(row: dict, origin: str) -> int:
     return CLASS_NAMES.index(hot[0])
 
 
-def read(root: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-         group_by_lesion: bool = True) -> Dataset:
-    """Reads ISIC 2019 (see the module docstring)."""
+OPTIONS = {
+    "seed": (0, "split seed"),
+    "val_fraction": (0.1, "fraction of images in val"),
+    "test_fraction": (0.1, "fraction of images in test"),
+    "group_by_lesion": (True, "keep the images of one lesion_id (metadata CSV) in one split"),
+}
+
+
+def read(root: str, **options) -> Dataset:
+    """Reads ISIC 2019 (see the module docstring and OPTIONS)."""
+    o = take_options(OPTIONS, options, "isic2019")
+    seed, val_fraction, test_fraction, group_by_lesion = (o[k] for k in OPTIONS)
     require_dir(root, f"the ISIC 2019 folder holding {GROUND_TRUTH} and {IMAGES}/")
     images = os.path.join(root, IMAGES, IMAGES)
     if not os.path.isdir(images) and os.path.isdir(os.path.join(root, IMAGES)):
@@ -56,6 +66,5 @@ def read(root: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: 
                 lesion[join_under(images, row["image"] + ".jpg", origin, "column 'image'")] = row["lesion_id"]
     splits = split_by_group(records, {"val": val_fraction, "test": test_fraction}, seed,
                             key=lambda r: lesion.get(r.path, r.path))
-    options = dict(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, group_by_lesion=group_by_lesion)
     return fill_splits(Dataset("isic2019", "multiclass", list(CLASS_NAMES), 3, "balanced_accuracy", MEAN, STD,
-                               splits, root=root, options=options))
+                               splits, root=root, options=o))

@@ -47,7 +47,9 @@ class Dataset:
     """A dataset read from disk and split.
 
     task: 'multiclass' (int labels, softmax cross-entropy) or 'multilabel' (multi-hot labels, sigmoid BCE).
-    channels: 1 (grayscale) or 3. mean/std: per-channel statistics of pixel values in [0, 1] (SPEC section 5).
+    channels: 1 (grayscale) or 3. mean/std: per-channel statistics of pixel values in [0, 1] (SPEC section 5); a
+    reader without published ones gives None and get_dataset computes them from the training split
+    (`statistics.py`); statistics_source says where they came from.
     splits: 'train', 'val', 'test' (only those the dataset has) -> records in a fixed order.
     skipped: (path, origin, reason) of every image the start-up check left out (`skip_bad_images=True`).
     load_failures: (path, origin, reason) of images that could not be read while loading in this process (they
@@ -73,6 +75,7 @@ class Dataset:
     split_file: str | None = None
     load_failures: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     failure_log: str | None = None
+    statistics_source: str = "published"
 
     @property
     def num_classes(self) -> int:
@@ -163,6 +166,31 @@ def check_inside_root(dataset: "Dataset") -> None:
             if os.path.commonpath([root, path]) != root:
                 raise DataError(f"{r.origin}: image {r.path} is outside the dataset root {root}; pass the data "
                                 "option allow_outside_root=True to allow it")
+
+
+Options = dict  # {option: (default, one-line help)}: what a reader declares, in one place
+
+
+def take_options(declared: Options, given: dict, dataset: str) -> dict:
+    """Reader options: `given` checked against `declared` (names, and types where the default has one) and filled
+    with the defaults. Raises DataError naming the option."""
+    unknown = [k for k in given if k not in declared]
+    if unknown:
+        raise DataError(f"dataset {dataset!r} has no option {unknown[0]!r}; its options: {', '.join(declared)}")
+    out = {}
+    for name, (default, _) in declared.items():
+        value = given.get(name, default)
+        if value is not None and default is not None and value is not default:
+            kind = type(default)
+            ok = (isinstance(value, bool) if kind is bool else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+                  isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, kind))
+            if not ok:
+                raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected a {kind.__name__} "
+                                f"(default {default!r})")
+        out[name] = value
+    return out
 
 
 def require_dir(path: str, what: str) -> str:

@@ -84,6 +84,7 @@ def write_split_file(dataset: Dataset, workdir: str) -> str:
     content = {
         "version": SPLIT_FILE_VERSION, "dataset": dataset.name, "root": os.path.abspath(dataset.root),
         "options": dataset.options, "task": dataset.task, "class_names": dataset.class_names,
+        "statistics": {"mean": list(dataset.mean), "std": list(dataset.std), "source": dataset.statistics_source},
         "counts": {s: len(r) for s, r in dataset.splits.items()},
         "splits": {s: [[rel(r.path), label(r.label), r.patient] for r in recs] for s, recs in dataset.splits.items()},
         "skipped": [{"image": rel(p), "origin": o, "reason": why} for p, o, why in dataset.skipped],
