@@ -51,7 +51,7 @@ def backbone(args, ds):
                        **ARCHS[args.arch])
     model = models.build_backbone(config)
     dummy = jnp.zeros((1, args.image_size, args.image_size, ds.channels), jnp.float32)
-    return config, jax.jit(model.init)(jax.random.PRNGKey(0), dummy)["params"]
+    return config, jax.jit(model.init)(jax.random.PRNGKey(0), dummy)
 
 
 def main(argv=None) -> int:
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     root = args.root or fake.write("aptos2019", os.path.join(tmp, "aptos"), args.num, seed=0, size=128)["root"]
     ds = get_dataset("aptos2019", root)
     n_train = len(ds.splits["train"])
-    config, params = backbone(args, ds)
+    config, variables = backbone(args, ds)
     nb = min(4, features.blocks_available(config))
     heads, _ = linear_probe.head_grid((1, 4), max_blocks=nb)
     feature_fn = features.make_feature_fn(config, nb)
@@ -87,9 +87,9 @@ def main(argv=None) -> int:
 
     # ---- cached: one backbone pass, then the heads on the features (compiled first: extract's jax.jit(feature_fn)
     # and train_heads' scan are cached per function and shape, so the timed calls run compiled code)
-    jax.block_until_ready(jax.jit(feature_fn)(params, warm["image"]))
+    jax.block_until_ready(jax.jit(feature_fn)(variables, warm["image"]))
     t0 = time.perf_counter()
-    feats = features.extract(feature_fn, params, ds, "train", image_size=args.image_size, batch_size=args.batch_size)
+    feats = features.extract(feature_fn, variables, ds, "train", image_size=args.image_size, batch_size=args.batch_size)
     t_extract = time.perf_counter() - t0
     x = linear_probe.full_input(feats)
     train = lambda: linear_probe.train_heads(x, feats.labels, ds.task, k, heads, nb, feats.dim,  # noqa: E731
@@ -108,21 +108,21 @@ def main(argv=None) -> int:
     step = linear_probe.make_sgd_step(heads, masks, ds.task, args.epochs * steps_per_epoch)
 
     @jax.jit
-    def fused(params, carry, images, labels, weights):
-        f = feature_fn(params, images)
+    def fused(variables, carry, images, labels, weights):
+        f = feature_fn(variables, images)
         x = jnp.concatenate([f["cls"].reshape(len(images), -1), f["patch_mean"]], axis=1)
         return step(carry, (x, labels, weights))
 
     init = linear_probe.init_heads(heads, masks, k, 0)
     carry = (init, jax.tree_util.tree_map(np.zeros_like, init), jnp.zeros((), jnp.int32))
     # compile before timing
-    jax.block_until_ready(fused(params, carry, warm["image"], warm["label"], warm["mask"].astype(np.float32)))
+    jax.block_until_ready(fused(variables, carry, warm["image"], warm["label"], warm["mask"].astype(np.float32)))
     t2 = time.perf_counter()
     epoch_times = []
     for _ in range(args.epochs):
         te = time.perf_counter()
         for batch in loader():
-            carry = fused(params, carry, batch["image"], batch["label"], batch["mask"].astype(np.float32))
+            carry = fused(variables, carry, batch["image"], batch["label"], batch["mask"].astype(np.float32))
         jax.block_until_ready(carry)
         epoch_times.append(time.perf_counter() - te)
     t_baseline = time.perf_counter() - t2

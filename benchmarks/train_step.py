@@ -9,8 +9,8 @@ clip_vit_b16, aimv2_large_patch14_224, ...) built with random weights at `--imag
 
 - `--mode train` (default): one full fine-tuning step: backbone -> linear head -> cross-entropy -> backward ->
   global-norm clipping (1.0) -> AdamW (weight decay on ndim > 1 only) -> update. medjax runs its own code:
-  `build_classifier`, `trainable_mask`, `make_optimizer`, `sharded_train_step` (one jit, donated state) fed by
-  `prefetch_to_device`.
+  the trainer's `engine.build` (classifier, freezing rules, optimizer, mesh, one jitted step with the state donated)
+  fed by `prefetch_to_device`.
   PyTorch runs transformers' model of the family (ViTMAEModel, Dinov2Model, ViTModel, CLIPVisionModelWithProjection,
   Aimv2VisionModel; SDPA attention) with nn.Linear, F.cross_entropy, clip_grad_norm_ and torch.optim.AdamW(fused=True),
   eagerly (fused is torch's fastest CPU AdamW: 50 ms for ViT-B with clipping, against 190 ms with foreach).
@@ -42,6 +42,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks._common import count_compiles, peak_rss_gib  # noqa: E402
 
 NUM_CLASSES = 5
 LR = 1e-4
@@ -98,20 +100,13 @@ def _reset_peak_rss() -> bool:
 def run_medjax(args) -> dict:
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
-    from medjax import classifier, models, optim, sharding, train
+    from configs.common import make
+    from medjax import engine, models, sharding
 
     config = backbone_config(args.model, args.image_size)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    compiles = []
-
-    def count_compiles(event, secs, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(secs)
-
-    jax.monitoring.register_event_duration_secs_listener(count_compiles)
     rng = np.random.default_rng(0)
     pool = [{"image": rng.standard_normal((args.batch_size, args.image_size, args.image_size, config.in_chans),
                                           dtype=np.float32),
@@ -123,35 +118,34 @@ def run_medjax(args) -> dict:
 
     if args.mode == "embed":
         backbone = models.build_backbone(dataclasses.replace(config, remat=False, scan=args.scan), dtype)
-        params = jax.jit(backbone.init)(jax.random.PRNGKey(0), jnp.asarray(pool[0]["image"][:1]))["params"]
-        fn = jax.jit(lambda p, x: backbone.apply({"params": p}, x)["linear_head_input"])
+        variables = jax.jit(backbone.init)(jax.random.PRNGKey(0), jnp.asarray(pool[0]["image"][:1]))
+        fn = jax.jit(lambda v, x: backbone.apply(v, x)["linear_head_input"])
         batches = sharding.prefetch_to_device(({"image": b["image"]} for b in host_batches), mesh, 2)
         first = next(batches)
         t0 = time.perf_counter()
-        compiled = fn.lower(params, first["image"]).compile()
+        compiled = fn.lower(variables, first["image"]).compile()
         result["compile_s"] = time.perf_counter() - t0
-        step = lambda batch: fn(params, batch["image"])  # noqa: E731
-        result["params"] = models.count_params(params)
+        step = lambda batch: fn(variables, batch["image"])  # noqa: E731
+        result["params"] = models.count_params(variables["params"])
     else:
-        model_cfg = ml_collections.ConfigDict({"family": config.family, "architecture": config.to_dict(),
-                                               "pretrained": "", "head": "linear", "remat": args.remat,
-                                               "scan": args.scan})
-        model, params = classifier.build_classifier(model_cfg, NUM_CLASSES, config.in_chans, args.image_size,
-                                                    jax.random.PRNGKey(0), dtype)
-        trainable = optim.trainable_mask(params, "frozen" if args.frozen else "full")
-        ocfg = ml_collections.ConfigDict({"lr": LR, "weight_decay": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                          "clip": 1.0, "schedule": "constant", "layer_decay": None})
-        tx, _ = optim.make_optimizer(ocfg, params, trainable, total, 0)
-        state, _, fn = train.sharded_train_step(model, params, trainable, tx, "multiclass", mesh, [(".*", "fsdp")])
-        result["params"] = models.count_params(params["backbone"])
-        del params
+        # the trainer's own build: constant lr, AdamW with weight decay 0.05 (ndim > 1), clipping 1.0 (the defaults)
+        run_config = make({"model.family": config.family, "model.architecture": config.to_dict(),
+                           "model.freeze": "frozen" if args.frozen else "full", "model.remat": args.remat,
+                           "model.scan": args.scan, "compute_dtype": args.dtype, "image_size": args.image_size,
+                           "optim.lr": LR, "optim.weight_decay": 0.05, "optim.schedule": "constant"})
+        built = engine.build(run_config, num_classes=NUM_CLASSES, channels=config.in_chans, task="multiclass",
+                             total_steps=total, mesh=mesh)
+        fn = built.train_step
+        result["params"] = models.count_params(built.state.params["backbone"])
         batches = sharding.prefetch_to_device(host_batches, mesh, 2)
         first = next(batches)
         t0 = time.perf_counter()
-        compiled = fn.lower(state, first).compile()
+        compiled = fn.lower(built.state, first).compile()
         result["compile_s"] = time.perf_counter() - t0
-        result["state_gib_per_device"] = _bytes_on(jax.devices()[0], (state.params, state.opt_state)) / 2 ** 30
-        holder = {"state": state}
+        result["state_gib_per_device"] = _bytes_on(jax.devices()[0], (built.state.params, built.state.opt_state)) \
+            / 2 ** 30
+        holder = {"state": built.state}
+        del built  # the steps donate the state: nothing else may hold it
 
         def step(batch):
             holder["state"], out = fn(holder["state"], batch)
@@ -169,9 +163,9 @@ def run_medjax(args) -> dict:
         yield first
         yield from batches
 
-    before = len(compiles)
-    times = _time_steps(args, batches_with_first(), lambda b: jax.block_until_ready(step(b)))
-    result["compiles_in_steps"] = len(compiles) - before  # 0: the steps reuse the compiled executable
+    with count_compiles() as compiles:
+        times = _time_steps(args, batches_with_first(), lambda b: jax.block_until_ready(step(b)))
+    result["compiles_in_steps"] = len(compiles)  # 0: the steps reuse the compiled executable
     return result | times
 
 
@@ -188,7 +182,7 @@ def _time_steps(args, batches, run_one) -> dict:
     times, reset, peak = [], False, 0.0
     for i, batch in enumerate(batches):
         if i == args.warmup:
-            peak = _peak_rss_gib()  # compilation and warm-up included
+            peak = peak_rss_gib()  # compilation and warm-up included
             reset = _reset_peak_rss()
         t0 = time.perf_counter()
         run_one(batch)
@@ -197,13 +191,7 @@ def _time_steps(args, batches, run_one) -> dict:
     median = statistics.median(times)
     return {"step_s": [round(t, 4) for t in times], "median_step_s": median,
             "images_per_s": args.batch_size / median, "mean_images_per_s": args.batch_size * len(times) / sum(times),
-            "steady_rss_gib": _rss_gib("VmHWM") if reset else None, "peak_rss_gib": max(peak, _peak_rss_gib())}
-
-
-def _peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+            "steady_rss_gib": _rss_gib("VmHWM") if reset else None, "peak_rss_gib": max(peak, peak_rss_gib())}
 
 
 # ------------------------------------------------------------------------------------------------ PyTorch

@@ -35,7 +35,7 @@ def blocks(args):
     import numpy as np
     from flax import linen as nn
 
-    from medjax.models import vit
+    from medjax.models.vit import model as vit  # the module itself: the barrier is swapped where apply_blocks reads it
 
     config = vit.ViTConfig(family="mae", width=768, depth=args.depth, num_heads=12, patch_size=16, pos_grid=(14, 14),
                            mlp_hidden=3072)

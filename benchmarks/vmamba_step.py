@@ -2,11 +2,11 @@
 
     python benchmarks/vmamba_step.py [--variant vmamba_small] [--batch 8] [--size 224] [--steps 2] [--scan-chunk 64]
 
-The step is what fine-tuning runs: backbone -> linear head (1000 classes) -> softmax cross-entropy, gradients for
-every parameter (no optimizer update). Printed: compile time, per-step times, images/s, XLA's planned memory for the
-step (arguments + outputs + temporaries, from the compiled executable) and the process's peak RSS. The PyTorch
-reference is not timed: upstream VMamba needs its own package (timm, fvcore, triton) and on CPU its selective scan is
-a Python loop over the sequence (`selective_scan_torch`).
+The step is what fine-tuning runs: medjax's classifier (backbone -> linear head, 1000 classes) -> the engine's
+softmax cross-entropy, gradients for every parameter (no optimizer update). Printed: compile time, per-step times,
+images/s, XLA's planned memory for the step (arguments + outputs + temporaries, from the compiled executable) and the
+process's peak RSS. The PyTorch reference is not timed: upstream VMamba needs its own package (timm, fvcore, triton)
+and on CPU its selective scan is a Python loop over the sequence (`selective_scan_torch`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 
@@ -24,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks._common import peak_rss_gib  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,25 +38,24 @@ def main(argv=None) -> int:
     parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args(argv)
 
+    from configs.common import make
     from converters import VARIANTS
+    from medjax import classifier, engine, models
     from medjax.models.vmamba.convert import vssm_config
-    from medjax import models
 
     chunk = None if args.scan_chunk.lower() == "none" else int(args.scan_chunk)
     config = dataclasses.replace(vssm_config(VARIANTS[args.variant][1]), scan_chunk=chunk, img_size=args.size)
-    dtype = None if args.dtype == "float32" else jnp.bfloat16
-    model = models.build_backbone(config, dtype=dtype)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model_cfg = make({"model.family": config.family, "model.architecture": config.to_dict()}).model
+    model, variables = classifier.build_classifier(model_cfg, 1000, config.in_chans, args.size, jax.random.key(0),
+                                                   dtype)
+    params = jax.device_put(variables["params"])  # on the device once, not with every step
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.normal(size=(args.batch, args.size, args.size, config.in_chans)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 1000, size=args.batch))
-    params = {"backbone": jax.jit(model.init)(jax.random.key(0), images[:1])["params"],
-              "head": {"w": jnp.asarray(rng.normal(0, 0.02, size=(config.dims[-1], 1000)), jnp.float32),
-                       "b": jnp.zeros((1000,), jnp.float32)}}
 
     def loss_fn(p, x, y):
-        feats = model.apply({"params": p["backbone"]}, x)["linear_head_input"].astype(jnp.float32)
-        logits = feats @ p["head"]["w"] + p["head"]["b"]
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1).mean()
+        return engine.loss_fn(model.apply({"params": p}, x), y, "multiclass")  # VMamba: parameters only
 
     step = jax.jit(loss_fn if args.forward_only else jax.value_and_grad(loss_fn))
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         "images_per_s": round(args.batch / float(np.median(times)), 2),
         "xla_planned_memory_gib": round(planned / 2 ** 30, 2),
         "xla_temp_memory_gib": round(mem.temp_size_in_bytes / 2 ** 30, 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+        "peak_rss_gib": round(peak_rss_gib(), 2),
     }
     print(json.dumps(result))
     return 0

@@ -5,7 +5,6 @@ import json
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 
 
@@ -13,19 +12,16 @@ def main(mesh_data: int, mesh_fsdp: int, process_id: int = 0, num_processes: int
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
-    from medjax import classifier, optim, sharding, train
+    from configs.common import make
+    from medjax import engine, sharding
 
     arch = {"family": "dinov2", "width": 128, "depth": 2, "num_heads": 4, "patch_size": 8, "pos_grid": [4, 4],
             "mlp_hidden": 256, "layerscale": True}
-    cfg = ml_collections.ConfigDict({"family": "dinov2", "architecture": arch, "head": "linear", "pretrained": ""})
-    model, params = classifier.build_classifier(cfg, 5, 3, 32, jax.random.PRNGKey(0))
-    trainable = optim.trainable_mask(params, "full")
-    ocfg = ml_collections.ConfigDict({"lr": 1e-3, "weight_decay": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                      "clip": 1.0, "schedule": "reference", "layer_decay": None})
-    tx, _ = optim.make_optimizer(ocfg, params, trainable, 6, 2)
-    mesh = sharding.make_mesh(mesh_data, mesh_fsdp)
-    state, state_sharding, step = train.sharded_train_step(model, params, trainable, tx, "multiclass", mesh,
-                                                           [(".*", "fsdp")])
+    config = make({"model.family": "dinov2", "model.architecture": arch, "model.freeze": "full",
+                   "compute_dtype": "float32", "image_size": 32, "optim.lr": 1e-3, "optim.weight_decay": 1e-4,
+                   "mesh.data": mesh_data, "mesh.fsdp": mesh_fsdp})  # the reference warm-up schedule, clipping 1.0
+    e = engine.build(config, num_classes=5, channels=3, task="multiclass", total_steps=6, warmup_steps=2)
+    state, step, mesh = e.state, e.train_step, e.mesh
     rng = np.random.default_rng(0)
     losses = []
     per_process = 16 // num_processes

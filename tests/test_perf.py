@@ -10,42 +10,52 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import ROOT
-from medjax import classifier, optim, pretrained, sharding, train
+from configs.common import make
+from medjax import classifier, engine, pretrained, sharding
 from medjax.models import layers
 from medjax.models.vit import ViTConfig, stack_blocks, unstack_blocks
 
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # benchmarks/ is not an installed package
+from benchmarks._common import count_compiles  # noqa: E402
+
 TINY = ViTConfig(family="dinov2", width=32, depth=2, num_heads=2, patch_size=8, pos_grid=(2, 2), mlp_hidden=64,
                  layerscale=True)
-OPTIM = ml_collections.ConfigDict({"lr": 1e-3, "weight_decay": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                   "clip": 1.0, "schedule": "constant", "layer_decay": None})
+# the whole model trains with a constant lr 1e-3, AdamW weight decay 0.05 (ndim > 1), clipping 1.0, float32 compute
+TINY_RUN = {"model.family": "dinov2", "model.architecture": TINY.to_dict(), "model.freeze": "full",
+            "compute_dtype": "float32", "image_size": 16, "optim.lr": 1e-3, "optim.weight_decay": 0.05,
+            "optim.schedule": "constant"}
+
+
+def build_tiny(overrides=None):
+    return engine.build(make(TINY_RUN | (overrides or {})), num_classes=3, channels=3, task="multiclass",
+                        total_steps=10)
 
 # --------------------------------------------------------------------------------------------- FSDP memory
 
 FSDP_WORKER = r"""
-import json, jax, ml_collections, numpy as np
-from medjax import classifier, models, optim, sharding, train
+import json, jax, numpy as np
+from configs.common import make
+from medjax import engine, models, sharding
 arch = {"family": "dinov2", "width": 256, "depth": 2, "num_heads": 4, "patch_size": 8, "pos_grid": [4, 4],
         "mlp_hidden": 1024, "layerscale": True}
-cfg = ml_collections.ConfigDict({"family": "dinov2", "architecture": arch, "head": "linear", "pretrained": ""})
-model, params = classifier.build_classifier(cfg, 5, 3, 32, jax.random.PRNGKey(0))
-trainable = optim.trainable_mask(params, "full")
-ocfg = ml_collections.ConfigDict({"lr": 1e-3, "weight_decay": 0.05, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
-                                  "clip": 1.0, "schedule": "constant", "layer_decay": None})
-tx, _ = optim.make_optimizer(ocfg, params, trainable, 4, 0)
-mesh = sharding.make_mesh(1, 8)
-state, _, step = train.sharded_train_step(model, params, trainable, tx, "multiclass", mesh, [(".*", "fsdp")])
+config = make({"model.family": "dinov2", "model.architecture": arch, "model.freeze": "full",
+               "compute_dtype": "float32", "image_size": 32, "optim.lr": 1e-3, "optim.weight_decay": 0.05,
+               "optim.schedule": "constant", "mesh.data": 1, "mesh.fsdp": 8})
+e = engine.build(config, num_classes=5, channels=3, task="multiclass", total_steps=4)
+state, step, mesh = e.state, e.train_step, e.mesh
+n_params = models.count_params(state.params)
 dev0 = jax.devices()[0]
 
 def bytes_on_dev0(tree):
     return sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(tree) for s in leaf.addressable_shards
                if s.device == dev0)
 
-full = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves((params, tx.init(params))))
+full = sum(x.nbytes for x in jax.tree_util.tree_leaves((state.params, state.opt_state)))  # the global arrays
 before = bytes_on_dev0((state.params, state.opt_state))
 rng = np.random.default_rng(0)
 batch = sharding.global_batch({"image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
@@ -55,7 +65,7 @@ state, out = step(state, batch)
 mem = compiled.memory_analysis()
 print(json.dumps({"single_device_bytes": full, "fsdp_device0_bytes": before,
                   "fsdp_device0_bytes_after_step": bytes_on_dev0((state.params, state.opt_state)),
-                  "params": models.count_params(params), "devices": jax.device_count(),
+                  "params": n_params, "devices": jax.device_count(),
                   "xla_argument_bytes": mem.argument_size_in_bytes if mem else None,
                   "loss": float(out["loss"])}))
 """
@@ -79,38 +89,25 @@ def test_fsdp_keeps_an_eighth_of_parameter_and_optimizer_memory_per_device():
 
 @pytest.fixture(scope="module")
 def tiny():
-    """(model, params, trainable, tx, batches) of a 2-block classifier on 16 px images."""
-    cfg = ml_collections.ConfigDict({"family": "dinov2", "architecture": TINY.to_dict(), "head": "linear",
-                                     "pretrained": ""})
-    model, params = classifier.build_classifier(cfg, 3, 3, 16, jax.random.PRNGKey(0))
-    trainable = optim.trainable_mask(params, "full")
-    tx, _ = optim.make_optimizer(OPTIM, params, trainable, 10, 0)
+    """(model, params, batches) of a 2-block classifier on 16 px images: the classifier `engine.build` makes of
+    TINY_RUN and its initial parameters (numpy)."""
+    model, variables = classifier.build_classifier(make(TINY_RUN).model, 3, 3, 16, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     batches = [{"image": rng.standard_normal((4, 16, 16, 3)).astype(np.float32),
                 "label": rng.integers(0, 3, 4).astype(np.int32)} for _ in range(4)]
-    return model, params, trainable, tx, batches
+    return model, variables["params"], batches
 
 
 def test_train_step_compiles_once(caplog, tiny):
-    model, params, trainable, tx, batches = tiny
-    mesh = sharding.make_mesh(-1, 1)
-    state, _, step = train.sharded_train_step(model, params, trainable, tx, "multiclass", mesh, [(".*", "fsdp")])
+    batches = tiny[2]
+    e = build_tiny()
+    state, step = e.state, e.train_step
     first_params = jax.tree_util.tree_leaves(state.params)
-    compiles = []
-
-    def listener(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        with caplog.at_level(logging.WARNING), jax.log_compiles():
-            losses = []
-            for batch in sharding.prefetch_to_device(batches, mesh, size=2):
-                state, out = step(state, batch)
-                losses.append(float(out["loss"]))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+    with count_compiles() as compiles, caplog.at_level(logging.WARNING), jax.log_compiles():
+        losses = []
+        for batch in sharding.prefetch_to_device(batches, e.mesh, size=2):
+            state, out = step(state, batch)
+            losses.append(float(out["loss"]))
     assert len(compiles) == 1, f"{len(compiles)} XLA compilations for {len(batches)} steps"
     assert sum("train_step" in r.getMessage() and "Compiling" in r.getMessage() for r in caplog.records) == 1
     assert step._cache_size() == 1
@@ -125,7 +122,7 @@ def _loss_and_grads(config, params, batch):
     model = classifier.Classifier(config, 3)
 
     def loss(p):
-        return train.loss_fn(model.apply({"params": p}, batch["image"]), batch["label"], "multiclass")
+        return engine.loss_fn(model.apply({"params": p}, batch["image"]), batch["label"], "multiclass")
 
     with jax.default_matmul_precision("float32"):
         return jax.jit(jax.value_and_grad(loss))(params)
@@ -133,12 +130,12 @@ def _loss_and_grads(config, params, batch):
 
 @pytest.fixture(scope="module")
 def plain_loss_and_grads(tiny):
-    return _loss_and_grads(TINY, tiny[1], tiny[4][0])
+    return _loss_and_grads(TINY, tiny[1], tiny[2][0])
 
 
 @pytest.mark.parametrize("options", [{"remat": True}, {"scan": True}, {"scan": True, "remat": True}])
 def test_remat_and_scan_give_the_plain_loss_and_gradients(options, tiny, plain_loss_and_grads):
-    params, batch = tiny[1], tiny[4][0]
+    params, batch = tiny[1], tiny[2][0]
     loss, grads = plain_loss_and_grads
     config = dataclasses.replace(TINY, **options)
     stacked = stack_blocks(params) if config.scan else params
@@ -178,22 +175,24 @@ def test_stack_and_unstack_blocks_round_trip(tiny):
 
 def test_scan_loads_a_converted_checkpoint(tmp_path, tiny):
     """model.scan=True takes a converted (unrolled) backbone and gives the same logits as the default layout."""
-    model, params, _, _, batches = tiny
-    pretrained.save(str(tmp_path / "bb"), params["backbone"], {"family": "dinov2", "architecture": TINY.to_dict()})
-    base = {"family": "dinov2", "pretrained": str(tmp_path / "bb"), "head": "linear"}
-    scanned, p = classifier.build_classifier(ml_collections.ConfigDict(base | {"scan": True, "remat": True}), 3, 3,
-                                             16, jax.random.PRNGKey(0))
+    model, params, batches = tiny
+    pretrained.save(str(tmp_path / "bb"), {"params": params["backbone"]},
+                    {"family": "dinov2", "architecture": TINY.to_dict()})
+    base = {"model.family": "dinov2", "model.pretrained": str(tmp_path / "bb"), "model.architecture": None}
+    scanned, variables = classifier.build_classifier(make(base | {"model.scan": True, "model.remat": True}).model,
+                                                     3, 3, 16, jax.random.PRNGKey(0))
+    p = variables["params"]
     assert "blocks" in p["backbone"] and scanned.backbone.scan and scanned.backbone.remat
     p["head"] = params["head"]
     with jax.default_matmul_precision("float32"):
         got = np.asarray(scanned.apply({"params": p}, batches[0]["image"]))
         want = np.asarray(model.apply({"params": params}, batches[0]["image"]))
     np.testing.assert_allclose(got, want, atol=1e-5)
-    with pytest.raises(ValueError, match="partial"):
-        classifier.build_classifier(ml_collections.ConfigDict(base | {"scan": True, "freeze": "partial"}), 3, 3, 16,
-                                    jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match="model.scan"):  # layer decay needs the numbered blocks
-        optim.layer_scales(p, 0.75)
+    # per-block rules need the numbered blocks: the build stops when it expands them
+    with pytest.raises(ValueError, match=r"model\.scan.*partial"):
+        build_tiny(base | {"model.scan": True, "model.freeze": "partial"})
+    with pytest.raises(ValueError, match=r"model\.scan"):
+        build_tiny(base | {"model.scan": True, "optim.layer_decay": 0.75})
 
 
 # --------------------------------------------------------------------------------------------- input, kernels
