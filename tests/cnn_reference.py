@@ -62,7 +62,8 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         self.layer1 = self._stage(block, 64, layers[0])
         for i, planes in enumerate((128, 256, 512)):
-            setattr(self, f"layer{i + 2}", self._stage(block, planes, layers[i + 1], 2, replace_stride_with_dilation[i]))
+            stage = self._stage(block, planes, layers[i + 1], 2, replace_stride_with_dilation[i])
+            setattr(self, f"layer{i + 2}", stage)
         self.fc = nn.Linear(512 * block.expansion, num_classes)
 
     def _stage(self, block, planes, n, stride=1, dilate=False):
@@ -97,7 +98,8 @@ class _DenseLayer(nn.Module):
     def __init__(self, cin, growth_rate, bn_size):
         super().__init__()
         self.norm1, self.conv1 = nn.BatchNorm2d(cin), _conv(cin, bn_size * growth_rate, 1)
-        self.norm2, self.conv2 = nn.BatchNorm2d(bn_size * growth_rate), _conv(bn_size * growth_rate, growth_rate, 3, 1, 1)
+        width = bn_size * growth_rate
+        self.norm2, self.conv2 = nn.BatchNorm2d(width), _conv(width, growth_rate, 3, 1, 1)
 
     def forward(self, features):
         h = self.conv1(F.relu(self.norm1(torch.cat(features, 1))))

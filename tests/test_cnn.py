@@ -119,18 +119,27 @@ def test_plain_torch_reference_reproduces_the_fixtures(name):
 
 # ------------------------------------------------------------------------------------------------ full size
 
+def _reference(family, kw, seed):
+    """A randomly initialised, perturbed (BatchNorm statistics too) plain-torch reference from constructor kwargs."""
+    torch.manual_seed(seed)
+    classes = kw.get("num_classes", 1000)
+    if family == "resnet":
+        model = resnet(kw["block"], kw["layers"], num_classes=classes, groups=kw.get("groups", 1),
+                       width_per_group=kw.get("width_per_group", 64),
+                       replace_stride_with_dilation=kw.get("replace_stride_with_dilation") or (False,) * 3)
+    elif family == "densenet":
+        model = DenseNet(kw["growth_rate"], kw["block_config"], kw["num_init_features"], kw.get("bn_size", 4),
+                         classes)
+    else:
+        model = VGG(kw["cfg"], kw["batch_norm"], classes, classifier_hidden=kw.get("classifier_hidden", 4096))
+    return perturb_(model.eval(), seed + 1)
+
+
 def _full_size(variant, image_size, batch, tmp_path, seed):
     """(medjax outputs, torch outputs, torch parameter count, converter metadata) for a randomly initialised,
     perturbed torch reference of `variant` saved as a plain state dict and converted by the converter."""
     family, kwargs = converters.VARIANTS[variant]
-    torch.manual_seed(seed)
-    if family == "resnet":
-        model = resnet(kwargs["block"], kwargs["layers"])
-    elif family == "densenet":
-        model = DenseNet(kwargs["growth_rate"], kwargs["block_config"], kwargs["num_init_features"])
-    else:
-        model = VGG(kwargs["cfg"], kwargs["batch_norm"])
-    perturb_(model.eval(), seed + 1)
+    model = _reference(family, kwargs, seed)
     n_torch = sum(p.numel() for p in model.parameters())
     state = model.state_dict()
     torch.save(legacy_densenet_keys(state) if family == "densenet" else state, tmp_path / "weights.pth")
@@ -158,6 +167,35 @@ def test_full_size_parity_against_plain_torch(variant, image_size, tmp_path):
         assert diff <= FULL_SIZE_TOL * scale, f"{variant}/{key}: max abs diff {diff:.3g}"
     assert max_abs(got["attention_head_input"], _nhwc_tokens(ref["feature_map"])) <= FULL_SIZE_TOL * max(
         1.0, float(np.abs(ref["feature_map"]).max()))
+
+
+STRUCTURES = {  # the structural options the fixtures do not cover, at sizes where floors and odd maps matter
+    "resnet_basic": ("resnet", {"block": "BasicBlock", "layers": [1, 2, 1, 1], "num_classes": 5}, 40),
+    "resnext_dilated": ("resnet", {"block": "Bottleneck", "layers": [1, 1, 2, 1], "groups": 4, "width_per_group": 8,
+                                   "replace_stride_with_dilation": [False, True, True], "num_classes": 5}, 33),
+    "densenet_odd": ("densenet", {"growth_rate": 4, "block_config": [1, 2, 3], "num_init_features": 8, "bn_size": 2,
+                                  "num_classes": 5}, 37),
+    "vgg_bn": ("vgg", {"cfg": [8, "M", 8, 16, "M", 16, "M"], "batch_norm": True, "classifier_hidden": 16,
+                       "num_classes": 5}, 50),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURES))
+def test_structural_options_match_plain_torch(name, tmp_path):
+    """BasicBlock, ResNeXt groups with dilated stages, DenseNet with odd maps (transition floors), VGG with
+    BatchNorm and a 6x6 -> 7x7 adaptive pool: converted from --config and run, against the plain-torch reference."""
+    family, kw, size = STRUCTURES[name]
+    model = _reference(family, kw, seed=sum(map(ord, name)))
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    (tmp_path / "config.json").write_text(json.dumps({**kw, "family": family}))
+    converters.convert(str(tmp_path / "w.pth"), str(tmp_path / "p"), family, str(tmp_path / "config.json"))
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(images)
+    got = embed.embed(str(tmp_path / "p"), images.numpy())
+    for key in ("features", "logits"):
+        assert max_abs(got[key], ref[key].numpy()) <= PARITY_TOL, key
+    assert max_abs(got["attention_head_input"], _nhwc_tokens(ref["feature_map"])) <= PARITY_TOL
 
 
 @pytest.mark.slow
@@ -328,6 +366,10 @@ def test_config_refuses_unknown_keys_by_name():
         cfg = {**_fixture_config("densenet_legacy" if family == "densenet" else family), "colour_jitter": 1}
         with pytest.raises(CheckpointError, match="colour_jitter"):
             converters.FAMILIES[family].parse_config(cfg)
+    with pytest.raises(CheckpointError, match="drop_path_rate"):  # tolerated by the ViT readers, not torchvision's
+        converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "drop_path_rate": 0.1})
+    with pytest.raises(CheckpointError, match="'vgg' model"):
+        converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "family": "vgg"})
     with pytest.raises(CheckpointError, match="norm_layer"):
         converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "norm_layer": "GroupNorm"})
     with pytest.raises(CheckpointError, match="block"):
@@ -339,7 +381,8 @@ def test_config_refuses_unknown_keys_by_name():
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     state = torch.load(fixture_path("densenet", "checkpoint.pth"))
     state.pop("features.denseblock2.denselayer1.norm.2.running_var")
-    state["features.denseblock1.denselayer1.conv.1.weight"] = state["features.denseblock1.denselayer1.conv.1.weight"][:4]
+    key = "features.denseblock1.denselayer1.conv.1.weight"
+    state[key] = state[key][:4]
     state["features.denseblock9.extra.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ConversionError) as e:

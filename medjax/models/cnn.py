@@ -6,8 +6,6 @@ kernel or a strided window at the end, torch never does.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -47,6 +45,8 @@ def adaptive_avg_pool(x, out: int):
     """torch.nn.AdaptiveAvgPool2d(out) on NHWC. Each output averages its (possibly overlapping) window, separably over
     H and W, so a map smaller than `out` is not simply replicated: windows straddling two cells average them."""
     _, height, width, _ = x.shape
+    if min(height, width) < 1:
+        raise ValueError(f"adaptive pooling of an empty {height}x{width} map: the input image is too small")
     if (height, width) == (out, out):
         return x
 
@@ -63,11 +63,6 @@ def tokens(x):
     """(B, H, W, C) feature map -> (B, H*W, C) tokens, row-major (the attention head's input)."""
     batch, height, width, channels = x.shape
     return x.reshape(batch, height * width, channels)
-
-
-def out_size(size: int, kernel: int, stride: int, padding: int = 0, dilation: int = 1) -> int:
-    """torch's floor-mode output size of a conv / pool."""
-    return math.floor((size + 2 * padding - dilation * (kernel - 1) - 1) / stride) + 1
 
 
 def check_images(images, in_chans: int, family: str):

@@ -10,9 +10,9 @@ Keys outside the dense layers are the same in both.
 
 from __future__ import annotations
 
-from converters.core import CheckpointError, Converter, Format, check_keys, conv_rules, dense_rules
+from converters.core import CheckpointError, Converter, Format, conv_rules, dense_rules
 from medjax.models.densenet.model import FAMILY, DenseNetConfig
-from medjax.models.resnet.convert import IGNORE, IGNORED, bn_rules
+from medjax.models.resnet.convert import IGNORE, IGNORED, bn_rules, check_torchvision_keys
 
 
 def rules(legacy: bool) -> list:
@@ -48,7 +48,7 @@ _KW = {"growth_rate", "block_config", "num_init_features", "bn_size", "drop_rate
 def densenet_config(kw: dict) -> DenseNetConfig:
     """`DenseNet(**kwargs)` arguments (upstream defaults where absent) -> DenseNetConfig. `memory_efficient`
     (gradient checkpointing) does not change the network and is accepted."""
-    check_keys(kw, _KW, "densenet config")
+    check_torchvision_keys(kw, _KW, FAMILY)
     try:
         return DenseNetConfig(growth_rate=int(kw.get("growth_rate", 32)),
                               block_config=tuple(kw.get("block_config", (6, 12, 24, 16))),

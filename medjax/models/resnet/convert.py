@@ -7,7 +7,8 @@ with the default momentum never reads it.
 
 from __future__ import annotations
 
-from converters.core import CheckpointError, Converter, Format, Rule, check_keys, conv_rules, dense_rules, norm_rules
+from converters.core import (INERT_KEYS, CheckpointError, Converter, Format, Rule, check_keys, conv_rules,
+                             dense_rules, norm_rules)
 from medjax.models.resnet.model import FAMILY, ResNetConfig
 
 
@@ -34,6 +35,18 @@ FORMATS = [Format("torchvision", FAMILY, RULES, r"layer1\.0\.conv1\.weight", ign
 
 # ------------------------------------------------------------------------------------------------ config
 
+def check_torchvision_keys(kw: dict, known: set, family: str):
+    """Refuse, by name, every argument the torchvision constructor does not take (the settings other families'
+    readers tolerate as inert, `drop_path_rate` and the like, included) and a config written for another family."""
+    check_keys(kw, known, f"{family} config")
+    foreign = sorted((set(kw) & INERT_KEYS) - set(known))
+    if foreign:
+        raise CheckpointError(f"{family} config: unsupported constructor arguments {foreign}; supported: "
+                              f"{sorted(known)}")
+    if kw.get("family", family) != family:
+        raise CheckpointError(f"{family} config: the file describes a {kw['family']!r} model, not a {family} one")
+
+
 _BLOCK_NAMES = {"BasicBlock": "basic", "Bottleneck": "bottleneck"}
 _KW = {"block", "layers", "num_classes", "zero_init_residual", "groups", "width_per_group",
        "replace_stride_with_dilation", "norm_layer"}
@@ -42,7 +55,7 @@ _KW = {"block", "layers", "num_classes", "zero_init_residual", "groups", "width_
 def resnet_config(kw: dict) -> ResNetConfig:
     """`ResNet(block, layers, **kwargs)` arguments (block as the class name "Bottleneck" / "BasicBlock") ->
     ResNetConfig. `zero_init_residual` only changes the initialisation and is accepted."""
-    check_keys(kw, _KW, "resnet config")
+    check_torchvision_keys(kw, _KW, FAMILY)
     for required in ("block", "layers"):
         if required not in kw:
             raise CheckpointError(f"resnet config: {required!r} is required (ResNet(block, layers, ...))")

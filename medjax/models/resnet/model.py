@@ -48,7 +48,8 @@ class ResNetConfig(ConfigMixin):
             raise ValueError("ResNetConfig.replace_stride_with_dilation must have 3 entries (stages 2-4), got "
                              f"{self.replace_stride_with_dilation}")
         if self.block == "basic" and (self.groups != 1 or self.width_per_group != 64):
-            raise ValueError("ResNetConfig: the basic block supports only groups=1 and width_per_group=64 (as upstream)")
+            raise ValueError("ResNetConfig: the basic block supports only groups=1 and width_per_group=64 "
+                             "(as upstream)")
         if self.block == "basic" and any(self.replace_stride_with_dilation):
             raise ValueError("ResNetConfig: dilation is not supported with the basic block (as upstream)")
         if self.groups < 1 or self.width_per_group < 1 or self.num_classes < 0:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from converters.core import CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, norm_rules
-from medjax.models.resnet.convert import IGNORE, IGNORED
+from converters.core import CheckpointError, Converter, Format, Rule, conv, dense_rules, norm_rules
+from medjax.models.resnet.convert import IGNORE, IGNORED, check_torchvision_keys
 from medjax.models.vgg.model import FAMILY, VGGConfig
 
 _RUNNING_STAT = re.compile(r"features\.(\d+)\.running_(mean|var)")
@@ -59,7 +59,7 @@ def vgg_config(kw: dict) -> VGGConfig:
     """`VGG(make_layers(cfg, batch_norm), num_classes, init_weights, dropout)` arguments -> VGGConfig.
     `classifier_hidden` (not an upstream argument; default 4096) is the width of classifier[0] and classifier[3],
     for files whose classifier was rebuilt narrower. `init_weights` only changes the initialisation."""
-    check_keys(kw, _KW, "vgg config")
+    check_torchvision_keys(kw, _KW, FAMILY)
     if "cfg" not in kw:
         raise CheckpointError("vgg config: 'cfg' is required (the make_layers list, e.g. [64, 'M', 128, 'M', ...])")
     cfg = kw["cfg"]
