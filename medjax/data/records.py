@@ -187,7 +187,7 @@ def take_options(declared: Options, given: dict, dataset: str) -> dict:
                   isinstance(value, int) and not isinstance(value, bool) if kind is int else
                   isinstance(value, kind))
             if not ok:
-                raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected a {kind.__name__} "
+                raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected {kind.__name__} "
                                 f"(default {default!r})")
         out[name] = value
     return out
