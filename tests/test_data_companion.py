@@ -348,3 +348,10 @@ def test_options_are_declared_in_one_place():
     assert data.OPTIONS["nih_chestxray14"]["no_finding_class"][0] is False
     with pytest.raises(DataError, match="dataset 'ham10000' has no option 'classes'; its options: seed"):
         data.get_dataset("ham10000", "/nonexistent", classes=3)
+
+
+def test_options_cli(capsys):
+    assert data_cli(["options", "--dataset", "brain_tumor_figshare"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["brain_tumor_figshare"]["cv_fold"]["default"] is None
+    assert out["brain_tumor_figshare"]["check_images"]["default"] == "verify"

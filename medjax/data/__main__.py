@@ -1,7 +1,8 @@
-"""python -m medjax.data fake|describe
+"""python -m medjax.data fake|describe|options
 
   fake      --dataset NAME --root DIR --num N [--seed S] [--size PX]   write a synthetic dataset in the public layout
   describe  --dataset NAME --root DIR [--option KEY=VALUE ...]         print the splits as read, as JSON
+  options   [--dataset NAME]                                           the data options: default and help, as JSON
 
 describe prints {"dataset": NAME, "splits": {"train": {"images": N, "labels": {CLASS: COUNT}, "patients": N or
 null}, "val": ..., "test": ...}} to stdout (label counts are positives per class for multi-label sets); skipped
@@ -44,7 +45,15 @@ def main(argv=None) -> int:
     d.add_argument("--skip-bad-images", action="store_true")
     d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="reader option, value as JSON or a string, e.g. uncertain=ones, frontal_only=true")
+    o = sub.add_parser("options", help="print each dataset's data options (default, help) as JSON")
+    o.add_argument("--dataset", choices=sorted(data.READERS))
     args = parser.parse_args(argv)
+
+    if args.command == "options":
+        names = [args.dataset] if args.dataset else list(data.OPTIONS)
+        print(json.dumps({n: {k: {"default": d, "help": h} for k, (d, h) in data.OPTIONS[n].items()} for n in names},
+                         indent=1))
+        return 0
 
     if args.command == "fake":
         try:
