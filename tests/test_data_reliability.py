@@ -291,3 +291,14 @@ def test_a_failed_synthetic_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         fake.write_once("aptos2019", str(tmp_path / "aptos"), 4)
     assert os.listdir(tmp_path) == []
+
+
+def test_folder_reader_follows_symlinked_subfolders_once(tmp_path):
+    store = tmp_path / "store"
+    _png(str(store / "b.png"))
+    root = tmp_path / "root"
+    _png(str(root / "cats" / "a.png"))
+    os.symlink(store, root / "cats" / "more")  # a symlinked folder inside the root
+    os.symlink(root / "cats", store / "loop")  # and a loop back
+    ds = data.get_dataset("folder", str(root), val_fraction=0.0, test_fraction=0.0)
+    assert sorted(os.path.relpath(r.path, root) for r in ds.splits["train"]) == ["cats/a.png", "cats/more/b.png"]

@@ -134,8 +134,16 @@ def read_csv_dataset(root: str, **options) -> Dataset:
 
 
 def _images_under(folder: str) -> list[str]:
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+    """Image files below `folder`, following symlinked sub-folders (a common layout) but never one twice (loops)."""
+    out, seen = [], set()
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out.extend(os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(out)
 
 
 def read_folder(root: str, **options) -> Dataset:
