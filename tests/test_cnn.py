@@ -96,8 +96,10 @@ def test_fixture_parity_through_clis(name, tmp_path):
         assert max_abs(tokens, _nhwc_tokens(expected["debug_layer4"])) <= PARITY_TOL
     elif folder == "densenet":  # relu(norm5(...)), whose mean is the feature
         assert max_abs(tokens, _nhwc_tokens(np.maximum(expected["debug_features_prerelu"], 0))) <= PARITY_TOL
-    else:  # the last max-pool's 2x2 map of 32 channels
-        assert tokens.shape == (2, 4, 32)
+    else:  # the last max-pool's 2x2 map of 32 channels, before the adaptive pool
+        with torch.no_grad():
+            fmap = _reference_from_fixture(name).features(torch.from_numpy(np.load(fixture_path(folder, "images.npy"))))
+        assert tokens.shape == (2, 4, 32) and max_abs(tokens, _nhwc_tokens(fmap.numpy())) <= PARITY_TOL
     if folder != "vgg":
         assert max_abs(tokens.mean(axis=1), got["features"]) <= 1e-6
 
