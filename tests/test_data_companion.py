@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from medjax import data
-from medjax.data import DataError, fake
+from medjax.data import DataError
 from medjax.data.__main__ import main as data_cli
 
 NEW = ["nih_chestxray14", "chest_xray_pneumonia", "ham10000", "isic2018", "ichallenge_amd", "brain_tumor_figshare"]

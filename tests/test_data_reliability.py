@@ -5,7 +5,6 @@
 import csv
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest

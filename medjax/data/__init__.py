@@ -1,13 +1,18 @@
-"""medjax.data: the study's four datasets and a user's own, read in their public layouts, split reproducibly and fed
-as grain batches.
+"""medjax.data: the study's four datasets, the companion studies' six (NIH ChestX-ray14, pediatric pneumonia,
+HAM10000, ISIC 2018, iChallenge-AMD, Figshare brain tumour) and a user's own, read in their public layouts, checked,
+split reproducibly and fed as grain batches.
 
     dataset = medjax.data.get_dataset("chexpert", "/data/CheXpert-v1.0-small", workdir="/tmp/run")
     for batch in medjax.data.make_loader(dataset, "train", batch_size=64, train=True, seed=0):
         batch["image"]  # float32 (64, 224, 224, 1), normalised NHWC; batch["label"], batch["mask"]
 
 Data flows one way: files -> `Record`s (one module per dataset) -> splits (`splits.py`) -> grain transforms
-(`transforms.py`) -> batches (`pipeline.py`). `python -m medjax.data fake|describe` writes synthetic data in a
-public layout and prints what a reader sees.
+(`transforms.py`) -> batches (`pipeline.py`). `python -m medjax.data fake|describe|options` writes synthetic data
+in a public layout, prints what a reader sees, and lists the data options (`OPTIONS`).
+
+For the trainer: `Dataset.skipped_images` (every image left out, at start-up or while loading), `OPTIONS`
+({dataset: {option: (default, help)}}), `fake.write_once` (atomic synthetic data) and `DataError` (bad user data,
+one line naming the file, row or option).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from medjax.data.records import DataError, Dataset, Record, check_inside_root, f
 from medjax.data.records import allow_outside_root as _allow_outside_root
 from medjax.data.splits import write_split_file
 
-__all__ = ["OPTIONS", "READERS", "DataError", "Dataset", "Record", "describe", "get_dataset", "make_loader", "num_batches"]
+__all__ = ["OPTIONS", "READERS", "DataError", "Dataset", "Record", "describe", "get_dataset", "make_loader",
+           "num_batches"]
 log = logging.getLogger(__name__)
 
 # Dataset readers by name: each takes the dataset root and its keyword options and returns a split `Dataset`;
