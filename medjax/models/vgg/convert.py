@@ -19,7 +19,9 @@ class VGGFormat(Format):
     """`features.<i>.weight` is a conv kernel, or a BatchNorm weight in the `_bn` models: the key alone does not say
     which, the file does (a BatchNorm has running statistics). `matches`, which the converter calls on the file's
     whole key set before renaming anything, records those indices; the key table then maps their weight and bias to
-    the BatchNorm by their exact names, ahead of the generic conv rules."""
+    the BatchNorm by their exact names, ahead of the generic conv rules. The table is therefore the last file's: one
+    conversion at a time per process, as `python -m converters` runs. (A rank condition on `converters.core.Rule`
+    would make this stateless; the engine's table has none.)"""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
