@@ -1,6 +1,6 @@
 """Checkpoint conversion: official PyTorch / transformers / open_clip files -> medjax Flax parameters.
 
-    python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json]
+    python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json] [--linear-head HEAD.pth]
 
 Each backbone family's package declares its key tables, formats, config reader and variants in `convert.py`
 (`medjax/models/vit/convert.py`, ...), beside its model; `convert` is the same for all of them.
@@ -20,6 +20,7 @@ from medjax.pretrained import flatten_variables
 CONVERTER_VERSION = "1"
 _MODULES = [importlib.import_module(f"medjax.models.{pkg}.convert") for pkg in models.PACKAGES]
 FAMILIES = {f.name: f for module in _MODULES for f in module.CONVERTERS}
+_OWNERS = {f.name: module for module in _MODULES for f in module.CONVERTERS}  # converter name -> its convert module
 VARIANTS = {name: v for module in _MODULES for name, v in module.VARIANTS.items()}  # name -> (family, kwargs)
 
 __all__ = ["convert", "CheckpointError", "ConversionError", "FAMILIES", "VARIANTS"]
@@ -62,8 +63,9 @@ def _read_json(path: str) -> dict:
 def convert(checkpoint: str, output_dir: str, model: str, config_path: str | None = None, **options) -> dict:
     """Convert `checkpoint` for `model` (a variant or family name) into `output_dir`; returns the metadata.
 
-    options: ema=True takes a checkpoint's `model_ema` weights; family-specific choices such as
-    dinov2_resize='auto'|'official'|'transformers' reach the family's `adjust`.
+    options: ema=True takes a checkpoint's `model_ema` weights; linear_head=FILE adds a classifier head file the
+    family knows (DINOv2's hub `*_linear[4]_head.pth`: its family module's `attach_linear_head`); family-specific
+    choices such as dinov2_resize='auto'|'official'|'transformers' reach the family's `adjust`.
     """
     family_name, kwargs = _resolve_model(model, _read_json(config_path) if config_path else None)
     family = FAMILIES[family_name]
@@ -89,9 +91,18 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
             renamed[name] = value
     if not renamed:
         raise CheckpointError(f"{checkpoint}: no keys under {fmt.select_prefix!r}")
+    rules, head_source = fmt.rules, None
+    if options.get("linear_head"):
+        attach = getattr(_OWNERS[family_name], "attach_linear_head", None)
+        if attach is None:
+            raise CheckpointError(f"--linear-head: the {family_name} family has no classifier heads to attach "
+                                  "(DINOv2's hub linear heads go with a dinov2 backbone)")
+        config, head_state, head_rules, head_source = attach(config, options["linear_head"])
+        renamed.update(head_state)
+        rules = list(rules) + list(head_rules)
     expected = {k: tuple(v.shape) for k, v in flatten_variables(models.variable_shapes(config)).items()}
     notes = [f"(format {fmt.name}; ignorable keys: {family.ignored})"]
-    variables = apply_rules(renamed, fmt.rules, fmt.ignore, expected, checkpoint, model, fmt.hooks, notes)
+    variables = apply_rules(renamed, rules, fmt.ignore, expected, checkpoint, model, fmt.hooks, notes)
     files = resolve_checkpoint(checkpoint)
     metadata = {
         "family": family_name,
@@ -99,7 +110,8 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
         "architecture": config.to_dict(),
         "source": {"file": os.path.basename(os.path.normpath(checkpoint)), "sha256": ",".join(map(sha256, files)),
                    "format": fmt.name, "config": os.path.basename(config_path) if config_path else None,
-                   "ignored_keys_outside_prefix": outside},
+                   "ignored_keys_outside_prefix": outside,
+                   **({"linear_head": head_source} if head_source else {})},
         "converter_version": CONVERTER_VERSION,
         "num_params": models.count_params(variables["params"]),
     }

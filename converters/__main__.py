@@ -1,4 +1,4 @@
-"""python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json]"""
+"""python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json] [--linear-head HEAD.pth]"""
 
 from __future__ import annotations
 
@@ -22,12 +22,16 @@ def main(argv=None) -> int:
                                          "config, or a transformers config.json")
     parser.add_argument("--dinov2-resize", choices=("auto", "official", "transformers"), default="auto",
                         help="DINOv2 run-time pos-embed resize: as the file's implementation does (auto), or forced")
+    parser.add_argument("--linear-head", metavar="FILE",
+                        help="DINOv2 only: the hub's ImageNet linear classifier for this backbone "
+                             "(dinov2_vit*14[_reg4]_linear_head.pth or _linear4_head.pth); stored as lc_head/* and "
+                             "run by medjax.embed as lc_linear_input / lc_logits")
     parser.add_argument("--ema", action="store_true",
                         help="use the EMA weights (`model_ema`) of a checkpoint that holds both")
     args = parser.parse_args(argv)
     try:
         meta = convert(args.checkpoint, args.output_dir, args.model, args.config, dinov2_resize=args.dinov2_resize,
-                       ema=args.ema)
+                       ema=args.ema, linear_head=args.linear_head)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,31 @@ REFERENCE_COUNTS = {  # the same architectures in transformers (PyTorch), counte
         image_size=224, use_head=False)),
     "coca_vit_b32": lambda: _coca_count(768, 12, 32, 512),
     "coca_vit_l14": lambda: _coca_count(1024, 24, 14, 768),
+    # transformers' ViTModel (pooler) / ViTForImageClassification trunk (no pooler), ViTMSNModel, CLIP vision towers
+    "vit_base_patch16_224_in21k": lambda: _vit_hf(transformers.ViTModel, transformers.ViTConfig, 768, 12, 12, 16),
+    "vit_large_patch16_224_in21k": lambda: _vit_hf(transformers.ViTModel, transformers.ViTConfig, 1024, 24, 16, 16),
+    "vit_huge_patch14_224_in21k": lambda: _vit_hf(transformers.ViTModel, transformers.ViTConfig, 1280, 32, 16, 14),
+    "vit_base_patch16_224": lambda: _hf_count(transformers.ViTModel, transformers.ViTConfig(), skip=("pooler",)),
+    "vit_large_patch16_224": lambda: _hf_count(transformers.ViTModel, transformers.ViTConfig(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096), skip=("pooler",)),
+    **{f"vit_msn_{name}": (lambda a=args: _vit_hf(transformers.ViTMSNModel, transformers.ViTMSNConfig, *a))
+       for name, args in {"small": (384, 12, 6, 16), "base": (768, 12, 12, 16), "large": (1024, 24, 16, 16),
+                          "base_4": (768, 12, 12, 4), "large_7": (1024, 24, 16, 7)}.items()},
+    "vit_mae_large": lambda: _vit_hf(transformers.ViTMAEModel, transformers.ViTMAEConfig, 1024, 24, 16, 16),
+    **{name: (lambda a=args: _clip_hf(*a)) for name, args in {
+        "clip_vit_base_patch32": (768, 12, 12, 32, 512), "clip_vit_base_patch16": (768, 12, 12, 16, 512),
+        "clip_vit_large_patch14": (1024, 24, 16, 14, 768), "clip_vit_large_patch14_336": (1024, 24, 16, 14, 768, 336),
+        "clip_vit_huge_patch14_laion2b": (1280, 32, 16, 14, 1024), "clip_vit_h14": (1280, 32, 16, 14, 1024)}.items()},
+    # timm's vit_base_patch16_224 trunk (= transformers' ViT without pooler) + open_clip's bias-free head.proj
+    "biomedclip_vit_base_patch16_224": lambda: _hf_count(transformers.ViTModel, transformers.ViTConfig(),
+                                                         skip=("pooler",)) + 768 * 512,
 }
+
+
+def _clip_hf(dim, depth, heads, patch, projection, image=224):
+    return _hf_count(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(
+        hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=depth, num_attention_heads=heads,
+        patch_size=patch, image_size=image, projection_dim=projection))
 
 
 def _coca_count(width, layers, patch, out_dim):

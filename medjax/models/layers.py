@@ -249,3 +249,24 @@ class BatchNorm(nn.Module):
         dtype = self.dtype or x.dtype
         return (x.astype(jnp.float32) - mean) * inv + bias if dtype == jnp.float32 else \
             ((x - mean.astype(dtype)) * inv.astype(dtype) + bias.astype(dtype))
+
+
+# ------------------------------------------------------------------------------------------------ CLIP's activation
+
+
+def quick_gelu(x):
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x) (transformers' `quick_gelu`, open_clip's QuickGELU)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class QuickGeluMlp(nn.Module):
+    """fc1 -> quick_gelu -> fc2 (the MLP of the OpenAI CLIP towers)."""
+
+    hidden: int
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        h = quick_gelu(dense(self.hidden, self.use_bias, self.dtype, "fc1")(x))
+        return dense(x.shape[-1], self.use_bias, self.dtype, "fc2")(h)

@@ -1,14 +1,17 @@
-"""Key tables and config readers for the ViT family: DINOv2, MAE, DeiT (timm naming), transformers' Dinov2 /
-Dinov2WithRegisters / ViTMAE / ViT / Aimv2Vision, apple/ml-aim's AIMv2, and the open_clip CLIP and CoCa towers."""
+"""Key tables and config readers for the ViT family: DINOv2 (and its hub linear-classifier heads), MAE, DeiT (timm
+naming), transformers' Dinov2 / Dinov2WithRegisters / ViTMAE / ViT / ViTMSN / CLIP vision / Aimv2Vision, apple/ml-aim's
+AIMv2, the open_clip CLIP and CoCa towers and BiomedCLIP (open_clip with a timm ViT trunk)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 
 import numpy as np
 
 from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules,
-                             linear, norm_rules, pair, reshape)
+                             linear, norm_rules, pair, read_state_dict, reshape, sha256)
 from medjax.models.layers import swiglu_hidden
 from medjax.models.vit.model import ViTConfig
 
@@ -131,6 +134,34 @@ HF_AIM_RULES = [
     *norm_rules("rms_norm", "norm", bias=False),
 ]
 
+# transformers ViTModel / ViTMSNModel / ViTForImageClassification on disk (`vit.` stripped): HF_RULES plus the pooler.
+HF_VIT_RULES = HF_RULES + dense_rules("pooler.dense", "pooler")
+
+# transformers CLIPVisionModel[WithProjection] and the vision half of CLIPModel (`vision_model.` stripped).
+HF_CLIP_RULES = [
+    Rule("embeddings.class_embedding", "cls_token", reshape),
+    Rule("embeddings.patch_embedding.weight", "patch_embed/kernel", conv),
+    Rule("embeddings.position_embedding.weight", "pos_embed", reshape),
+    *norm_rules("pre_layrnorm", "ln_pre"),  # sic
+    *norm_rules("encoder.layers.{i}.layer_norm1", "blocks_{i}/norm1"),
+    *dense_rules("encoder.layers.{i}.self_attn.q_proj", "blocks_{i}/attn/qkv", (0, 3)),
+    *dense_rules("encoder.layers.{i}.self_attn.k_proj", "blocks_{i}/attn/qkv", (1, 3)),
+    *dense_rules("encoder.layers.{i}.self_attn.v_proj", "blocks_{i}/attn/qkv", (2, 3)),
+    *dense_rules("encoder.layers.{i}.self_attn.out_proj", "blocks_{i}/attn/proj"),
+    *norm_rules("encoder.layers.{i}.layer_norm2", "blocks_{i}/norm2"),
+    *dense_rules("encoder.layers.{i}.mlp.fc1", "blocks_{i}/mlp/fc1"),
+    *dense_rules("encoder.layers.{i}.mlp.fc2", "blocks_{i}/mlp/fc2"),
+    *norm_rules("post_layernorm", "norm"),
+    Rule("visual_projection.weight", "proj", linear),  # nn.Linear without bias
+]
+
+# BiomedCLIP: open_clip's TimmModel under `visual.` = a timm VisionTransformer `trunk` + `head.proj` (no bias).
+BIOMEDCLIP_RULES = [dataclasses.replace(r, source=f"trunk.{r.source}") for r in TIMM_RULES] + [
+    Rule("head.proj.weight", "proj", linear)]
+
+# DINOv2's hub linear classifier (`dinov2_*_linear[4]_head.pth`, an nn.Linear state dict), under `lc_head.`.
+LINEAR_HEAD_RULES = dense_rules("lc_head", "lc_head")
+
 # ------------------------------------------------------------------------------------------------ formats
 
 
@@ -157,7 +188,10 @@ def pos_embed_load_resize(antialias: bool):
 
 
 BICUBIC_RESIZE = pos_embed_load_resize(antialias=False)  # MAE interpolate_pos_embed, DeiT
-ANTIALIASED_BICUBIC_RESIZE = pos_embed_load_resize(antialias=True)  # open_clip resize_pos_embed
+ANTIALIASED_BICUBIC_RESIZE = pos_embed_load_resize(antialias=True)  # open_clip resize_pos_embed, timm resample
+
+# A whole CLIPModel file: the text tower, its projection and logit_scale; older files also hold int64 position_ids.
+_HF_CLIP_IGNORE = [r"text_model\..*", r"text_projection\.weight", r"logit_scale", r"embeddings\.position_ids"]
 
 FORMATS = [
     Format("dinov2_hub", "dinov2", TIMM_RULES, r"pos_embed",
@@ -180,6 +214,20 @@ FORMATS = [
     Format("aimv2_ml_aim", "aimv2", AIM_RULES, r"preprocessor\.patchifier\.proj\.weight"),
     Format("aimv2_transformers", "aimv2", HF_AIM_RULES, r"embeddings\.patch_embed\.weight",
            ignore=[r"head\..*"], strip_prefixes=("vision_model.",), hf=True),
+    # The pooler's presence is read off the file (ViTModel has it; ViTMSNModel and ViTForImageClassification do not).
+    Format("vit_transformers_pooler", "hf_vit", HF_VIT_RULES, r"pooler\.dense\.weight",
+           ignore=[r"classifier\..*", r"embeddings\.mask_token"], strip_prefixes=("vit.",), hf=True,
+           hooks={"pos_embed": BICUBIC_RESIZE}),
+    Format("vit_transformers", "hf_vit", HF_VIT_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
+           ignore=[r"classifier\..*", r"embeddings\.mask_token"], strip_prefixes=("vit.",), hf=True,
+           hooks={"pos_embed": BICUBIC_RESIZE}),
+    # Likewise the projection (CLIPVisionModelWithProjection, CLIPModel; CLIPVisionModel has none).
+    Format("clip_transformers_projection", "hf_clip", HF_CLIP_RULES, r"visual_projection\.weight",
+           ignore=_HF_CLIP_IGNORE, strip_prefixes=("vision_model.",), hf=True, hooks={"pos_embed": BICUBIC_RESIZE}),
+    Format("clip_transformers", "hf_clip", HF_CLIP_RULES, r"embeddings\.patch_embedding\.weight",
+           ignore=_HF_CLIP_IGNORE, strip_prefixes=("vision_model.",), hf=True, hooks={"pos_embed": BICUBIC_RESIZE}),
+    Format("biomedclip_open_clip", "biomedclip", BIOMEDCLIP_RULES, r"trunk\.patch_embed\.proj\.weight",
+           select_prefix="visual.", hooks={"pos_embed": ANTIALIASED_BICUBIC_RESIZE}),
 ]
 
 IGNORED_KEYS_DOC = {
@@ -189,6 +237,9 @@ IGNORED_KEYS_DOC = {
     "clip": "everything outside visual.* (text tower, logit_scale)",
     "coca": "everything outside visual.* (text tower, text_decoder, logit_scale)",
     "aimv2": "transformers' head.* (use_head)",
+    "hf_vit": "classifier.* (ViTForImageClassification / ViTMSNForImageClassification), embeddings.mask_token",
+    "hf_clip": "text_model.*, text_projection.weight, logit_scale (a whole CLIPModel), position_ids buffers",
+    "biomedclip": "everything outside visual.* (the BERT text tower text.*, logit_scale, position_ids)",
 }
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -205,7 +256,8 @@ def _grid(img_size, patch) -> tuple[int, int]:
 
 _DINOV2_KW = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
               "ffn_bias", "proj_bias", "init_values", "ffn_layer", "num_register_tokens", "interpolate_antialias",
-              "interpolate_offset"}
+              "interpolate_offset",
+              "head"}  # a description of the hub linear head beside the backbone; the head itself is --linear-head
 
 
 def dinov2_config(kw: dict) -> ViTConfig:
@@ -267,8 +319,7 @@ def open_clip_config(cfg: dict, family: str = "clip") -> ViTConfig:
     if coca and v.get("attentional_pool") is not True:
         raise CheckpointError("coca config: vision_cfg.attentional_pool must be true (CoCa's pooler); a tower "
                               "without it is --model clip")
-    unsupported = {"quick_gelu": cfg.get("quick_gelu", False),
-                   "attentional_pool": v.get("attentional_pool", False) is not coca,
+    unsupported = {"attentional_pool": v.get("attentional_pool", False) is not coca,
                    "no_ln_pre": v.get("no_ln_pre", False), "final_ln_after_pool": v.get("final_ln_after_pool", False),
                    "pool_type not 'tok'": v.get("pool_type", "tok") != "tok",
                    "pos_embed_type not 'learnable'": v.get("pos_embed_type", "learnable") != "learnable",
@@ -276,13 +327,14 @@ def open_clip_config(cfg: dict, family: str = "clip") -> ViTConfig:
     bad = [k for k, on in unsupported.items() if on]
     if bad:
         raise CheckpointError(f"open_clip config: unsupported options {bad} (medjax's CLIP tower is the standard "
-                              "ViT with GELU, ln_pre and token pooling; CoCa has its own family)")
+                              "ViT with GELU or QuickGELU, ln_pre and token pooling; CoCa has its own family)")
     width, patch = v.get("width", 768), v.get("patch_size", 16)
     return ViTConfig(
         width=width, depth=v.get("layers", 12), num_heads=width // v.get("head_width", 64),
         patch_size=patch, pos_grid=_grid(v.get("image_size", 224), patch),
         mlp_hidden=int(width * v.get("mlp_ratio", 4.0)), patch_bias=False, layerscale=v.get("ls_init_value") is not None,
         norm_eps=1e-5, ln_pre=True, proj_dim=cfg["embed_dim"], family=family,
+        act="quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
         attn_pool_queries=v.get("attn_pooler_queries", 256) if coca else 0, attn_pool_heads=v.get("attn_pooler_heads", 8))
 
 
@@ -343,7 +395,109 @@ def transformers_config(cfg: dict, family: str) -> ViTConfig:
                      pos_resize="size", pos_resize_antialias=bool(registers), **common)
 
 
+_HF_VIT_EPS = {"vit": 1e-12, "vit_msn": 1e-6, "vit_mae": 1e-12}  # the config classes' layer_norm_eps defaults
+
+
+def hf_vit_config(cfg: dict) -> ViTConfig:
+    """transformers ViTConfig (`vit`: google/vit-*), ViTMSNConfig (`vit_msn`: facebook/vit-msn-*) or ViTMAEConfig
+    (`vit_mae`, an MAE encoder read as a ViT, as the radiology study loads facebook/vit-mae-large). The pooler's
+    presence follows `architectures` here (ViTModel has one) and the file at conversion."""
+    model_type = cfg.get("model_type")
+    if model_type not in _HF_VIT_EPS:
+        raise CheckpointError(f"transformers config has model_type {model_type!r}; an hf_vit checkpoint needs one of "
+                              f"{sorted(_HF_VIT_EPS)} (a CLIP vision tower is --model hf_clip)")
+    problems = [f"{k} {cfg[k]!r} (only {ok!r})" for k, ok in (("hidden_act", "gelu"), ("pooler_act", "tanh"))
+                if cfg.get(k, ok) != ok]
+    if problems:
+        raise CheckpointError("transformers ViT config: unsupported settings: " + "; ".join(problems))
+    dim, patch = cfg.get("hidden_size", 768), cfg.get("patch_size", 16)
+    architectures = cfg.get("architectures") or ["ViTModel"]
+    pooler = model_type == "vit" and "ViTModel" in architectures
+    return ViTConfig(
+        family="hf_vit", width=dim, depth=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
+        patch_size=patch, pos_grid=_grid(cfg.get("image_size", 224), patch), mlp_hidden=cfg.get("intermediate_size", 3072),
+        in_chans=cfg.get("num_channels", 3), qkv_bias=cfg.get("qkv_bias", True),
+        norm_eps=float(cfg.get("layer_norm_eps", _HF_VIT_EPS[model_type])),
+        pooler_dim=(cfg.get("pooler_output_size") or dim) if pooler else 0)
+
+
+def hf_clip_config(cfg: dict) -> ViTConfig:
+    """transformers CLIPVisionConfig (`clip_vision_model`), or CLIPConfig (`clip`: its vision_config, and its
+    projection_dim for visual_projection). Missing keys take the config classes' defaults."""
+    model_type = cfg.get("model_type")
+    projection = cfg.get("projection_dim", 512)
+    if model_type == "clip":
+        if not isinstance(cfg.get("vision_config"), dict):
+            raise CheckpointError("transformers CLIPConfig has no `vision_config`")
+        cfg = cfg["vision_config"]
+    elif model_type != "clip_vision_model":
+        raise CheckpointError(f"transformers config has model_type {model_type!r}; an hf_clip checkpoint needs "
+                              "'clip_vision_model' or 'clip'")
+    act = cfg.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise CheckpointError(f"transformers CLIP config: hidden_act {act!r} is not supported (quick_gelu, gelu)")
+    dim, patch = cfg.get("hidden_size", 768), cfg.get("patch_size", 32)
+    return ViTConfig(
+        family="hf_clip", width=dim, depth=cfg.get("num_hidden_layers", 12),
+        num_heads=cfg.get("num_attention_heads", 12), patch_size=patch,
+        pos_grid=_grid(cfg.get("image_size", 224), patch), mlp_hidden=cfg.get("intermediate_size", 3072),
+        in_chans=cfg.get("num_channels", 3), patch_bias=False, norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        ln_pre=True, proj_dim=projection, act=act)
+
+
+# timm's stock ViT entry points (`vit_<size>_patch<p>_<img>`), as open_clip's TimmModel creates them by name.
+_TIMM_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
+               "huge": (1280, 32, 16)}
+_BIOMEDCLIP_VISION_KW = {"timm_model_name", "timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias",
+                         "timm_drop", "timm_drop_path", "image_size", "timm_model_kwargs"}
+
+
+def biomedclip_config(cfg: dict) -> ViTConfig:
+    """An open_clip model config whose vision tower is a timm ViT (BiomedCLIP's `open_clip_config.json`, its
+    `model_cfg`, or the model config alone). The trunk is timm's `vision_cfg.timm_model_name` entry point with
+    `vision_cfg.timm_model_kwargs` on top; its image size is `timm_model_kwargs.img_size`, else `vision_cfg.image_size`,
+    else the entry point's own."""
+    if isinstance(cfg.get("model_cfg"), dict):
+        cfg = cfg["model_cfg"]
+    check_keys(cfg, {"embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "cast_dtype",
+                     "init_logit_bias", "preprocess_cfg"}, "biomedclip open_clip config")
+    v = cfg.get("vision_cfg")
+    if not isinstance(v, dict) or "embed_dim" not in cfg:
+        raise CheckpointError("biomedclip config: needs `embed_dim` and `vision_cfg` (an open_clip model config)")
+    check_keys(v, _BIOMEDCLIP_VISION_KW, "biomedclip vision_cfg")
+    name = str(v.get("timm_model_name", ""))
+    m = re.fullmatch(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)(\..*)?", name)
+    if not m:
+        raise CheckpointError(f"biomedclip config: timm_model_name {name!r} is not supported; medjax reads timm's "
+                              f"stock ViTs vit_<{'|'.join(_TIMM_SIZES)}>_patch<P>_<SIZE>")
+    problems = []
+    if v.get("timm_pool", "") not in ("", None, "token"):
+        problems.append(f"timm_pool {v['timm_pool']!r} (only '' = the trunk's CLS pooling)")
+    if v.get("timm_proj", "linear") != "linear" or v.get("timm_proj_bias", False):
+        problems.append(f"timm_proj {v.get('timm_proj')!r} / timm_proj_bias {v.get('timm_proj_bias')!r} (only a "
+                        "bias-free 'linear' projection)")
+    if problems:
+        raise CheckpointError("biomedclip config: unsupported vision_cfg settings: " + "; ".join(problems))
+    dim, depth, heads = _TIMM_SIZES[m.group(1)]
+    kw = {"embed_dim": dim, "depth": depth, "num_heads": heads, "patch_size": int(m.group(2)),
+          "img_size": int(m.group(3))}
+    extra = dict(v.get("timm_model_kwargs") or {})
+    if "image_size" in v:
+        if "img_size" in extra and pair(extra["img_size"]) != pair(v["image_size"]):
+            raise CheckpointError(f"biomedclip config: vision_cfg.image_size {v['image_size']} differs from the trunk's "
+                                  f"timm_model_kwargs.img_size {extra['img_size']}")
+        kw["img_size"] = v["image_size"]
+    config = timm_config({**kw, **extra}, "biomedclip")
+    return dataclasses.replace(config, proj_dim=cfg["embed_dim"])
+
+
 def parse_config(family: str, cfg: dict) -> ViTConfig:
+    if family == "hf_vit":
+        return hf_vit_config(cfg)
+    if family == "hf_clip":
+        return hf_clip_config(cfg)
+    if family == "biomedclip":
+        return biomedclip_config(cfg)
     if "model_type" in cfg:
         return transformers_config(cfg, family)
     if family == "dinov2":
@@ -406,6 +560,60 @@ VARIANTS.update({
 })
 
 
+def _hf_vit(dim, depth, heads, patch, model_type="vit", architecture="ViTModel", eps=None):
+    cfg = {"model_type": model_type, "architectures": [architecture], "hidden_size": dim, "num_hidden_layers": depth,
+           "num_attention_heads": heads, "intermediate_size": 4 * dim, "patch_size": patch, "image_size": 224}
+    return ("hf_vit", cfg | ({"layer_norm_eps": eps} if eps else {}))
+
+
+def _hf_clip(dim, depth, heads, patch, projection, act="quick_gelu", image=224):
+    return ("hf_clip", {"model_type": "clip_vision_model", "hidden_size": dim, "num_hidden_layers": depth,
+                        "num_attention_heads": heads, "intermediate_size": 4 * dim, "patch_size": patch,
+                        "image_size": image, "projection_dim": projection, "hidden_act": act})
+
+
+VARIANTS.update({
+    # transformers' google/vit-*: ViTModel (with the pooler) for the ImageNet-21k files, ViTForImageClassification
+    # (no pooler, its classifier ignored) for the fine-tuned ones
+    "vit_base_patch16_224_in21k": _hf_vit(768, 12, 12, 16),
+    "vit_large_patch16_224_in21k": _hf_vit(1024, 24, 16, 16),
+    "vit_huge_patch14_224_in21k": _hf_vit(1280, 32, 16, 14),
+    "vit_base_patch16_224": _hf_vit(768, 12, 12, 16, architecture="ViTForImageClassification"),
+    "vit_large_patch16_224": _hf_vit(1024, 24, 16, 16, architecture="ViTForImageClassification"),
+    # facebook/vit-msn-*
+    "vit_msn_small": _hf_vit(384, 12, 6, 16, "vit_msn", "ViTMSNModel", 1e-6),
+    "vit_msn_base": _hf_vit(768, 12, 12, 16, "vit_msn", "ViTMSNModel", 1e-6),
+    "vit_msn_large": _hf_vit(1024, 24, 16, 16, "vit_msn", "ViTMSNModel", 1e-6),
+    "vit_msn_base_4": _hf_vit(768, 12, 12, 4, "vit_msn", "ViTMSNModel", 1e-6),
+    "vit_msn_large_7": _hf_vit(1024, 24, 16, 7, "vit_msn", "ViTMSNModel", 1e-6),
+    # facebook/vit-mae-large read as a ViT (the radiology study's MAE-L baseline; `mae_*` is MAE's own reading)
+    "vit_mae_large": _hf_vit(1024, 24, 16, 16, "vit_mae", "ViTMAEForPreTraining"),
+    # transformers CLIP vision towers: openai/clip-vit-* (quick_gelu), laion/CLIP-ViT-H-14-laion2B-s32B-b79K (gelu)
+    "clip_vit_base_patch32": _hf_clip(768, 12, 12, 32, 512),
+    "clip_vit_base_patch16": _hf_clip(768, 12, 12, 16, 512),
+    "clip_vit_large_patch14": _hf_clip(1024, 24, 16, 14, 768),
+    "clip_vit_large_patch14_336": _hf_clip(1024, 24, 16, 14, 768, image=336),
+    "clip_vit_huge_patch14_laion2b": _hf_clip(1280, 32, 16, 14, 1024, act="gelu"),
+    # open_clip ViT-H-14 (laion2b_s32b_b79k) in open_clip's own naming
+    "clip_vit_h14": ("clip", {"embed_dim": 1024, "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280,
+                                                                 "head_width": 80, "patch_size": 14}}),
+    # microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (open_clip_config.json's model_cfg, vision part)
+    "biomedclip_vit_base_patch16_224": ("biomedclip", {"embed_dim": 512, "vision_cfg": {
+        "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+        "timm_proj": "linear", "image_size": 224}}),
+})
+
+
+def _adjust_hf(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) -> ViTConfig:
+    """The transformers ViT pooler and CLIP projection exist when the file holds them (the config cannot say)."""
+    if config.family == "hf_vit":
+        pooler = fmt.name == "vit_transformers_pooler"
+        return dataclasses.replace(config, pooler_dim=(kwargs.get("pooler_output_size") or config.width) if pooler else 0)
+    if fmt.name == "clip_transformers":
+        return dataclasses.replace(config, proj_dim=None)
+    return config
+
+
 def _adjust_dinov2(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) -> ViTConfig:
     """--dinov2-resize: 'auto' resizes as the implementation the file came from; 'official' / 'transformers' force."""
     style = options.get("dinov2_resize", "auto")
@@ -416,8 +624,42 @@ def _adjust_dinov2(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) 
     return dinov2_resize(config, style)
 
 
+_ADJUST = {"dinov2": _adjust_dinov2, "hf_vit": _adjust_hf, "hf_clip": _adjust_hf}
+
 CONVERTERS = [
     Converter(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
-           IGNORED_KEYS_DOC[name], _adjust_dinov2 if name == "dinov2" else None)
-    for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2")
+              IGNORED_KEYS_DOC[name], _ADJUST.get(name))
+    for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2", "hf_vit", "hf_clip", "biomedclip")
 ]
+
+# ------------------------------------------------------------------------------------------------ linear heads
+
+
+def attach_linear_head(config: ViTConfig, path: str) -> tuple[ViTConfig, dict, list, dict]:
+    """DINOv2's hub linear classifier `dinov2_vit*14[_reg4]_linear[4]_head.pth` (an nn.Linear state dict
+    {weight (1000, (1 + L) * D), bias}) for a converted backbone: returns the config with `lc_layers` = L (1 or 4, read
+    off the weight's shape), the head's tensors under `lc_head.*`, its key table and its provenance."""
+    if config.family != "dinov2":
+        raise CheckpointError(f"--linear-head: {path} is a DINOv2 linear-classifier head; the backbone is "
+                              f"{config.family}, not dinov2")
+    state = read_state_dict(path)
+    if set(state) != {"weight", "bias"}:
+        raise CheckpointError(f"--linear-head {path}: expected the state dict of one nn.Linear (`weight`, `bias`), "
+                              f"got keys {sorted(state)[:10]}")
+    weight, bias = state["weight"], state["bias"]
+    if weight.ndim != 2 or bias.shape != (weight.shape[0],):
+        raise CheckpointError(f"--linear-head {path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are not "
+                              "an nn.Linear's")
+    inputs, width = weight.shape[1], config.width
+    layers = inputs // width - 1
+    if inputs % width or layers not in (1, 4):
+        raise CheckpointError(
+            f"--linear-head {path}: its input has {inputs} features; a head on this backbone (width {width}) takes "
+            f"(1 + layers) * {width} = {2 * width} (layers 1, `_linear_head.pth`) or {5 * width} (layers 4, "
+            "`_linear4_head.pth`): is it the head of another model size?")
+    if layers > config.depth:
+        raise CheckpointError(f"--linear-head {path}: a {layers}-layer head needs {layers} blocks, the backbone has "
+                              f"{config.depth}")
+    config = dataclasses.replace(config, lc_layers=layers, lc_classes=int(weight.shape[0]))
+    source = {"file": os.path.basename(path), "sha256": sha256(path), "layers": layers, "classes": config.lc_classes}
+    return config, {"lc_head.weight": weight, "lc_head.bias": bias}, LINEAR_HEAD_RULES, source

@@ -1,8 +1,9 @@
-"""One Vision Transformer for the ViT family: DINOv2, MAE, DeiT, AIMv2 and the open_clip CLIP and CoCa towers.
+"""One Vision Transformer for the ViT family: DINOv2 (with its ImageNet linear classifiers), MAE, DeiT, AIMv2, the
+open_clip CLIP and CoCa towers, transformers' ViT / ViT-MSN / CLIP vision towers and BiomedCLIP's timm trunk.
 
-The families differ only in switches of `ViTConfig` (CLS token, LayerNorm or RMSNorm, LayerScale, SwiGLU, registers,
-ln_pre, the attentional pooler, projection, how the pos-embed follows the input size) and in which outputs they
-expose. Input is NHWC float.
+The families differ only in switches of `ViTConfig` (CLS token, LayerNorm or RMSNorm, LayerScale, SwiGLU, the MLP
+activation, registers, ln_pre, the attentional pooler, the tanh pooler, projection, how the pos-embed follows the
+input size) and in which outputs they expose. Input is NHWC float.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from medjax.models.layers import Attention, AttentionalPooler, LayerScale, Mlp, SwiGLU, layer_norm, rms_norm
+from medjax.models.layers import (Attention, AttentionalPooler, LayerScale, Mlp, QuickGeluMlp, SwiGLU, dense,
+                                  layer_norm, rms_norm)
 from medjax.resize import resize_bicubic
 
-NAMES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca")
+NAMES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca", "hf_vit", "hf_clip", "biomedclip")
+# The families whose protocol taps are the block outputs as they are (transformers' `hidden_states[-n:]`, as the
+# radiology study reads them), not normed by the final norm.
+UNNORMED_TAPS = ("hf_vit", "hf_clip")
 
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    family: Literal["dinov2", "mae", "deit", "clip", "aimv2", "coca"]
+    family: Literal["dinov2", "mae", "deit", "clip", "aimv2", "coca", "hf_vit", "hf_clip", "biomedclip"]
     width: int
     depth: int
     num_heads: int
@@ -55,6 +60,11 @@ class ViTConfig:
     pos_resize: Literal["none", "offset", "size", "truncate"] = "none"
     pos_resize_offset: float = 0.0
     pos_resize_antialias: bool = False
+    act: Literal["gelu", "quick_gelu"] = "gelu"  # the MLP activation: exact-erf GELU, or CLIP's x * sigmoid(1.702 x)
+    pooler_dim: int = 0  # transformers' ViTModel pooler: tanh(Dense(pooler_dim)(final-normed CLS)); 0: none
+    # DINOv2's ImageNet linear classifier (`dinov2_*_linear[4]_head.pth`): 0 none, or its 1 / 4 last blocks
+    lc_layers: int = 0
+    lc_classes: int = 1000
     # How the blocks run; neither changes the outputs (tests/test_perf.py).
     #   remat - recompute each block's activations in the backward pass instead of keeping them (nn.remat): the
     #           activation memory of a step drops from `depth` blocks' worth to about one, for ~1/3 more FLOPs;
@@ -67,6 +77,12 @@ class ViTConfig:
     def __post_init__(self):
         if self.family not in NAMES:
             raise ValueError(f"ViTConfig.family must be one of {NAMES}, got {self.family!r}")
+        if self.lc_layers not in (0, 1, 4) or (self.lc_layers and self.family != "dinov2"):
+            raise ValueError(f"ViTConfig: lc_layers must be 0, or 1 / 4 for a dinov2 backbone, got {self.lc_layers} "
+                             f"({self.family})")
+        if self.lc_layers > self.depth:
+            raise ValueError(f"ViTConfig: a linear classifier over the last {self.lc_layers} blocks needs depth >= "
+                             f"{self.lc_layers}, got {self.depth}")
         if self.width % self.num_heads:
             raise ValueError(f"ViTConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
         object.__setattr__(self, "pos_grid", tuple(self.pos_grid))
@@ -103,7 +119,7 @@ class Block(nn.Module):
         y = Attention(c.num_heads, c.qkv_bias, c.proj_bias, self.dtype, name="attn")(y)
         x = x + (LayerScale(name="ls1")(y) if c.layerscale else y)
         y = make_norm(c, "norm2", self.dtype)(x)
-        ffn = SwiGLU if c.ffn == "swiglu" else Mlp
+        ffn = SwiGLU if c.ffn == "swiglu" else QuickGeluMlp if c.act == "quick_gelu" else Mlp
         y = ffn(c.mlp_hidden, c.ffn_bias, self.dtype, name="mlp")(y)
         return x + (LayerScale(name="ls2")(y) if c.layerscale else y)
 
@@ -133,19 +149,36 @@ _materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
 def apply_blocks(config: ViTConfig, x, dtype=None):
     """The `depth` blocks, one after another: unrolled (`blocks_<i>`) or scanned (`blocks`, stacked), each
     optionally rematerialised. Must be called inside a compact method (the blocks become its submodules)."""
+    return block_outputs(config, x, dtype, 1)[-1]
+
+
+def block_outputs(config: ViTConfig, x, dtype=None, last: int = 1) -> list:
+    """`apply_blocks`, returning the outputs of the `last` last blocks in block order (the final one last)."""
     # prevent_cse keeps XLA from merging the recomputation into the forward pass; a scan body already prevents it.
     block = nn.remat(Block, prevent_cse=not config.scan) if config.remat else Block
     if not config.scan:
         barrier = jax.default_backend() == "cpu"  # GPU/TPU fusion does not duplicate the chain (and a cond syncs)
+        outputs = []
         for i in range(config.depth):
             if barrier:
                 x = _materialize_cotangent(x)
             x = block(config, dtype, name=f"blocks_{i}")(x)
-        return x
-    scan = nn.scan(lambda module, carry, _: (module(carry), None), variable_axes={"params": 0},
-                   split_rngs={"params": True}, length=config.depth)
-    x, _ = scan(block(config, dtype, name="blocks"), x, None)
-    return x
+            if i >= config.depth - last:
+                outputs.append(x)
+        return outputs
+    if last == 1:
+        scan = nn.scan(lambda module, carry, _: (module(carry), None), variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=config.depth)
+        x, _ = scan(block(config, dtype, name="blocks"), x, None)
+        return [x]
+
+    def body(module, carry, _):
+        y = module(carry)
+        return y, y
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=config.depth)
+    _, ys = scan(block(config, dtype, name="blocks"), x, None)
+    return [ys[i] for i in range(config.depth - last, config.depth)]
 
 
 def _block_names(params: dict) -> list[str]:
@@ -250,11 +283,16 @@ class VisionTransformer(nn.Module):
                                  x[:, 1:]], axis=1)
         if c.ln_pre:
             x = make_norm(c, "ln_pre", self.dtype)(x)
-        x = apply_blocks(c, x, self.dtype)
+        last = block_outputs(c, x, self.dtype, max(c.lc_layers, 1))
+        x = last[-1]
         if c.attn_pool_queries:
             return self._coca_outputs(x)
-        x_norm = make_norm(c, "norm", self.dtype)(x)
-        return self._outputs(x, x_norm)
+        norm = make_norm(c, "norm", self.dtype)
+        x_norm = norm(x)
+        out = self._outputs(x, x_norm)
+        if c.lc_layers:
+            out |= self._linear_classifier([norm(y) for y in last[:-1]] + [x_norm])
+        return out
 
     def _outputs(self, x_prenorm, x_norm):
         c = self.config
@@ -273,9 +311,32 @@ class VisionTransformer(nn.Module):
         if c.family == "aimv2":  # no CLS: every token is a patch
             return {"last_hidden_state": x_norm, "debug_last_block_prenorm": x_prenorm,
                     "linear_head_input": x_norm.mean(axis=1), "attention_head_input": x_norm}
+        if c.family == "hf_vit":  # transformers ViTModel / ViTMSNModel (the study's feature: hidden_states[-1] CLS)
+            out = {"last_hidden_state": x_norm, "cls": cls, "debug_last_block_prenorm": x_prenorm}
+            if c.pooler_dim:
+                out["pooler_output"] = jnp.tanh(dense(c.pooler_dim, True, self.dtype, "pooler")(cls))
+            return out | {"linear_head_input": x_prenorm[:, 0], "attention_head_input": patches}
+        if c.family == "hf_clip":  # transformers CLIPVisionModel[WithProjection]: last_hidden_state is not post-normed
+            out = {"last_hidden_state": x_prenorm, "pooler_output": cls}
+            if c.proj_dim:
+                out["image_embeds"] = self._project(cls)
+            return out | {"linear_head_input": x_prenorm[:, 0], "attention_head_input": patches}
+        if c.family == "biomedclip":  # open_clip TimmModel: head.proj(final-normed CLS)
+            features = self._project(cls)
+            return {"image_features": features, "trunk_tokens": x_norm, "linear_head_input": features,
+                    "attention_head_input": patches}
         pooled = self._project(cls)
         return {"pooled": pooled, "tokens": patches, "debug_pooled_pre_proj": cls, "debug_trunk_out": x_prenorm,
                 "linear_head_input": pooled, "attention_head_input": patches}
+
+    def _linear_classifier(self, normed: list):
+        """DINOv2's hub `_LinearClassifierWrapper`: the final-normed CLS of each of the last 1 / 4 blocks, then the
+        mean of the last block's final-normed patch tokens (registers excluded), through `lc_head`."""
+        c = self.config
+        first_patch = 1 + c.num_registers
+        linear_input = jnp.concatenate([y[:, 0] for y in normed] + [normed[-1][:, first_patch:].mean(axis=1)], axis=-1)
+        logits = dense(c.lc_classes, True, self.dtype, "lc_head")(linear_input)
+        return {"lc_linear_input": linear_input, "lc_logits": logits}
 
     def _coca_outputs(self, trunk_out):
         """CoCa: the pooler's first output, ln_post'd and projected, is `pooled`; the other outputs are `tokens`."""
@@ -313,14 +374,18 @@ def lora_targets(config: ViTConfig) -> list[str]:
 
 
 def max_taps(config: ViTConfig) -> int:
-    """A ViT with a CLS token offers the normed CLS of each of its blocks; the others only their final feature."""
+    """A ViT with a CLS token offers the CLS of each of its blocks; the others (and BiomedCLIP, whose feature is its
+    projected vector, as the radiology study takes it) only their final feature."""
+    if config.family == "biomedclip":
+        return 1
     return config.depth if config.class_token and not config.attn_pool_queries else 1
 
 
 def taps(config: ViTConfig, num_blocks: int, dtype=None):
     """The normed CLS of the last n blocks (DINOv2's `get_intermediate_layers(n, norm=True)`, in block order) and the
     mean of the last block's normed patch tokens (registers excluded). The block outputs are captured with flax's
-    `capture_intermediates` and normed with the final norm's own parameters."""
+    `capture_intermediates` and normed with the final norm's own parameters. The transformers towers (`hf_vit`,
+    `hf_clip`) give their block outputs unnormed, as the radiology study reads `hidden_states[-n:]`."""
     model = VisionTransformer(config, dtype)
     norm = make_norm(config, None, dtype)
     first_patch = 1 + config.num_registers
@@ -329,8 +394,9 @@ def taps(config: ViTConfig, num_blocks: int, dtype=None):
     def fn(variables, images):
         blocks_only = lambda m, method: isinstance(m, Block) and method == "__call__"  # noqa: E731
         _, state = model.apply(variables, images, mutable=["intermediates"], capture_intermediates=blocks_only)
-        normed = [norm.apply({"params": variables["params"]["norm"]}, state["intermediates"][n]["__call__"][0])
-                  for n in names]
+        outputs = [state["intermediates"][n]["__call__"][0] for n in names]
+        normed = outputs if config.family in UNNORMED_TAPS else \
+            [norm.apply({"params": variables["params"]["norm"]}, x) for x in outputs]
         return {"cls": jnp.stack([x[:, 0] for x in normed], axis=1).astype(jnp.float32),
                 "patch_mean": normed[-1][:, first_patch:].mean(axis=1).astype(jnp.float32)}
     return fn

@@ -1,0 +1,10 @@
+"""The SAM v1 image encoder (`segment_anything` ImageEncoderViT: windowed / global attention with decomposed relative
+positions and the conv neck, `model.py`), its converter key tables and variants (`convert.py`), and its contract with
+the engine."""
+
+from medjax.models.family import Family
+from medjax.models.sam.model import *  # noqa: F401,F403 (the package is the model's namespace)
+from medjax.models.sam.model import FAMILY, SamImageEncoder, SamViTConfig, layers, lora_targets
+
+FAMILIES = [Family(FAMILY, SamViTConfig, SamImageEncoder, layers=layers, stem="patch_embed/kernel",
+                   lora_targets=lora_targets)]
