@@ -125,6 +125,12 @@ def test_transformers_vit_model_with_pooler(tmp_path):
     last = ref.last_hidden_state.numpy()
     _check(got, {"last_hidden_state": last, "cls": last[:, 0], "pooler_output": ref.pooler_output.numpy(),
                  "linear_head_input": ref.hidden_states[-1][:, 0].numpy(), "attention_head_input": last[:, 1:]})
+    # another, non-square input size: the pos-embed follows as with transformers' interpolate_pos_encoding=True
+    images = _images(2, 56, 32, seed=9)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(images), interpolate_pos_encoding=True)
+    _, _, got = _medjax(str(tmp_path / "jx"), images)
+    _check(got, {"last_hidden_state": ref.last_hidden_state.numpy(), "pooler_output": ref.pooler_output.numpy()})
 
 
 def test_transformers_vit_msn_and_classification_files(tmp_path):
@@ -145,6 +151,24 @@ def test_transformers_vit_msn_and_classification_files(tmp_path):
         last = ref.last_hidden_state.numpy()
         _check(got, {"last_hidden_state": last, "cls": last[:, 0],
                      "linear_head_input": ref.hidden_states[-1][:, 0].numpy()})
+
+
+def test_transformers_vit_mae_file_read_as_a_vit(tmp_path):
+    """facebook/vit-mae-large as the radiology study loads it (a ViTMAEForPreTraining file read as a ViT): the
+    decoder is ignored, the encoder runs unmasked."""
+    torch.manual_seed(0)
+    config = transformers.ViTMAEConfig(**VIT_KW, mask_ratio=0.0, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                       decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    model = perturb_(transformers.ViTMAEForPreTraining(config), seed=13)
+    meta = converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
+    assert meta["num_params"] == sum(p.numel() for p in model.vit.parameters())
+    images = _images(2, 40, 40, seed=10)
+    noise = torch.arange(25, dtype=torch.float32).expand(2, 25)  # mask ratio 0 still shuffles by argsort(noise)
+    with torch.no_grad():
+        ref = model.vit(torch.from_numpy(images), noise=noise, output_hidden_states=True)
+    _, _, got = _medjax(str(tmp_path / "jx"), images)
+    _check(got, {"last_hidden_state": ref.last_hidden_state.numpy(),
+                 "linear_head_input": ref.hidden_states[-1][:, 0].numpy()})
 
 
 def test_transformers_vit_taps_are_the_unnormed_hidden_states(tmp_path):
@@ -314,9 +338,18 @@ def test_dinov2_linear4_head_with_registers(tmp_path):
         normed = [model.layernorm(h) for h in hidden[-4:]]
         linear_input = torch.cat([h[:, 0] for h in normed] + [normed[-1][:, 5:].mean(dim=1)], dim=1)
         logits = head(linear_input)
-    config, _, got = _medjax(str(tmp_path / "jx"), images)
+    config, variables, got = _medjax(str(tmp_path / "jx"), images)
     assert (config.lc_layers, config.num_registers) == (4, 4)
     _check(got, {"lc_linear_input": linear_input.numpy(), "lc_logits": logits.numpy()})
+    # the scanned block layout taps the same last 4 blocks
+    import dataclasses
+
+    from medjax.models.vit import stack_blocks
+
+    scanned = models.build_backbone(dataclasses.replace(config, scan=True))
+    with jax.default_matmul_precision("float32"):
+        out = scanned.apply({"params": stack_blocks(variables["params"])}, jnp.asarray(images.transpose(0, 2, 3, 1)))
+    _check(out, {"lc_linear_input": linear_input.numpy(), "lc_logits": logits.numpy()})
 
 
 def test_linear_head_refusals(tmp_path):

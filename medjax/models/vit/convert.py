@@ -190,6 +190,8 @@ def pos_embed_load_resize(antialias: bool):
 BICUBIC_RESIZE = pos_embed_load_resize(antialias=False)  # MAE interpolate_pos_embed, DeiT
 ANTIALIASED_BICUBIC_RESIZE = pos_embed_load_resize(antialias=True)  # open_clip resize_pos_embed, timm resample
 
+# ViT*ForImageClassification's classifier, ViTMSN's optional mask token, ViTMAEForPreTraining's decoder.
+_HF_VIT_IGNORE = [r"classifier\..*", r"embeddings\.mask_token", r"decoder\..*"]
 # A whole CLIPModel file: the text tower, its projection and logit_scale; older files also hold int64 position_ids.
 _HF_CLIP_IGNORE = [r"text_model\..*", r"text_projection\.weight", r"logit_scale", r"embeddings\.position_ids"]
 
@@ -216,10 +218,10 @@ FORMATS = [
            ignore=[r"head\..*"], strip_prefixes=("vision_model.",), hf=True),
     # The pooler's presence is read off the file (ViTModel has it; ViTMSNModel and ViTForImageClassification do not).
     Format("vit_transformers_pooler", "hf_vit", HF_VIT_RULES, r"pooler\.dense\.weight",
-           ignore=[r"classifier\..*", r"embeddings\.mask_token"], strip_prefixes=("vit.",), hf=True,
+           ignore=_HF_VIT_IGNORE, strip_prefixes=("vit.",), hf=True,
            hooks={"pos_embed": BICUBIC_RESIZE}),
     Format("vit_transformers", "hf_vit", HF_VIT_RULES, r"embeddings\.patch_embeddings\.projection\.weight",
-           ignore=[r"classifier\..*", r"embeddings\.mask_token"], strip_prefixes=("vit.",), hf=True,
+           ignore=_HF_VIT_IGNORE, strip_prefixes=("vit.",), hf=True,
            hooks={"pos_embed": BICUBIC_RESIZE}),
     # Likewise the projection (CLIPVisionModelWithProjection, CLIPModel; CLIPVisionModel has none).
     Format("clip_transformers_projection", "hf_clip", HF_CLIP_RULES, r"visual_projection\.weight",
@@ -237,7 +239,8 @@ IGNORED_KEYS_DOC = {
     "clip": "everything outside visual.* (text tower, logit_scale)",
     "coca": "everything outside visual.* (text tower, text_decoder, logit_scale)",
     "aimv2": "transformers' head.* (use_head)",
-    "hf_vit": "classifier.* (ViTForImageClassification / ViTMSNForImageClassification), embeddings.mask_token",
+    "hf_vit": "classifier.* (ViTForImageClassification / ViTMSNForImageClassification), embeddings.mask_token, "
+              "decoder.* (ViTMAEForPreTraining)",
     "hf_clip": "text_model.*, text_projection.weight, logit_scale (a whole CLIPModel), position_ids buffers",
     "biomedclip": "everything outside visual.* (the BERT text tower text.*, logit_scale, position_ids)",
 }
@@ -401,7 +404,8 @@ _HF_VIT_EPS = {"vit": 1e-12, "vit_msn": 1e-6, "vit_mae": 1e-12}  # the config cl
 def hf_vit_config(cfg: dict) -> ViTConfig:
     """transformers ViTConfig (`vit`: google/vit-*), ViTMSNConfig (`vit_msn`: facebook/vit-msn-*) or ViTMAEConfig
     (`vit_mae`, an MAE encoder read as a ViT, as the radiology study loads facebook/vit-mae-large). The pooler's
-    presence follows `architectures` here (ViTModel has one) and the file at conversion."""
+    presence follows `architectures` here (ViTModel has one) and the file at conversion. Another input size resizes
+    the pos-embed at run time as transformers' `interpolate_pos_encoding=True` does (bicubic, size-based)."""
     model_type = cfg.get("model_type")
     if model_type not in _HF_VIT_EPS:
         raise CheckpointError(f"transformers config has model_type {model_type!r}; an hf_vit checkpoint needs one of "
@@ -418,7 +422,7 @@ def hf_vit_config(cfg: dict) -> ViTConfig:
         patch_size=patch, pos_grid=_grid(cfg.get("image_size", 224), patch), mlp_hidden=cfg.get("intermediate_size", 3072),
         in_chans=cfg.get("num_channels", 3), qkv_bias=cfg.get("qkv_bias", True),
         norm_eps=float(cfg.get("layer_norm_eps", _HF_VIT_EPS[model_type])),
-        pooler_dim=(cfg.get("pooler_output_size") or dim) if pooler else 0)
+        pooler_dim=(cfg.get("pooler_output_size") or dim) if pooler else 0, pos_resize="size")
 
 
 def hf_clip_config(cfg: dict) -> ViTConfig:
@@ -442,7 +446,7 @@ def hf_clip_config(cfg: dict) -> ViTConfig:
         num_heads=cfg.get("num_attention_heads", 12), patch_size=patch,
         pos_grid=_grid(cfg.get("image_size", 224), patch), mlp_hidden=cfg.get("intermediate_size", 3072),
         in_chans=cfg.get("num_channels", 3), patch_bias=False, norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-        ln_pre=True, proj_dim=projection, act=act)
+        ln_pre=True, proj_dim=projection, act=act, pos_resize="size")
 
 
 # timm's stock ViT entry points (`vit_<size>_patch<p>_<img>`), as open_clip's TimmModel creates them by name.

@@ -55,7 +55,8 @@ class ViTConfig:
     # How the stored pos-embed meets another input grid, at every forward:
     #   "none"   - the grid must match (MAE, DeiT, CLIP resize at conversion time instead);
     #   "offset" - DINOv2 official: bicubic with scale_factor (g + offset) / M;
-    #   "size"   - bicubic to the target size (DINOv2 registers, transformers' Dinov2);
+    #   "size"   - bicubic to the target size (DINOv2 registers, transformers' Dinov2, and transformers' ViT and
+    #              CLIP with interpolate_pos_encoding=True);
     #   "truncate" - AIMv2 (apple/ml-aim): the first N rows of the table, for N <= stored tokens.
     pos_resize: Literal["none", "offset", "size", "truncate"] = "none"
     pos_resize_offset: float = 0.0
@@ -232,7 +233,8 @@ def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], i
         raise ValueError(
             f"{config.family} input of {image_hw[0]}x{image_hw[1]} px gives a {grid[0]}x{grid[1]} patch grid, but the "
             f"pos-embed is stored for {stored[0]}x{stored[1]} ({config.image_size[0]}x{config.image_size[1]} px) and this "
-            "family does not resize it at run time; convert the checkpoint again with `img_size` set in --config")
+            "family does not resize it at run time; convert the checkpoint again with `img_size` set in --config "
+            "(`image_size` in an open_clip vision_cfg; `timm_model_kwargs.img_size` for BiomedCLIP)")
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     patch_pos = patch_pos.reshape(1, stored[0], stored[1], -1).astype(jnp.float32)
     if config.pos_resize == "offset":
