@@ -70,12 +70,47 @@ class _Settings:
     """An inert stand-in for a pickled settings object (attributes only, no code)."""
 
 
+_MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"{": "a JSON file", b"DICM": "a DICOM file",
+          b"%PDF": "a PDF", b"\x1f\x8b": "a gzip archive"}
+
+
+def _check_torch_file(path: str) -> None:
+    """What the file format itself can verify before unpickling: a torch zip's members against their CRC-32, or a
+    legacy pickle's protocol byte; anything else is named for what it looks like."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from e
+        if bad is not None:
+            raise CheckpointError(f"{path}: damaged PyTorch checkpoint: member {bad} fails its CRC-32 check; "
+                                  "download it again")
+        return
+    if head[:1] == b"\x80":  # a legacy (pre-1.6) pickle checkpoint: protocol 2+
+        return
+    kind = next((what for magic, what in _MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and head[128:132] == b"DICM":
+        kind = "a DICOM file"
+    if kind is None and head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        kind = "a text file (CSV?)"
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint" + (f"; it looks like {kind}" if kind else
+                          " (neither a torch zip file nor a pickle)") + "; give the .pth/.pt/.bin or .safetensors "
+                          "weights file")
+
+
 def _read_torch(path: str) -> dict:
     try:
         import torch
     except ImportError as e:
         raise CheckpointError(f"{path}: reading PyTorch checkpoints needs torch; install medjax[torch]") from e
     import pickle
+
+    _check_torch_file(path)
 
     try:
         # Training checkpoints often carry their run's argparse.Namespace beside the weights (MAE, DeiT): it is

@@ -224,3 +224,29 @@ def test_training_checkpoint_with_settings_objects(tmp_path):
     assert _convert(tmp_path / "args.pth", tmp_path)["num_params"] > 0
     with pytest.raises(CheckpointError, match="re-save its 'model' entry"):
         converters.convert(str(tmp_path / "cfg.pth"), str(tmp_path / "out2"), "dinov2", DINO_CFG)
+
+
+def test_damaged_or_wrong_files_are_named_not_converted(tmp_path):
+    """A few flipped bytes inside a .pth's tensor data fail the zip member's CRC-32 (before, they converted with exit
+    0 into garbage weights); a CSV or JPEG given as the checkpoint is named for what it is."""
+    import zipfile
+
+    src = fixture_path("dinov2", "checkpoint.pth")
+    data = bytearray(open(src, "rb").read())
+    with zipfile.ZipFile(src) as z:
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = int.from_bytes(data[member.header_offset + 26:member.header_offset + 28], "little"), \
+        int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")
+    start = member.header_offset + 30 + name_len + extra_len  # the member's stored bytes
+    for k in range(3):
+        data[start + 17 + k] ^= 0x5A
+    (tmp_path / "bad.pth").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"fails its CRC-32 check") as info:
+        converters.convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "dinov2", fixture_path("dinov2", "config.json"))
+    assert member.filename in str(info.value) and not (tmp_path / "out").exists()
+    (tmp_path / "labels.csv").write_text("image,label\na.png,1\n")
+    (tmp_path / "img.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)
+    for name, kind in (("labels.csv", "text file"), ("img.jpg", "JPEG")):
+        with pytest.raises(CheckpointError, match=f"not a PyTorch checkpoint; it looks like a.*{kind}") as info:
+            converters.convert(str(tmp_path / name), str(tmp_path / "out"), "dinov2")
+        assert "unpickle" not in str(info.value)
