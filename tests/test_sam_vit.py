@@ -182,6 +182,49 @@ def test_family_facts():
     assert family.stem in paths
 
 
+# ------------------------------------------------------------------------------------------------ the trainer
+
+
+@pytest.fixture(scope="module")
+def sam_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sam") / "jx"
+    converters.convert(fixture_path("sam_vit", "checkpoint.pth"), str(out), "sam_vit",
+                       fixture_path("sam_vit", "config.json"))
+    return str(out)
+
+
+@pytest.mark.parametrize("head,freeze", [("linear", "frozen"), ("attention", "partial"), ("linear", "full")])
+def test_trains_in_the_engine(sam_dir, head, freeze):
+    """The converted SAM encoder in the trainer's one build path (medjax.engine.build): grayscale data (the stem
+    reduced to one channel), both heads, frozen / partial (from block 1) / full; two steps update exactly the
+    trainable parameters."""
+    from configs.common import make
+    from medjax import engine
+    from medjax.pretrained import flatten
+
+    cfg = make({"model.family": "sam_vit", "model.pretrained": sam_dir, "model.head": head, "model.freeze": freeze,
+                "model.unfreeze_from_block": 1, "image_size": 64, "compute_dtype": "float32", "optim.lr": 1e-2,
+                "batch_size": 4, "model.attention_head.width": 16, "model.attention_head.depth": 1,
+                "model.attention_head.num_heads": 2, "model.attention_head.grid": 4})
+    eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
+    before = flatten(jax.device_get(eng.state.params))
+    assert before["backbone/patch_embed/kernel"].shape == (16, 16, 1, 48)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.standard_normal((4, 64, 64, 1)), jnp.float32),
+             "label": jnp.asarray([0, 1, 2, 1])}
+    state = eng.state
+    for _ in range(2):
+        state, metrics = eng.train_step(state, batch)
+        assert bool(metrics["finite"])
+    after = flatten(jax.device_get(state.params))
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    trained = {"frozen": (), "partial": ("blocks_1",), "full": ("patch_embed", "pos_embed", "blocks_0", "blocks_1")}
+    for part in ("patch_embed", "pos_embed", "blocks_0", "blocks_1"):
+        moved = {k for k in changed if k.startswith(f"backbone/{part}")}
+        assert bool(moved) == (part in trained[freeze]), (part, sorted(moved)[:3])
+    assert any(not k.startswith("backbone/") for k in changed)  # the head trains
+
+
 # ------------------------------------------------------------------------------------------------ full width
 
 

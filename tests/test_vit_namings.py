@@ -269,9 +269,9 @@ def _timm_from_transformers_vit(state: dict) -> dict:
 
 
 def test_biomedclip_tower_against_a_transformers_vit(tmp_path):
-    """A BiomedCLIP-layout file of another size (3 blocks, 6x6 grid, eps 1e-6) built from a transformers ViT: the
-    converter reads `visual.trunk.*` + `visual.head.proj`, ignores the text tower, and the projected normed CLS
-    matches."""
+    """A BiomedCLIP-layout file of another size (3 blocks, 6x6 grid, eps 1e-6, a projection with bias) built from a
+    transformers ViT: the converter reads `visual.trunk.*` + `visual.head.proj`, ignores the text tower, and the
+    projected normed CLS matches."""
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
@@ -279,14 +279,14 @@ def test_biomedclip_tower_against_a_transformers_vit(tmp_path):
         hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128, patch_size=16,
         image_size=96, layer_norm_eps=1e-6), add_pooling_layer=False), seed=8)
     trunk = _timm_from_transformers_vit(load_file(os.path.join(_save(vit, tmp_path / "hf"), "model.safetensors")))
-    proj = torch.randn(16, 32) / 32 ** 0.5
+    proj, bias = torch.randn(16, 32) / 32 ** 0.5, torch.randn(16) * 0.1
     state = {f"visual.trunk.{k}": v for k, v in trunk.items()} | {
-        "visual.head.proj.weight": proj, "logit_scale": torch.tensor(4.6),
+        "visual.head.proj.weight": proj, "visual.head.proj.bias": bias, "logit_scale": torch.tensor(4.6),
         "text.transformer.embeddings.word_embeddings.weight": torch.randn(10, 8),
         "text.transformer.embeddings.position_ids": torch.arange(4)[None], "text.proj.0.weight": torch.randn(8, 8)}
     torch.save(state, tmp_path / "open_clip_pytorch_model.bin")
     cfg = {"embed_dim": 16, "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_pool": "",
-                                           "timm_proj": "linear", "image_size": 96,
+                                           "timm_proj": "linear", "timm_proj_bias": True, "image_size": 96,
                                            "timm_model_kwargs": {"embed_dim": 32, "depth": 3, "num_heads": 2,
                                                                  "mlp_ratio": 4.0}},
            "text_cfg": {"hf_model_name": "any"}}
@@ -298,8 +298,8 @@ def test_biomedclip_tower_against_a_transformers_vit(tmp_path):
     with torch.no_grad():
         last = vit(torch.from_numpy(images)).last_hidden_state
     _, _, got = _medjax(str(tmp_path / "jx"), images)
-    _check(got, {"trunk_tokens": last.numpy(), "image_features": (last[:, 0] @ proj.T).numpy(),
-                 "linear_head_input": (last[:, 0] @ proj.T).numpy()})
+    features = (last[:, 0] @ proj.T + bias).numpy()
+    _check(got, {"trunk_tokens": last.numpy(), "image_features": features, "linear_head_input": features})
 
 
 def test_biomedclip_config_refusals():
@@ -365,6 +365,42 @@ def test_linear_head_refusals(tmp_path):
                    fixture_path("dinov2_lc", "linear_head.pth"), check=False)
     assert proc.returncode == 2 and "backbone is hf_vit, not dinov2" in proc.stderr
     assert not os.path.exists(tmp_path / "c" / "medjax.json")
+
+
+# ------------------------------------------------------------------------------------------------ the trainer
+
+
+@pytest.mark.parametrize("family,checkpoint,freeze", [("hf_clip", "model.safetensors", "partial"),
+                                                     ("biomedclip", "open_clip_pytorch_model.bin", "full")])
+def test_trains_in_the_engine(tmp_path, family, checkpoint, freeze):
+    """A converted fixture in the trainer's build path (medjax.engine.build) with grayscale data: two steps train the
+    head and the blocks the freeze setting selects (partial: from block 1)."""
+    from configs.common import make
+    from medjax import engine
+    from medjax.pretrained import flatten
+
+    converters.convert(fixture_path(family, checkpoint), str(tmp_path / "jx"), family,
+                       fixture_path(family, "config.json"))
+    size = np.load(fixture_path(family, "images.npy")).shape[-1]
+    cfg = make({"model.family": family, "model.pretrained": str(tmp_path / "jx"), "model.freeze": freeze,
+                "model.unfreeze_from_block": 1, "image_size": size, "compute_dtype": "float32", "optim.lr": 1e-2,
+                "batch_size": 4})
+    eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
+    before = flatten(jax.device_get(eng.state.params))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.standard_normal((4, size, size, 1)), jnp.float32),
+             "label": jnp.asarray([0, 1, 2, 1])}
+    state = eng.state
+    for _ in range(2):
+        state, metrics = eng.train_step(state, batch)
+        assert bool(metrics["finite"])
+    after = flatten(jax.device_get(state.params))
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert {k for k in changed if k.startswith("backbone/patch_embed")} == (
+        {"backbone/patch_embed/kernel", "backbone/patch_embed/bias"} & set(before) if freeze == "full" else set())
+    assert any(k.startswith("backbone/blocks_0/") for k in changed) == (freeze == "full")
+    assert any(k.startswith("backbone/blocks_1/") for k in changed)
+    assert any(not k.startswith("backbone/") for k in changed)
 
 
 # ------------------------------------------------------------------------------------------------ full size

@@ -94,7 +94,7 @@ def official_config(kw: dict) -> SamViTConfig:
         kw = kw["image_encoder"]
     check_keys(kw, _OFFICIAL_KW, "sam_vit config (ImageEncoderViT)")
     act = str(kw.get("act_layer", "torch.nn.GELU"))
-    if not re.fullmatch(r"(torch\.)?(nn\.)?GELU(\(\))?", act):
+    if not re.search(r"\bGELU\b", act) or "tanh" in act:  # torch.nn.GELU, nn.GELU, <class '...GELU'>
         raise CheckpointError(f"sam_vit config: act_layer {act!r} is not supported (torch.nn.GELU)")
     dim, patch, img = kw.get("embed_dim", 768), kw.get("patch_size", 16), kw.get("img_size", 1024)
     return _config(

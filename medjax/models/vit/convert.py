@@ -157,7 +157,7 @@ HF_CLIP_RULES = [
 
 # BiomedCLIP: open_clip's TimmModel under `visual.` = a timm VisionTransformer `trunk` + `head.proj` (no bias).
 BIOMEDCLIP_RULES = [dataclasses.replace(r, source=f"trunk.{r.source}") for r in TIMM_RULES] + [
-    Rule("head.proj.weight", "proj", linear)]
+    Rule("head.proj.weight", "proj", linear), Rule("head.proj.bias", "proj_bias")]
 
 # DINOv2's hub linear classifier (`dinov2_*_linear[4]_head.pth`, an nn.Linear state dict), under `lc_head.`.
 LINEAR_HEAD_RULES = dense_rules("lc_head", "lc_head")
@@ -477,9 +477,8 @@ def biomedclip_config(cfg: dict) -> ViTConfig:
     problems = []
     if v.get("timm_pool", "") not in ("", None, "token"):
         problems.append(f"timm_pool {v['timm_pool']!r} (only '' = the trunk's CLS pooling)")
-    if v.get("timm_proj", "linear") != "linear" or v.get("timm_proj_bias", False):
-        problems.append(f"timm_proj {v.get('timm_proj')!r} / timm_proj_bias {v.get('timm_proj_bias')!r} (only a "
-                        "bias-free 'linear' projection)")
+    if v.get("timm_proj", "linear") != "linear":
+        problems.append(f"timm_proj {v.get('timm_proj')!r} (only 'linear', BiomedCLIP's projection)")
     if problems:
         raise CheckpointError("biomedclip config: unsupported vision_cfg settings: " + "; ".join(problems))
     dim, depth, heads = _TIMM_SIZES[m.group(1)]
@@ -492,7 +491,7 @@ def biomedclip_config(cfg: dict) -> ViTConfig:
                                   f"timm_model_kwargs.img_size {extra['img_size']}")
         kw["img_size"] = v["image_size"]
     config = timm_config({**kw, **extra}, "biomedclip")
-    return dataclasses.replace(config, proj_dim=cfg["embed_dim"])
+    return dataclasses.replace(config, proj_dim=cfg["embed_dim"], proj_bias_term=bool(v.get("timm_proj_bias", False)))
 
 
 def parse_config(family: str, cfg: dict) -> ViTConfig:

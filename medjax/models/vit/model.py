@@ -50,6 +50,7 @@ class ViTConfig:
     num_registers: int = 0
     ln_pre: bool = False
     proj_dim: int | None = None  # CLIP / CoCa: pooled = ln_post(...) @ proj
+    proj_bias_term: bool = False  # the projection adds `proj_bias` (open_clip TimmModel with timm_proj_bias)
     attn_pool_queries: int = 0  # CoCa's attentional pooler (0: none)
     attn_pool_heads: int = 8
     # How the stored pos-embed meets another input grid, at every forward:
@@ -354,7 +355,10 @@ class VisionTransformer(nn.Module):
     def _project(self, x):
         dim = x.shape[-1]
         proj = self.param("proj", nn.initializers.normal(dim ** -0.5), (dim, self.config.proj_dim))
-        return jnp.dot(x, proj.astype(x.dtype))
+        out = jnp.dot(x, proj.astype(x.dtype))
+        if self.config.proj_bias_term:
+            out = out + self.param("proj_bias", nn.initializers.zeros, (self.config.proj_dim,)).astype(x.dtype)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ contract facts
