@@ -178,6 +178,9 @@ def multiclass_metrics(probs, labels, class_names) -> dict:
     - precision_macro / recall_macro / f1_macro: averaged over the classes present in labels or
       predictions (scikit-learn's default `labels=None`); a zero denominator gives 0.0 (scikit-learn's
       default zero_division), listed under "zero_division".
+    - precision_weighted / recall_weighted / f1_weighted: the per-class values averaged with the classes'
+      true counts as weights (scikit-learn's `average='weighted'`, the glioma study's metrics; recall_weighted
+      equals accuracy).
     - balanced_accuracy: recall averaged over the classes present in labels (scikit-learn's
       `balanced_accuracy_score`).
     - cohen_kappa (unweighted) and quadratic_kappa (weights (i - j)^2 over all K classes, i.e.
@@ -273,6 +276,9 @@ def multiclass_metrics(probs, labels, class_names) -> dict:
         "precision_macro": float(np.mean(precision[seen])),
         "recall_macro": float(np.mean(recall[seen])),
         "f1_macro": float(np.mean(f1[seen])),
+        "precision_weighted": float(np.sum(precision * support) / n),
+        "recall_weighted": float(np.sum(recall * support) / n),
+        "f1_weighted": float(np.sum(f1 * support) / n),
         "balanced_accuracy": float(np.mean(recall[in_labels])),
         "cohen_kappa": cohen,
         "quadratic_kappa": qwk,

@@ -63,6 +63,9 @@ def check_multiclass_against_sklearn(probs, labels, k):
     close(m["precision_macro"], sk(sk_m.precision_score, labels, pred, average="macro"))
     close(m["recall_macro"], sk(sk_m.recall_score, labels, pred, average="macro"))
     close(m["f1_macro"], sk(sk_m.f1_score, labels, pred, average="macro"))
+    close(m["precision_weighted"], sk(sk_m.precision_score, labels, pred, average="weighted"))
+    close(m["recall_weighted"], sk(sk_m.recall_score, labels, pred, average="weighted"))
+    close(m["f1_weighted"], sk(sk_m.f1_score, labels, pred, average="weighted"))
     close(m["balanced_accuracy"], sk(sk_m.balanced_accuracy_score, labels, pred))
     close(m["cohen_kappa"], sk_m.cohen_kappa_score(labels, pred))
     close(m["quadratic_kappa"], sk_m.cohen_kappa_score(labels, pred, weights="quadratic", labels=list(range(k))))
@@ -139,6 +142,22 @@ def test_multiclass_class_absent_everywhere():
     labels[labels == 4] = 0
     m = check_multiclass_against_sklearn(probs, labels, k)
     assert m["per_class"]["c4"]["precision"] is None and "c4" in m["undefined_classes"]
+
+
+def test_weighted_averages_with_a_class_predicted_but_absent():
+    """Weighted P/R/F1 (the glioma study's metrics) against scikit-learn where the classes' weights matter: a class
+    only predicted (weight 0, zero_division), a class never predicted (precision 0), very unequal supports."""
+    rng = np.random.default_rng(11)
+    k, n = 4, 250
+    probs = smooth_probs(rng, n, k)
+    labels = np.where(rng.uniform(size=n) < 0.8, 0, informative_labels(rng, probs))
+    labels[labels == 3] = 2  # class 3 absent from the labels, but predicted
+    probs[:, 1] *= 0.01  # class 1 (present) almost never predicted
+    probs /= probs.sum(axis=1, keepdims=True)
+    m = check_multiclass_against_sklearn(probs, labels, k)
+    assert 3 in probs.argmax(axis=1) and "c3" in m["undefined_classes"]
+    assert m["precision_weighted"] != m["precision_macro"]
+    close(m["recall_weighted"], m["accuracy"])
 
 
 def test_binary_single_class_split():
