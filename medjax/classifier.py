@@ -52,23 +52,40 @@ class AttentionHead(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x[:, 0])
 
 
+class MlpHead(nn.Module):
+    """The glioma study's head: pooled feature -> Dense(hidden) -> ReLU -> Dense(classes) (torch.nn.Linear's layout
+    and ReLU; on DINOv2 `_lc` backbones the pooled feature is the 1000 ImageNet logits)."""
+
+    hidden: int
+    num_classes: int
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+
+
 class Classifier(nn.Module):
     backbone: object  # a backbone config (medjax.models)
     num_classes: int
-    head: str = "linear"  # "linear" | "attention"
+    head: str = "linear"  # "linear" | "attention" | "mlp"
     deit: ViTConfig | None = None
     dtype: jnp.dtype | None = None
+    mlp_hidden: int = 256
 
     @nn.compact
     def __call__(self, images, train: bool = False):
         features = models.build_backbone(self.backbone, self.dtype, name="backbone")(images, train=train)
         if self.head == "linear":
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features["linear_head_input"])
+        elif self.head == "mlp":
+            logits = MlpHead(self.mlp_hidden, self.num_classes, self.dtype, name="head")(features["linear_head_input"])
         elif self.head == "attention":
             logits = AttentionHead(self.deit, self.num_classes, self.dtype, name="head")(
                 features["attention_head_input"])
         else:
-            raise ValueError(f"model.head must be 'linear' or 'attention', got {self.head!r}")
+            raise ModelConfigError(f"model.head must be 'linear', 'mlp' or 'attention', got {self.head!r}")
         return logits.astype(jnp.float32)
 
 
@@ -156,7 +173,7 @@ def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int
             deit, deit_params = dataclasses.replace(deit, pos_resize="size"), deit_vars["params"]
         else:
             deit = deit_body_config(a.width, a.depth, a.num_heads, a.grid)
-    model = Classifier(backbone_cfg, num_classes, model_cfg.head, deit, dtype=dtype)
+    model = Classifier(backbone_cfg, num_classes, model_cfg.head, deit, dtype=dtype, mlp_hidden=model_cfg.mlp_hidden)
     dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     variables = jax.tree_util.tree_map(np.asarray, dict(jax.jit(model.init)(rng, dummy)))
     variables = {c: dict(v) for c, v in variables.items()}
