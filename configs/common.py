@@ -61,6 +61,7 @@ def study_config():
     c.image_size = 224  # train crop / eval size in pixels
     c.normalization = "dataset"  # the reference's per-dataset statistics; "imagenet" / "clip" for the backbone's own
     c.seed = 0  # split seed, init and data order
+    c.thresholds = "youden"  # multi-label operating points chosen on val: "youden" (max J) | "sensitivity:0.9"
 
     c.model = ml_collections.ConfigDict()
     c.model.family = ""  # the backbone family (medjax.models.FAMILIES); must match a converted folder's family

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from medjax import engine, metrics, sharding
+from medjax import engine, metrics, sharding, thresholds
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,7 +44,7 @@ RESTART_SAFE = ("log_every", "progress_bar", "prefetch", "worker_count", "keep_c
                 "epochs", "total_steps", "mesh", "sharding_rules", "eval_every", "checkpoint_every",
                 "debug_sigkill_at", "data_options.check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
                 "model.convert_from.config", "model.attention_head.deit_params", "weights_dir", "data_dir",
-                "grid_cell.arg")
+                "grid_cell.arg", "thresholds")
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -60,6 +60,7 @@ class Trainer:
         from medjax import data
 
         self.config, self.workdir = config, workdir
+        thresholds.parse_rule(config.thresholds)  # a bad operating-point rule stops at start-up
         os.makedirs(workdir, exist_ok=True)
         self._check_restart()
         self._phase(f"Reading {config.dataset} from {config.data_root}")
@@ -203,6 +204,7 @@ class Trainer:
         with ocp.StandardCheckpointer() as ckptr:  # orbax writes a temporary folder and renames it when complete
             ckptr.save(self._best_dir(step), self.engine.variables_of(self.state), force=True)
             ckptr.wait_until_finished()
+        thresholds.save_for_best(self._best_dir(step), self.config.thresholds, self.dataset, *self.last_eval, step)
         self._debug_kill("after_best")
 
     def _prune_best(self):
@@ -243,6 +245,7 @@ class Trainer:
         probs, labels = np.concatenate(probs), np.concatenate(labels)
         result = metrics.compute_metrics(self.dataset.task, probs, labels, self.dataset.class_names)
         result["num_examples"] = int(len(labels))
+        self.last_eval = (probs, labels)  # the validation probabilities choose the operating points (thresholds.py)
         return result
 
     # -------------------------------------------------------------------------------------------- training
@@ -350,6 +353,7 @@ class Trainer:
                 for k, v in test.items():
                     if isinstance(v, (int, float)):
                         writer.add_scalar(f"test/{k}", v, self.best["step"])
+        thresholds.report(result, self._best_dir(self.best["step"]), self.last_eval if "test" in result else None)
         if writer:
             writer.close()
         if jax.process_index() == 0:

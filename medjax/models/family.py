@@ -3,7 +3,8 @@
 A family is one folder `medjax/models/<name>/` holding its Flax module (`model.py`), its converter key tables and
 variants (`convert.py`) and, in `__init__.py`, one `Family` per `config.family` value it serves. The registry
 (`medjax/models/__init__.py`) lists the folders. Nothing else in medjax looks at a family's parameter names: freezing,
-layer-wise lr decay, LoRA, BitFit, the grayscale stem, the protocols' feature taps and the grid ask the `Family`.
+layer-wise lr decay, LoRA, BitFit, the grayscale stem, the protocols' feature taps, the grid and the explanations
+(attention rollout, Grad-CAM) ask the `Family`.
 
 The module contract:
 - built as `module(config, dtype=None, name=None)`; called as `module(images_nhwc, train=False)`;
@@ -46,6 +47,16 @@ class Family:
     # generic taps, n = 1 with `linear_head_input` as the "CLS" and the mean of `attention_head_input` tokens.
     max_taps: Callable[[Any], int] = lambda config: 1  # noqa: E731
     taps: Callable | None = None
+    # Explanations (`medjax.explain`). Attention rollout: (config) -> (first_patch, has_cls), or None for a
+    # configuration without it. Offered by a family whose blocks attend globally over its token sequence with
+    # `layers.Attention` and whose `attention_head_input` is `tokens[first_patch:]`: first_patch is the index of the
+    # first patch token (after CLS and registers); has_cls says whether token 0 is a CLS token whose row the rollout
+    # reads (without one, the mean of the patch rows). None: no rollout (windowed attention, convolutions).
+    rollout_tokens: Callable[[Any], tuple[int, bool] | None] | None = None
+    # Grad-CAM: (config) -> the backbone-relative path of the module whose output is the last feature map the
+    # features are pooled from, NHWC (B, h, w, C); `path#k` takes element k of a module that returns a list of maps.
+    # None: no Grad-CAM (occlusion still works for every family).
+    gradcam_layer: Callable[[Any], str] | None = None
 
     def layer_patterns(self, config) -> list[str]:
         """[embeddings, block 1, ..., block L] regexes; raises when this configuration has no per-block layout."""
@@ -58,6 +69,12 @@ class Family:
             if re.match(pattern, path):
                 return depth
         return len(patterns)
+
+    def explain_method(self, config) -> str:
+        """`python -m medjax.explain`'s default: attention rollout, else Grad-CAM, else occlusion."""
+        if self.rollout_tokens is not None and self.rollout_tokens(config) is not None:
+            return "attention"
+        return "gradcam" if self.gradcam_layer is not None else "occlusion"
 
     def feature_fn(self, config, num_blocks: int, dtype=None):
         """fn(variables, images) -> {'cls': (B, n, D), 'patch_mean': (B, D)} for the frozen-feature protocols."""

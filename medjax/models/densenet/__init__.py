@@ -5,4 +5,5 @@ from medjax.models.densenet.model import *  # noqa: F401,F403 (the package is th
 from medjax.models.densenet.model import FAMILY, DenseNet, DenseNetConfig, layers, lora_targets
 from medjax.models.family import Family
 
-FAMILIES = [Family(FAMILY, DenseNetConfig, DenseNet, layers=layers, stem="conv0/kernel", lora_targets=lora_targets)]
+FAMILIES = [Family(FAMILY, DenseNetConfig, DenseNet, layers=layers, stem="conv0/kernel", lora_targets=lora_targets,
+                   gradcam_layer=lambda c: "norm5")]  # the final BatchNorm (its ReLU'd output is pooled)

@@ -6,4 +6,6 @@ from medjax.models.hiera.model import *  # noqa: F401,F403 (the package is the m
 from medjax.models.hiera.model import FAMILY, HieraConfig, Sam2HieraEncoder, layers, lora_targets
 
 FAMILIES = [Family(FAMILY, HieraConfig, Sam2HieraEncoder, layers=layers, stem="patch_embed/kernel",
-                   lora_targets=lora_targets)]
+                   lora_targets=lora_targets,
+                   # the FPN level the features are pooled from (`vision_features`: the coarsest one kept)
+                   gradcam_layer=lambda c: f"neck#{len(c.stages) - 1 - c.scalp}")]

@@ -7,4 +7,5 @@ from medjax.models.sam.model import *  # noqa: F401,F403 (the package is the mod
 from medjax.models.sam.model import FAMILY, SamImageEncoder, SamViTConfig, layers, lora_targets
 
 FAMILIES = [Family(FAMILY, SamViTConfig, SamImageEncoder, layers=layers, stem="patch_embed/kernel",
-                   lora_targets=lora_targets)]
+                   lora_targets=lora_targets,
+                   gradcam_layer=lambda c: f"blocks_{c.depth - 1}")]  # the trunk tokens the features pool (NHWC)

@@ -6,5 +6,15 @@ from medjax.models.family import Family
 from medjax.models.vit.model import *  # noqa: F401,F403 (the package is the model's namespace)
 from medjax.models.vit.model import NAMES, ViTConfig, VisionTransformer, layers, lora_targets, max_taps, taps
 
+
+
+def rollout_tokens(config: ViTConfig):
+    """[CLS, registers, patches] attend globally in every block; CoCa pools by cross-attention (no rollout)."""
+    if config.attn_pool_queries:
+        return None
+    return int(config.class_token) + config.num_registers, config.class_token
+
+
 FAMILIES = [Family(name, ViTConfig, VisionTransformer, layers=layers, stem="patch_embed/kernel",
-                   lora_targets=lora_targets, max_taps=max_taps, taps=taps) for name in NAMES]
+                   lora_targets=lora_targets, max_taps=max_taps, taps=taps, rollout_tokens=rollout_tokens)
+            for name in NAMES]

@@ -6,4 +6,5 @@ from medjax.models.vmamba.model import *  # noqa: F401,F403 (the package is the 
 from medjax.models.vmamba.model import VMamba, VMambaConfig, layers, lora_targets
 
 FAMILIES = [Family("vmamba", VMambaConfig, VMamba, layers=layers, stem="patch_embed/conv1/kernel",
-                   lora_targets=lora_targets)]
+                   lora_targets=lora_targets,
+                   gradcam_layer=lambda c: f"layers_{len(c.depths) - 1}")]  # the last stage, before the final norm
