@@ -20,6 +20,9 @@ setup(
         "safetensors>=0.4",
         "absl-py",
         "grain==0.2.18",
+        # Prepared datasets: TFDS writes and reads ArrayRecord files without TensorFlow (never install it for this)
+        "tensorflow-datasets==4.9.10",
+        "psutil",  # `python -m medjax.data bench`: CPU time of grain's worker processes
         "pillow",
         "pydicom",
         # pydicom's decoders for JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000 DICOM pixel data

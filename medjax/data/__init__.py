@@ -22,7 +22,8 @@ import os
 from typing import Callable
 
 from medjax.data import (aptos2019, brain_tumor_figshare, cbis_ddsm, checks, chest_xray_pneumonia, chexpert, ddsm,
-                         generic, ham10000, ichallenge_amd, isic2018, isic2019, nih_chestxray14, statistics)
+                         generic, ham10000, ichallenge_amd, isic2018, isic2019, nih_chestxray14, prepared,
+                         statistics)
 from medjax.data.records import DataError, Dataset, Record, check_inside_root, fill_splits
 from medjax.data.records import allow_outside_root as _allow_outside_root
 from medjax.data.splits import write_split_file
@@ -57,6 +58,8 @@ COMMON_OPTIONS = {
     "skip_bad_images": (False, "leave missing or unreadable images out (listed in the split file and metrics) "
                                "instead of stopping at start-up"),
     "allow_outside_root": (False, "accept image paths that are absolute or contain '..' (refused by default)"),
+    "jpeg_draft": (True, "decode a JPEG at least twice the resize target at 1/2, 1/4 or 1/8 scale in the DCT "
+                         "(Pillow draft): several times cheaper, within a few grey levels of a full decode (README)"),
 }
 # The data options (config.data_options) each dataset accepts: {dataset: {option: (default, one-line help)}}.
 OPTIONS: dict[str, dict[str, tuple]] = {name: {**declared, **COMMON_OPTIONS}
@@ -89,8 +92,12 @@ def _check_images(dataset: Dataset, level: str, workdir: str | None) -> Callable
 
 
 def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_images: bool = False,
-                check_images: str = "verify", allow_outside_root: bool = False, **options) -> Dataset:
-    """Reads dataset `name` from `root` in its public layout and splits it.
+                check_images: str = "verify", allow_outside_root: bool = False, jpeg_draft: bool = True,
+                **options) -> Dataset:
+    """Reads dataset `name` from `root` in its public layout and splits it, or opens `root` as a prepared dataset
+    (`python -m medjax.data prepare`, detected by its `medjax_prepared.json`; see `medjax.data.prepared`): then the
+    splits and labels are those of the prepare run, `name` must be the prepared dataset's and the reader options
+    the prepared ones, and the loader reads the stored images.
 
     name: one of READERS ('chexpert', 'ddsm', 'cbis_ddsm', 'isic2019', 'aptos2019', 'csv', 'folder'); each reader's
     docstring gives the layout, the split rule and its options, e.g. `seed` (split seed), CheXpert's
@@ -104,6 +111,9 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     stops a run: it becomes a mask=False row and is listed too. `Dataset.skipped_images` has them all.
     allow_outside_root: accept image paths in data files that are absolute or hold '..' (refused by default: they
     would read outside the dataset root). Symlinked folders inside the root are always allowed.
+    jpeg_draft: the loader decodes a JPEG of at least twice its resize target at a reduced DCT scale (`decode`).
+    A prepared root: check_images 'exists' / 'verify' check its ArrayRecord files (present / size and SHA-256 as
+    written), 'decode' also decodes every stored image.
     Raises DataError naming the file (and row) on bad input.
     """
     if name not in READERS:
@@ -116,14 +126,21 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     if unknown:
         raise DataError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {', '.join(accepted)}")
     root = os.path.abspath(os.path.expanduser(root))
-    with _allow_outside_root(allow_outside_root):
-        dataset = reader(root, **options)
-        check_inside_root(dataset)
-    if not dataset.splits.get("train"):
-        raise DataError(f"{root}: no training images were read for dataset {name!r}; expected its files in the "
-                        f"layout of `medjax.data.{reader.__module__.rsplit('.', 1)[-1]}`")
-    dataset.skip_bad_images = skip_bad_images
-    save_check_cache = _check_images(dataset, check_images, workdir)
+    if prepared.is_prepared(root):
+        dataset = prepared.load(name, root, options, _READERS[name][1], check_images=check_images,
+                                skip_bad_images=skip_bad_images, workdir=workdir)
+        save_check_cache = lambda: None  # noqa: E731 - the prepared check keeps its own cache
+    else:
+        with _allow_outside_root(allow_outside_root):
+            dataset = reader(root, **options)
+            check_inside_root(dataset)
+        if not dataset.splits.get("train"):
+            raise DataError(f"{root}: no training images were read for dataset {name!r}; expected its files in the "
+                            f"layout of `medjax.data.{reader.__module__.rsplit('.', 1)[-1]}`, or a prepared "
+                            f"dataset ({prepared.METADATA})")
+        dataset.skip_bad_images = skip_bad_images
+        save_check_cache = _check_images(dataset, check_images, workdir)
+    dataset.jpeg_draft = bool(jpeg_draft)
     empty = [s for s in ("train",) if not dataset.splits.get(s)]
     if empty:
         raise DataError(f"{root}: every training image was skipped as unreadable ({len(dataset.skipped)} images, "

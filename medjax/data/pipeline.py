@@ -14,6 +14,7 @@ so concatenating the processes' batches in process order gives the split in orde
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 
@@ -21,10 +22,11 @@ import grain
 import numpy as np
 
 from medjax.data.records import IMAGENET_MEAN, IMAGENET_STD, DataError, Dataset
-from medjax.data.transforms import LoadAndTransform, Normalize, Slot
+from medjax.data.transforms import LoadAndTransform, Normalize, RawImages, Slot, resize_size
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 BACKBONE_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+log = logging.getLogger(__name__)
 
 
 class TrainOrder:
@@ -101,14 +103,15 @@ def num_batches(dataset: Dataset, split: str, batch_size: int, *, train: bool, s
 def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: int = 224, train: bool, seed: int = 0,
                 normalization="dataset", shard_index: int | None = None, shard_count: int | None = None,
                 num_epochs: int | None = None, worker_count: int = 0, read_threads: int | None = None,
-                prefetch: int | None = None) -> grain.DatasetIterator:
+                prefetch: int | None = None, augment: bool = True) -> grain.DatasetIterator:
     """An iterator of batches {'image': float32 (B, S, S, C) normalised NHWC, 'label': int32 (B,) for multi-class or
     float32 (B, K) multi-hot for multi-label, 'mask': bool (B,) False on padding} over one split.
 
-    train=True: reference train transforms, reshuffled every epoch from `seed`, incomplete last batch dropped,
-    repeated `num_epochs` times (None: forever). train=False: eval transforms, one pass in order, the last batch
-    padded to `batch_size` with mask=False rows. Sharding: process `shard_index` of `shard_count` (defaults: this
-    JAX process of all) gets its share; every process gets the same number of batches.
+    train=True: reference train transforms (augment=False: the eval transform, as the glioma study trained),
+    reshuffled every epoch from `seed`, incomplete last batch dropped, repeated `num_epochs` times (None: forever).
+    train=False: eval transforms, one pass in order, the last batch padded to `batch_size` with mask=False rows.
+    Sharding: process `shard_index` of `shard_count` (defaults: this JAX process of all) gets its share; every
+    process gets the same number of batches.
     normalization: 'dataset', 'imagenet', 'clip' or (mean, std). worker_count > 0 adds grain worker processes (the
     batch is formed after them, so no data is lost); read_threads/prefetch tune grain's read threads (defaults: CPU
     count, max(2 * batch_size, 2 * threads)).
@@ -130,9 +133,17 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
     else:
         order = EvalOrder(len(records), batch_size, shard_index, shard_count)
     mean, std = normalization_stats(dataset, normalization)
+    if dataset.prepared is not None:  # a prepared dataset: its stored images (`prepared.py`)
+        images = dataset.prepared
+        if resize_size(image_size) > images.max_size:
+            log.warning("%s was prepared at %d px (shorter side); image_size %d resizes to %d px, so the stored "
+                        "images are upsampled: prepare again with --max-size %d", dataset.root, images.max_size,
+                        image_size, resize_size(image_size), resize_size(image_size))
+    else:
+        images = RawImages(dataset.channels, resize_size(image_size) if dataset.jpeg_draft else None)
     load = LoadAndTransform(records, channels=dataset.channels, num_classes=dataset.num_classes,
-                            multilabel=dataset.task == "multilabel", image_size=image_size, train=train, seed=seed,
-                            failures=dataset.load_failures, failure_log=dataset.failure_log)
+                            multilabel=dataset.task == "multilabel", image_size=image_size, train=train and augment,
+                            seed=seed, failures=dataset.load_failures, failure_log=dataset.failure_log, images=images)
     threads = read_threads if read_threads is not None else min(16, os.cpu_count() or 1)
     buffer = prefetch if prefetch is not None else max(2 * batch_size, 2 * threads)
     normalize = Normalize(mean, std)

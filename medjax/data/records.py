@@ -57,6 +57,9 @@ class Dataset:
     excluded: (path, origin, reason) of records a split rule removed (e.g. a CBIS-DDSM train image of a test
     patient), so that nothing is dropped silently.
     skipped_images: all skipped images, found at start-up or while loading, for the run's report.
+    jpeg_draft: the loader decodes large JPEGs at a reduced DCT scale (`transforms.decode`); the data option.
+    prepared: for a dataset read from a prepared folder (`prepared.py`), the reader of its stored images
+    (`prepared.PreparedImages`); None for files in their public layout.
     """
 
     name: str
@@ -76,6 +79,8 @@ class Dataset:
     load_failures: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     failure_log: str | None = None
     statistics_source: str = "published"
+    jpeg_draft: bool = True
+    prepared: object = None
 
     @property
     def num_classes(self) -> int:

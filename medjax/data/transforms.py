@@ -19,6 +19,7 @@ threads or batch size.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -127,13 +128,23 @@ def _read_matlab_slice(path: str) -> Image.Image:
     return Image.fromarray(_to_uint8(image, float(image.min()), float(image.max())), "L")
 
 
-def decode(path: str, channels: int) -> Image.Image:
+def _pillow_to_8bit(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return Image.fromarray(_to_uint8(np.clip(np.asarray(img), 0, 65535), 0, 65535), "L")
+    if img.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), 0, 1), "L")
+    return img
+
+
+def decode(path: str, channels: int, draft: int | None = None) -> Image.Image:
     """Reads an image file as an 8-bit PIL image, mode 'L' (channels=1) or 'RGB' (channels=3).
 
     PNG/JPEG/BMP/TIFF through Pillow; DICOM through pydicom (see `_read_dicom`: modality and VOI LUTs, then the
     image's min-max to 0-255, MONOCHROME1 inverted); MATLAB `.mat` slices of the Figshare brain-tumour set (their
     min-max to 0-255). 16-bit images are scaled by their bit depth (v / 257), not clipped at 255 as Pillow's own
     'I;16' -> 'L' conversion does. Grayscale is replicated to RGB, RGB reduced with Pillow's ITU-R 601 luma.
+    draft: for a JPEG at least twice this size on both sides, decode at 1/2, 1/4 or 1/8 scale in the DCT domain
+    (Pillow `draft`), keeping both sides >= draft: the loader passes its resize target (`jpeg_draft`, README).
     Raises the underlying error (OSError, ValueError, ...) on unreadable files; the loader adds the record's origin.
     """
     if path.lower().endswith(".mat"):
@@ -142,13 +153,20 @@ def decode(path: str, channels: int) -> Image.Image:
         img = _read_dicom(path)
     else:
         with Image.open(path) as f:
+            if draft and f.format == "JPEG":
+                f.draft(f.mode, (draft, draft))  # the file's own mode: the colour conversion stays Pillow's
             f.load()
             img = f
-        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            arr = np.asarray(img)
-            img = Image.fromarray(_to_uint8(np.clip(arr, 0, 65535), 0, 65535), "L")
-        elif img.mode == "F":
-            img = Image.fromarray(_to_uint8(np.asarray(img), 0, 1), "L")
+        img = _pillow_to_8bit(img)
+    mode = "L" if channels == 1 else "RGB"
+    return img if img.mode == mode else img.convert(mode)
+
+
+def decode_bytes(data: bytes, channels: int) -> Image.Image:
+    """An encoded PNG or JPEG (a prepared dataset's image) as an 8-bit 'L' or 'RGB' PIL image."""
+    with Image.open(io.BytesIO(data)) as f:
+        f.load()
+        img = _pillow_to_8bit(f)
     mode = "L" if channels == 1 else "RGB"
     return img if img.mode == mode else img.convert(mode)
 
@@ -267,9 +285,20 @@ class Slot:
     valid: bool = True
 
 
+class RawImages:
+    """Record -> 8-bit PIL image, decoded from the record's file (the raw pipeline); `draft` as in `decode`."""
+
+    def __init__(self, channels: int, draft: int | None = None):
+        self.channels, self.draft = channels, draft
+
+    def read(self, record: Record) -> Image.Image:
+        return decode(record.path, self.channels, self.draft)
+
+
 class LoadAndTransform(grain.transforms.Map):
-    """Slot -> {'image': uint8 (S, S, C), 'label', 'mask'}: decode the record's image and apply the train or eval
-    transform. Padding slots give a black image with mask False.
+    """Slot -> {'image': uint8 (S, S, C), 'label', 'mask'}: read the record's image (`images.read(record)`: its file
+    by default, or a prepared dataset's stored image) and apply the train or eval transform. Padding slots give a
+    black image with mask False.
 
     An image that cannot be read here (it changed after the start-up check, or the check was off) never stops the
     run: it becomes a mask=False row, is logged once, appended to `failures` (this process) and, when `failure_log`
@@ -278,8 +307,9 @@ class LoadAndTransform(grain.transforms.Map):
 
     def __init__(self, records: list[Record], *, channels: int, num_classes: int, multilabel: bool,
                  image_size: int, train: bool, seed: int, failures: list | None = None,
-                 failure_log: str | None = None):
+                 failure_log: str | None = None, images=None):
         self.records, self.channels, self.image_size = records, channels, image_size
+        self.images = images if images is not None else RawImages(channels)
         self.train, self.seed = train, seed
         self.failures = failures if failures is not None else []
         self.failure_log = failure_log
@@ -323,7 +353,7 @@ class LoadAndTransform(grain.transforms.Map):
         if not slot.valid:
             return self._blank()
         try:
-            img = decode(record.path, self.channels)
+            img = self.images.read(record)
         except Exception as e:  # noqa: BLE001 - any decoder failure is reported with the file and row
             reason = "file not found" if isinstance(e, FileNotFoundError) else \
                 f"cannot decode ({type(e).__name__}: {e})"
