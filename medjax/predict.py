@@ -281,11 +281,13 @@ def load_model(source: str, mesh=None) -> FineTuned:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def image_records(paths: list[str]) -> list:
-    """Records for image files and folders (searched recursively, sorted) given on the command line."""
+def image_records(paths: list[str], model: FineTuned) -> list:
+    """Records (without labels) for image files and folders (searched recursively, sorted) given on the command
+    line."""
     from medjax.data import Record
     from medjax.data.records import IMAGE_EXTENSIONS
 
+    none = tuple([0] * len(model.class_names)) if model.task == "multilabel" else 0
     out = []
     for p in paths:
         if os.path.isdir(p):
@@ -293,9 +295,9 @@ def image_records(paths: list[str]) -> list:
                            if f.lower().endswith(IMAGE_EXTENSIONS))
             if not found:
                 raise PredictError(f"{p}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
-            out += [Record(f, 0, origin=f) for f in found]
+            out += [Record(f, none, origin=f) for f in found]
         else:
-            out.append(Record(p, 0, origin=p))  # a missing file is reported like an unreadable one
+            out.append(Record(p, none, origin=p))  # a missing file is reported like an unreadable one
     return out
 
 
@@ -462,14 +464,14 @@ def write_csv(path: str, header: list, rows: list) -> None:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-class _Parser(argparse.ArgumentParser):
+class CliParser(argparse.ArgumentParser):
     def error(self, message):  # one `error:` line and exit status 2, like the other medjax commands
         print(f"error: {message} (python -m {self.prog.split()[-1]} --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m medjax.predict", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p = CliParser(prog="python -m medjax.predict", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--workdir", required=True, help="a run's work directory, or a folder of medjax.export")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="a medjax.data dataset name (with --root)")
@@ -518,7 +520,7 @@ def main(argv=None) -> int:
         elif args.csv:
             records, has_labels, shown = csv_records(args.csv, model.class_names, model.task)
         else:
-            records, has_labels = image_records(args.images), False
+            records, has_labels = image_records(args.images, model), False
             shown = [r.path for r in records]
         if not records:
             raise PredictError("no images to predict")

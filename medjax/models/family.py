@@ -47,11 +47,12 @@ class Family:
     # generic taps, n = 1 with `linear_head_input` as the "CLS" and the mean of `attention_head_input` tokens.
     max_taps: Callable[[Any], int] = lambda config: 1  # noqa: E731
     taps: Callable | None = None
-    # Explanations (`medjax.explain`). Attention rollout: (config) -> (first_patch, has_cls), or None for a
+    # Explanations (`medjax.explain`). Attention rollout: (config) -> (first_patch, cls_pooled), or None for a
     # configuration without it. Offered by a family whose blocks attend globally over its token sequence with
     # `layers.Attention` and whose `attention_head_input` is `tokens[first_patch:]`: first_patch is the index of the
-    # first patch token (after CLS and registers); has_cls says whether token 0 is a CLS token whose row the rollout
-    # reads (without one, the mean of the patch rows). None: no rollout (windowed attention, convolutions).
+    # first patch token (after CLS and registers); cls_pooled says whether `linear_head_input` comes from token 0 (the
+    # rollout then reads the CLS row; otherwise the mean of the patch rows). None: no rollout (windowed attention,
+    # convolutions).
     rollout_tokens: Callable[[Any], tuple[int, bool] | None] | None = None
     # Grad-CAM: (config) -> the backbone-relative path of the module whose output is the last feature map the
     # features are pooled from, NHWC (B, h, w, C); `path#k` takes element k of a module that returns a list of maps.

@@ -9,10 +9,12 @@ from medjax.models.vit.model import NAMES, ViTConfig, VisionTransformer, layers,
 
 
 def rollout_tokens(config: ViTConfig):
-    """[CLS, registers, patches] attend globally in every block; CoCa pools by cross-attention (no rollout)."""
+    """[CLS, registers, patches] attend globally in every block. The linear head reads the CLS token, except MAE's
+    and AIMv2's (the mean of the patch tokens); CoCa pools by cross-attention (no rollout)."""
     if config.attn_pool_queries:
         return None
-    return int(config.class_token) + config.num_registers, config.class_token
+    cls_pooled = config.class_token and config.family not in ("mae", "aimv2")
+    return int(config.class_token) + config.num_registers, cls_pooled
 
 
 FAMILIES = [Family(name, ViTConfig, VisionTransformer, layers=layers, stem="patch_embed/kernel",

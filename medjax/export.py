@@ -1,0 +1,156 @@
+"""python -m medjax.export --workdir RUN --output DIR [--format safetensors|stablehlo]
+
+Exports a run's best model (or re-exports an exported folder) for other programs:
+
+- `safetensors` (default): the fine-tuned backbone as a converted folder (`params.safetensors` + `medjax.json`, the
+  format `python -m converters` writes), so `model.pretrained=DIR` starts another run from it and `medjax.embed
+  --params DIR` embeds with it; beside it `head.safetensors` (the classification head) and, in `medjax.json` under
+  `export`, the run's config, class names, task, statistics and operating points, so `medjax.predict`,
+  `medjax.explain` and `--format stablehlo` read the folder as they read the run. LoRA adapters are merged into their
+  kernels; scanned ViT blocks are stored unrolled (the converters' layout).
+- `stablehlo`: the inference function `probabilities = f(weights, images)` serialized with `jax.export` (the batch
+  dimension symbolic), in `model.stablehlo`, with its weights in `weights.safetensors` and its facts in `model.json`.
+  It runs with jax alone, no medjax:
+
+      import jax, numpy as np
+      from safetensors.numpy import load_file
+      f = jax.export.deserialize(open("DIR/model.stablehlo", "rb").read())
+      probs = f.call(load_file("DIR/weights.safetensors"), images)  # images: float32 (N, S, S, C), normalised
+
+  `images` are what the model sees: resized to round(S * 256 / 224) px square (bilinear), center-cropped to S px,
+  scaled to [0, 1] and normalised with the statistics in `model.json` (`input`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from medjax import predict as predict_lib
+from medjax.predict import EXPORT_KEY, HEAD_FILE, PredictError
+
+FORMATS = ("safetensors", "stablehlo")
+STABLEHLO_FILE, WEIGHTS_FILE, FACTS_FILE = "model.stablehlo", "weights.safetensors", "model.json"
+
+
+def facts(model: predict_lib.FineTuned) -> dict:
+    """What a reader needs beside the weights: the run's config and its data facts."""
+    from medjax import pretrained
+
+    if os.path.isfile(os.path.join(model.source, "run_config.json")):
+        with open(os.path.join(model.source, "run_config.json")) as f:
+            run_config = json.load(f)
+    else:
+        run_config = pretrained.read_metadata(model.source)[EXPORT_KEY]["run_config"]
+    mean, std = model.normalization_stats()
+    return {"source": os.path.abspath(model.source), "best_step": model.best_step, "run_config": run_config,
+            "class_names": list(model.class_names), "task": model.task, "channels": model.channels,
+            "mean": list(model.mean), "std": list(model.std), "target_metric": model.target_metric,
+            "thresholds": model.thresholds,
+            "input": {"layout": "NHWC", "size": model.image_size, "dtype": "float32",
+                      "resize": round(model.image_size * 256 / 224), "mean": list(mean), "std": list(std)}}
+
+
+def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
+    from medjax import pretrained
+
+    classifier, variables = model.plain()
+    backbone = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
+    head = {c: v["head"] for c, v in variables.items() if "head" in v}
+    flat_head = {k: np.ascontiguousarray(v) for k, v in pretrained.flatten_variables(head).items()}
+    info = facts(model)
+    info["head"] = {"kind": classifier.head, "num_classes": classifier.num_classes}
+    info["head_digests"] = {k: pretrained.tensor_digest(v) for k, v in sorted(flat_head.items())}
+    config = classifier.backbone
+    from safetensors.numpy import save_file
+
+    os.makedirs(output, exist_ok=True)
+    tmp = os.path.join(output, HEAD_FILE + ".tmp")
+    save_file(flat_head, tmp)
+    os.replace(tmp, os.path.join(output, HEAD_FILE))
+    # medjax.json is written last (pretrained.save): a killed export never leaves a folder that loads
+    pretrained.save(output, backbone, {
+        "family": config.family, "model": f"fine-tuned {config.family}", "architecture": config.to_dict(),
+        "source": {"file": os.path.abspath(model.source), "format": "medjax run", "best_step": model.best_step},
+        "num_params": int(sum(np.size(v) for v in pretrained.flatten(backbone.get("params", {})).values())),
+        EXPORT_KEY: info})
+    return output
+
+
+def inference_function(model: predict_lib.FineTuned):
+    """(fn(weights, images) -> probabilities, weights): `weights` flat {name: array} as pretrained.flatten_variables
+    names them, so that a reader passes the safetensors dict as it loads it."""
+    from medjax import engine, pretrained
+
+    classifier, variables = model.plain()
+    eval_step = engine.make_eval_step(classifier, model.task)
+    weights = {k: np.ascontiguousarray(v) for k, v in pretrained.flatten_variables(variables).items()}
+    return (lambda w, images: eval_step(pretrained.unflatten_variables(w), images)), weights
+
+
+def export_stablehlo(model: predict_lib.FineTuned, output: str, platforms: tuple[str, ...]) -> str:
+    import jax
+    from safetensors.numpy import save_file
+
+    fn, weights = inference_function(model)
+    (batch,) = jax.export.symbolic_shape("batch")
+    size = model.image_size
+    images = jax.ShapeDtypeStruct((batch, size, size, model.channels), np.float32)
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+    try:
+        exported = jax.export.export(jax.jit(fn), platforms=platforms)(specs, images)
+    except (ValueError, NotImplementedError, TypeError) as e:
+        raise PredictError(f"jax.export cannot serialize this model for {', '.join(platforms)}: {e}") from None
+    os.makedirs(output, exist_ok=True)
+    info = facts(model) | {"platforms": list(platforms), "outputs": "probabilities (N, K): softmax (multi-class) "
+                           "or sigmoid (multi-label) over class_names",
+                           "call": "jax.export.deserialize(bytes).call(weights_dict, images)"}
+    tmp = os.path.join(output, WEIGHTS_FILE + ".tmp")
+    save_file(weights, tmp)
+    os.replace(tmp, os.path.join(output, WEIGHTS_FILE))
+    _write_atomic(os.path.join(output, STABLEHLO_FILE), exported.serialize())
+    _write_atomic(os.path.join(output, FACTS_FILE), json.dumps(info, indent=1).encode())
+    return output
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> int:
+    from medjax import pretrained
+    from medjax.data import DataError
+
+    p = predict_lib.CliParser(prog="python -m medjax.export", description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--workdir", required=True, help="a run's work directory (or an exported folder)")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.add_argument("--format", default="safetensors", choices=FORMATS)
+    p.add_argument("--platforms", default="cpu,cuda,tpu",
+                   help="stablehlo: comma-separated platforms the serialized function runs on")
+    args = p.parse_args(argv)
+    platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
+    if not platforms or any(x not in ("cpu", "cuda", "rocm", "tpu") for x in platforms):
+        p.error(f"--platforms {args.platforms!r}: expected a comma-separated subset of cpu, cuda, rocm, tpu")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        p.error(f"--output {args.output}: exists and is not a folder")
+    try:
+        model = predict_lib.load_model(args.workdir)
+        if args.format == "safetensors":
+            export_safetensors(model, args.output)
+        else:
+            export_stablehlo(model, args.output, platforms)
+    except (PredictError, pretrained.PretrainedError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.format} export of {args.workdir} (best step {model.best_step}) written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
