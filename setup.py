@@ -33,6 +33,7 @@ setup(
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",  # the report's figures
+        "flatbuffers",  # jax.export serialization (python -m medjax.export --format stablehlo)
     ],
     extras_require={
         # Reading .pth/.pt/.bin checkpoints with torch.load(weights_only=True) (safetensors files need no torch).
