@@ -98,7 +98,8 @@ def frozen_norm_paths(variables: dict, trainable: dict) -> frozenset:
 
 @dataclasses.dataclass
 class Engine:
-    """What `build` returns; `state` is placed on `mesh`, `train_step` and `eval_step` are jitted with shardings."""
+    """What `build` returns; `state` (the initial state) is placed on `mesh`, `train_step` and `eval_step` are jitted
+    with shardings. `train_step` donates the state it is given: keep the state it returns, not `Engine.state`."""
 
     model: Any
     family: models.Family
@@ -152,10 +153,18 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
     mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     model_state = {k: v for k, v in variables.items() if k != "params"}
     norms_frozen = frozen_norm_paths(variables, trainable)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                       opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed + 1))
+
+    def new_state(params, model_state):
+        # the dropout stream's key is not LoRA's init key (seed + 1)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed + 2))
+
+    # The state is created on the mesh, already sharded: the optimizer moments never exist whole on one device.
+    abstract = jax.eval_shape(new_state, params, model_state)
     specs = sharding.param_specs(params, mesh, [tuple(r) for r in config.sharding_rules])
-    state_sharding = sharding.tree_shardings(state, params, specs, mesh)
+    state_sharding = sharding.tree_shardings(abstract, params, specs, mesh)
+    state = jax.jit(new_state, out_shardings=state_sharding)(
+        jax.device_put(params, state_sharding.params), jax.device_put(model_state, state_sharding.model_state))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = jax.jit(make_train_step(model, tx, task, trainable, norms_frozen), in_shardings=(state_sharding, None),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
@@ -163,7 +172,7 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
                         in_shardings=(Engine.variables_of(state_sharding), None))
     return Engine(model=model, family=family, backbone_config=model_backbone(model), trainable=trainable,
                   trainable_rules=trainable_rules, lr_scale_rules=lr_rules, tx=tx, schedule=schedule, mesh=mesh,
-                  state=jax.device_put(state, state_sharding), state_sharding=state_sharding, train_step=step,
+                  state=state, state_sharding=state_sharding, train_step=step,
                   eval_step=eval_step, norms_frozen=norms_frozen)
 
 
