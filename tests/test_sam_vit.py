@@ -193,7 +193,8 @@ def sam_dir(tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("head,freeze", [("linear", "frozen"), ("attention", "partial"), ("linear", "full")])
+@pytest.mark.parametrize("head,freeze", [
+    ("linear", "frozen"), pytest.param("attention", "partial", marks=pytest.mark.slow), ("linear", "full")])
 def test_trains_in_the_engine(sam_dir, head, freeze):
     """The converted SAM encoder in the trainer's one build path (medjax.engine.build): grayscale data (the stem
     reduced to one channel), both heads, frozen / partial (from block 1) / full; two steps update exactly the

@@ -418,8 +418,9 @@ def hf_vit_config(cfg: dict) -> ViTConfig:
     architectures = cfg.get("architectures") or ["ViTModel"]
     pooler = model_type == "vit" and "ViTModel" in architectures
     return ViTConfig(
-        family="hf_vit", width=dim, depth=cfg.get("num_hidden_layers", 12), num_heads=cfg.get("num_attention_heads", 12),
-        patch_size=patch, pos_grid=_grid(cfg.get("image_size", 224), patch), mlp_hidden=cfg.get("intermediate_size", 3072),
+        family="hf_vit", width=dim, depth=cfg.get("num_hidden_layers", 12),
+        num_heads=cfg.get("num_attention_heads", 12), patch_size=patch,
+        pos_grid=_grid(cfg.get("image_size", 224), patch), mlp_hidden=cfg.get("intermediate_size", 3072),
         in_chans=cfg.get("num_channels", 3), qkv_bias=cfg.get("qkv_bias", True),
         norm_eps=float(cfg.get("layer_norm_eps", _HF_VIT_EPS[model_type])),
         pooler_dim=(cfg.get("pooler_output_size") or dim) if pooler else 0, pos_resize="size")
@@ -487,11 +488,12 @@ def biomedclip_config(cfg: dict) -> ViTConfig:
     extra = dict(v.get("timm_model_kwargs") or {})
     if "image_size" in v:
         if "img_size" in extra and pair(extra["img_size"]) != pair(v["image_size"]):
-            raise CheckpointError(f"biomedclip config: vision_cfg.image_size {v['image_size']} differs from the trunk's "
-                                  f"timm_model_kwargs.img_size {extra['img_size']}")
+            raise CheckpointError(f"biomedclip config: vision_cfg.image_size {v['image_size']} differs from the "
+                                  f"trunk's timm_model_kwargs.img_size {extra['img_size']}")
         kw["img_size"] = v["image_size"]
     config = timm_config({**kw, **extra}, "biomedclip")
-    return dataclasses.replace(config, proj_dim=cfg["embed_dim"], proj_bias_term=bool(v.get("timm_proj_bias", False)))
+    return dataclasses.replace(config, proj_dim=cfg["embed_dim"],
+                               proj_bias_term=bool(v.get("timm_proj_bias", False)))
 
 
 def parse_config(family: str, cfg: dict) -> ViTConfig:
@@ -611,7 +613,8 @@ def _adjust_hf(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) -> V
     """The transformers ViT pooler and CLIP projection exist when the file holds them (the config cannot say)."""
     if config.family == "hf_vit":
         pooler = fmt.name == "vit_transformers_pooler"
-        return dataclasses.replace(config, pooler_dim=(kwargs.get("pooler_output_size") or config.width) if pooler else 0)
+        pooler_dim = (kwargs.get("pooler_output_size") or config.width) if pooler else 0
+        return dataclasses.replace(config, pooler_dim=pooler_dim)
     if fmt.name == "clip_transformers":
         return dataclasses.replace(config, proj_dim=None)
     return config
@@ -651,8 +654,8 @@ def attach_linear_head(config: ViTConfig, path: str) -> tuple[ViTConfig, dict, l
                               f"got keys {sorted(state)[:10]}")
     weight, bias = state["weight"], state["bias"]
     if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-        raise CheckpointError(f"--linear-head {path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are not "
-                              "an nn.Linear's")
+        raise CheckpointError(f"--linear-head {path}: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} are "
+                              "not an nn.Linear's")
     inputs, width = weight.shape[1], config.width
     layers = inputs // width - 1
     if inputs % width or layers not in (1, 4):

@@ -337,7 +337,8 @@ class VisionTransformer(nn.Module):
         mean of the last block's final-normed patch tokens (registers excluded), through `lc_head`."""
         c = self.config
         first_patch = 1 + c.num_registers
-        linear_input = jnp.concatenate([y[:, 0] for y in normed] + [normed[-1][:, first_patch:].mean(axis=1)], axis=-1)
+        pieces = [y[:, 0] for y in normed] + [normed[-1][:, first_patch:].mean(axis=1)]
+        linear_input = jnp.concatenate(pieces, axis=-1)
         logits = dense(c.lc_classes, True, self.dtype, "lc_head")(linear_input)
         return {"lc_linear_input": linear_input, "lc_logits": logits}
 
