@@ -53,8 +53,9 @@ class AttentionHead(nn.Module):
 
 
 class MlpHead(nn.Module):
-    """The glioma study's head: pooled feature -> Dense(hidden) -> ReLU -> Dense(classes) (torch.nn.Linear's layout
-    and ReLU; on DINOv2 `_lc` backbones the pooled feature is the 1000 ImageNet logits)."""
+    """The glioma study's head: feature -> Dense(hidden) -> ReLU -> Dense(classes). The feature is the 1000 ImageNet
+    logits of a DINOv2 `_lc` backbone (`dinov2_vit{s,b,l}14_lc` = the backbone converted with --linear-head), as the
+    study runs it, else the family's pooled feature."""
 
     hidden: int
     num_classes: int
@@ -79,8 +80,9 @@ class Classifier(nn.Module):
         features = models.build_backbone(self.backbone, self.dtype, name="backbone")(images, train=train)
         if self.head == "linear":
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features["linear_head_input"])
-        elif self.head == "mlp":
-            logits = MlpHead(self.mlp_hidden, self.num_classes, self.dtype, name="head")(features["linear_head_input"])
+        elif self.head == "mlp":  # on a DINOv2 `_lc` backbone (converted with --linear-head): its ImageNet logits
+            inputs = features["lc_logits"] if "lc_logits" in features else features["linear_head_input"]
+            logits = MlpHead(self.mlp_hidden, self.num_classes, self.dtype, name="head")(inputs)
         elif self.head == "attention":
             logits = AttentionHead(self.deit, self.num_classes, self.dtype, name="head")(
                 features["attention_head_input"])

@@ -170,3 +170,26 @@ def test_cnn_family_trains_end_to_end(tmp_path, chexpert, family, head, freeze):
         assert not changed and not any(k.startswith("backbone/") for k in moved)
     else:
         assert changed
+
+
+def test_mlp_head_on_dinov2_lc_reads_the_imagenet_logits(tmp_path):
+    """The glioma study's model: dinov2_*_lc (backbone + its ImageNet linear classifier) -> Linear(1000, 256) -> ReLU
+    -> Linear(256, C); checked against the same composition on the fixture's recorded lc_logits."""
+    from conftest import fixture_path
+    from medjax import classifier
+
+    converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "lc"), "dinov2",
+                       fixture_path("dinov2_lc", "config.json"),
+                       linear_head=fixture_path("dinov2_lc", "linear_head.pth"))
+    images = np.load(fixture_path("dinov2_lc", "images.npy"))
+    expected = np.load(fixture_path("dinov2_lc", "expected.npz"))["lc_logits"]
+    cfg = make({"model.family": "dinov2", "model.pretrained": str(tmp_path / "lc"), "model.head": "mlp",
+                "model.mlp_hidden": 16}).model
+    model, variables = classifier.build_classifier(cfg, 3, 3, images.shape[-1], jax.random.PRNGKey(0))
+    head = variables["params"]["head"]
+    with jax.default_matmul_precision("float32"):
+        logits = np.asarray(model.apply(variables, images.transpose(0, 2, 3, 1)))
+    hidden = np.maximum(expected @ np.asarray(head["fc1"]["kernel"]) + np.asarray(head["fc1"]["bias"]), 0)
+    ref = hidden @ np.asarray(head["fc2"]["kernel"]) + np.asarray(head["fc2"]["bias"])
+    assert head["fc1"]["kernel"].shape == (expected.shape[1], 16)
+    assert np.abs(logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
