@@ -22,6 +22,7 @@ ALLOWED = {
     "model.grayscale": ("red", "sum"),
     "optim.name": ("adamw", "adam", "sgd"),
     "optim.schedule": ("reference", "cosine", "constant"),
+    "selection_metric": ("", "roc_auc", "mean_auc", "balanced_accuracy", "quadratic_kappa", "accuracy", "map"),
 }
 
 
@@ -61,6 +62,13 @@ def study_config():
     c.image_size = 224  # train crop / eval size in pixels
     c.normalization = "dataset"  # the reference's per-dataset statistics; "imagenet" / "clip" for the backbone's own
     c.seed = 0  # split seed, init and data order
+    c.train_augment = True  # False: train images get the eval transform only (resize, center crop; the glioma study)
+    c.selection_metric = ""  # the validation metric that picks the best model; "": the dataset's target metric
+    c.bootstrap = ml_collections.ConfigDict({
+        "resamples": 1000,  # percentile bootstrap of each scalar test metric (glioma study: 5000); 0: none
+        "confidence": 0.95,  # the intervals' coverage
+        "seed": 0,  # the resamples' seed (patients are resampled where the test records have ids)
+    })
     c.thresholds = "youden"  # multi-label operating points chosen on val: "youden" (max J) | "sensitivity:0.9"
 
     c.model = ml_collections.ConfigDict()

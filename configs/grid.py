@@ -1,26 +1,43 @@
-"""The study's benchmark grid (SPEC sections 2, 4, 6): backbone x dataset x head x freeze, built from one table.
+"""The benchmark grid (SPEC sections 2, 4, 6, 8, 10): model x dataset x head x freeze, built from tables, for the
+reference study and the two companion studies' baselines.
 
     python -m medjax.main --config=configs/grid.py:model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen \
         --workdir=runs/dinov2_b/chexpert/linear_frozen [--config.weights_dir=DIR] [--config.data_dir=DIR]
     python -m medjax.grid list --filter dataset=chexpert      # the cells; `run` runs them one by one
+    python -m medjax.grid list --filter study=glioma           # or study=radiology, study=mansoori
 
-Every cell uses the study's recipe: AdamW lr 1e-4, weight decay 1e-5, the reference warm-up (1000 iterations for
-CheXpert and ISIC, 5 epochs for DDSM and APTOS, then constant), batch 64, 100 epochs, bf16 compute, 224 px (valid
-for every backbone: a multiple of 32 for SAM2 and VMamba, of 14 / 16 / 32 for the ViTs), grayscale stems for
-CheXpert and DDSM.
+The reference study (Mansoori et al.; `study=mansoori`): BACKBONES x DATASETS x {linear, attention} x {frozen,
+full}. Every cell uses the study's recipe: AdamW lr 1e-4, weight decay 1e-5, the reference warm-up (1000
+iterations for CheXpert and ISIC, 5 epochs for DDSM and APTOS, then constant), batch 64, 100 epochs, bf16 compute,
+224 px (valid for every backbone: a multiple of 32 for SAM2 and VMamba, of 14 / 16 / 32 for the ViTs), grayscale
+stems for CheXpert and DDSM.
 
-Weights: convert each official checkpoint once into `{weights_dir}/{variant}` (the variant names of `converters`),
-e.g. `python -m converters dinov2_vitb14_pretrain.pth $MEDJAX_WEIGHTS/dinov2_vitb14 --model dinov2_vitb14`. The
+The glioma study (Fu et al.; `study=glioma`): VGG-16, ResNet-50, DenseNet-121 (linear head) and DINOv2 S/B/L with
+their ImageNet linear classifiers (`_lc`, MLP head) on its four public datasets, frozen and full, with its protocol
+(configs/glioma_recipe.py: Adam lr 1e-4, batch 32, 100 epochs, no augmentation, resize 256 -> crop 224, ImageNet
+statistics, best validation accuracy, 5,000 bootstrap resamples).
+
+The radiology study (Baharoon et al.; `study=radiology`): the linear probe (head `probe`, frozen) of DINOv2 S/B/L/g
+beside its baselines (ResNet-152, VGG-19, DenseNet-201, ViT-L/16 IN-21k, MSN-L, MAE-L read as a ViT, CLIP ViT-L/14,
+OpenCLIP ViT-H/14, SAM ViT-L at 1024 px, BiomedCLIP) on NIH ChestX-ray14, CheXpert (frontal) and the Figshare brain
+tumours. These cells run the protocol, not the trainer: `python -m medjax.grid run` (or `python -m medjax.grid probe
+ARG --workdir DIR`) writes their metrics.json; `medjax.main` would train a frozen linear head instead.
+
+Weights: convert each official checkpoint once into `{weights_dir}/{folder}` (the variant names of `converters`),
+e.g. `python -m converters dinov2_vitb14_pretrain.pth $MEDJAX_WEIGHTS/dinov2_vitb14 --model dinov2_vitb14`; the
+`_lc` folders with `--linear-head dinov2_vitb14_linear_head.pth` (`grid_cell.convert` of a cell says how). The
 attention head also needs `{weights_dir}/deit_base_patch16_224`. Data: each dataset in its public layout under
-`{data_dir}/{folder}` (DATASETS below). Defaults: $MEDJAX_WEIGHTS or /data/medjax, $MEDJAX_DATA or /data; the paths
-follow `--config.weights_dir` / `--config.data_dir` overrides.
+`{data_dir}/{folder}` (DATASETS, GLIOMA_DATASETS, RADIOLOGY_DATASETS below). Defaults: $MEDJAX_WEIGHTS or
+/data/medjax, $MEDJAX_DATA or /data; the paths follow `--config.weights_dir` / `--config.data_dir` overrides.
 """
 
 import os
+from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
 
+from configs import glioma_recipe
 from configs.common import study_config
 
 # model key: (name in the study's table, converter variant = folder under weights_dir, family,
@@ -53,14 +70,100 @@ DATASETS = {
 }
 HEADS = ("linear", "attention")
 FREEZE = ("frozen", "full")
-AXES = {"model": tuple(BACKBONES), "dataset": tuple(DATASETS), "head": HEADS, "freeze": FREEZE}
 DEIT_VARIANT = "deit_base_patch16_224"  # the body of the attention head (SPEC section 4)
 
 
+class Model(NamedTuple):
+    """A model of the companion studies' tables."""
+
+    name: str  # the row name in the report
+    folder: str  # the converted backbone under weights_dir
+    family: str  # medjax's backbone family (what the converter writes for `variant`)
+    params_m: float  # backbone parameters in millions as medjax counts them (converted, no head)
+    variant: str  # `python -m converters CHECKPOINT {weights_dir}/{folder} --model {variant}`
+    kind: str  # "foundation" (the models the studies evaluate) or "baseline" (what they compare them with)
+    linear_head: str = ""  # DINOv2 `_lc`: the hub linear classifier file, converted with `--linear-head`
+    image_size: int = 224  # the radiology study's input size (SAM's encoder runs at 1024 px)
+
+
+def _lc(size, name, params_m):
+    return Model(f"DINOv2-{name} lc", f"dinov2_vit{size}14_lc", "dinov2", params_m, f"dinov2_vit{size}14", "foundation",
+                 f"dinov2_vit{size}14_linear_head.pth")
+
+
+# The companion studies' models beyond BACKBONES (SPEC section 10; the variant names of `python -m converters`).
+COMPANION_MODELS = {
+    # the glioma study: ImageNet CNNs (torchvision files) and DINOv2 with its ImageNet linear classifier
+    "vgg16": Model("VGG-16", "vgg16", "vgg", 138.36, "vgg16", "baseline"),
+    "resnet50": Model("ResNet-50", "resnet50", "resnet", 25.56, "resnet50", "baseline"),
+    "densenet121": Model("DenseNet-121", "densenet121", "densenet", 7.98, "densenet121", "baseline"),
+    "dinov2_s_lc": _lc("s", "S", 22.83),
+    "dinov2_b_lc": _lc("b", "B", 88.12),
+    "dinov2_l_lc": _lc("l", "L", 306.42),
+    # the radiology study's baselines (MohammedSB/DINOv2ForRadiology --backbone)
+    "resnet152": Model("ResNet-152", "resnet152", "resnet", 60.19, "resnet152", "baseline"),
+    "vgg19": Model("VGG-19", "vgg19", "vgg", 143.67, "vgg19", "baseline"),
+    "densenet201": Model("DenseNet-201", "densenet201", "densenet", 20.01, "densenet201", "baseline"),
+    "vit_l16_in21k": Model("ViT-L/16 IN-21k", "vit_large_patch16_224_in21k", "hf_vit", 304.35,
+                           "vit_large_patch16_224_in21k", "baseline"),
+    "msn_l": Model("MSN-L", "vit_msn_large", "hf_vit", 303.30, "vit_msn_large", "baseline"),
+    "vit_mae_l": Model("MAE-L (as a ViT)", "vit_mae_large", "hf_vit", 303.30, "vit_mae_large", "baseline"),
+    "clip_l14": Model("CLIP ViT-L/14", "clip_vit_large_patch14", "hf_clip", 303.97, "clip_vit_large_patch14",
+                      "baseline"),
+    "openclip_h14": Model("OpenCLIP ViT-H/14", "clip_vit_huge_patch14_laion2b", "hf_clip", 632.08,
+                          "clip_vit_huge_patch14_laion2b", "baseline"),
+    "sam_l": Model("SAM ViT-L", "sam_vit_l", "sam_vit", 308.28, "sam_vit_l", "baseline", image_size=1024),
+    "biomedclip": Model("BiomedCLIP", "biomedclip_vit_base_patch16_224", "biomedclip", 86.19,
+                        "biomedclip_vit_base_patch16_224", "baseline"),
+}
+
+# The glioma study's table (Fu et al.; configs/glioma_recipe.py): its public datasets (the glioma MRI set is private)
+# -> folder under data_dir. CNNs take a linear head, the `_lc` models the MLP head; frozen and full.
+GLIOMA_MODELS = ("vgg16", "resnet50", "densenet121", "dinov2_s_lc", "dinov2_b_lc", "dinov2_l_lc")
+GLIOMA_DATASETS = {"chest_xray_pneumonia": "chest_xray", "ichallenge_amd": "iChallenge-AMD", "ham10000": "HAM10000",
+                   "isic2018": "ISIC2018"}
+
+# The radiology study's linear probes (Baharoon et al.; SPEC section 8): DINOv2 beside its baselines, frozen
+# features, the head grid (n last blocks x avgpool x lr) selected on validation, retrained on train + val, tested.
+# dataset -> (folder under data_dir, reader options as the study read the set)
+RADIOLOGY_MODELS = ("dinov2_s", "dinov2_b", "dinov2_l", "dinov2_g", "resnet152", "vgg19", "densenet201",
+                    "vit_l16_in21k", "msn_l", "vit_mae_l", "clip_l14", "openclip_h14", "sam_l", "biomedclip")
+RADIOLOGY_DATASETS = {
+    "nih_chestxray14": ("NIH-ChestXray14", {"no_finding_class": True, "val_rule": "last"}),
+    "chexpert": ("CheXpert-v1.0-small", {"uncertain": "zeros", "frontal_only": True}),
+    "brain_tumor_figshare": ("brain-tumor-figshare", {}),
+}
+CNN_FAMILIES = ("resnet", "densenet", "vgg")  # probed on their pooled feature alone (n_last_blocks 1, no avgpool)
+
+STUDIES = {  # study key -> its title in the report
+    "mansoori": "Mansoori et al. (the reference study)",
+    "glioma": "Fu et al. (the glioma study's protocol)",
+    "radiology": "Baharoon et al. (the radiology study's linear probes)",
+}
+AXES = {"model": tuple(dict.fromkeys([*BACKBONES, *GLIOMA_MODELS, *RADIOLOGY_MODELS])),
+        "dataset": tuple(dict.fromkeys([*DATASETS, *GLIOMA_DATASETS, *RADIOLOGY_DATASETS])),
+        "head": ("linear", "attention", "mlp", "probe"), "freeze": FREEZE}
+FILTER_AXES = {**AXES, "study": tuple(STUDIES)}  # `python -m medjax.grid --filter` keys
+
+
+def model_info(key) -> Model:
+    """A model key of any study as a Model (the main study's backbones too)."""
+    if key in COMPANION_MODELS:
+        return COMPANION_MODELS[key]
+    name, variant, family, params_m, _ = BACKBONES[key]
+    return Model(name, variant, family, params_m, variant, "foundation")
+
+
 def cells():
-    """Every cell of the grid, in table order: dicts {model, dataset, head, freeze}."""
-    return [{"model": m, "dataset": d, "head": h, "freeze": f}
+    """Every cell of the grid, in table order (the reference study's, the glioma study's, the radiology study's):
+    dicts {model, dataset, head, freeze, study}."""
+    main = [{"model": m, "dataset": d, "head": h, "freeze": f, "study": "mansoori"}
             for m in BACKBONES for d in DATASETS for h in HEADS for f in FREEZE]
+    glioma = [{"model": m, "dataset": d, "head": "mlp" if m.endswith("_lc") else "linear", "freeze": f,
+               "study": "glioma"} for m in GLIOMA_MODELS for d in GLIOMA_DATASETS for f in FREEZE]
+    radiology = [{"model": m, "dataset": d, "head": "probe", "freeze": "frozen", "study": "radiology"}
+                 for m in RADIOLOGY_MODELS for d in RADIOLOGY_DATASETS]
+    return main + glioma + radiology
 
 
 def cell_arg(cell):
@@ -69,11 +172,13 @@ def cell_arg(cell):
 
 
 def parse_arg(arg):
-    """`model=dinov2_b,dataset=chexpert[,head=linear][,freeze=frozen]` -> a cell dict (errors name the choices)."""
+    """`model=dinov2_b,dataset=chexpert[,head=linear][,freeze=frozen]` -> a cell dict (errors name the choices).
+    Without head / freeze, the first cell of the model and dataset in table order (linear / frozen in the
+    reference study's grid, the study's own head elsewhere)."""
     if not arg:
         raise ValueError("configs/grid.py needs a cell, e.g. --config=configs/grid.py:model=dinov2_b,dataset=chexpert,"
                          "head=linear,freeze=frozen (`python -m medjax.grid list` prints them all)")
-    cell = {"head": "linear", "freeze": "frozen"}
+    given = {}
     for item in arg.split(","):
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
@@ -82,37 +187,79 @@ def parse_arg(arg):
                              f"{', '.join(AXES)}")
         if value not in AXES[key]:
             raise ValueError(f"configs/grid.py: {key}={value!r} is not in the grid; choices: {', '.join(AXES[key])}")
-        cell[key] = value
-    missing = [k for k in ("model", "dataset") if k not in cell]
+        given[key] = value
+    missing = [k for k in ("model", "dataset") if k not in given]
     if missing:
         raise ValueError(f"configs/grid.py: {arg!r} names no {' and no '.join(missing)}")
-    return cell
+    everything = cells()
+    match = [c for c in everything if all(c[k] == v for k, v in given.items())]
+    if not match:
+        of_model = [c for c in everything if c["model"] == given["model"]]
+        choices = sorted({f"dataset={c['dataset']},head={c['head']},freeze={c['freeze']}" for c in of_model})
+        raise ValueError(f"configs/grid.py: {arg!r} is not a cell of the grid; model={given['model']} runs with "
+                         + "; ".join(choices[:12]) + (f"; ... ({len(choices)} in all)" if len(choices) > 12 else ""))
+    return dict(match[0])
 
 
 def get_config(arg=None):
     cell = parse_arg(arg)
-    name, variant, family, params_m, in_study = BACKBONES[cell["model"]]
-    folder, warmup, data_options = DATASETS[cell["dataset"]]
+    model = model_info(cell["model"])
+    in_study = BACKBONES[cell["model"]][4] if cell["study"] == "mansoori" else True
 
     c = study_config()
     # Locations: references, so that --config.weights_dir / --config.data_dir move every path built from them.
     c.weights_dir = config_dict.FieldReference(os.environ.get("MEDJAX_WEIGHTS", "/data/medjax"))
     c.data_dir = config_dict.FieldReference(os.environ.get("MEDJAX_DATA", "/data"))
     c.grid_cell = ml_collections.ConfigDict({
-        **cell, "arg": cell_arg(cell), "backbone": name, "variant": variant, "params_m": params_m,
-        "in_study": in_study})
-
+        **cell, "arg": cell_arg(cell), "backbone": model.name, "variant": model.folder, "params_m": model.params_m,
+        "in_study": in_study, "kind": model.kind,
+        "convert": f"python -m converters CHECKPOINT {{weights_dir}}/{model.folder} --model {model.variant}"
+                   + (f" --linear-head {model.linear_head}" if model.linear_head else "")})
     c.dataset = cell["dataset"]
-    c.data_root = c.get_ref("data_dir") + f"/{folder}"
-    for key, value in data_options.items():
-        c.data_options[key] = value
-    c.model.family = family
-    c.model.pretrained = c.get_ref("weights_dir") + f"/{variant}"
-    c.model.head = cell["head"]
+    c.model.family = model.family
+    c.model.pretrained = c.get_ref("weights_dir") + f"/{model.folder}"
+    c.model.head = cell["head"] if cell["head"] != "probe" else "linear"
     c.model.freeze = cell["freeze"]
+    recipe = {"mansoori": _reference_study, "glioma": _glioma_study, "radiology": _radiology_study}[cell["study"]]
+    recipe(c, cell, model)
+    return c
+
+
+def _data(c, folder, options):
+    c.data_root = c.get_ref("data_dir") + f"/{folder}"
+    for key, value in options.items():
+        c.data_options[key] = value
+
+
+def _reference_study(c, cell, model):
+    """The study's recipe (module docstring); the attention head's body comes converted from DeiT-B."""
+    folder, warmup, data_options = DATASETS[cell["dataset"]]
+    _data(c, folder, data_options)
     c.model.attention_head.deit_params = (c.get_ref("weights_dir") + f"/{DEIT_VARIANT}"
                                           if cell["head"] == "attention" else "")
     if "warmup_steps" in warmup:  # CheXpert / ISIC: 1000 iterations; DDSM / APTOS: 5 epochs
         c.optim.warmup_steps = warmup["warmup_steps"]
     c.optim.warmup_epochs = warmup.get("warmup_epochs", 0)
-    return c
+
+
+def _glioma_study(c, cell, model):
+    """configs/glioma_recipe.py on the study's public datasets; the `_lc` folders hold the linear classifier."""
+    glioma_recipe.apply(c)
+    _data(c, GLIOMA_DATASETS[cell["dataset"]], {})
+
+
+def _radiology_study(c, cell, model):
+    """The linear-probe protocol (`python -m medjax.grid probe`, run by `grid run`): ImageNet statistics, the study's
+    input size, the DINOv2 head grid; CNNs on their pooled feature alone."""
+    folder, data_options = RADIOLOGY_DATASETS[cell["dataset"]]
+    _data(c, folder, data_options)
+    c.image_size = model.image_size
+    c.normalization = "imagenet"
+    cnn = model.family in CNN_FAMILIES
+    c.probe = ml_collections.ConfigDict({
+        "blocks": (1,) if cnn else (1, 4),  # n last blocks whose normed CLS tokens are concatenated
+        "avgpool": (False,) if cnn else (False, True),  # also the mean of the last block's normed patch tokens
+        "lrs": (1e-3, 5e-3, 1e-2, 5e-2),  # SGD momentum 0.9, cosine to 0
+        "epochs": 10, "batch_size": 128, "seed": 0,
+        "extract_batch_size": 64,  # the backbone pass over each split (features cached in the work directory)
+    })

@@ -1,15 +1,23 @@
-"""python -m medjax.grid list|run|cell: the cells of the study's benchmark grid (configs/grid.py), listed or run.
+"""python -m medjax.grid list|run|cell|probe: the cells of the benchmark grid (configs/grid.py), listed or run.
 
-    python -m medjax.grid list [--filter model=dinov2_*,dataset=chexpert]
+    python -m medjax.grid list [--filter model=dinov2_*,dataset=chexpert] [--filter study=glioma]
     python -m medjax.grid run --filter model=dinov2_b,head=linear [--dry-run] [--workdir-root runs] [-- --config.x=y]
     python -m medjax.grid cell model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen --workdir DIR
+    python -m medjax.grid probe model=resnet152,dataset=chexpert,head=probe,freeze=frozen --workdir DIR
 
-`list` prints one cell per line with its config argument. `run` runs `python -m medjax.main` for each selected cell,
-one after the other, in `{workdir-root}/{model}/{dataset}/{head}_{freeze}`; a cell whose work directory already
-holds metrics.json is skipped, an unfinished one resumes from its checkpoint. Before a cell runs, its identity is
-written to `grid_cell.json` in its work directory (what `python -m medjax.report` reads); `cell` writes that file
-alone, for runs started another way (the launch scripts). A filter is `key=pattern[|pattern...]` items joined by
-commas; patterns are shell-style (`dinov2_*`), keys are model, dataset, head, freeze.
+`list` prints one cell per line with its study and config argument. `run` runs each selected cell, one after the
+other, in `{workdir-root}/{model}/{dataset}/{head}_{freeze}`: `python -m medjax.main` for trained cells, `python -m
+medjax.grid probe` for the radiology study's linear probes (head `probe`); a cell whose work directory already
+holds metrics.json is skipped, an unfinished one resumes from its checkpoint (a probe from its cached features).
+Before a cell runs, its identity is written to `grid_cell.json` in its work directory (what `python -m
+medjax.report` reads); `cell` writes that file alone, for runs started another way (the launch scripts). A filter is
+`key=pattern[|pattern...]` items joined by commas; patterns are shell-style (`dinov2_*`), keys are model, dataset,
+head, freeze and study (mansoori, glioma, radiology).
+
+`probe` runs the linear-probe protocol (medjax.protocols: frozen features cached in the work directory, the head
+grid trained at once, selection on validation, retrain on train + val, test once) for one cell and writes
+metrics.json and test_predictions.npz as the trainer does, bootstrap intervals included. Bad input ends with one
+`error:` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ def cell_workdir(root: str, cell: dict) -> str:
 
 def main_command(grid_path: str, arg: str, workdir: str, overrides=(), distributed=False,
                  python: str = "python") -> list[str]:
+    if "head=probe" in arg.split(","):  # the radiology study's linear probe: the protocol, on one host
+        return [python, "-m", "medjax.grid", "--grid", grid_path, "probe", arg, "--workdir", workdir,
+                *(["--", *overrides] if overrides else [])]
     cmd = [python, "-m", "medjax.main", f"--config={grid_path}:{arg}", f"--workdir={workdir}", *overrides]
     return cmd + (["--distributed"] if distributed else [])
 
@@ -93,9 +104,13 @@ def write_cell_file(workdir: str, config, command=None) -> str:
     return path
 
 
-def apply_overrides(config, overrides):
-    """--config.a.b=value overrides as config_flags applies them (for the config stored in grid_cell.json)."""
+def apply_overrides(config, overrides, strict: bool = False):
+    """--config.a.b=value overrides as config_flags applies them (for the config stored in grid_cell.json). Lenient
+    by default (the run itself reports a bad override); strict (the probe, which is the run) raises ValueError
+    naming the closest declared field."""
     import ast
+
+    from configs import common
 
     for item in overrides:
         key, _, value = item[len("--config."):].partition("=")
@@ -105,13 +120,89 @@ def apply_overrides(config, overrides):
             pass
         *path, node = key.split(".")
         target = config
-        for part in path:
-            target = target[part]
         try:
+            for part in path:
+                target = target[part]
+            if strict and node not in target:
+                raise KeyError(node)
             target[node] = value
-        except (TypeError, KeyError):
-            pass  # the run itself reports a bad override; the record keeps the default
+        except (TypeError, KeyError, AttributeError) as e:
+            if strict:
+                message = common.unknown_field_message(config, key) if isinstance(e, KeyError) else \
+                    f"--config.{key}={value!r}: {e}"
+                raise ValueError(message) from None
     return config
+
+
+# ------------------------------------------------------------------------------------------------ linear probes
+
+
+def run_probe(config, workdir: str, log=None) -> dict:
+    """The radiology study's linear probe for a grid cell (configs/grid.py `probe` section): features of the
+    converted backbone cached in `workdir/features`, the head grid on train, the best head on validation retrained on
+    train + val, tested once. Writes metrics.json (the trainer's layout, with the protocol's grid and choice) and
+    test_predictions.npz with the bootstrap intervals; returns the metrics dict."""
+    import numpy as np
+
+    from configs import common
+    from medjax import bootstrap, data
+    from medjax.protocols import features, linear_probe
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    common.validate(config)
+    if "probe" not in config:
+        raise ValueError(f"{config.grid_cell.arg}: not a linear-probe cell (head=probe); run it with medjax.main")
+    os.makedirs(workdir, exist_ok=True)
+    if config.fake_data and not os.path.exists(config.data_root):
+        from medjax.data import fake
+
+        log(f"writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}")
+        fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
+    ds = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
+                          **common.data_options(config))
+    missing = [s for s in ("train", "val", "test") if s not in ds.splits]
+    if missing:
+        raise ValueError(f"{ds.name} at {config.data_root} has no {', '.join(missing)} split; the linear probe needs "
+                         "train, val and test")
+    p = config.probe
+    feats, info = features.cached_features(config.model.pretrained, ds, ("train", "val", "test"), workdir,
+                                           image_size=config.image_size, num_blocks=max(p.blocks),
+                                           batch_size=p.extract_batch_size, normalization=config.normalization,
+                                           grayscale=config.model.grayscale, worker_count=config.worker_count, log=log)
+    heads, skipped = linear_probe.head_grid(p.blocks, p.avgpool, p.lrs, max_blocks=info["num_blocks"])
+    r = linear_probe.linear_probe(feats["train"], feats["val"], feats["test"], task=ds.task,
+                                  class_names=ds.class_names, target_metric=ds.target_metric, heads=heads,
+                                  epochs=p.epochs, batch_size=p.batch_size, seed=p.seed)
+    final = r.pop("head_params")
+    test = feats["test"]
+    probs = linear_probe.predict_heads(final, linear_probe.full_input(test), ds.task)[0]
+    head_file = os.path.join(workdir, "probe_head.npz")
+    with open(head_file + ".tmp", "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in final.items()})
+    os.replace(head_file + ".tmp", head_file)
+    result = {"dataset": ds.name, "task": ds.task, "target_metric": ds.target_metric,
+              "selection_metric": ds.target_metric, "protocol": "linear_probe", "selected": r["selected"],
+              "grid": r["grid"], "skipped_heads": skipped, "retrained_on": r["retrained_on"],
+              "val": {**r["val"], "num_examples": len(feats["val"])},
+              "test": {**r["test"], "num_examples": len(test)},
+              "features": {k: v for k, v in info.items() if k != "files"}, "head_file": "probe_head.npz",
+              "skipped_images": ds.skipped_images}
+    result["test_bootstrap"] = bootstrap.finish_test(config, ds, probs, test.labels, workdir)
+    path = os.path.join(workdir, METRICS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2, default=_json_default)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def _json_default(x):
+    import numpy as np
+
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x)}")
 
 
 def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_run=False, distributed=False,
@@ -148,14 +239,19 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", default=DEFAULT_GRID, help="the grid config file (default: configs/grid.py)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="print the cells, one per line with the config argument")
-    p_list.add_argument("--filter", help="key=pattern[|pattern],... with keys model, dataset, head, freeze")
+    p_list.add_argument("--filter", help="key=pattern[|pattern],... with keys model, dataset, head, freeze, study")
     p_run = sub.add_parser("run", help="run (or print with --dry-run) python -m medjax.main for each selected cell",
                            epilog="Arguments after `--` (--config.x=y overrides) go to every run.")
-    p_run.add_argument("--filter", help="key=pattern[|pattern],... with keys model, dataset, head, freeze")
+    p_run.add_argument("--filter", help="key=pattern[|pattern],... with keys model, dataset, head, freeze, study")
     p_run.add_argument("--all", action="store_true", help="run every cell of the grid (instead of --filter)")
     p_run.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p_run.add_argument("--workdir-root", default="runs", help="cells run in ROOT/model/dataset/head_freeze")
     p_run.add_argument("--distributed", action="store_true", help="pass --distributed to medjax.main (multi-host)")
+    p_probe = sub.add_parser("probe", help="run the linear-probe protocol of one head=probe cell (radiology study)",
+                             epilog="Arguments after `--` (--config.x=y overrides) apply to the cell's config.")
+    p_probe.add_argument("arg", help="the config argument, e.g. model=resnet152,dataset=chexpert,head=probe,"
+                                     "freeze=frozen")
+    p_probe.add_argument("--workdir", required=True, help="features, splits, metrics.json and predictions go here")
     p_cell = sub.add_parser("cell", help=f"write {CELL_FILE} for one cell into its work directory")
     p_cell.add_argument("arg", help="the config argument, e.g. model=dinov2_b,dataset=chexpert,head=linear,freeze=full")
     p_cell.add_argument("--workdir", required=True)
@@ -170,6 +266,24 @@ def main(argv=None) -> int:
         parser.error(f"arguments after -- must be --config.x=y overrides, got {bad[0]!r}")
 
     grid = load_grid(args.grid)
+    axes = getattr(grid, "FILTER_AXES", grid.AXES)
+    if args.command == "probe":
+        try:
+            config = apply_overrides(grid.get_config(args.arg), overrides, strict=True)
+            write_cell_file(args.workdir, config, [sys.argv[0], *sys.argv[1:]])
+            result = run_probe(config, args.workdir)
+        except (ValueError, OSError) as e:  # DataError, ConfigError, PretrainedError, ... are ValueErrors
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        from medjax import bootstrap, metrics
+
+        value = metrics.target_metric(result["target_metric"], result["test"])
+        interval = (result.get("test_bootstrap") or {}).get("metrics", {}).get(
+            metrics.target_key(result["target_metric"], result["task"]))
+        print(f"test {result['target_metric']} (head {result['selected']['head']}): "
+              + (bootstrap.fmt_interval(interval, 4) if interval else f"{value}")
+              + f"; metrics written to {os.path.join(args.workdir, METRICS_FILE)}")
+        return 0
     if args.command == "cell":
         try:
             config = grid.get_config(args.arg)
@@ -178,11 +292,11 @@ def main(argv=None) -> int:
         print(write_cell_file(args.workdir, apply_overrides(config, overrides)))
         return 0
 
-    chosen = select(grid.cells(), parse_filter(args.filter, grid.AXES))
+    chosen = select(grid.cells(), parse_filter(args.filter, axes))
     if args.command == "list":
         for cell in chosen:
-            print(f"{cell['model']:<9} {cell['dataset']:<10} {cell['head']:<9} {cell['freeze']:<6} "
-                  f"{args.grid}:{grid.cell_arg(cell)}")
+            print(f"{cell.get('study', ''):<9} {cell['model']:<13} {cell['dataset']:<20} {cell['head']:<9} "
+                  f"{cell['freeze']:<6} {args.grid}:{grid.cell_arg(cell)}")
         print(f"# {len(chosen)} cells", file=sys.stderr)
         return 0
     if not args.filter and not args.all:

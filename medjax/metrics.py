@@ -395,9 +395,19 @@ def target_metric(name, metrics):
     'mean_auc', 'map', 'accuracy' (subset accuracy). None means undefined on this split (e.g. a single
     class present), never a 0.5 stand-in: the caller must not rank it as a score.
     """
+    return _float(metrics[target_key(name, metrics.get("task"))])
+
+
+def target_key(name, task) -> str:
+    """The key of target metric `name` in a `task` metrics dict ('accuracy' -> 'subset_accuracy' for multi-label)."""
+    check_target(name, task)
+    return _TARGETS[task][name]
+
+
+def check_target(name, task) -> None:
+    """Raises ValueError (naming the choices) unless `name` is a target / selection metric of `task`."""
     if name not in TARGET_METRICS:
         raise ValueError(f"unknown target metric {name!r}; expected one of {TARGET_METRICS}")
-    task = metrics.get("task")
     if task not in _TARGETS:
         raise ValueError(f"metrics dict has no valid 'task' (got {task!r})")
     table = _TARGETS[task]
@@ -407,4 +417,3 @@ def target_metric(name, metrics):
             f"target metric {name!r} does not apply to a {task} task; available: {sorted(table)}"
             + (f" (did you mean {hint!r}?)" if hint in table else "")
         )
-    return _float(metrics[table[name]])

@@ -1,16 +1,29 @@
-"""python -m medjax.report RUN_DIRS... --output DIR: the study's results table (SPEC section 2) with our numbers.
+"""python -m medjax.report RUN_DIRS... --output DIR: the studies' results tables with our numbers and their 95%
+bootstrap intervals; python -m medjax.report compare RUN_A RUN_B: a paired bootstrap comparison of two runs.
 
 Each RUN_DIR is a run's work directory or a folder above several (searched for metrics.json). A run's cell (model,
-dataset, head, freeze) comes from the `grid_cell.json` that `python -m medjax.grid` writes beside metrics.json (or a
-`config.json` holding `grid_cell`); a run without one is named by its folder. Writes to DIR:
+dataset, head, freeze, study) comes from the `grid_cell.json` that `python -m medjax.grid` writes beside
+metrics.json (or a `config.json` holding `grid_cell`); a run without one is named by its folder. Writes to DIR:
 
 - `results.md`: rows = backbones (parameters in millions, ours and the study's), columns = the target metric of each
-  dataset on the test split, ours beside the study's. The first table takes, per backbone and dataset, the head and
-  freeze setting with the best VALIDATION metric (the study does not say which setting its numbers come from; picking
-  by test would flatter us); one table per setting follows.
-- `results.csv`: the same tables, one row per (setting, backbone).
-- `runs.csv`: every run found, one per line.
+  dataset on the test split, ours (with its 95% bootstrap interval where metrics.json has one) beside the study's.
+  The first table takes, per backbone and dataset, the head and freeze setting with the best VALIDATION metric (the
+  study does not say which setting its numbers come from; picking by test would flatter us); one table per setting
+  follows. Then one section per companion study with runs (the glioma study's test accuracy, frozen and full; the
+  radiology study's linear probes), foundation models first, baselines (†) beside them; then every scalar test
+  metric of every run with its interval, and whether patients or images were resampled.
+- `results.csv`: the reference study's tables, one row per (setting, backbone), interval bounds included.
+- `runs.csv`: every run found, one per line; `intervals.csv`: every (run, test metric) with its interval.
 - `<dataset>.png`: test target metric vs backbone parameters (log scale), ours per setting and the study's.
+
+`compare RUN_A RUN_B` reads the two runs' `test_predictions.npz` (written at test time; a run folder or the file
+itself), checks that they hold the same test images and labels, and prints for every scalar metric the value of each
+run, the difference A - B with its percentile interval and a two-sided bootstrap p-value (medjax/bootstrap.py):
+resamples of patients where the test records have ids, else of images, the same resamples for both runs.
+`--resamples`, `--seed`, `--confidence` (defaults 1000, 0, 0.95), `--output FILE.json` keeps the result.
+
+Bad input (a missing folder, a file that is not a medjax metrics.json or predictions file, runs on different test
+sets) ends with one `error:` line naming the file and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
 
 METRICS_FILE, CELL_FILE, CONFIG_FILE = "metrics.json", "grid_cell.json", "config.json"
@@ -53,6 +67,24 @@ STUDY = {
     "AIMv2-H": (666, {"ddsm": 0.966, "chexpert": 0.819, "isic2019": 0.863, "aptos2019": 0.909}),
 }
 BEST = "best by validation"
+REFERENCE_STUDIES = ("", "mansoori")  # runs of the reference study's grid, and runs without a grid cell
+
+# The companion studies' sections (grid_cell.study): title, datasets in the study's order, the metric shown (None:
+# each dataset's target metric), the freeze settings shown side by side.
+SECTIONS = {
+    "glioma": ("Fu et al.: the glioma study's protocol (Adam, no augmentation, best validation accuracy)",
+               ("chest_xray_pneumonia", "ichallenge_amd", "ham10000", "isic2018"), "accuracy", ("frozen", "full")),
+    "radiology": ("Baharoon et al.: the radiology study's linear probes (frozen features, head grid chosen on val)",
+                  ("nih_chestxray14", "chexpert", "brain_tumor_figshare"), None, ("frozen",)),
+}
+# The order of the metrics in the intervals tables (the target metric first); others follow as found.
+METRIC_ORDER = ("accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "balanced_accuracy", "roc_auc",
+                "precision_macro", "recall_macro", "f1_macro", "cohen_kappa", "quadratic_kappa", "mean_auc", "map",
+                "subset_accuracy")
+
+
+class ReportError(ValueError):
+    """A run folder or file the report cannot read; the message names it."""
 
 
 @dataclass
@@ -67,10 +99,40 @@ class Run:
     val: float | None = None
     test: float | None = None
     notes: list = field(default_factory=list)
+    study: str = ""  # the grid's study (mansoori, glioma, radiology); "" without a grid cell
+    kind: str = "foundation"  # or "baseline"
+    task: str = ""
+    test_metrics: dict | None = None
+    bootstrap: dict | None = None  # metrics.json `test_bootstrap`
 
     @property
     def setting(self) -> str:
         return "no grid cell" if (self.head, self.freeze) == ("?", "?") else f"{self.head} / {self.freeze}"
+
+    def interval(self, key: str) -> dict | None:
+        """The bootstrap entry {'value', 'low', 'high', ...} of test metric `key`, or None."""
+        return ((self.bootstrap or {}).get("metrics") or {}).get(key)
+
+    @property
+    def target_key(self) -> str:
+        try:
+            return metrics_lib.target_key(self.target_metric, self.task)
+        except ValueError:
+            return self.target_metric
+
+    @property
+    def test_interval(self) -> dict | None:
+        return self.interval(self.target_key)
+
+    def value(self, metric: str | None) -> tuple[float | None, dict | None]:
+        """(test value, interval entry) of `metric` (a target-metric name; None: the dataset's target metric)."""
+        if metric is None:
+            return self.test, self.test_interval
+        try:
+            key = metrics_lib.target_key(metric, self.task)
+        except ValueError:
+            return None, None
+        return _target(metric, self.test_metrics), self.interval(key)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -88,7 +150,7 @@ def find_metrics(paths) -> list[str]:
                 if METRICS_FILE in files:
                     found.append(os.path.join(root, METRICS_FILE))
         else:
-            raise SystemExit(f"error: {p}: no such run folder or metrics.json")
+            raise ReportError(f"{p}: no such run folder or metrics.json")
     return sorted(set(found))
 
 
@@ -120,11 +182,17 @@ def read_run(metrics_path: str) -> Run:
             m = json.load(f)
         dataset, target = m["dataset"], m["target_metric"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {metrics_path}: not a medjax metrics.json ({type(e).__name__}: {e})") from None
-    cell = _cell(run_dir) or {}
+        raise ReportError(f"{metrics_path}: not a medjax metrics.json ({type(e).__name__}: {e})") from None
+    try:
+        cell = _cell(run_dir) or {}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ReportError(f"{run_dir}/{CELL_FILE}: not a grid cell file ({type(e).__name__}: {e})") from None
     run = Run(path=run_dir, model=cell.get("backbone") or os.path.basename(run_dir), dataset=dataset,
               target_metric=target, head=cell.get("head", "?"), freeze=cell.get("freeze", "?"),
-              params_m=cell.get("params_m"), val=_target(target, m.get("val")), test=_target(target, m.get("test")))
+              params_m=cell.get("params_m"), val=_target(target, m.get("val")), test=_target(target, m.get("test")),
+              study=cell.get("study", "mansoori" if cell else ""), kind=cell.get("kind", "foundation"),
+              task=m.get("task") or (m.get("test") or {}).get("task", ""), test_metrics=m.get("test"),
+              bootstrap=m.get("test_bootstrap") if isinstance(m.get("test_bootstrap"), dict) else None)
     if not cell:
         run.notes.append(f"no {CELL_FILE}: named by its folder")
     if cell.get("dataset") not in (None, dataset):
@@ -192,13 +260,30 @@ def _fmt(v, digits=3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(runs: list[Run]) -> str:
+def _fmt_ci(v, entry, digits=3) -> str:
+    """'0.912 (95% CI 0.894–0.930)', or the value alone without an interval."""
+    text = _fmt(v, digits)
+    if v is not None and entry and entry.get("low") is not None:
+        text += f" ({_pct(entry)} CI {entry['low']:.{digits}f}–{entry['high']:.{digits}f})"
+    return text
+
+
+def _pct(entry_or_record) -> str:
+    return f"{100 * float(entry_or_record.get('confidence', 0.95)):g}%"
+
+
+def markdown(all_runs: list[Run]) -> str:
+    runs = reference_runs(all_runs)
     cols = columns_for(runs)
     order = model_order(runs)
-    lines = ["# Results vs the study", "",
-             "Target metric on the test split: ours, then the study's in parentheses (Mansoori et al., arXiv "
-             "2505.19779, read off its figure, about ±0.002). Parameters in millions: ours (the converted backbone "
-             "without head) / the study's. — : not run (or undefined).", ""]
+    lines = ["# Results vs the study", ""]
+    if not runs:  # only companion-study runs: their sections follow
+        lines = lines[:1] + [""] + [x for study in SECTIONS for x in companion_section(all_runs, study)]
+        return "\n".join(lines + intervals_section(all_runs) + _notes(all_runs))
+    lines += ["Target metric on the test split: ours (with its 95% percentile bootstrap interval where the run has "
+             "one), then the study's in parentheses (Mansoori et al., arXiv 2505.19779, read off its figure, about "
+             "±0.002). Parameters in millions: ours (the converted backbone without head) / the study's. — : not "
+             "run (or undefined).", ""]
     for setting, table in tables(runs).items():
         title = ("Best setting per cell, chosen by the validation metric (setting in brackets)" if setting == BEST
                  else f"Setting: {setting}" + (" (head / backbone)" if "/" in setting else ""))
@@ -214,7 +299,7 @@ def markdown(runs: list[Run]) -> str:
             cells = []
             for dataset, _, _ in cols:
                 r, s = mine.get(dataset), study_v.get(dataset)
-                text = _fmt(r.test if r else None)
+                text = _fmt_ci(r.test, r.test_interval) if r else _fmt(None)
                 if r and setting == BEST:
                     text += f" [{r.setting}]"
                 if s is not None:
@@ -222,17 +307,120 @@ def markdown(runs: list[Run]) -> str:
                 cells.append(text)
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
+    for study in SECTIONS:
+        lines += companion_section(all_runs, study)
+    lines += intervals_section(all_runs)
+    return "\n".join(lines + _notes(all_runs))
+
+
+def _notes(runs: list[Run]) -> list[str]:
     notes = [f"- {r.path}: {n}" for r in runs for n in r.notes]
-    if notes:
-        lines += ["## Notes", "", *notes, ""]
-    return "\n".join(lines)
+    return ["## Notes", "", *notes, ""] if notes else []
+
+
+def reference_runs(runs: list[Run]) -> list[Run]:
+    """The runs of the reference study's tables: its grid's, and runs without a grid cell."""
+    return [r for r in runs if r.study in REFERENCE_STUDIES or r.study not in SECTIONS]
+
+
+def _row_order(runs: list[Run]) -> list[tuple[str, str, float | None]]:
+    """(model, kind, params): foundation models first, then baselines, each by parameter count."""
+    seen: dict[str, tuple[str, float | None]] = {}
+    for r in runs:
+        seen.setdefault(r.model, (r.kind, r.params_m))
+    return sorted(((m, k, p) for m, (k, p) in seen.items()),
+                  key=lambda x: (x[1] == "baseline", x[2] if x[2] is not None else math.inf, x[0]))
+
+
+def companion_section(all_runs: list[Run], study: str) -> list[str]:
+    """A companion study's table: its models (foundation first, baselines marked †) x its datasets (x freeze)."""
+    runs = [r for r in all_runs if r.study == study]
+    if not runs:
+        return []
+    title, datasets, metric, freezes = SECTIONS[study]
+    datasets = list(datasets) + sorted({r.dataset for r in runs} - set(datasets))
+    columns = [(d, f) for d in datasets for f in freezes]
+    what = metric or "each dataset's target metric"
+    lines = [f"## {title}", "",
+             f"Test {what}, ours with its 95% percentile bootstrap interval (resampled by patient where the test "
+             "records have patient ids). † : a baseline the study compares the foundation models with. — : not run "
+             "(or undefined).", "",
+             "| model (params M) | " + " | ".join(
+                 f"{d} {metric or _target_of(runs, d)}".strip() + (f" ({f})" if len(freezes) > 1 else "")
+                 for d, f in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    by_cell: dict[tuple, Run] = {}
+    for r in runs:
+        key = (r.model, r.dataset, r.freeze)
+        if key not in by_cell or _key(r.val) > _key(by_cell[key].val):
+            by_cell[key] = r
+    for model, kind, params in _row_order(runs):
+        label = f"{model}{' †' if kind == 'baseline' else ''} ({_fmt(params, 1)})"
+        cells = []
+        for d, f in columns:
+            r = by_cell.get((model, d, f))
+            cells.append(_fmt_ci(*r.value(metric)) if r else "—")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _target_of(runs: list[Run], dataset: str) -> str:
+    return next((r.target_metric for r in runs if r.dataset == dataset), "")
+
+
+def interval_metrics(runs: list[Run]) -> list[str]:
+    """The scalar test metrics with intervals in these runs: the target metric first, then METRIC_ORDER."""
+    found = {k for r in runs for k in ((r.bootstrap or {}).get("metrics") or {})}
+    first = [r.target_key for r in runs if r.target_key in found][:1]
+    return first + [k for k in METRIC_ORDER if k in found and k not in first] + sorted(
+        found - set(METRIC_ORDER) - set(first))
+
+
+def intervals_section(runs: list[Run]) -> list[str]:
+    """Per dataset, every run with bootstrap intervals: every scalar test metric with its interval."""
+    with_ci = [r for r in runs if r.bootstrap and r.bootstrap.get("metrics")]
+    if not with_ci:
+        return []
+    lines = ["## Every test metric with its 95% percentile bootstrap interval", "",
+             "The value is the metric of the whole test split; the interval comes from resampling patients (where "
+             "the test records have patient ids; lesions for HAM10000 / ISIC 2018) or images, seeded "
+             "(metrics.json `test_bootstrap`).", ""]
+    for dataset in sorted({r.dataset for r in with_ci}):
+        mine = sorted((r for r in with_ci if r.dataset == dataset),
+                      key=lambda r: (r.study, r.kind == "baseline", r.model, r.setting))
+        names = interval_metrics(mine)
+        lines += [f"### {dataset}", "", "| model | setting | resampled | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 3) + "|"]
+        for r in mine:
+            b = r.bootstrap
+            unit = f"{b.get('num_units')} {b.get('unit', '?')}s x {b.get('resamples')}"
+            cells = [bootstrap_lib.fmt_interval(r.interval(n)) for n in names]
+            lines.append(f"| {r.model}{' †' if r.kind == 'baseline' else ''} | {r.setting} | {unit} | "
+                         + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write_intervals_csv(runs: list[Run], path: str):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "dataset", "study", "kind", "head", "freeze", "metric", "value", "low", "high", "mean",
+                    "std", "undefined_resamples", "confidence", "resamples", "seed", "unit", "num_units", "path"])
+        for r in sorted(runs, key=lambda r: (r.dataset, r.model, r.setting)):
+            b = r.bootstrap or {}
+            for name, e in (b.get("metrics") or {}).items():
+                w.writerow([r.model, r.dataset, r.study, r.kind, r.head, r.freeze, name, e.get("value"),
+                            e.get("low"), e.get("high"), e.get("mean"), e.get("std"), e.get("undefined_resamples"),
+                            b.get("confidence"), b.get("resamples"), b.get("seed"), b.get("unit"),
+                            b.get("num_units"), r.path])
 
 
 def write_results_csv(runs: list[Run], path: str):
+    runs = reference_runs(runs)
     cols = columns_for(runs)
     header = ["setting", "model", "params_m", "study_params_m"]
     for _, title, _ in cols:
-        header += [title, f"{title} (study)", f"{title} setting"]
+        header += [title, f"{title} (study)", f"{title} setting", f"{title} low", f"{title} high"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -246,18 +434,24 @@ def write_results_csv(runs: list[Run], path: str):
                 row = [setting, model, "" if p is None else p, "" if study_p is None else study_p]
                 for dataset, _, _ in cols:
                     r = mine.get(dataset)
+                    ci = (r.test_interval if r else None) or {}
                     row += ["" if r is None or r.test is None else round(r.test, 6),
-                            study_v.get(dataset, ""), r.setting if r else ""]
+                            study_v.get(dataset, ""), r.setting if r else "",
+                            "" if ci.get("low") is None else round(ci["low"], 6),
+                            "" if ci.get("high") is None else round(ci["high"], 6)]
                 w.writerow(row)
 
 
 def write_runs_csv(runs: list[Run], path: str):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "params_m", "dataset", "head", "freeze", "target_metric", "val", "test", "study", "path"])
+        w.writerow(["model", "params_m", "dataset", "head", "freeze", "target_metric", "val", "test", "study", "path",
+                    "test_low", "test_high", "resampled", "grid_study", "kind"])
         for r in sorted(runs, key=lambda r: (r.model, r.dataset, r.setting)):
+            ci, b = r.test_interval or {}, r.bootstrap or {}
             w.writerow([r.model, r.params_m, r.dataset, r.head, r.freeze, r.target_metric, r.val, r.test,
-                        STUDY.get(r.model, (None, {}))[1].get(r.dataset, ""), r.path])
+                        STUDY.get(r.model, (None, {}))[1].get(r.dataset, "") if r.study in REFERENCE_STUDIES else "",
+                        r.path, ci.get("low", ""), ci.get("high", ""), b.get("unit", ""), r.study, r.kind])
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -316,36 +510,124 @@ def report(paths, output: str) -> dict:
     """Reads the runs under `paths`, writes the tables and figures to `output`; returns {kind: path(s)}."""
     runs = dedupe([read_run(p) for p in find_metrics(paths)])
     if not runs:
-        raise SystemExit(f"error: no {METRICS_FILE} under {', '.join(paths)}")
+        raise ReportError(f"no {METRICS_FILE} under {', '.join(paths)}")
     os.makedirs(output, exist_ok=True)
     written = {"markdown": os.path.join(output, "results.md"), "csv": os.path.join(output, "results.csv"),
-               "runs": os.path.join(output, "runs.csv"), "figures": []}
+               "runs": os.path.join(output, "runs.csv"), "intervals": os.path.join(output, "intervals.csv"),
+               "figures": [], "runs_found": runs}
     with open(written["markdown"], "w") as f:
         f.write(markdown(runs))
     write_results_csv(runs, written["csv"])
     write_runs_csv(runs, written["runs"])
+    write_intervals_csv(runs, written["intervals"])
+    written["num_runs"] = len(runs)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("warning: matplotlib is not installed, so no figures (pip install matplotlib)", file=sys.stderr)
-        return {**written, "num_runs": len(runs)}
+        return written
     for dataset, title, _ in columns_for(runs):
         if any(r.dataset == dataset for r in runs):
             path = os.path.join(output, f"{dataset}.png")
             plot_dataset(runs, dataset, title, path)
             written["figures"].append(path)
-    written["num_runs"] = len(runs)
     return written
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medjax.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run work directories, or folders above them")
-    parser.add_argument("--output", required=True, help="where results.md, results.csv, runs.csv and PNGs go")
+# ------------------------------------------------------------------------------------------------- compare
+
+
+def predictions_path(path: str) -> str:
+    """A run folder's test_predictions.npz, or the file itself."""
+    if os.path.isdir(path):
+        return os.path.join(path, bootstrap_lib.PREDICTIONS_FILE)
+    if os.path.isfile(path):
+        return path
+    raise ReportError(f"{path}: no such run folder or {bootstrap_lib.PREDICTIONS_FILE}")
+
+
+def _run_name(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        cell = _cell(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        cell = None
+    return f"{cell['backbone']} {cell['head']} / {cell['freeze']} ({folder})" if cell else folder
+
+
+def compare_runs(run_a: str, run_b: str, resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """The paired bootstrap of two runs' test predictions (medjax.bootstrap.compare), with the runs named."""
+    paths = [predictions_path(p) for p in (run_a, run_b)]
+    a, b = (bootstrap_lib.read_predictions(p) for p in paths)
+    out = bootstrap_lib.compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
+    return {"a": _run_name(paths[0]), "b": _run_name(paths[1]), "a_file": paths[0], "b_file": paths[1],
+            "dataset": a["dataset"], **out}
+
+
+def compare_text(result: dict) -> str:
+    pct = f"{100 * result['confidence']:g}%"
+    lines = [f"A: {result['a']}", f"B: {result['b']}",
+             f"{result['dataset']} test split: {result['num_images']} images in {result['num_units']} "
+             f"{result['unit']}s; {result['resamples']} paired resamples, seed {result['seed']}; {result['note']}",
+             "",
+             f"{'metric':<20} {'A':>8} {'B':>8} {'A - B':>9}  {pct + ' CI':<21} {'p':>7}"]
+
+    def num(v, sign=False):
+        return "—" if v is None else (f"{v:+.4f}" if sign else f"{v:.4f}")
+
+    for name, row in result["metrics"].items():
+        ci = "—" if row["low"] is None else f"[{row['low']:+.4f}, {row['high']:+.4f}]"
+        p = "—" if row["p_value"] is None else f"{row['p_value']:.4f}"
+        lines.append(f"{name:<20} {num(row['a']):>8} {num(row['b']):>8} {num(row['difference'], True):>9}  "
+                     f"{ci:<21} {p:>7}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def _compare_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medjax.report compare",
+                                     description="Paired bootstrap of two runs on the same test split: A - B per "
+                                                 "metric with its percentile interval and p-value.")
+    parser.add_argument("run_a", metavar="RUN_A", help="a run folder (holding test_predictions.npz) or the file")
+    parser.add_argument("run_b", metavar="RUN_B")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="the resamples' seed (default 0)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
+    parser.add_argument("--output", help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
-    written = report(args.runs, args.output)
+    result = compare_runs(args.run_a, args.run_b, args.resamples, args.seed, args.confidence)
+    print(compare_text(result))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["compare"]:
+            return _compare_main(argv[1:])
+        parser = argparse.ArgumentParser(prog="python -m medjax.report", description=__doc__.split("\n\n")[0],
+                                         epilog="python -m medjax.report compare RUN_A RUN_B: the paired "
+                                                "comparison (see --help there).")
+        parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run work directories, or folders above them")
+        parser.add_argument("--output", required=True, help="where results.md, the CSVs and the PNGs go")
+        args = parser.parse_args(argv)
+        written = report(args.runs, args.output)
+    except (ReportError, bootstrap_lib.BootstrapError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"{written['num_runs']} runs -> {written['markdown']}, {written['csv']}, {written['runs']}, "
-          f"{len(written['figures'])} figure(s): {' '.join(written['figures'])}")
+          f"{written['intervals']}, {len(written['figures'])} figure(s): {' '.join(written['figures'])}")
+    for r in sorted(written["runs_found"], key=lambda r: (r.dataset, r.study, r.model, r.setting)):
+        if r.test_interval:
+            b = r.bootstrap
+            print(f"  {r.dataset} {r.model} [{r.setting}]: test {r.target_metric} "
+                  f"{bootstrap_lib.fmt_interval(r.test_interval, 4)} ({_pct(b)} CI, {b['num_units']} {b['unit']}s "
+                  f"x {b['resamples']} resamples)")
     return 0
 
 

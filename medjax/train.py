@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from medjax import engine, metrics, sharding, thresholds
+from medjax import bootstrap, engine, metrics, sharding, thresholds
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,7 +44,7 @@ RESTART_SAFE = ("log_every", "progress_bar", "prefetch", "worker_count", "keep_c
                 "epochs", "total_steps", "mesh", "sharding_rules", "eval_every", "checkpoint_every",
                 "debug_sigkill_at", "data_options.check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
                 "model.convert_from.config", "model.attention_head.deit_params", "weights_dir", "data_dir",
-                "grid_cell.arg", "thresholds")
+                "grid_cell.arg", "thresholds", "bootstrap")
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -68,6 +68,11 @@ class Trainer:
                                         **common.data_options(config))
         d = self.dataset
         self._check_splits()
+        self.selection_metric = config.selection_metric or d.target_metric
+        try:
+            metrics.check_target(self.selection_metric, d.task)
+        except ValueError as e:
+            raise RunError(f"selection_metric: {e}") from None
         if config.batch_size % jax.process_count():
             raise RunError(f"batch_size {config.batch_size} is not divisible by {jax.process_count()} processes")
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -115,7 +120,8 @@ class Trainer:
 
         c = self.config
         return data.make_loader(self.dataset, split, batch_size=self.local_batch, image_size=c.image_size,
-                                train=train, seed=c.seed, normalization=c.normalization, worker_count=c.worker_count)
+                                train=train, seed=c.seed, normalization=c.normalization, worker_count=c.worker_count,
+                                augment=c.train_augment)
 
     # -------------------------------------------------------------------------------------------- start-up checks
 
@@ -243,6 +249,7 @@ class Trainer:
             probs.append(np.asarray(out, np.float64)[gathered[1]])
             labels.append(gathered[0][gathered[1]])
         probs, labels = np.concatenate(probs), np.concatenate(labels)
+        self.last_predictions = probs, labels  # the test's go to medjax.bootstrap
         result = metrics.compute_metrics(self.dataset.task, probs, labels, self.dataset.class_names)
         result["num_examples"] = int(len(labels))
         self.last_eval = (probs, labels)  # the validation probabilities choose the operating points (thresholds.py)
@@ -319,14 +326,14 @@ class Trainer:
     def _validate(self, step: int, writer, bar):
         d = self.dataset
         val = self.evaluate(self.engine.variables_of(self.state), "val")
-        value = metrics.target_metric(d.target_metric, val)
+        value = metrics.target_metric(self.selection_metric, val)
         improved = value is not None and (self.best["value"] is None or value > self.best["value"])
         if improved:
             self._save_best(step)
             self.best = {"step": step, "value": value, "metrics": val}
-        self.history.append({"step": step, "epoch": step / self.steps_per_epoch, d.target_metric: value})
+        self.history.append({"step": step, "epoch": step / self.steps_per_epoch, self.selection_metric: value})
         fmt = lambda v: "undefined" if v is None else f"{v:.4f}"  # noqa: E731
-        bar.write(f"step {step} (epoch {step / self.steps_per_epoch:.2f}): val {d.target_metric} {fmt(value)}"
+        bar.write(f"step {step} (epoch {step / self.steps_per_epoch:.2f}): val {self.selection_metric} {fmt(value)}"
                   f"{' (new best)' if improved else ''}; best {fmt(self.best['value'])} at step {self.best['step']}")
         if writer:
             for k, v in val.items():
@@ -336,17 +343,19 @@ class Trainer:
     def _finish(self, writer) -> dict:
         d = self.dataset
         result = {"dataset": d.name, "task": d.task, "target_metric": d.target_metric,
-                  "best_step": self.best["step"], "val": self.best["metrics"], "history": self.history,
-                  "steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                  "skipped_images": d.skipped_images}
+                  "selection_metric": self.selection_metric, "best_step": self.best["step"],
+                  "val": self.best["metrics"], "history": self.history, "steps": self.total_steps,
+                  "steps_per_epoch": self.steps_per_epoch, "skipped_images": d.skipped_images}
         if self.best["step"] is None:  # every validation left the target metric undefined (e.g. NaN probabilities)
             if jax.process_index() == 0:
                 _write_json(os.path.join(self.workdir, "metrics.json"), result)
-            raise RunError(f"no validation of {d.name} defined {d.target_metric}, so no best model was chosen and "
-                           f"nothing was tested; the history is in {self.workdir}/metrics.json")
+            raise RunError(f"no validation of {d.name} defined {self.selection_metric}, so no best model was chosen "
+                           f"and nothing was tested; the history is in {self.workdir}/metrics.json")
         if "test" in d.splits:
             test = self.evaluate(self._load_best(), "test")
             result["test"] = test
+            if jax.process_index() == 0:
+                result["test_bootstrap"] = bootstrap.finish_test(self.config, d, *self.last_predictions, self.workdir)
             print(f"test {d.target_metric} (best model, step {self.best['step']}): "
                   f"{metrics.target_metric(d.target_metric, test)}")
             if writer:

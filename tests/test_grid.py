@@ -1,6 +1,7 @@
 """The benchmark grid: configs/grid.py has every cell of the study, each cell's config builds with the recipe and every
 key the trainer reads, and `python -m medjax.grid` lists, prints and runs cells (skipping finished ones)."""
 
+import functools
 import json
 import os
 
@@ -44,21 +45,127 @@ def _reference_keys():
     return _flat_keys(module.get_config())
 
 
+GLIOMA = {"vgg16", "resnet50", "densenet121", "dinov2_s_lc", "dinov2_b_lc", "dinov2_l_lc"}
+GLIOMA_DATASETS = {"chest_xray_pneumonia", "ichallenge_amd", "ham10000", "isic2018"}
+RADIOLOGY = {"dinov2_s", "dinov2_b", "dinov2_l", "dinov2_g", "resnet152", "vgg19", "densenet201", "vit_l16_in21k",
+             "msn_l", "vit_mae_l", "clip_l14", "openclip_h14", "sam_l", "biomedclip"}
+RADIOLOGY_DATASETS = {"nih_chestxray14", "chexpert", "brain_tumor_figshare"}
+
+
+def _study(name):
+    return [c for c in grid.cells() if c["study"] == name]
+
+
 def test_grid_has_every_cell_once():
     cells = grid.cells()
     keys = {(c["model"], c["dataset"], c["head"], c["freeze"]) for c in cells}
-    assert len(cells) == len(keys) == 16 * 4 * 2 * 2
-    assert {k[0] for k in keys} == MODELS and {k[1] for k in keys} == DATASETS
-    assert {k[2] for k in keys} == {"linear", "attention"} and {k[3] for k in keys} == {"frozen", "full"}
+    assert len(cells) == len(keys) == 16 * 4 * 2 * 2 + 6 * 4 * 2 + 14 * 3
+    main = {(c["model"], c["dataset"], c["head"], c["freeze"]) for c in _study("mansoori")}
+    assert len(main) == 16 * 4 * 2 * 2
+    assert {k[0] for k in main} == MODELS and {k[1] for k in main} == DATASETS
+    assert {k[2] for k in main} == {"linear", "attention"} and {k[3] for k in main} == {"frozen", "full"}
     # every backbone of the study's table is in the grid, under the name the report uses for the study's numbers
     study_names = {v[0] for v in grid.BACKBONES.values() if v[4]}
     assert study_names == set(report.STUDY)
 
 
+def test_the_companion_studies_tables_are_in_the_grid():
+    """Issue 14 item 6: the glioma study's table (3 CNNs with a linear head, DINOv2 S/B/L `_lc` with the MLP head,
+    frozen and full, on its public datasets) and the radiology study's linear probes (DINOv2 beside its baselines)."""
+    glioma = _study("glioma")
+    assert {c["model"] for c in glioma} == GLIOMA and {c["dataset"] for c in glioma} == GLIOMA_DATASETS
+    assert len(glioma) == 6 * 4 * 2 and {c["freeze"] for c in glioma} == {"frozen", "full"}
+    assert all(c["head"] == ("mlp" if c["model"].endswith("_lc") else "linear") for c in glioma)
+    radiology = _study("radiology")
+    assert {c["model"] for c in radiology} == RADIOLOGY and {c["dataset"] for c in radiology} == RADIOLOGY_DATASETS
+    assert len(radiology) == 14 * 3 and all((c["head"], c["freeze"]) == ("probe", "frozen") for c in radiology)
+    kinds = {c["model"]: grid.model_info(c["model"]).kind for c in glioma + radiology}
+    assert {m for m, k in kinds.items() if k == "foundation"} == {"dinov2_s_lc", "dinov2_b_lc", "dinov2_l_lc",
+                                                                 "dinov2_s", "dinov2_b", "dinov2_l", "dinov2_g"}
+
+
+@pytest.mark.parametrize("key", sorted(GLIOMA | RADIOLOGY))
+def test_companion_models_convert_from_their_variants(key):
+    """Each model's folder is what `python -m converters --model VARIANT [--linear-head]` writes, its family the
+    converter's, its parameter count medjax's count of the converted backbone (with the linear classifier)."""
+    import dataclasses
+
+    from medjax import models
+
+    m = grid.model_info(key)
+    family, kwargs = converters.VARIANTS[m.variant]
+    config = converters.FAMILIES[family].parse_config(kwargs)
+    if m.linear_head:
+        assert key.endswith("_lc") and m.linear_head == f"{m.variant}_linear_head.pth"
+        config = dataclasses.replace(config, lc_layers=1)
+    assert config.family == m.family
+    assert round(models.count_params(models.param_shapes(config)) / 1e6, 2) == m.params_m, key
+
+
+@pytest.mark.parametrize("dataset", sorted(GLIOMA_DATASETS))
+def test_glioma_cells_carry_the_studys_protocol(dataset):
+    for cell in [c for c in _study("glioma") if c["dataset"] == dataset]:
+        c = grid.get_config(grid.cell_arg(cell))
+        common.validate(c)
+        o = c.optim
+        assert (o.name, o.lr, o.schedule, o.clip, o.weight_decay) == ("adam", 1e-4, "constant", 0.0, 0.0)
+        assert (c.batch_size, c.epochs, c.seed, c.image_size, c.normalization) == (32, 100, 1, 224, "imagenet")
+        assert c.train_augment is False and c.selection_metric == "accuracy" and c.bootstrap.resamples == 5000
+        m = grid.model_info(cell["model"])
+        assert c.model.head == cell["head"] and c.model.freeze == cell["freeze"] and c.model.family == m.family
+        assert c.model.pretrained == f"{c.weights_dir}/{m.folder}"
+        assert c.data_root == f"{c.data_dir}/{grid.GLIOMA_DATASETS[dataset]}" and dataset in data.READERS
+        assert c.grid_cell.study == "glioma" and c.grid_cell.kind == m.kind
+        assert c.grid_cell.convert.endswith(f"--model {m.variant}" + (
+            f" --linear-head {m.linear_head}" if m.linear_head else ""))
+        json.loads(c.to_json_best_effort())
+
+
+def test_the_hand_written_glioma_config_is_the_grid_cell():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("glioma_pneumonia", os.path.join(ROOT, "configs",
+                                                                                   "glioma_pneumonia.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mine = module.get_config()
+    cell = grid.get_config("model=dinov2_b_lc,dataset=chest_xray_pneumonia,freeze=frozen")
+    def get(config, dotted):
+        return functools.reduce(lambda node, part: node[part], dotted.split("."), config)
+
+    for key in _flat_keys(mine) - {"data_root", "model.pretrained"}:
+        assert get(mine, key) == get(cell, key), key
+    common.validate(mine)
+
+
+def test_radiology_cells_are_linear_probes():
+    for cell in _study("radiology"):
+        c = grid.get_config(grid.cell_arg(cell))
+        common.validate(c)
+        m = grid.model_info(cell["model"])
+        cnn = m.family in ("resnet", "densenet", "vgg")
+        assert c.probe.blocks == ((1,) if cnn else (1, 4)) and c.probe.avgpool == ((False,) if cnn else (False, True))
+        assert c.probe.lrs == (1e-3, 5e-3, 1e-2, 5e-2) and (c.probe.epochs, c.probe.batch_size) == (10, 128)
+        assert c.image_size == (1024 if cell["model"] == "sam_l" else 224) and c.normalization == "imagenet"
+        assert set(common.data_options(c)) <= set(data.OPTIONS[cell["dataset"]])
+    assert common.data_options(grid.get_config("model=vgg19,dataset=nih_chestxray14")) == {
+        "no_finding_class": True, "val_rule": "last"}  # the study's 15 columns and its last 10,002 val images
+    assert common.data_options(grid.get_config("model=vgg19,dataset=chexpert,head=probe")) == {
+        "uncertain": "zeros", "frontal_only": True}
+
+
+def test_default_head_is_the_cells_own():
+    assert grid.parse_arg("model=dinov2_b,dataset=chexpert")["head"] == "linear"  # the reference study's first
+    assert grid.parse_arg("model=dinov2_b_lc,dataset=ham10000")["head"] == "mlp"
+    assert grid.parse_arg("model=sam_l,dataset=chexpert")["head"] == "probe"
+    with pytest.raises(ValueError, match="not a cell of the grid; model=resnet50 runs with dataset=chest_xray"):
+        grid.get_config("model=resnet50,dataset=chexpert")
+
+
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 def test_every_cell_config_builds_with_the_recipe(dataset):
     reference = _reference_keys()
-    cells = [c for c in grid.cells() if c["dataset"] == dataset]
+    cells = [c for c in _study("mansoori") if c["dataset"] == dataset]
     assert len(cells) == 64
     for cell in cells:
         c = grid.get_config(grid.cell_arg(cell))
@@ -138,13 +245,18 @@ def test_bad_cell_argument_names_the_choices(arg, message):
 def test_list_cli():
     proc = run_cli("medjax.grid", "list")
     lines = proc.stdout.splitlines()
-    assert len(lines) == 256 and "# 256 cells" in proc.stderr
+    assert len(lines) == 346 and "# 346 cells" in proc.stderr
     assert "configs/grid.py:model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen" in proc.stdout
     proc = run_cli("medjax.grid", "list", "--filter", "model=dinov2_*|sam2_b+,dataset=ddsm,head=attention")
     lines = proc.stdout.splitlines()
     assert len(lines) == 5 * 2
     assert all(" ddsm " in line and "head=attention" in line for line in lines)
-    bad = run_cli("medjax.grid", "list", "--filter", "model=resnet50", check=False)
+    proc = run_cli("medjax.grid", "list", "--filter", "study=glioma,model=resnet50")
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 8 and all(line.startswith("glioma ") and "head=linear" in line for line in lines)
+    proc = run_cli("medjax.grid", "list", "--filter", "study=radiology,dataset=chexpert")
+    assert len(proc.stdout.splitlines()) == 14 and "model=biomedclip,dataset=chexpert,head=probe" in proc.stdout
+    bad = run_cli("medjax.grid", "list", "--filter", "model=resnet5", check=False)
     assert bad.returncode != 0 and "matches nothing" in bad.stderr
 
 
