@@ -270,3 +270,34 @@ class QuickGeluMlp(nn.Module):
     def __call__(self, x):
         h = quick_gelu(dense(self.hidden, self.use_bias, self.dtype, "fc1")(x))
         return dense(x.shape[-1], self.use_bias, self.dtype, "fc2")(h)
+
+
+# ------------------------------------------------------------------------------------------------ windows, inputs
+
+
+def window_partition(x, window: int):
+    """(B, H, W, C) -> (B * nH * nW, window, window, C), zero-padding bottom/right to a multiple of the window
+    (SAM's and Hiera's window attention)."""
+    b, h, w, c = x.shape
+    ph, pw = -h % window, -w % window
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    nh, nw = (h + ph) // window, (w + pw) // window
+    x = x.reshape(b, nh, window, nw, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b * nh * nw, window, window, c), (nh, nw)
+
+
+def window_unpartition(windows, batch: int, counts: tuple[int, int], hw: tuple[int, int]):
+    """Inverse of window_partition: (B * nH * nW, w, w, C) -> (B, H, W, C), padding cropped."""
+    nh, nw = counts
+    _, window, _, c = windows.shape
+    x = windows.reshape(batch, nh, nw, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, nh * window, nw * window, c)[:, :hw[0], :hw[1]]
+
+
+def image_shape(images, config) -> tuple[int, int, int]:
+    """(batch, height, width) of NHWC images, which must have the backbone's input channels."""
+    batch, height, width, chans = images.shape
+    if chans != config.in_chans:
+        raise ValueError(f"{config.family}: input has {chans} channels, the stem expects {config.in_chans}")
+    return batch, height, width

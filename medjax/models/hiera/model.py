@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from medjax.models.base import ConfigMixin
-from medjax.models.layers import Mlp, layer_norm
+from medjax.models.layers import Mlp, image_shape, layer_norm, window_partition, window_unpartition
 from medjax.resize import resize_bicubic
 
 FAMILY = "sam2_hiera"
@@ -189,23 +189,6 @@ def max_pool(x, stride: int):
     return x.reshape(b, h2, stride, w2, stride, c).max(axis=(2, 4))
 
 
-def window_partition(x, window: int):
-    """(B, H, W, C) -> (B * nH * nW, window, window, C), zero-padding bottom/right to a multiple of the window."""
-    b, h, w, c = x.shape
-    ph, pw = -h % window, -w % window
-    if ph or pw:
-        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-    nh, nw = (h + ph) // window, (w + pw) // window
-    x = x.reshape(b, nh, window, nw, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b * nh * nw, window, window, c), (nh, nw)
-
-
-def window_unpartition(windows, batch: int, counts: tuple[int, int], hw: tuple[int, int]):
-    """Inverse of window_partition: (B * nH * nW, w, w, C) -> (B, H, W, C), padding cropped."""
-    nh, nw = counts
-    _, window, _, c = windows.shape
-    x = windows.reshape(batch, nh, nw, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, nh * window, nw * window, c)[:, :hw[0], :hw[1]]
 
 
 class MultiScaleAttention(nn.Module):
@@ -308,9 +291,7 @@ class Sam2HieraEncoder(nn.Module):
     def __call__(self, images, train: bool = False):
         del train  # no dropout or batch statistics
         c = self.config
-        batch, height, width, chans = images.shape
-        if chans != c.in_chans:
-            raise ValueError(f"{c.family}: input has {chans} channels, the patch embedding expects {c.in_chans}")
+        batch, height, width = image_shape(images, c)
         problem = input_size_problem(c, height, width)
         if problem:
             raise ValueError(f"{c.family}: an input of {height}x{width} px does not fit this encoder: {problem}. "

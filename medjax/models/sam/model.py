@@ -27,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from medjax.models.base import ConfigMixin
-from medjax.models.layers import Mlp, dense, layer_norm
+from medjax.models.layers import Mlp, dense, image_shape, layer_norm, window_partition, window_unpartition
 from medjax.resize import resize_bicubic
 
 FAMILY = "sam_vit"
@@ -118,23 +118,6 @@ def get_rel_pos(q_size: int, k_size: int, table):
 # ------------------------------------------------------------------------------------------------ windows
 
 
-def window_partition(x, window: int):
-    """(B, H, W, C) -> (B * nH * nW, w, w, C), zero-padding bottom/right to a multiple of the window."""
-    b, h, w, c = x.shape
-    ph, pw = -h % window, -w % window
-    if ph or pw:
-        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-    nh, nw = (h + ph) // window, (w + pw) // window
-    x = x.reshape(b, nh, window, nw, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b * nh * nw, window, window, c), (nh, nw)
-
-
-def window_unpartition(windows, batch: int, counts: tuple[int, int], hw: tuple[int, int]):
-    """The inverse of `window_partition`, padding cropped."""
-    nh, nw = counts
-    _, window, _, c = windows.shape
-    x = windows.reshape(batch, nh, nw, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, nh * window, nw * window, c)[:, :hw[0], :hw[1]]
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -225,9 +208,7 @@ class SamImageEncoder(nn.Module):
     def __call__(self, images, train: bool = False):
         del train  # no dropout or batch statistics
         c = self.config
-        batch, height, width, chans = images.shape
-        if chans != c.in_chans:
-            raise ValueError(f"{c.family}: input has {chans} channels, the patch embedding expects {c.in_chans}")
+        batch, height, width = image_shape(images, c)
         if height < c.patch_size or width < c.patch_size:
             raise ValueError(f"{c.family}: input {height}x{width} px is smaller than one {c.patch_size}-px patch")
         p = c.patch_size

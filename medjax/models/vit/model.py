@@ -18,7 +18,7 @@ import numpy as np
 from flax import linen as nn
 
 from medjax.models.layers import (Attention, AttentionalPooler, LayerScale, Mlp, QuickGeluMlp, SwiGLU, dense,
-                                  layer_norm, rms_norm)
+                                  image_shape, layer_norm, rms_norm)
 from medjax.resize import resize_bicubic
 
 NAMES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca", "hf_vit", "hf_clip", "biomedclip")
@@ -261,12 +261,10 @@ class VisionTransformer(nn.Module):
     def __call__(self, images, train: bool = False):
         del train  # no dropout or batch statistics
         c = self.config
-        batch, height, width, chans = images.shape
+        batch, height, width = image_shape(images, c)
         p = c.patch_size
         if height % p or width % p:
             raise ValueError(f"{c.family}: input {height}x{width} px is not a multiple of the patch size {p}")
-        if chans != c.in_chans:
-            raise ValueError(f"{c.family}: input has {chans} channels, the patch embedding expects {c.in_chans}")
         grid = (height // p, width // p)
         x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, dtype=self.dtype,
                     name="patch_embed")(images)
