@@ -35,9 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEAN, STD = (0.415, 0.221, 0.073), (0.275, 0.150, 0.081)  # APTOS statistics, as medjax's 'dataset' normalisation
 
 
-def torch_loader(paths, batch_size, workers, seed):
+def torch_loader(paths, batch_size, workers, seed, open_image=None, mean=MEAN, std=STD):
+    """The reference recipe with PIL under a torch DataLoader; open_image(path) -> PIL image (default: Pillow's
+    open, converted to RGB). Grayscale ('L') images skip saturation and hue, as torchvision does."""
     import torch
     from PIL import Image, ImageEnhance
+
+    open_image = open_image or (lambda p: Image.open(p).convert("RGB"))
 
     bilinear = Image.Resampling.BILINEAR
 
@@ -57,14 +61,14 @@ def torch_loader(paths, batch_size, workers, seed):
             hh = Image.fromarray(np.asarray(hh, np.uint8) + np.uint8(int(factor * 255) % 256), "L")
         return Image.merge("HSV", (hh, s, v)).convert("RGB")
 
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
 
     class PILDataset(torch.utils.data.Dataset):
         def __len__(self):
             return len(paths)
 
         def __getitem__(self, i):
-            img = Image.open(paths[i]).convert("RGB").resize((256, 256), bilinear)
+            img = open_image(paths[i]).resize((256, 256), bilinear)
             img = img.crop((16, 16, 240, 240))
             top, left, h, w = rrc_params(224, 224)
             img = img.crop((left, top, left + w, top + h)).resize((224, 224), bilinear)
@@ -80,11 +84,13 @@ def torch_loader(paths, batch_size, workers, seed):
                         img = ImageEnhance.Brightness(img).enhance(b)
                     elif op == 1:
                         img = ImageEnhance.Contrast(img).enhance(c)
-                    elif op == 2:
+                    elif op == 2 and img.mode == "RGB":
                         img = ImageEnhance.Color(img).enhance(s)
-                    else:
+                    elif op == 3 and img.mode == "RGB":
                         img = hue(img, hf)
-            x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255)
+            arr = np.asarray(img)
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
+            x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
             return (x - mean) / std, 0
 
     gen = torch.Generator().manual_seed(seed)
