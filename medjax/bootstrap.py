@@ -17,8 +17,10 @@ standard deviation are stored beside the interval.
 
 Comparison (`compare`): the two runs' per-image test predictions (`test_predictions.npz`, written by the trainer) are
 aligned by image path and put in path order (so the resamples do not depend on either file's row order); every
-resample draws units once and evaluates both runs on the same images, so the difference A - B of each metric gets a percentile interval and a two-sided bootstrap p-value
-p = min(1, 2 (1 + min(#{d_b <= 0}, #{d_b >= 0})) / (B' + 1)) over the B' resamples where both are defined.
+resample draws units once and evaluates both runs on the same images, so the difference A - B of each metric gets
+a percentile interval and a two-sided bootstrap p-value p = min(1, 2 (1 + min(#{d_b <= 0}, #{d_b >= 0})) / (B' + 1))
+over the B' resamples where both are defined (the p-value of the percentile interval's test of 0, with the +1
+correction so that it is never 0).
 """
 
 from __future__ import annotations

@@ -310,3 +310,51 @@ def test_cell_cli_writes_the_cell_file(tmp_path):
     record = json.load(open(tmp_path / "w" / "grid_cell.json"))
     assert record["cell"]["backbone"] == "VMamba-S" and record["cell"]["params_m"] == 49.38
     assert record["config"]["data_root"] == "/d/aptos2019"
+
+
+def test_probe_cells_run_the_linear_probe_protocol(tmp_path):
+    """`grid run` dispatches a head=probe cell to `python -m medjax.grid probe`, which writes metrics.json and the
+    test predictions with patient-resampled intervals (the Figshare slices carry patient ids)."""
+    import numpy as np
+
+    from conftest import fixture_path
+    from medjax import bootstrap, metrics
+    from medjax.protocols import linear_probe
+
+    weights = tmp_path / "w"
+    converters.convert(fixture_path("resnet", "checkpoint.pth"), str(weights / "resnet152"), "resnet",
+                       fixture_path("resnet", "config.json"))  # a tiny torchvision ResNet in resnet152's folder
+    overrides = [f"--config.weights_dir={weights}", f"--config.data_dir={tmp_path / 'd'}", "--config.fake_data=90",
+                 "--config.image_size=32", "--config.probe.epochs=2", "--config.bootstrap.resamples=100"]
+    root = tmp_path / "runs"
+    dry = run_cli("medjax.grid", "run", "--filter", "model=resnet152,dataset=brain_tumor_figshare", "--dry-run",
+                  "--workdir-root", str(root), "--", *overrides)
+    assert (f"python -m medjax.grid --grid configs/grid.py probe model=resnet152,dataset=brain_tumor_figshare,"
+            f"head=probe,freeze=frozen --workdir {root}/resnet152/brain_tumor_figshare/probe_frozen --") in dry.stdout
+    run_cli("medjax.grid", "run", "--filter", "model=resnet152,dataset=brain_tumor_figshare",
+            "--workdir-root", str(root), "--", *overrides)
+    workdir = root / "resnet152" / "brain_tumor_figshare" / "probe_frozen"
+    m = json.load(open(workdir / "metrics.json"))
+    assert m["protocol"] == "linear_probe" and m["retrained_on"] == "train+val"
+    assert len(m["grid"]) == 4 and all(g["n_last_blocks"] == 1 and not g["avgpool"] for g in m["grid"])
+    cell = json.load(open(workdir / "grid_cell.json"))["cell"]
+    assert (cell["study"], cell["kind"], cell["backbone"]) == ("radiology", "baseline", "ResNet-152")
+    pred = bootstrap.read_predictions(str(workdir / bootstrap.PREDICTIONS_FILE))
+    assert metrics.compute_metrics(m["task"], pred["probs"], pred["labels"], pred["class_names"]) == {
+        k: v for k, v in m["test"].items() if k != "num_examples"}
+    head = dict(np.load(workdir / "probe_head.npz"))
+    test = np.load(next(p for p in (workdir / "features").iterdir() if "_test_" in p.name))
+    feats = type("F", (), {"cls": test["cls"], "patch_mean": test["patch_mean"]})
+    probs = linear_probe.predict_heads(head, linear_probe.full_input(feats), m["task"])[0]
+    assert np.array_equal(probs, pred["probs"])  # the stored predictions are the retrained head's on the test set
+    assert m["test_bootstrap"]["unit"] == "patient" and m["test_bootstrap"]["resamples"] == 100
+    again = run_cli("medjax.grid", "run", "--filter", "model=resnet152,dataset=brain_tumor_figshare",
+                    "--workdir-root", str(root), "--", *overrides)
+    assert "1 already done" in again.stdout
+    bad = run_cli("medjax.grid", "probe", "model=resnet152,dataset=brain_tumor_figshare", "--workdir",
+                  str(tmp_path / "x"), "--", "--config.probe.epoch=2", check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: unknown config field 'probe.epoch'; did you mean probe.epochs?")
+    bad = run_cli("medjax.grid", "probe", "model=resnet152,dataset=brain_tumor_figshare", "--workdir",
+                  str(tmp_path / "y"), "--", f"--config.data_dir={tmp_path / 'nowhere'}", check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nowhere" in bad.stderr

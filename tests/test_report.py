@@ -123,3 +123,92 @@ def test_errors_name_the_path(tmp_path):
     (tmp_path / "bad" / "metrics.json").write_text("{}")
     proc = run_cli("medjax.report", str(tmp_path / "bad"), "--output", str(tmp_path / "o"), check=False)
     assert proc.returncode != 0 and "not a medjax metrics.json" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ intervals, baselines
+
+
+def _with_intervals(workdir, key, value, low, high, unit="patient"):
+    """Adds a `test_bootstrap` record (as medjax.bootstrap writes it) to a run's metrics.json."""
+    path = os.path.join(workdir, "metrics.json")
+    m = json.load(open(path))
+    m["test"][key] = value
+    entries = {key: {"value": value, "low": low, "high": high, "mean": value, "std": 0.01, "undefined_resamples": 0}}
+    if key != "accuracy":
+        entries["accuracy"] = {"value": 0.5, "low": 0.4, "high": 0.6, "mean": 0.5, "std": 0.05,
+                               "undefined_resamples": 0}
+    m["test_bootstrap"] = {"method": "percentile bootstrap", "confidence": 0.95, "resamples": 1000, "seed": 0,
+                           "unit": unit, "num_units": 40, "num_images": 90, "note": "", "metrics": entries}
+    json.dump(m, open(path, "w"))
+
+
+def _companion(root, arg, dataset, target, val, test_value, low, high):
+    workdir = grid_cli.cell_workdir(root, grid.parse_arg(arg))
+    os.makedirs(workdir)
+    grid_cli.write_cell_file(workdir, grid.get_config(arg))
+    metrics = {"dataset": dataset, "task": "multiclass", "target_metric": target, "best_step": 10,
+               "val": {"task": "multiclass", target: val, "accuracy": val},
+               "test": {"task": "multiclass", target: 0.5, "accuracy": 0.5, "num_examples": 90}}
+    json.dump(metrics, open(os.path.join(workdir, "metrics.json"), "w"))
+    _with_intervals(workdir, "accuracy", test_value, low, high)
+    return workdir
+
+
+def test_baselines_beside_the_foundation_models_with_intervals(tmp_path):
+    root = str(tmp_path / "runs")
+    _companion(root, "model=dinov2_b_lc,dataset=chest_xray_pneumonia,freeze=frozen", "chest_xray_pneumonia",
+               "roc_auc", 0.9, 0.912, 0.884, 0.937)
+    _companion(root, "model=dinov2_b_lc,dataset=chest_xray_pneumonia,freeze=full", "chest_xray_pneumonia",
+               "roc_auc", 0.9, 0.871, 0.840, 0.899)
+    _companion(root, "model=resnet50,dataset=chest_xray_pneumonia,freeze=full", "chest_xray_pneumonia", "roc_auc",
+               0.9, 0.853, 0.821, 0.884)
+    _companion(root, "model=dinov2_s_lc,dataset=ham10000,freeze=frozen", "ham10000", "balanced_accuracy", 0.7,
+               0.701, 0.672, 0.729)
+    probe = _companion(root, "model=biomedclip,dataset=brain_tumor_figshare", "brain_tumor_figshare",
+                       "balanced_accuracy", 0.8, 0.5, 0.4, 0.6)
+    _with_intervals(probe, "balanced_accuracy", 0.811, 0.774, 0.846)
+    _companion(root, "model=dinov2_l,dataset=brain_tumor_figshare,head=probe", "brain_tumor_figshare",
+               "balanced_accuracy", 0.8, 0.5, 0.4, 0.6)
+    main = _run(root, "model=dinov2_b,dataset=ddsm,head=linear,freeze=frozen", "ddsm", 0.90, 0.95)
+    _with_intervals(main, "roc_auc", 0.95, 0.931, 0.967, unit="image")
+    out = str(tmp_path / "report")
+    proc = run_cli("medjax.report", root, "--output", out)
+    md = open(os.path.join(out, "results.md")).read()
+    # the reference study's table: ours with its interval, the study's number after it
+    assert "| DINOv2-B (86.6 / 86) | 0.950 (95% CI 0.931–0.967) [linear / frozen] (0.966) |" in md
+    glioma = md.split("## Fu et al.")[1].split("\n## ")[0]
+    rows = [line for line in glioma.splitlines() if line.startswith("| ") and "model (params M)" not in line]
+    assert glioma.splitlines()[4].startswith("| model (params M) | chest_xray_pneumonia accuracy (frozen) | "
+                                             "chest_xray_pneumonia accuracy (full) | ichallenge_amd accuracy")
+    assert [r.split(" (")[0][2:] for r in rows] == ["DINOv2-S lc", "DINOv2-B lc", "ResNet-50 †"]  # foundation first
+    assert rows[1].startswith("| DINOv2-B lc (88.1) | 0.912 (95% CI 0.884–0.937) | 0.871 (95% CI 0.840–0.899) | — |")
+    assert rows[2].startswith("| ResNet-50 † (25.6) | — | 0.853 (95% CI 0.821–0.884) | — |")
+    assert "| 0.701 (95% CI 0.672–0.729) |" in rows[0]
+    radiology = md.split("## Baharoon et al.")[1].split("\n## ")[0]
+    assert "| model (params M) | nih_chestxray14 | chexpert | brain_tumor_figshare balanced_accuracy |" in radiology
+    assert radiology.index("| DINOv2-L (304.4) |") < radiology.index("| BiomedCLIP † (86.2) | — | — | 0.811 (95% CI "
+                                                                       "0.774–0.846) |")
+    every = md.split("## Every test metric")[1]
+    assert "| ResNet-50 † | linear / full | 40 patients x 1000 | 0.853 (0.821–0.884) |" in every
+    assert ("| DINOv2-B | linear / frozen | 40 images x 1000 | 0.950 (0.931–0.967) | 0.500 (0.400–0.600) |"
+            in every)
+    assert "ham10000 DINOv2-S lc [mlp / frozen]: test balanced_accuracy" not in proc.stdout  # no target interval
+    assert ("ddsm DINOv2-B [linear / frozen]: test roc_auc 0.9500 (0.9310–0.9670) (95% CI, 40 images"
+            in proc.stdout)
+    results = {r["model"]: r for r in csv.DictReader(open(os.path.join(out, "results.csv")))
+               if r["setting"] == report.BEST}
+    assert (results["DINOv2-B"]["DDSM ROC-AUC low"], results["DINOv2-B"]["DDSM ROC-AUC high"]) == ("0.931", "0.967")
+    assert "ResNet-50" not in results  # the reference study's table holds its own runs
+    runs = {(r["model"], r["dataset"], r["freeze"]): r for r in csv.DictReader(open(os.path.join(out, "runs.csv")))}
+    r = runs[("BiomedCLIP", "brain_tumor_figshare", "frozen")]
+    assert (r["grid_study"], r["kind"], r["head"], r["test_low"], r["resampled"]) == (
+        "radiology", "baseline", "probe", "0.774", "patient")
+    intervals = list(csv.DictReader(open(os.path.join(out, "intervals.csv"))))
+    assert len(intervals) == 4 + 2 + 1 + 2  # glioma runs: accuracy; BiomedCLIP, DDSM: two metrics; DINOv2-L: one
+    assert {r["metric"] for r in intervals} == {"accuracy", "balanced_accuracy", "roc_auc"}
+
+
+def test_compare_errors_name_the_file(tmp_path):
+    proc = run_cli("medjax.report", "compare", str(tmp_path), str(tmp_path), check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path}/test_predictions.npz: no such file" in proc.stderr
