@@ -8,10 +8,11 @@ one (smooth background, sensor-like noise, the class mark; 8 distinct images per
     isic2019    dermoscopy JPEG, 3216 x 2136 RGB, quality 95
     cbis_ddsm   mammogram DICOM, 2500 x 4000, 16-bit uncompressed (~20 MB)
 Each is prepared twice (`python -m medjax.data prepare`, 256 px, all cores): lossless PNG (the default) and JPEG
-quality 95. Then, over all the images of the dataset as one train split, each side delivers `--batches` batches of 32 with the reference train transforms
-(after one warm-up batch), at the same worker count: medjax's grain loader on the raw root (JPEG draft decoding on,
-the default), on the two prepared roots, and a PyTorch DataLoader whose Dataset does the reference recipe with PIL
-(`benchmarks/data_pipeline.py`; pydicom through medjax's decoder for DICOM).
+quality 95. Then, over all the images of the dataset as one train split, each side delivers `--batches` batches
+of 32 with the reference train transforms (after one warm-up batch), at the same worker count: medjax's grain
+loader on the raw root (JPEG draft decoding on, the default), on the two prepared roots, and a PyTorch DataLoader
+whose Dataset does the reference recipe with PIL (`benchmarks/data_pipeline.py`; pydicom through medjax's decoder
+for DICOM).
 
 The figure of merit is images/s per core: images delivered per CPU second of the loading process, its threads and
 its worker processes (1000 / CPU ms per image), which does not depend on how busy the shared machine is; cores

@@ -76,7 +76,8 @@ def test_prepared_and_raw_give_identical_datasets_and_batches(name, small):
                [(pre.relative(r.path), r.label, r.patient, r.origin) for r in pre.splits[split]]
     assert (pre.mean, pre.std, pre.class_names, pre.task, pre.channels) == \
            (raw.mean, raw.std, raw.class_names, raw.task, raw.channels)
-    assert [(raw.relative(p), o, w) for p, o, w in raw.excluded] == [(pre.relative(p), o, w) for p, o, w in pre.excluded]
+    assert [(raw.relative(p), o, w) for p, o, w in raw.excluded] == \
+           [(pre.relative(p), o, w) for p, o, w in pre.excluded]
     # the images are small (<= --max-size): stored pixel for pixel, so batches are bit-identical; two shards, across
     # an epoch boundary, then an eval pass with padding
     kw = dict(batch_size=3, image_size=32, shard_count=2)

@@ -1,7 +1,8 @@
 """`python -m medjax.data prepare`: decode every image of a dataset once and store it small, as a TFDS dataset in
 ArrayRecord format that the loader reads with random access (`prepared.py` describes the folder).
 
-    prepare("aptos2019", "/data/aptos", "/data/aptos_prepared")   # then get_dataset("aptos2019", "/data/aptos_prepared")
+    prepare("aptos2019", "/data/aptos", "/data/aptos_prepared")
+    data.get_dataset("aptos2019", "/data/aptos_prepared")  # then a dataset root like any other
 
 What is stored: each image decoded as the raw loader decodes it (`transforms.decode`: DICOM windowing, 16-bit
 scaling, the dataset's channels; JPEGs decoded in full), resized with Pillow's bilinear filter (antialiased, the
