@@ -358,3 +358,26 @@ def test_probe_cells_run_the_linear_probe_protocol(tmp_path):
     bad = run_cli("medjax.grid", "probe", "model=resnet152,dataset=brain_tumor_figshare", "--workdir",
                   str(tmp_path / "y"), "--", f"--config.data_dir={tmp_path / 'nowhere'}", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nowhere" in bad.stderr
+
+
+def test_a_glioma_cell_trains_with_the_studys_protocol(tmp_path):
+    """DINOv2 `_lc` (the fixture, converted with --linear-head) with the MLP head on its 1000 ImageNet logits, frozen,
+    picked by validation accuracy, through `grid run` and the trainer."""
+    from conftest import fixture_path
+
+    converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "w" / "dinov2_vits14_lc"),
+                       "dinov2", fixture_path("dinov2_lc", "config.json"),
+                       linear_head=fixture_path("dinov2_lc", "linear_head.pth"))
+    proc = run_cli("medjax.grid", "run", "--filter", "model=dinov2_s_lc,dataset=ichallenge_amd,freeze=frozen",
+                   "--workdir-root", str(tmp_path / "runs"), "--", f"--config.weights_dir={tmp_path / 'w'}",
+                   f"--config.data_dir={tmp_path / 'd'}", "--config.fake_data=60", "--config.epochs=2",
+                   "--config.batch_size=8", "--config.image_size=28", "--config.progress_bar=False",
+                   "--config.bootstrap.resamples=50")
+    assert "1 cells: 0 already done, ran 1" in proc.stdout
+    workdir = tmp_path / "runs" / "dinov2_s_lc" / "ichallenge_amd" / "mlp_frozen"
+    m = json.load(open(workdir / "metrics.json"))
+    assert m["selection_metric"] == "accuracy" and [set(h) for h in m["history"]] == [{"step", "epoch", "accuracy"}] * 2
+    assert {"precision_weighted", "recall_weighted", "f1_weighted"} <= set(m["test_bootstrap"]["metrics"])
+    assert m["test_bootstrap"]["resamples"] == 50 and m["test_bootstrap"]["unit"] == "image"  # AMD: no patient ids
+    run_config = json.load(open(workdir / "run_config.json"))
+    assert (run_config["optim.name"], run_config["train_augment"], run_config["model.head"]) == ("adam", False, "mlp")
