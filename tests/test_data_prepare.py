@@ -326,3 +326,18 @@ def test_bench_cli_prints_rate_and_cpu_per_image(small):
         values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
         assert float(values["images/s"]) > 0 and float(values["cpu ms/image"]) > 0
         assert ("prepared" in proc.stdout) == (root == small["aptos2019"][1])
+
+
+def test_a_record_that_is_not_the_metadata_s_is_never_fed_with_its_label(small, tmp_path):
+    root = str(tmp_path / "copy")
+    shutil.copytree(small["aptos2019"][1], root)
+    meta_path = os.path.join(root, prepared.METADATA)
+    meta = json.load(open(meta_path))
+    rows = meta["splits"]["val"]
+    rows[0], rows[1] = rows[1], rows[0]  # metadata that does not match the ArrayRecord files
+    json.dump(meta, open(meta_path, "w"))
+    ds = data.get_dataset("aptos2019", root)
+    batch = next(data.make_loader(ds, "val", batch_size=4, image_size=16, train=False, shard_index=0, shard_count=1))
+    assert batch["mask"].tolist() == [False, False, True, True]
+    assert all("do not match medjax_prepared.json" in s["reason"] for s in ds.skipped_images)
+    assert [s["image"] for s in ds.skipped_images] == [rows[0][0], rows[1][0]]

@@ -122,9 +122,16 @@ class PreparedImages:
         return self.source(split)[index]
 
     def read(self, record: Record):
+        """The record's stored image; raises if the stored record is another image (files not from this prepare)."""
         from medjax.data.transforms import decode_bytes
 
-        return decode_bytes(self.example(record)["image"], self.channels)
+        example = self.example(record)
+        stored, expected = example["path"].decode(), os.path.relpath(record.path, self.root).replace(os.sep, "/")
+        if stored != expected:
+            split, index = self.locations[record.path]
+            raise ValueError(f"record {index} of the prepared split {split!r} is {stored!r}, not {expected!r}: the "
+                             f"ArrayRecord files do not match {METADATA}; prepare the dataset again")
+        return decode_bytes(example["image"], self.channels)
 
 
 def open_split(builder_path: str, split: str):
