@@ -30,6 +30,7 @@ setup(
         "pylibjpeg-libjpeg>=2",
         "pylibjpeg-openjpeg>=2",
         "h5py",  # MATLAB v7.3 (HDF5) files of the Figshare brain-tumour set
+        "nibabel",  # NIfTI volumes of the `volumes` dataset
         "tqdm",
         "tensorboardX",  # TensorBoard event files without TensorFlow
         "matplotlib",  # the report's figures

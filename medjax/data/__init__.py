@@ -23,7 +23,7 @@ from typing import Callable
 
 from medjax.data import (aptos2019, brain_tumor_figshare, cbis_ddsm, checks, chest_xray_pneumonia, chexpert, ddsm,
                          generic, ham10000, ichallenge_amd, isic2018, isic2019, nih_chestxray14, prepared,
-                         statistics)
+                         statistics, volumes)
 from medjax.data.records import DataError, Dataset, Record, check_inside_root, fill_splits
 from medjax.data.records import allow_outside_root as _allow_outside_root
 from medjax.data.splits import write_split_file
@@ -46,6 +46,7 @@ _READERS: dict[str, tuple[Callable[..., Dataset], dict]] = {
     "isic2018": (isic2018.read, isic2018.OPTIONS),
     "ichallenge_amd": (ichallenge_amd.read, ichallenge_amd.OPTIONS),
     "brain_tumor_figshare": (brain_tumor_figshare.read, brain_tumor_figshare.OPTIONS),
+    "volumes": (volumes.read, volumes.OPTIONS),  # 3-D studies: a record is a volume (the frozen protocols only)
     "csv": (generic.read_csv_dataset, generic.CSV_OPTIONS),
     "folder": (generic.read_folder, generic.FOLDER_OPTIONS),
 }
@@ -139,7 +140,8 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
                             f"layout of `medjax.data.{reader.__module__.rsplit('.', 1)[-1]}`, or a prepared "
                             f"dataset ({prepared.METADATA})")
         dataset.skip_bad_images = skip_bad_images
-        save_check_cache = _check_images(dataset, check_images, workdir)
+        # a volume is no image: its reader checks that it exists; its slices are read (named on failure) when embedded
+        save_check_cache = _check_images(dataset, "none" if name == volumes.NAME else check_images, workdir)
     dataset.jpeg_draft = bool(jpeg_draft)
     empty = [s for s in ("train",) if not dataset.splits.get(s)]
     if empty:

@@ -121,6 +121,10 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
     """
     if split not in dataset.splits:
         raise DataError(f"dataset {dataset.name} has no split {split!r}; it has {list(dataset.splits)}")
+    if dataset.name == "volumes":  # medjax.data.volumes: a record is a 3-D study, not an image
+        raise DataError("dataset 'volumes' holds 3-D studies, which the frozen protocols embed slice by slice "
+                        "(python -m medjax.protocols probe|knn|fewshot --dataset volumes); this loader and the "
+                        "trainer take 2-D images only")
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     records = dataset.splits[split]

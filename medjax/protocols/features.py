@@ -12,6 +12,10 @@ captures its block outputs with flax's `capture_intermediates` and norms them wi
 Families without taps give n = 1 with their `linear_head_input` as the "CLS" and the mean of their
 `attention_head_input` tokens as `patch_mean`.
 
+3-D studies (the `volumes` dataset, one record per volume): every kept slice goes through the eval transform and the
+backbone on its own row of a batch, and the volume's features are the mean of its slices' features (`cls` and
+`patch_mean` alike, averaged in float64), so the frozen protocols see one row per volume.
+
 Each split costs exactly one backbone pass (eval transforms, in split order, padding dropped); the arrays go to
 `<workdir>/features/<dataset>_<split>_<key>.npz`, where the key hashes everything the numbers depend on (the
 converted parameters, the split's records, image size, normalisation, n), so a changed input never reads a stale file.
@@ -84,6 +88,10 @@ def extract(feature_fn, variables, dataset, split: str, *, image_size: int, batc
 
     from medjax.data import make_loader
 
+    if dataset.name == "volumes":
+        return extract_volumes(feature_fn, variables, dataset, split, image_size=image_size, batch_size=batch_size,
+                               normalization=normalization)
+
     fn = jax.jit(feature_fn)
     loader = make_loader(dataset, split, batch_size=batch_size, image_size=image_size, train=False, seed=0,
                          normalization=normalization, shard_index=0, shard_count=1, worker_count=worker_count)
@@ -108,6 +116,49 @@ def extract(feature_fn, variables, dataset, split: str, *, image_size: int, batc
     return feats
 
 
+def extract_volumes(feature_fn, variables, dataset, split: str, *, image_size: int, batch_size: int = 64,
+                    normalization="dataset") -> SplitFeatures:
+    """The volumes of `split`: every kept slice embedded (eval transform, batches of `batch_size` slices across
+    volumes, the last one padded), then the features of each volume's slices averaged."""
+    import jax
+
+    from medjax.data import volumes
+    from medjax.data.pipeline import normalization_stats
+
+    mean, std = normalization_stats(dataset, normalization)
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+    offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+    fn = jax.jit(feature_fn)
+    records = dataset.splits[split]
+    cls, pooled, counts, pending = [], [], [], []
+
+    def run(rows):
+        batch = np.zeros((batch_size, *rows[0].shape), np.float32)
+        batch[:len(rows)] = np.stack(rows)
+        out = jax.device_get(fn(variables, batch))
+        cls.append(np.asarray(out["cls"][:len(rows)]))
+        pooled.append(np.asarray(out["patch_mean"][:len(rows)]))
+
+    for r in records:
+        images = volumes.slice_images(volumes.load_volume(r.path, dataset.options, r.origin), image_size)
+        counts.append(len(images))
+        pending.extend(images.astype(np.float32) * scale + offset)
+        while len(pending) >= batch_size:
+            run(pending[:batch_size])
+            pending = pending[batch_size:]
+    if pending:
+        run(pending)
+    return SplitFeatures(volume_means(np.concatenate(cls), counts), volume_means(np.concatenate(pooled), counts),
+                         _label_array(dataset, records), np.asarray([r.path for r in records]))
+
+
+def volume_means(per_slice: np.ndarray, counts) -> np.ndarray:
+    """(sum(counts), ...) per-slice features -> (len(counts), ...) means per volume (float64 sums, float32 out)."""
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    sums = np.add.reduceat(per_slice.astype(np.float64), starts, axis=0)
+    return (sums / np.asarray(counts, np.float64).reshape(-1, *([1] * (per_slice.ndim - 1)))).astype(np.float32)
+
+
 def _params_fingerprint(params_dir: str) -> dict:
     from medjax import pretrained
 
@@ -125,6 +176,8 @@ def cache_key(params_dir: str, dataset, split: str, *, image_size: int, num_bloc
             "split": split, "records": hashlib.sha256(json.dumps(records).encode()).hexdigest(),
             "image_size": image_size, "num_blocks": num_blocks, "normalization": normalization,
             "grayscale": grayscale}
+    if dataset.name == "volumes":  # which slices and their intensity mapping change the features
+        desc["volume_options"] = {k: dataset.options.get(k) for k in ("max_slices", "slice_sampling", "window")}
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
