@@ -207,8 +207,10 @@ def _json_default(x):
 
 def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_run=False, distributed=False,
               runner=subprocess.run, out=sys.stdout) -> int:
-    """Runs (or prints) `python -m medjax.main` for each cell in turn; returns the number of failed cells."""
-    failed, skipped = [], 0
+    """Runs (or prints) `python -m medjax.main` (a probe cell: `medjax.grid probe`) for each cell in turn; returns
+    the number of failed cells. With `distributed` (every host runs this loop) probe cells are left out: the probe
+    runs on one host, so run them without --distributed."""
+    failed, skipped, single_host = [], 0, 0
     for i, cell in enumerate(cells, 1):
         arg = grid.cell_arg(cell)
         workdir = cell_workdir(workdir_root, cell)
@@ -216,6 +218,11 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
         if os.path.exists(os.path.join(workdir, METRICS_FILE)):
             skipped += 1
             print(f"# [{i}/{len(cells)}] skip {arg}: {workdir}/{METRICS_FILE} exists", file=out)
+            continue
+        if distributed and cell.get("head") == "probe":
+            single_host += 1
+            print(f"# [{i}/{len(cells)}] left out {arg}: a linear probe runs on one host; run it without "
+                  "--distributed", file=out)
             continue
         if dry_run:
             print(shlex.join(shown), file=out)
@@ -226,9 +233,10 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
         if proc.returncode != 0:
             failed.append(arg)
             print(f"# [{i}/{len(cells)}] FAILED ({proc.returncode}): {arg}", file=out, flush=True)
-    todo = len(cells) - skipped
+    todo = len(cells) - skipped - single_host
     verb = "would run" if dry_run else "ran"
     print(f"# {len(cells)} cells: {skipped} already done, {verb} {todo}"
+          + (f", {single_host} probe cell(s) left for a single-host run" if single_host else "")
           + (f", {len(failed)} failed: {' '.join(failed)}" if failed else ""), file=out)
     return len(failed)
 

@@ -381,3 +381,19 @@ def test_a_glioma_cell_trains_with_the_studys_protocol(tmp_path):
     assert m["test_bootstrap"]["resamples"] == 50 and m["test_bootstrap"]["unit"] == "image"  # AMD: no patient ids
     run_config = json.load(open(workdir / "run_config.json"))
     assert (run_config["optim.name"], run_config["train_augment"], run_config["model.head"]) == ("adam", False, "mlp")
+
+
+def test_distributed_runs_leave_probe_cells_to_one_host(tmp_path):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    cells = grid_cli.select(grid.cells(), grid_cli.parse_filter("model=dinov2_s,dataset=chexpert", grid.FILTER_AXES))
+    log = open(tmp_path / "log.txt", "w")
+    assert grid_cli.run_cells(grid, cells, str(tmp_path), "configs/grid.py", distributed=True,
+                              runner=lambda cmd: calls.append(cmd) or Done(), out=log) == 0
+    log.close()
+    assert len(calls) == 4 and all("--distributed" in c and "medjax.main" in c for c in calls)
+    text = open(tmp_path / "log.txt").read()
+    assert "left out model=dinov2_s,dataset=chexpert,head=probe" in text and "1 probe cell(s) left" in text
