@@ -130,8 +130,13 @@ class Trainer:
         path = os.path.join(self.workdir, "run_config.json")
         now = _flat_config(self.config.to_dict())
         if os.path.exists(path):
+            from configs.common import study_config
+
             with open(path) as f:
                 before = json.load(f)
+            # a field that did not exist when the run started (a newer medjax) ran at its declared default
+            defaults = _flat_config(study_config().to_dict())
+            before = {k: before.get(k, defaults.get(k, "<absent>")) for k in set(before) | set(now)}
             changed = sorted(k for k in set(before) | set(now)
                              if before.get(k, "<absent>") != now.get(k, "<absent>")
                              and not any(k == f or k.startswith(f + ".") for f in RESTART_SAFE))

@@ -146,3 +146,20 @@ def test_restart_with_another_config_is_refused_naming_the_fields(tmp_path, data
     harmless = _main("configs/demo.py", tmp_path / "run", data_root, "--config.total_steps=2",
                      "--config.checkpoint_every=2", "--config.eval_every=2", "--config.log_every=1")
     assert harmless.returncode == 0, harmless.stderr[-3000:]
+
+
+def test_restart_after_an_upgrade_accepts_new_fields_at_their_default(tmp_path, data_root):
+    """A run started by an older medjax has no record of fields added since; they ran as their defaults."""
+    first = _main("configs/demo.py", tmp_path / "run", data_root, "--config.total_steps=2",
+                  "--config.checkpoint_every=2", "--config.eval_every=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = tmp_path / "run" / "run_config.json"
+    recorded = json.loads(path.read_text())
+    del recorded["model.mlp_hidden"]  # as if the field did not exist when the run started
+    path.write_text(json.dumps(recorded))
+    again = _main("configs/demo.py", tmp_path / "run", data_root, "--config.total_steps=2",
+                  "--config.checkpoint_every=2", "--config.eval_every=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    changed = _main("configs/demo.py", tmp_path / "run", data_root, "--config.total_steps=2",
+                    "--config.checkpoint_every=2", "--config.eval_every=2", "--config.model.mlp_hidden=64")
+    assert changed.returncode == 2 and "model.mlp_hidden: 256 -> 64" in changed.stderr
