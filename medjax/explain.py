@@ -93,9 +93,10 @@ def attention_rollout(model, variables, images):
     family = _family(model)
     spec = family.rollout_tokens(model.backbone) if family.rollout_tokens is not None else None
     if spec is None:
-        raise PredictError(f"--method attention: the {family.name} family has no attention rollout (its "
-                           f"attention is not global over patch tokens); use --method {family.explain_method(model.backbone)}"
-                           " or occlusion")
+        other = family.explain_method(model.backbone)
+        raise PredictError(f"--method attention: the {family.name} family has no attention rollout (its attention "
+                           f"is not global over patch tokens); use --method {other}"
+                           + (" or occlusion" if other != "occlusion" else ""))
     first_patch, cls_pooled = spec
     backbone, head = attention_matrices(model, variables, images)
     relevance = rollout(backbone)

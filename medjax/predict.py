@@ -155,12 +155,8 @@ def _read_json(path: str, what: str) -> dict:
 
 
 def _best_step(workdir: str) -> int:
-    """The best step of a finished run (metrics.json) or, mid-run, the one the latest checkpoint names."""
-    path = os.path.join(workdir, "metrics.json")
-    if os.path.isfile(path):
-        step = _read_json(path, "the run's metrics").get("best_step")
-        if step is not None:
-            return int(step)
+    """The best step the latest committed checkpoint names (a finished run's metrics.json agrees; a run extended
+    after it finished may have moved on), else metrics.json's."""
     import orbax.checkpoint as ocp
 
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
@@ -172,8 +168,13 @@ def _best_step(workdir: str) -> int:
                 step = progress["progress"]["best"]["step"]
                 if step is not None:
                     return int(step)
-    raise PredictError(f"{workdir}: the run has no best model yet (no metrics.json best_step, no checkpoint naming "
-                       "one); train it until a validation has run")
+    path = os.path.join(workdir, "metrics.json")
+    if os.path.isfile(path):
+        step = _read_json(path, "the run's metrics").get("best_step")
+        if step is not None:
+            return int(step)
+    raise PredictError(f"{workdir}: the run has no best model yet (no checkpoint names one, no metrics.json "
+                       "best_step); train it until a validation has run")
 
 
 def _build(config, num_classes: int, channels: int, task: str, mesh=None):
@@ -302,7 +303,8 @@ def image_records(paths: list[str], model: FineTuned) -> list:
 
 
 def csv_records(path: str, class_names: list, task: str) -> tuple[list, bool, list]:
-    """(records, has labels, the paths as the CSV writes them) from a CSV with `path` and optional labels (see the module docstring)."""
+    """(records, has labels, the paths as the CSV writes them) from a CSV with `path` and optional labels (see the
+    module docstring)."""
     from medjax.data import DataError, Record
     from medjax.data.records import read_csv
 
