@@ -94,8 +94,8 @@ def attention_rollout(model, variables, images):
     spec = family.rollout_tokens(model.backbone) if family.rollout_tokens is not None else None
     if spec is None:
         other = family.explain_method(model.backbone)
-        raise PredictError(f"--method attention: the {family.name} family has no attention rollout (its attention "
-                           f"is not global over patch tokens); use --method {other}"
+        raise PredictError(f"--method attention: the {family.name} family has no attention rollout (it needs "
+                           f"global self-attention over the patch tokens); use --method {other}"
                            + (" or occlusion" if other != "occlusion" else ""))
     first_patch, cls_pooled = spec
     backbone, head = attention_matrices(model, variables, images)
