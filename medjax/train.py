@@ -254,10 +254,11 @@ class Trainer:
             probs.append(np.asarray(out, np.float64)[gathered[1]])
             labels.append(gathered[0][gathered[1]])
         probs, labels = np.concatenate(probs), np.concatenate(labels)
-        self.last_predictions = probs, labels  # the test's go to medjax.bootstrap
+        # the last evaluation's probabilities: validation's choose the operating points (thresholds.py), the test's
+        # go to the bootstrap intervals (bootstrap.py)
+        self.last_eval = (probs, labels)
         result = metrics.compute_metrics(self.dataset.task, probs, labels, self.dataset.class_names)
         result["num_examples"] = int(len(labels))
-        self.last_eval = (probs, labels)  # the validation probabilities choose the operating points (thresholds.py)
         return result
 
     # -------------------------------------------------------------------------------------------- training
@@ -360,7 +361,7 @@ class Trainer:
             test = self.evaluate(self._load_best(), "test")
             result["test"] = test
             if jax.process_index() == 0:
-                result["test_bootstrap"] = bootstrap.finish_test(self.config, d, *self.last_predictions, self.workdir)
+                result["test_bootstrap"] = bootstrap.finish_test(self.config, d, *self.last_eval, self.workdir)
             print(f"test {d.target_metric} (best model, step {self.best['step']}): "
                   f"{metrics.target_metric(d.target_metric, test)}")
             if writer:
