@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from medjax import models, pretrained
 from medjax.models.layers import layer_norm
-from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed, stack_blocks
+from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed
 
 
 class ModelConfigError(ValueError):
@@ -149,17 +149,14 @@ def _variant_hint(family: str) -> str:
 
 
 def _execution_options(model_cfg, config, variables):
-    """`model.remat` / `model.scan` (ViT family) set how the blocks run. A scanned model takes the converted
-    (unrolled) parameters stacked."""
-    options = {k: bool(model_cfg[k]) for k in ("remat", "scan")}
-    if not isinstance(config, ViTConfig):
-        if any(options.values()):
-            raise ModelConfigError(f"model.remat / model.scan are options of the ViT family, not of {config.family!r}")
+    """`model.remat` / `model.scan` set how the blocks run, for the families whose contract offers it."""
+    remat, scan = bool(model_cfg.remat), bool(model_cfg.scan)
+    family = models.family(config.family)
+    if family.execution is None:
+        if remat or scan:
+            raise ModelConfigError(f"model.remat / model.scan are not options of the {config.family!r} family")
         return config, variables
-    config = dataclasses.replace(config, **options)
-    if config.scan and variables is not None and "blocks" not in variables["params"]:
-        variables = {**variables, "params": stack_blocks(variables["params"])}
-    return config, variables
+    return family.execution(config, variables, remat, scan)
 
 
 def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int, rng, dtype=jnp.float32):

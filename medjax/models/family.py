@@ -47,6 +47,10 @@ class Family:
     # generic taps, n = 1 with `linear_head_input` as the "CLS" and the mean of `attention_head_input` tokens.
     max_taps: Callable[[Any], int] = lambda config: 1  # noqa: E731
     taps: Callable | None = None
+    # How the blocks run (`model.remat`, `model.scan`): (config, variables or None, remat, scan) -> (config,
+    # variables), e.g. the ViT family stacks its converted blocks for a scanned model. None: the family has no such
+    # options, and asking for one is an error.
+    execution: Callable | None = None
     # Explanations (`medjax.explain`). Attention rollout: (config) -> (first_patch, cls_pooled), or None for a
     # configuration without it. Offered by a family whose blocks attend globally over its token sequence with
     # `layers.Attention` and whose `attention_head_input` is `tokens[first_patch:]`: first_patch is the index of the

@@ -2,10 +2,21 @@
 CoCa towers, their converter key tables and variants (`convert.py`), and the contract each `config.family` value
 states to the engine."""
 
+import dataclasses
+
 from medjax.models.family import Family
 from medjax.models.vit.model import *  # noqa: F401,F403 (the package is the model's namespace)
-from medjax.models.vit.model import NAMES, ViTConfig, VisionTransformer, layers, lora_targets, max_taps, taps
+from medjax.models.vit.model import (NAMES, ViTConfig, VisionTransformer, layers, lora_targets, max_taps,
+                                     stack_blocks, taps)
 
+
+def execution(config: ViTConfig, variables, remat: bool, scan: bool):
+    """`model.remat` / `model.scan`: how the blocks run. A scanned model takes the converted (unrolled) blocks
+    stacked."""
+    config = dataclasses.replace(config, remat=remat, scan=scan)
+    if scan and variables is not None and "blocks" not in variables["params"]:
+        variables = {**variables, "params": stack_blocks(variables["params"])}
+    return config, variables
 
 
 def rollout_tokens(config: ViTConfig):
@@ -18,5 +29,6 @@ def rollout_tokens(config: ViTConfig):
 
 
 FAMILIES = [Family(name, ViTConfig, VisionTransformer, layers=layers, stem="patch_embed/kernel",
-                   lora_targets=lora_targets, max_taps=max_taps, taps=taps, rollout_tokens=rollout_tokens)
+                   lora_targets=lora_targets, max_taps=max_taps, taps=taps, rollout_tokens=rollout_tokens,
+                   execution=execution)
             for name in NAMES]
