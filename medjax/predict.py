@@ -92,7 +92,7 @@ class FineTuned:
         unrolled (`blocks_<i>`) and not rematerialised. The outputs are the same; export and explain use it."""
         import jax
 
-        from medjax.models.vit import ViTConfig, unstack_blocks
+        from medjax import models
         from medjax.protocols import peft
 
         model = self.engine.model
@@ -104,11 +104,12 @@ class FineTuned:
             variables["params"] = jax.tree_util.tree_map(np.asarray, peft.merge_lora(params, lora, model.alpha,
                                                                                      model.rank))
             model = model.model
-        backbone = model.backbone
-        if isinstance(backbone, ViTConfig) and (backbone.scan or backbone.remat):
-            if backbone.scan:
-                variables["params"] = unstack_blocks(variables["params"])
-            model = dataclasses.replace(model, backbone=dataclasses.replace(backbone, scan=False, remat=False))
+        family = models.family(model.backbone.family)
+        if family.execution is not None:  # the plain layout (e.g. a scanned ViT's blocks unrolled)
+            backbone, params = family.execution(model.backbone, {"params": variables["params"]["backbone"]}, False,
+                                                False)
+            variables["params"]["backbone"] = params["params"]
+            model = dataclasses.replace(model, backbone=backbone)
         return model, variables
 
 

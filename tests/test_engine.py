@@ -186,3 +186,18 @@ def test_every_config_file_declares_only_known_fields_with_allowed_values():
         common.validate(config)
         extra = set(common._dotted_fields(config)) - base
         assert all(k.split(".")[0] in ("weights_dir", "data_dir", "grid_cell") for k in extra), (name, extra)
+
+
+def test_vit_execution_contract_converts_between_layouts():
+    """Family.execution: scan=True stacks the converted blocks, scan=False unrolls a scanned model's (export and
+    predict use this); families without the options refuse them."""
+    config = ViTConfig("dinov2", 16, 3, 2, 8, (2, 2), 32)
+    family = models.family("dinov2")
+    variables = {"params": jax.tree_util.tree_map(lambda s: np.random.default_rng(0).standard_normal(s.shape),
+                                                  models.param_shapes(config))}
+    scanned_cfg, scanned = family.execution(config, variables, False, True)
+    assert scanned_cfg.scan and "blocks" in scanned["params"] and "blocks_0" not in scanned["params"]
+    plain_cfg, plain = family.execution(scanned_cfg, scanned, False, False)
+    assert not plain_cfg.scan and flatten(plain["params"]).keys() == flatten(variables["params"]).keys()
+    assert all(np.array_equal(a, flatten(variables["params"])[k]) for k, a in flatten(plain["params"]).items())
+    assert models.family("vmamba").execution is None

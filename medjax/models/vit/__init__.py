@@ -7,15 +7,16 @@ import dataclasses
 from medjax.models.family import Family
 from medjax.models.vit.model import *  # noqa: F401,F403 (the package is the model's namespace)
 from medjax.models.vit.model import (NAMES, ViTConfig, VisionTransformer, layers, lora_targets, max_taps,
-                                     stack_blocks, taps)
+                                     stack_blocks, taps, unstack_blocks)
 
 
 def execution(config: ViTConfig, variables, remat: bool, scan: bool):
     """`model.remat` / `model.scan`: how the blocks run. A scanned model takes the converted (unrolled) blocks
-    stacked."""
+    stacked; an unrolled one takes a scanned model's blocks unstacked."""
     config = dataclasses.replace(config, remat=remat, scan=scan)
-    if scan and variables is not None and "blocks" not in variables["params"]:
-        variables = {**variables, "params": stack_blocks(variables["params"])}
+    if variables is not None and scan != ("blocks" in variables["params"]):
+        layout = stack_blocks if scan else unstack_blocks
+        variables = {**variables, "params": layout(variables["params"])}
     return config, variables
 
 
