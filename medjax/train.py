@@ -316,6 +316,9 @@ class Trainer:
                 self._save(step)
             elif step % self.checkpoint_every == 0:
                 self._save(step)
+            if step % self.eval_every == 0 or step % self.checkpoint_every == 0:  # throughput: training time only
+                window.clear()
+                window.append((time.perf_counter(), (step - start - 1) * c.batch_size))
             if step == c.debug_sigkill_at_step:  # tests: a preemption at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
