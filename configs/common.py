@@ -15,6 +15,7 @@ from ml_collections import config_dict
 # Fields with a closed set of values; `validate` checks them at start-up.
 ALLOWED = {
     "normalization": ("dataset", "imagenet", "clip"),
+    "resize": ("square", "shorter"),
     "compute_dtype": ("float32", "bfloat16"),
     "model.head": ("linear", "attention", "mlp"),
     "model.freeze": ("frozen", "full", "partial"),
@@ -60,6 +61,7 @@ def study_config():
     # Includes check_images (start-up image check), skip_bad_images and allow_outside_root, valid for every dataset.
     c.data_options = _data_options()
     c.image_size = 224  # train crop / eval size in pixels
+    c.resize = "square"  # before the crop: square (the study: S x S, aspect not kept) | shorter (aspect kept)
     c.normalization = "dataset"  # the reference's per-dataset statistics; "imagenet" / "clip" for the backbone's own
     c.seed = 0  # split seed, init and data order
     c.train_augment = True  # False: train images get the eval transform only (resize, center crop; the glioma study)

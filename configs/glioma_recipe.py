@@ -12,8 +12,6 @@ feature. Frozen: the whole backbone (the `_lc` linear classifier included) is fr
 Where medjax differs, on purpose or by construction:
 - Splits: the readers' patient-disjoint seeded splits (the study split train 80/20 at random by image, so a
   patient's images could sit in train and val); the study's own test folder where the dataset has one.
-- Resize: medjax's eval transform resizes to 256 x 256 (the reference study's), where torchvision's `Resize(256)`
-  keeps the aspect ratio; for square images (iChallenge-AMD crops, most X-rays are close) the two agree.
 - Grayscale sets (pneumonia X-rays) are read as 1 channel, the RGB stem summed over its input channels
   (`model.grayscale="sum"`), with ImageNet's red-channel statistics; the study replicated gray to RGB.
 - The reported value is the metric of the whole test set; the bootstrap mean the study reported is stored too.
@@ -34,6 +32,7 @@ def apply(c):
     c.seed = 1
     c.train_augment = False  # no augmentation: Resize(256) -> CenterCrop(224) for train and test
     c.image_size = 224
+    c.resize = "shorter"  # torchvision's Resize(256): the shorter side to 256, aspect kept, then CenterCrop(224)
     c.normalization = "imagenet"
     c.selection_metric = "accuracy"  # the best model by validation accuracy
     c.bootstrap.resamples = 5000

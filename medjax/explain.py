@@ -284,7 +284,8 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     dataset = data.Dataset("explain", model.task, list(model.class_names), model.channels, "", tuple(model.mean),
                            tuple(model.std), {"explain": list(records)})
     loader = data.make_loader(dataset, "explain", batch_size=batch_size, image_size=model.image_size, train=False,
-                              normalization=model.normalization(), shard_index=0, shard_count=1)
+                              normalization=model.normalization(), shard_index=0, shard_count=1,
+                              resize=model.config.resize)
     mean, std = (np.asarray(s, np.float32) for s in model.normalization_stats())
     from medjax import engine
 

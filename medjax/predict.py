@@ -400,7 +400,8 @@ def predict(model: FineTuned, records: list, *, batch_size: int | None = None, t
     dataset = data.Dataset("predict", model.task, list(model.class_names), model.channels, "", tuple(model.mean),
                            tuple(model.std), {"predict": list(records)})
     loader = data.make_loader(dataset, "predict", batch_size=batch_size, image_size=model.image_size, train=False,
-                              normalization=model.normalization(), shard_index=0, shard_count=1)
+                              normalization=model.normalization(), shard_index=0, shard_count=1,
+                              resize=model.config.resize)
     probs, masks = [], []
     for batch in tqdm(loader, total=-(-len(records) // batch_size), desc="predict", unit="batch",
                       disable=not progress, file=sys.stderr):

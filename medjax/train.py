@@ -121,7 +121,7 @@ class Trainer:
         c = self.config
         return data.make_loader(self.dataset, split, batch_size=self.local_batch, image_size=c.image_size,
                                 train=train, seed=c.seed, normalization=c.normalization, worker_count=c.worker_count,
-                                augment=c.train_augment)
+                                augment=c.train_augment, resize=c.resize)
 
     # -------------------------------------------------------------------------------------------- start-up checks
 

@@ -143,3 +143,23 @@ def test_normalize():
     out = norm.map({"image": np.array([[[0, 255, 51]]], np.uint8), "mask": True})["image"]
     assert out.dtype == np.float32
     np.testing.assert_allclose(out[0, 0], [-1.0, 3.0, 0.2], rtol=1e-6)
+
+
+def test_shorter_side_resize_is_torchvisions_resize_then_center_crop():
+    """resize='shorter' is torchvision's Resize(256) (shorter side 256, longer int(256 * long / short)) then
+    CenterCrop(224) (top/left int(round((size - 224) / 2))), as the glioma study transforms; sizes worked out by hand
+    from torchvision's rules."""
+    from PIL import Image
+
+    from medjax.data.transforms import eval_transform
+
+    rng = np.random.default_rng(0)
+    for (w, h), (new_w, new_h), (left, top) in [((300, 200), (384, 256), (80, 16)),   # landscape
+                                                ((201, 333), (256, 424), (16, 100)),  # portrait, 424.1 -> 424
+                                                ((250, 250), (256, 256), (16, 16))]:  # square: as 'square'
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        expected = np.asarray(img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + 224, top + 224)))
+        assert np.array_equal(eval_transform(img, 224, "shorter"), expected), (w, h)
+    square = Image.fromarray(rng.integers(0, 255, (200, 300, 3), dtype=np.uint8))
+    assert np.array_equal(eval_transform(square, 224, "square"),
+                          np.asarray(square.resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240))))

@@ -103,10 +103,12 @@ def num_batches(dataset: Dataset, split: str, batch_size: int, *, train: bool, s
 def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: int = 224, train: bool, seed: int = 0,
                 normalization="dataset", shard_index: int | None = None, shard_count: int | None = None,
                 num_epochs: int | None = None, worker_count: int = 0, read_threads: int | None = None,
-                prefetch: int | None = None, augment: bool = True) -> grain.DatasetIterator:
+                prefetch: int | None = None, augment: bool = True, resize: str = "square") -> grain.DatasetIterator:
     """An iterator of batches {'image': float32 (B, S, S, C) normalised NHWC, 'label': int32 (B,) for multi-class or
     float32 (B, K) multi-hot for multi-label, 'mask': bool (B,) False on padding} over one split.
 
+    resize: 'square' (the reference study: resize to S' x S', then crop) or 'shorter' (the shorter side to S', aspect
+    kept, torchvision's Resize(S') as the glioma study), S' = S * 256 / 224.
     train=True: reference train transforms (augment=False: the eval transform, as the glioma study trained),
     reshuffled every epoch from `seed`, incomplete last batch dropped, repeated `num_epochs` times (None: forever).
     train=False: eval transforms, one pass in order, the last batch padded to `batch_size` with mask=False rows.
@@ -147,7 +149,8 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
         images = RawImages(dataset.channels, resize_size(image_size) if dataset.jpeg_draft else None)
     load = LoadAndTransform(records, channels=dataset.channels, num_classes=dataset.num_classes,
                             multilabel=dataset.task == "multilabel", image_size=image_size, train=train and augment,
-                            seed=seed, failures=dataset.load_failures, failure_log=dataset.failure_log, images=images)
+                            seed=seed, failures=dataset.load_failures, failure_log=dataset.failure_log, images=images,
+                            resize=resize)
     threads = read_threads if read_threads is not None else min(16, os.cpu_count() or 1)
     buffer = prefetch if prefetch is not None else max(2 * batch_size, 2 * threads)
     normalize = Normalize(mean, std)

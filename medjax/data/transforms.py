@@ -177,10 +177,24 @@ def resize_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
-def resize_center_crop(img: Image.Image, size: int, crop: int) -> Image.Image:
-    """Resize to size x size (bilinear, aspect not kept), then torchvision's center crop to crop x crop."""
-    top = int(round((size - crop) / 2.0))
-    return img.resize((size, size), BILINEAR).crop((top, top, top + crop, top + crop))
+RESIZE_MODES = ("square", "shorter")
+
+
+def resize_center_crop(img: Image.Image, size: int, crop: int, resize: str = "square") -> Image.Image:
+    """Resize, then torchvision's center crop to crop x crop. resize='square': to size x size, aspect not kept (the
+    reference study's `Resize((size, size))`); 'shorter': the shorter side to size, aspect kept (torchvision's
+    `Resize(size)`, as the glioma study: the longer side is int(size * long / short))."""
+    if resize == "square":
+        out_w = out_h = size
+    elif resize == "shorter":
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(size * long / short)
+        out_w, out_h = (size, new_long) if w <= h else (new_long, size)
+    else:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    top, left = int(round((out_h - crop) / 2.0)), int(round((out_w - crop) / 2.0))
+    return img.resize((out_w, out_h), BILINEAR).crop((left, top, left + crop, top + crop))
 
 
 def random_resized_crop_params(rng: np.random.Generator, height: int, width: int, scale=(0.8, 1.2),
@@ -252,9 +266,9 @@ def color_jitter(img: Image.Image, p: TrainParams) -> Image.Image:
     return img
 
 
-def train_transform(img: Image.Image, p: TrainParams, image_size: int) -> np.ndarray:
+def train_transform(img: Image.Image, p: TrainParams, image_size: int, resize: str = "square") -> np.ndarray:
     """The reference train transform up to [0, 1]: returns uint8 (S, S, C)."""
-    img = resize_center_crop(img, resize_size(image_size), image_size)
+    img = resize_center_crop(img, resize_size(image_size), image_size, resize)
     top, left, h, w = p.crop
     img = img.crop((left, top, left + w, top + h)).resize((image_size, image_size), BILINEAR)
     if p.jitter:
@@ -268,9 +282,9 @@ def train_transform(img: Image.Image, p: TrainParams, image_size: int) -> np.nda
     return arr
 
 
-def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+def eval_transform(img: Image.Image, image_size: int, resize: str = "square") -> np.ndarray:
     """The reference eval transform up to [0, 1]: resize, center crop; returns uint8 (S, S, C)."""
-    arr = np.asarray(resize_center_crop(img, resize_size(image_size), image_size))
+    arr = np.asarray(resize_center_crop(img, resize_size(image_size), image_size, resize))
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
@@ -307,8 +321,8 @@ class LoadAndTransform(grain.transforms.Map):
 
     def __init__(self, records: list[Record], *, channels: int, num_classes: int, multilabel: bool,
                  image_size: int, train: bool, seed: int, failures: list | None = None,
-                 failure_log: str | None = None, images=None):
-        self.records, self.channels, self.image_size = records, channels, image_size
+                 failure_log: str | None = None, images=None, resize: str = "square"):
+        self.records, self.channels, self.image_size, self.resize = records, channels, image_size, resize
         self.images = images if images is not None else RawImages(channels)
         self.train, self.seed = train, seed
         self.failures = failures if failures is not None else []
@@ -361,9 +375,9 @@ class LoadAndTransform(grain.transforms.Map):
             return self._blank()
         if self.train:
             rng = np.random.default_rng((self.seed, 1, slot.epoch, slot.index))
-            image = train_transform(img, sample_train_params(rng, self.image_size), self.image_size)
+            image = train_transform(img, sample_train_params(rng, self.image_size), self.image_size, self.resize)
         else:
-            image = eval_transform(img, self.image_size)
+            image = eval_transform(img, self.image_size, self.resize)
         return {"image": image, "label": self._label(record), "mask": np.bool_(True)}
 
 
