@@ -455,11 +455,76 @@ def write_folder(root, num, rng, size):
     return num
 
 
+def write_volumes(root, num, rng, size):
+    """volumes.csv (volume, label, patient) over `num` 3-D studies of 6-10 slices, binary ('normal' / 'lesion': a
+    bright ball in the middle slices), in the three forms the reader takes, in turn: a folder of PNG slices named
+    slice1..slice10 (natural order), a folder of CT DICOM slices in Hounsfield units whose file names are shuffled
+    (the order comes from ImagePositionPatient), and a NIfTI file."""
+    import nibabel
+
+    labels = _labels(rng, num, 2)
+    rows = []
+    for i in range(num):
+        depth = int(rng.integers(6, 11))
+        vol = np.stack([_background(rng, size, size, 1)[..., 0] for _ in range(depth)])  # grey levels ~30..110
+        if labels[i]:
+            zc, yc, xc = depth / 2, rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size
+            z, y, x = np.mgrid[:depth, :size, :size]
+            r = size * 0.15
+            vol = np.where((((z - zc) * size / depth / 2) ** 2 + (y - yc) ** 2 + (x - xc) ** 2) < r * r, 230.0, vol)
+        patient = f"V{i // 2:04d}"  # two studies per patient
+        kind = i % 3
+        if kind == 0:
+            name = f"png/study{i:04d}"
+            for k in range(depth):
+                _save(_u8(vol[k][..., None]), os.path.join(root, name, f"slice{k + 1}.png"))
+        elif kind == 1:
+            name = f"dicom/study{i:04d}"
+            order = rng.permutation(depth)
+            for k in range(depth):  # grey 0..255 -> -1000..+1000 HU
+                _save_ct_slice(vol[k] / 255 * 2000 - 1000, os.path.join(root, name, f"IM{order[k]:04d}.dcm"), patient,
+                               k)
+        else:
+            name = f"nifti/study{i:04d}.nii.gz"
+            os.makedirs(os.path.join(root, "nifti"), exist_ok=True)
+            data = np.transpose(vol, (2, 1, 0)).astype(np.float32)  # (x, y, z): slice k is data[:, :, k].T
+            nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), os.path.join(root, name))
+        rows.append([name, ("normal", "lesion")[labels[i]], patient])
+    _write_csv(os.path.join(root, "volumes.csv"), ["volume", "label", "patient"], rows)
+    return num
+
+
+def _save_ct_slice(hu: np.ndarray, path: str, patient_id: str, position: int):
+    """One CT slice: 16-bit stored values with RescaleSlope 1 / RescaleIntercept -1024, positioned along z."""
+    from pydicom.dataset import FileMetaDataset, Dataset as DicomDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    arr = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT image storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = DicomDataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.Modality = patient_id, "CT"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, float(position) * 2.5]
+    ds.InstanceNumber = int(position) + 1
+    ds.PixelData = arr.tobytes()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
 WRITERS = {"chexpert": write_chexpert, "ddsm": write_ddsm, "cbis_ddsm": write_cbis_ddsm, "isic2019": write_isic2019,
            "aptos2019": write_aptos2019, "nih_chestxray14": write_nih_chestxray14,
            "chest_xray_pneumonia": write_chest_xray_pneumonia, "ham10000": write_ham10000, "isic2018": write_isic2018,
            "ichallenge_amd": write_ichallenge_amd, "brain_tumor_figshare": write_brain_tumor_figshare,
-           "csv": write_csv_dataset, "folder": write_folder}
+           "csv": write_csv_dataset, "folder": write_folder, "volumes": write_volumes}
 
 
 def write(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:

@@ -21,7 +21,8 @@ Statistics: mean / std of the slices as the model sees them (eval transform) ove
 
 Use: the frozen protocols (`python -m medjax.protocols probe|knn|fewshot --dataset volumes`) embed every slice with
 the eval transform, one by one, and average its features per volume (`medjax/protocols/features.py`). The trainer's
-loader refuses the dataset (fine-tuning on volumes is not supported). A volume that cannot be read stops with a
+loader refuses the dataset (fine-tuning on volumes is not supported). `python -m medjax.data fake --dataset volumes`
+writes synthetic studies in all three forms. A volume that cannot be read stops with a
 DataError naming it and its CSV line.
 """
 
