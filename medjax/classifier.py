@@ -77,6 +77,9 @@ class Classifier(nn.Module):
 
     @nn.compact
     def __call__(self, images, train: bool = False):
+        volume = images.shape[:2] if images.ndim == 5 else None  # (B, S, H, W, C): the slices of B volumes
+        if volume is not None:
+            images = images.reshape((volume[0] * volume[1],) + images.shape[2:])
         features = models.build_backbone(self.backbone, self.dtype, name="backbone")(images, train=train)
         if self.head == "linear":
             logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(features["linear_head_input"])
@@ -88,7 +91,10 @@ class Classifier(nn.Module):
                 features["attention_head_input"])
         else:
             raise ModelConfigError(f"model.head must be 'linear', 'mlp' or 'attention', got {self.head!r}")
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        if volume is not None:  # a volume's logits: the mean of its slices' logits
+            logits = logits.reshape(volume + logits.shape[1:]).mean(axis=1)
+        return logits
 
 
 # ------------------------------------------------------------------------------------------------ building

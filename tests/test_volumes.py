@@ -214,3 +214,42 @@ def test_fake_volumes_in_every_form_read_back_in_slice_order(tmp_path):
                 middle, ends = vol[len(vol) // 2].astype(float), np.stack([vol[0], vol[-1]]).astype(float)
                 assert middle.max() > ends.max() - 1e-9 and (middle >= 200).sum() > (ends >= 200).sum() / 2
     assert all(n >= 3 for n in forms.values()), forms
+
+
+def test_fine_tuning_on_volumes_averages_the_slices_logits(tmp_path):
+    """The trainer on 3-D studies: each row is max_slices slices (eval transform here), the classifier's logits for
+    a volume are the mean of its slices' logits computed one by one, and a run trains and tests end to end."""
+    import jax
+    from PIL import Image
+
+    from configs.common import make
+    from medjax import classifier, train
+    from medjax.data import fake
+    from medjax.data.transforms import eval_transform
+
+    root = str(tmp_path / "vol")
+    fake.write("volumes", root, 18, seed=5, size=24)
+    ds = get_dataset("volumes", root, max_slices=4)
+    batch = next(make_loader(ds, "val", batch_size=2, image_size=16, train=False, shard_index=0, shard_count=1))
+    assert batch["image"].shape == (2, 4, 16, 16, 1)
+    record = ds.splits["val"][0]
+    vol = volumes.load_volume(record.path, {**ds.options, "max_slices": 0})
+    keep = volumes.fixed_slices(len(vol), 4, "uniform")
+    raw = np.stack([eval_transform(Image.fromarray(vol[i], "L"), 16) for i in keep]).astype(np.float32) / 255
+    mean, std = ds.mean[0], ds.std[0]
+    np.testing.assert_allclose(batch["image"][0], (raw - mean) / std, atol=1e-5)
+
+    arch = {"block": "basic", "layers": (1, 1, 1, 1), "num_classes": 0, "img_size": 16}
+    cfg = make({"model.family": "resnet", "model.architecture": arch, "model.freeze": "full"}).model
+    model, variables = classifier.build_classifier(cfg, 2, 1, 16, jax.random.PRNGKey(0))
+    with jax.default_matmul_precision("float32"):
+        together = np.asarray(model.apply(variables, batch["image"]))
+        one_by_one = np.stack([np.mean([np.asarray(model.apply(variables, batch["image"][b, s][None]))[0]
+                                        for s in range(4)], axis=0) for b in range(2)])
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+    config = make({"dataset": "volumes", "data_root": root, "data_options.max_slices": 4, "image_size": 16,
+                   "compute_dtype": "float32", "model.family": "resnet", "model.architecture": arch,
+                   "model.freeze": "full", "batch_size": 4, "total_steps": 2, "eval_every": 2, "progress_bar": False})
+    result = train.Trainer(config, str(tmp_path / "run")).run()
+    assert result["best_step"] == 2 and result["test"]["num_examples"] == len(ds.splits["test"])

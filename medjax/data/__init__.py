@@ -46,7 +46,7 @@ _READERS: dict[str, tuple[Callable[..., Dataset], dict]] = {
     "isic2018": (isic2018.read, isic2018.OPTIONS),
     "ichallenge_amd": (ichallenge_amd.read, ichallenge_amd.OPTIONS),
     "brain_tumor_figshare": (brain_tumor_figshare.read, brain_tumor_figshare.OPTIONS),
-    "volumes": (volumes.read, volumes.OPTIONS),  # 3-D studies: a record is a volume (the frozen protocols only)
+    "volumes": (volumes.read, volumes.OPTIONS),  # 3-D studies: a record is a volume
     "csv": (generic.read_csv_dataset, generic.CSV_OPTIONS),
     "folder": (generic.read_folder, generic.FOLDER_OPTIONS),
 }

@@ -123,10 +123,9 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
     """
     if split not in dataset.splits:
         raise DataError(f"dataset {dataset.name} has no split {split!r}; it has {list(dataset.splits)}")
-    if dataset.name == "volumes":  # medjax.data.volumes: a record is a 3-D study, not an image
-        raise DataError("dataset 'volumes' holds 3-D studies, which the frozen protocols embed slice by slice "
-                        "(python -m medjax.protocols probe|knn|fewshot --dataset volumes); this loader and the "
-                        "trainer take 2-D images only")
+    if dataset.name == "volumes" and not int(dataset.options.get("max_slices") or 0):
+        raise DataError("dataset 'volumes': batches of 3-D studies need a fixed number of slices per volume; set the "
+                        "data option max_slices (e.g. --config.data_options.max_slices=16)")
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     records = dataset.splits[split]
@@ -147,10 +146,15 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
                         image_size, resize_size(image_size), resize_size(image_size))
     else:
         images = RawImages(dataset.channels, resize_size(image_size) if dataset.jpeg_draft else None)
-    load = LoadAndTransform(records, channels=dataset.channels, num_classes=dataset.num_classes,
-                            multilabel=dataset.task == "multilabel", image_size=image_size, train=train and augment,
-                            seed=seed, failures=dataset.load_failures, failure_log=dataset.failure_log, images=images,
-                            resize=resize)
+    common = dict(channels=dataset.channels, num_classes=dataset.num_classes, multilabel=dataset.task == "multilabel",
+                  image_size=image_size, train=train and augment, seed=seed, failures=dataset.load_failures,
+                  failure_log=dataset.failure_log, resize=resize)
+    if dataset.name == "volumes":  # a record is a 3-D study: (max_slices, S, S, 1) per row (medjax.data.volumes)
+        from medjax.data import volumes
+
+        load = volumes.load_volume_transform(LoadAndTransform)(records, options=dataset.options, **common)
+    else:
+        load = LoadAndTransform(records, images=images, **common)
     threads = read_threads if read_threads is not None else min(16, os.cpu_count() or 1)
     buffer = prefetch if prefetch is not None else max(2 * batch_size, 2 * threads)
     normalize = Normalize(mean, std)

@@ -20,8 +20,10 @@ min..max does. PNG / JPEG slices keep their 8-bit values (16-bit ones are scaled
 Statistics: mean / std of the slices as the model sees them (eval transform) over up to 16 training volumes.
 
 Use: the frozen protocols (`python -m medjax.protocols probe|knn|fewshot --dataset volumes`) embed every slice with
-the eval transform, one by one, and average its features per volume (`medjax/protocols/features.py`). The trainer's
-loader refuses the dataset (fine-tuning on volumes is not supported). `python -m medjax.data fake --dataset volumes`
+the eval transform, one by one, and average its features per volume (`medjax/protocols/features.py`). Fine-tuning
+(`python -m medjax.main` with `dataset="volumes"` and `data_options.max_slices=S`): each row of a batch is S slices of
+a volume (`fixed_slices`: a shorter volume repeats slices evenly), each through the train or eval transform, and the
+classifier's logits for the volume are the mean of its slices' logits. `python -m medjax.data fake --dataset volumes`
 writes synthetic studies in all three forms. A volume that cannot be read stops with a
 DataError naming it and its CSV line.
 """
@@ -278,3 +280,54 @@ def statistics(train: list[Record], options: dict) -> tuple[tuple[float], tuple[
         return (0.5,), (0.25,)
     mean = total / count
     return (float(mean),), (float(max(np.sqrt(max(total_sq / count - mean * mean, 0.0)), 1e-3)),)
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+
+
+def fixed_slices(count: int, num: int, sampling: str) -> np.ndarray:
+    """Exactly `num` slice indices of a `count`-slice volume, for batches of equal shape: `sampling` as max_slices
+    picks them from a longer volume; a shorter one repeats slices evenly (round(linspace(0, count - 1, num)))."""
+    if count >= num:
+        return slice_indices(count, num, sampling)
+    return np.round(np.linspace(0, count - 1, num)).astype(int)
+
+
+def load_volume_transform(base):
+    """A grain map (built on the 2-D loader's `LoadAndTransform`, passed in as `base` to keep grain out of this
+    module's imports) giving {'image': uint8 (S, size, size, 1), 'label', 'mask'} per volume: S = max_slices slices
+    (`fixed_slices`), each through the train or eval transform; a train volume draws one set of augmentation
+    parameters for all its slices."""
+    from PIL import Image
+
+    from medjax.data.transforms import eval_transform, sample_train_params, train_transform
+
+    class LoadVolume(base):
+        def __init__(self, records, *, options: dict, **kw):
+            super().__init__(records, **kw)
+            self.options = {k: v for k, (v, _) in OPTIONS.items()} | dict(options)
+            self.num_slices = int(self.options["max_slices"])
+
+        def _blank(self):
+            return {"image": np.zeros((self.num_slices, self.image_size, self.image_size, 1), np.uint8),
+                    "label": self.empty_label, "mask": np.bool_(False)}
+
+        def map(self, slot):
+            record = self.records[slot.index]
+            if not slot.valid:
+                return self._blank()
+            try:
+                volume = load_volume(record.path, {**self.options, "max_slices": 0}, record.origin)
+            except Exception as e:  # noqa: BLE001 - reported with the file and row, as a 2-D image is
+                self._report(record, f"cannot read the volume ({type(e).__name__}: {e})")
+                return self._blank()
+            keep = fixed_slices(len(volume), self.num_slices, self.options["slice_sampling"])
+            slices = [Image.fromarray(volume[i], "L") for i in keep]
+            if self.train:
+                p = sample_train_params(np.random.default_rng((self.seed, 1, slot.epoch, slot.index)), self.image_size)
+                images = [train_transform(img, p, self.image_size, self.resize) for img in slices]
+            else:
+                images = [eval_transform(img, self.image_size, self.resize) for img in slices]
+            return {"image": np.stack(images), "label": self._label(record), "mask": np.bool_(True)}
+
+    return LoadVolume
