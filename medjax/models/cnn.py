@@ -65,6 +65,3 @@ def tokens(x):
     return x.reshape(batch, height * width, channels)
 
 
-def check_images(images, in_chans: int, family: str):
-    if images.ndim != 4 or images.shape[-1] != in_chans:
-        raise ValueError(f"{family}: expected NHWC images with {in_chans} channels, got shape {images.shape}")

@@ -297,7 +297,7 @@ def window_unpartition(windows, batch: int, counts: tuple[int, int], hw: tuple[i
 
 def image_shape(images, config) -> tuple[int, int, int]:
     """(batch, height, width) of NHWC images, which must have the backbone's input channels."""
-    batch, height, width, chans = images.shape
-    if chans != config.in_chans:
-        raise ValueError(f"{config.family}: input has {chans} channels, the stem expects {config.in_chans}")
-    return batch, height, width
+    if images.ndim != 4 or images.shape[-1] != config.in_chans:
+        raise ValueError(f"{config.family}: expected NHWC images with {config.in_chans} channels, got shape "
+                         f"{tuple(images.shape)}")
+    return tuple(images.shape[:3])

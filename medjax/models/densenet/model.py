@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from medjax.models.base import ConfigMixin
-from medjax.models.cnn import avg_pool, batch_norm, check_images, conv, max_pool, tokens
-from medjax.models.layers import dense
+from medjax.models.cnn import avg_pool, batch_norm, conv, max_pool, tokens
+from medjax.models.layers import dense, image_shape
 
 FAMILY = "densenet"
 
@@ -119,7 +119,7 @@ class DenseNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         c = self.config
-        check_images(images, c.in_chans, FAMILY)
+        image_shape(images, c)
         x = conv(c.num_init_features, 7, 2, 3, dtype=self.dtype, name="conv0")(images)
         x = nn.relu(batch_norm(self.dtype, "norm0")(x, train))
         x = max_pool(x, 3, 2, 1)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from medjax.models.base import ConfigMixin
-from medjax.models.cnn import batch_norm, check_images, conv, max_pool, tokens
-from medjax.models.layers import dense
+from medjax.models.cnn import batch_norm, conv, max_pool, tokens
+from medjax.models.layers import dense, image_shape
 
 FAMILY = "resnet"
 BLOCKS = ("basic", "bottleneck")
@@ -135,7 +135,7 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         c = self.config
-        check_images(images, c.in_chans, FAMILY)
+        image_shape(images, c)
         x = conv(64, 7, 2, 3, dtype=self.dtype, name="conv1")(images)
         x = nn.relu(batch_norm(self.dtype, "bn1")(x, train))
         x = max_pool(x, 3, 2, 1)

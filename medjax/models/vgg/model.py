@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from medjax.models.base import ConfigMixin
-from medjax.models.cnn import adaptive_avg_pool, batch_norm, check_images, conv, max_pool, tokens
-from medjax.models.layers import dense
+from medjax.models.cnn import adaptive_avg_pool, batch_norm, conv, max_pool, tokens
+from medjax.models.layers import dense, image_shape
 
 FAMILY = "vgg"
 POOL_SIZE = 7  # AdaptiveAvgPool2d((7, 7))
@@ -79,7 +79,7 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False):
         c = self.config
-        check_images(images, c.in_chans, FAMILY)
+        image_shape(images, c)
         x = images
         for index, kind, channels in c.layout():
             if kind == "conv":
