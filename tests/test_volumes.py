@@ -113,8 +113,11 @@ def test_the_dataset_reads_splits_and_describes(root, tmp_path):
     d = describe(ds)
     assert sum(v["images"] for v in d["splits"].values()) == 5
     assert 0 < ds.mean[0] < 1 and ds.std[0] > 0
-    with pytest.raises(DataError, match="3-D studies, which the frozen protocols embed slice by slice"):
-        make_loader(ds, "train", batch_size=2, train=True)
+    batch = next(make_loader(ds, "train", batch_size=2, image_size=16, train=True, shard_index=0, shard_count=1))
+    assert batch["image"].shape == (2, 2, 16, 16, 1)  # max_slices slices per volume (fine-tuning)
+    all_slices = get_dataset("volumes", root, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(DataError, match="set the data option max_slices"):  # batches need a fixed slice count
+        make_loader(all_slices, "train", batch_size=2, train=True)
 
 
 @pytest.mark.parametrize("csv, message", [
