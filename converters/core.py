@@ -218,6 +218,22 @@ INERT_KEYS = {"drop_path_rate", "drop_path_uniform", "drop_rate", "pos_drop_rate
               "use_checkpoint"}
 
 
+def transformers_vision_config(cfg: dict, family: str, vision_type: str, composite_types=()) -> dict:
+    """The vision part of a transformers config.json: the config itself when its model_type is `vision_type`, or the
+    `vision_config` of a composite model (`composite_types`, e.g. CLIPConfig's `clip`); any other model_type is a
+    CheckpointError naming the ones a `family` checkpoint needs."""
+    model_type = cfg.get("model_type")
+    if model_type in composite_types:
+        if not isinstance(cfg.get("vision_config"), dict):
+            raise CheckpointError(f"transformers {model_type} config has no `vision_config`")
+        return cfg["vision_config"]
+    if model_type != vision_type:
+        needed = ", ".join(repr(t) for t in (vision_type, *composite_types))
+        raise CheckpointError(f"transformers config has model_type {model_type!r}; a {family} checkpoint needs one "
+                              f"of {needed}")
+    return cfg
+
+
 def check_keys(kwargs: dict, known: set, what: str):
     """Refuse constructor arguments medjax does not know, naming them (a typo must not be silently dropped)."""
     unknown = sorted(set(kwargs) - set(known) - INERT_KEYS - DESCRIPTIVE_KEYS)

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, conv_rules,
-                             dense_rules, norm_rules, pair)
+                             dense_rules, norm_rules, pair, transformers_vision_config)
 from medjax.models.hiera.model import FAMILY, HieraConfig
 
 # ------------------------------------------------------------------------------------------------ key tables
@@ -194,17 +194,17 @@ def _check_hf_keys(cfg: dict, known: set, what: str):
 def transformers_config(cfg: dict) -> HieraConfig:
     """A transformers config.json: Sam2VisionConfig (`sam2_vision_model`), or Sam2Config / Sam2VideoConfig (`sam2`,
     `sam2_video`), whose `vision_config` is used. Missing keys take transformers' defaults."""
-    model_type = cfg.get("model_type")
-    if model_type in ("sam2", "sam2_video"):
-        if not isinstance(cfg.get("vision_config"), dict):
-            raise CheckpointError(f"transformers {model_type} config has no `vision_config`")
-        cfg, model_type = cfg["vision_config"], cfg["vision_config"].get("model_type", "sam2_vision_model")
-    if model_type == "sam2_hiera_det_model":
-        raise CheckpointError("transformers config is a Sam2HieraDetConfig (the trunk alone); sam2_hiera is the "
-                              "trunk + FPN neck: convert a Sam2VisionModel, Sam2Model or Sam2VideoModel")
-    if model_type != "sam2_vision_model":
-        raise CheckpointError(f"transformers config has model_type {model_type!r}; a sam2_hiera checkpoint needs "
-                              "'sam2_vision_model', 'sam2' or 'sam2_video'")
+    trunk_only = ("transformers config is a Sam2HieraDetConfig (the trunk alone); sam2_hiera is the trunk + FPN neck: "
+                  "convert a Sam2VisionModel, Sam2Model or Sam2VideoModel")
+    if cfg.get("model_type") == "sam2_hiera_det_model":
+        raise CheckpointError(trunk_only)
+    cfg = transformers_vision_config(cfg, FAMILY, "sam2_vision_model", ("sam2", "sam2_video"))
+    vision_type = cfg.get("model_type", "sam2_vision_model")  # a Sam2Config's vision_config may omit it
+    if vision_type == "sam2_hiera_det_model":
+        raise CheckpointError(trunk_only)
+    if vision_type != "sam2_vision_model":
+        raise CheckpointError(f"transformers config has vision model_type {vision_type!r}; a {FAMILY} checkpoint "
+                              "needs 'sam2_vision_model'")
     _check_hf_keys(cfg, _HF_VISION_KW, "transformers Sam2VisionConfig")
     bb = cfg.get("backbone_config") or {}
     if bb.get("model_type", "sam2_hiera_det_model") != "sam2_hiera_det_model":

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 
-from converters.core import CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, norm_rules
+from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, norm_rules,
+                             transformers_vision_config)
 from medjax.models.sam.model import FAMILY, SamViTConfig
 
 # ------------------------------------------------------------------------------------------------ key tables
@@ -109,14 +110,7 @@ def official_config(kw: dict) -> SamViTConfig:
 def transformers_config(cfg: dict) -> SamViTConfig:
     """A transformers config.json: SamVisionConfig (`sam_vision_model`) or SamConfig (`sam`, its `vision_config`).
     Missing keys take SamVisionConfig's defaults."""
-    model_type = cfg.get("model_type")
-    if model_type == "sam":
-        if not isinstance(cfg.get("vision_config"), dict):
-            raise CheckpointError("transformers SamConfig has no `vision_config`")
-        cfg = cfg["vision_config"]
-    elif model_type != "sam_vision_model":
-        raise CheckpointError(f"transformers config has model_type {model_type!r}; a sam_vit checkpoint needs "
-                              "'sam' or 'sam_vision_model'")
+    cfg = transformers_vision_config(cfg, FAMILY, "sam_vision_model", ("sam",))
     if cfg.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"transformers SamVisionConfig: hidden_act {cfg['hidden_act']!r} is not supported "
                               "(gelu, the exact erf form)")

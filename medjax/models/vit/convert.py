@@ -11,7 +11,7 @@ import re
 import numpy as np
 
 from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules,
-                             linear, norm_rules, pair, read_state_dict, reshape, sha256)
+                             linear, norm_rules, pair, read_state_dict, reshape, sha256, transformers_vision_config)
 from medjax.models.layers import swiglu_hidden
 from medjax.models.vit.model import ViTConfig
 
@@ -429,15 +429,8 @@ def hf_vit_config(cfg: dict) -> ViTConfig:
 def hf_clip_config(cfg: dict) -> ViTConfig:
     """transformers CLIPVisionConfig (`clip_vision_model`), or CLIPConfig (`clip`: its vision_config, and its
     projection_dim for visual_projection). Missing keys take the config classes' defaults."""
-    model_type = cfg.get("model_type")
     projection = cfg.get("projection_dim", 512)
-    if model_type == "clip":
-        if not isinstance(cfg.get("vision_config"), dict):
-            raise CheckpointError("transformers CLIPConfig has no `vision_config`")
-        cfg = cfg["vision_config"]
-    elif model_type != "clip_vision_model":
-        raise CheckpointError(f"transformers config has model_type {model_type!r}; an hf_clip checkpoint needs "
-                              "'clip_vision_model' or 'clip'")
+    cfg = transformers_vision_config(cfg, "hf_clip", "clip_vision_model", ("clip",))
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise CheckpointError(f"transformers CLIP config: hidden_act {act!r} is not supported (quick_gelu, gelu)")
