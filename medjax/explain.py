@@ -275,17 +275,11 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     import jax
     import jax.numpy as jnp
 
-    from medjax import data
-
     classifier, variables = model.plain()
     method = method or _family(classifier).explain_method(classifier.backbone)
     if class_name is not None and class_name not in model.class_names:
         raise PredictError(f"--class {class_name!r} is not a class of the model ({', '.join(model.class_names)})")
-    dataset = data.Dataset("explain", model.task, list(model.class_names), model.channels, "", tuple(model.mean),
-                           tuple(model.std), {"explain": list(records)})
-    loader = data.make_loader(dataset, "explain", batch_size=batch_size, image_size=model.image_size, train=False,
-                              normalization=model.normalization(), shard_index=0, shard_count=1,
-                              resize=model.config.resize)
+    loader, failures = model.loader(records, batch_size, "explain")
     mean, std = (np.asarray(s, np.float32) for s in model.normalization_stats())
     from medjax import engine
 
@@ -318,7 +312,7 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
             render(image01, maps[i], describe(probs[i], model.class_names, model.task, int(classes[i]), cut, top),
                    title).save(os.path.join(output, name))
             written.append(os.path.join(output, name))
-    return written, list(dataset.load_failures)
+    return written, list(failures)
 
 
 def main(argv=None) -> int:

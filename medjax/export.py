@@ -23,7 +23,6 @@ Exports a run's best model (or re-exports an exported folder) for other programs
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

@@ -87,6 +87,19 @@ class FineTuned:
     def threshold_array(self) -> np.ndarray:
         return operating_points.as_array(self.thresholds, self.class_names)
 
+    def loader(self, records, batch_size: int, name: str = "predict"):
+        """(batches, failures): `records` with the run's eval transform (its resize and normalisation), in order, the
+        last batch padded (mask False); `failures` fills with (path, origin, reason) of unreadable images as the
+        batches are read."""
+        from medjax import data
+
+        dataset = data.Dataset(name, self.task, list(self.class_names), self.channels, "", tuple(self.mean),
+                               tuple(self.std), {name: list(records)})
+        batches = data.make_loader(dataset, name, batch_size=batch_size, image_size=self.image_size, train=False,
+                                   normalization=self.normalization(), shard_index=0, shard_count=1,
+                                   resize=self.config.resize)
+        return batches, dataset.load_failures
+
     def plain(self):
         """(Classifier, host variables) without execution wrappers: LoRA adapters merged into their kernels, ViT blocks
         unrolled (`blocks_<i>`) and not rematerialised. The outputs are the same; export and explain use it."""
@@ -386,7 +399,7 @@ def predict(model: FineTuned, records: list, *, batch_size: int | None = None, t
     import jax
     from tqdm import tqdm
 
-    from medjax import data, sharding
+    from medjax import sharding
 
     if jax.process_count() > 1:
         raise PredictError("predict runs on one host (all of its devices); start it without jax.distributed")
@@ -397,11 +410,7 @@ def predict(model: FineTuned, records: list, *, batch_size: int | None = None, t
     batch_size = batch_size or model.config.batch_size
     if batch_size % devices:
         raise PredictError(f"--batch-size {batch_size} is not a multiple of the {devices} devices")
-    dataset = data.Dataset("predict", model.task, list(model.class_names), model.channels, "", tuple(model.mean),
-                           tuple(model.std), {"predict": list(records)})
-    loader = data.make_loader(dataset, "predict", batch_size=batch_size, image_size=model.image_size, train=False,
-                              normalization=model.normalization(), shard_index=0, shard_count=1,
-                              resize=model.config.resize)
+    loader, failures = model.loader(records, batch_size)
     probs, masks = [], []
     for batch in tqdm(loader, total=-(-len(records) // batch_size), desc="predict", unit="batch",
                       disable=not progress, file=sys.stderr):
@@ -415,7 +424,7 @@ def predict(model: FineTuned, records: list, *, batch_size: int | None = None, t
         masks.append(np.asarray(batch["mask"]))
     probs, masks = np.concatenate(probs)[:len(records)], np.concatenate(masks)[:len(records)]
     probs[~masks] = np.nan
-    return probs, masks, list(dataset.load_failures)
+    return probs, masks, list(failures)
 
 
 def predictions_table(model: FineTuned, paths: list, probs: np.ndarray, labels=None) -> tuple[list, list]:

@@ -333,7 +333,6 @@ class Trainer:
                                            self.config.prefetch)
 
     def _validate(self, step: int, writer, bar):
-        d = self.dataset
         val = self.evaluate(self.engine.variables_of(self.state), "val")
         value = metrics.target_metric(self.selection_metric, val)
         improved = value is not None and (self.best["value"] is None or value > self.best["value"])

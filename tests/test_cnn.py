@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import converters
-from cnn_reference import VGG, VGG16, DenseNet, legacy_densenet_keys, resnet
+from cnn_reference import VGG, DenseNet, legacy_densenet_keys, resnet
 from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
 from converters import CheckpointError, ConversionError
 from medjax import embed, models, pretrained

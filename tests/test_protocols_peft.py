@@ -170,18 +170,16 @@ def test_peft_through_the_trainer_keeps_base_weights_and_writes_metrics(tmp_path
 
 @pytest.mark.slow
 def test_killed_lora_run_resumes_bitwise(tmp_path, dino_dir):
+    import pickle
+
+    from medjax.data import fake
     from medjax.protocols.__main__ import parser, peft_config
-    from medjax import train
 
     args = parser().parse_args(["peft", "--params", dino_dir, "--root", str(tmp_path / "data"), "--workdir", "x",
                                 "--method", "lora", *PEFT])
-    from medjax.data import fake
-
     fake.write("chexpert", str(tmp_path / "data"), 64, seed=0)
-    script = ("import sys, pickle; from medjax import train; from configs.common import make;"
+    script = ("import sys, pickle; from medjax import train;"
               "c = pickle.load(open(sys.argv[1], 'rb')); train.Trainer(c, sys.argv[2]).run()")
-    import pickle
-
     runs = {}
     for name, kill in (("a", 0), ("b", 5)):
         config = peft_config(args)

@@ -2,7 +2,6 @@
 SamVisionModel with perturbed weights (native size, other sizes with rel-pos table interpolation, the pos-embed
 resize), parameter counts, and a full-width ViT-L encoder at 1024 px."""
 
-import os
 
 import jax
 import jax.numpy as jnp
