@@ -145,9 +145,10 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
                                   "model.lora.targets (regexes over backbone parameter paths)")
         model, params = peft.add_lora(model, params, jax.random.PRNGKey(config.seed + 1),
                                       peft.backbone_patterns(targets), m.lora.rank, m.lora.alpha)
-    trainable_rules = rules.trainable_rules(m, family, model_backbone(model))
+    backbone = model_backbone(model)
+    trainable_rules = rules.trainable_rules(m, family, backbone)
     trainable = rules.trainable_mask(params, trainable_rules)
-    lr_rules = rules.lr_scale_rules(config.optim, family, model_backbone(model))
+    lr_rules = rules.lr_scale_rules(config.optim, family, backbone)
     tx, schedule = optim.make_optimizer(config.optim, trainable, total_steps, warmup_steps,
                                         rules.lr_scales(params, lr_rules))
     mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -170,7 +171,7 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
                    out_shardings=(state_sharding, replicated), donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, task),
                         in_shardings=(Engine.variables_of(state_sharding), None))
-    return Engine(model=model, family=family, backbone_config=model_backbone(model), trainable=trainable,
+    return Engine(model=model, family=family, backbone_config=backbone, trainable=trainable,
                   trainable_rules=trainable_rules, lr_scale_rules=lr_rules, tx=tx, schedule=schedule, mesh=mesh,
                   state=state, state_sharding=state_sharding, train_step=step,
                   eval_step=eval_step, norms_frozen=norms_frozen)
@@ -204,7 +205,7 @@ def summary_table(engine: Engine, state: TrainState | None = None) -> str:
         flat = flatten(jax.tree_util.tree_map(np.shape, dict(tree), is_leaf=lambda x: hasattr(x, "shape")))
         count = sum(int(np.prod(s)) for s in flat.values())
         modules = {k.rsplit("/", 1)[0] for k in flat}
-        frozen = len([m for m in modules if f"backbone/{m}" in engine.norms_frozen or m in engine.norms_frozen])
+        frozen = len(modules & engine.norms_frozen)
         rows.append(("backbone", collection, count, None, None,
                      f"running statistics of {len(modules)} norms ({frozen} frozen: stored statistics)"))
     header = ("module", "collection", "count", "trained", "frozen", "rule")

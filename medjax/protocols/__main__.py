@@ -160,11 +160,9 @@ def peft_config(args):
 
 def _peft(args) -> dict:
     """LoRA / BitFit through the main trainer (checkpoints and exact resume in WORKDIR/peft_<method>, metrics.json)."""
-    import jax
-    import numpy as np
-
     from configs import common
-    from medjax import train
+    from medjax import models, train
+    from medjax.protocols import peft
 
     config = peft_config(args)
     common.validate(config)
@@ -172,11 +170,9 @@ def _peft(args) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress goes to stderr, the JSON to stdout
         trainer = train.Trainer(config, workdir)
         result = trainer.run()
-    e = trainer.engine
-    sizes = jax.tree_util.tree_map(np.size, e.state.params)
-    trained = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda n, t: n if t else 0, sizes, e.trainable)))
-    out = {"method": args.method, "trainable_params": int(trained),
-           "total_params": int(sum(jax.tree_util.tree_leaves(sizes))), "epochs": args.epochs, "lr": args.lr,
+    params = trainer.state.params
+    out = {"method": args.method, "trainable_params": peft.count_trainable(params, trainer.engine.trainable),
+           "total_params": models.count_params(params), "epochs": args.epochs, "lr": args.lr,
            "best_epoch": result["best_step"] / result["steps_per_epoch"], "history": result["history"],
            "val": result["val"], "target_metric": result["target_metric"], "workdir": workdir,
            "metrics_file": os.path.join(workdir, "metrics.json")}
