@@ -13,7 +13,7 @@ import torch
 
 import converters
 from cnn_reference import VGG, DenseNet, legacy_densenet_keys, resnet
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
+from conftest import PARITY_TOL, convert_and_embed, fixture_path, max_abs, perturb_, run_cli
 from converters import CheckpointError, ConversionError
 from medjax import embed, models, pretrained
 from medjax.models import cnn
@@ -77,14 +77,9 @@ def _nhwc_tokens(fmap_nchw):
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_fixture_parity_through_clis(name, tmp_path):
     folder, ckpt, config = FIXTURES[name]
-    out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
-    proc = run_cli("converters", fixture_path(folder, ckpt), str(out_dir), "--model", folder,
-                   "--config", fixture_path(folder, config))
-    meta = json.loads(proc.stdout)
+    got, expected, stdout = convert_and_embed(tmp_path, folder, ckpt, folder, fixture_path(folder, config))
+    meta = json.loads(stdout)
     assert meta["format"] == {"densenet_legacy": "torchvision_legacy"}.get(name, "torchvision")
-    run_cli("medjax.embed", "--params", str(out_dir), "--images", fixture_path(folder, "images.npy"),
-            "--output", str(out_npz))
-    got, expected = np.load(out_npz), np.load(fixture_path(folder, "expected.npz"))
     required = [k for k in expected.files if not k.startswith("debug_")]
     assert required == ["features", "logits"]
     for key in required:

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import PARITY_TOL, fixture_path, max_abs, run_cli
+from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
 
 CASES = [  # (fixture, checkpoint file, --model)
     ("dinov2", "checkpoint.pth", "dinov2"),
@@ -25,23 +25,9 @@ NOT_PRODUCED = {"debug_logits", "debug_interpolated_pos_embed"}
 
 @pytest.mark.parametrize("family,checkpoint,model", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
 def test_fixture_parity_through_clis(tmp_path, family, checkpoint, model):
-    out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
     config = fixture_path(family, os.path.dirname(checkpoint), "config.json")  # hf_native/ has its own
-    run_cli("converters", fixture_path(family, checkpoint), str(out_dir), "--model", model, "--config", config)
-    run_cli("medjax.embed", "--params", str(out_dir), "--images", fixture_path(family, "images.npy"),
-            "--output", str(out_npz))
-    got, expected = np.load(out_npz), np.load(fixture_path(family, "expected.npz"))
-    compared = 0
-    for key in expected.files:
-        if key in NOT_PRODUCED:
-            continue
-        # a fixture's debug_NAME may be an upstream output medjax exposes as NAME (x_norm_regtokens)
-        name = key if key in got.files else key.removeprefix("debug_")
-        assert name in got.files, f"{key} missing from medjax.embed output ({got.files})"
-        diff = max_abs(got[name], expected[key])
-        assert diff <= PARITY_TOL, f"{family}/{key}: max abs diff {diff:.3g}"
-        compared += 1
-    assert compared >= 1
+    got, expected, _ = convert_and_embed(tmp_path, family, checkpoint, model, config)
+    assert len(assert_fixture_outputs(got, expected, family, NOT_PRODUCED)) >= 1
     assert "linear_head_input" in got.files and "attention_head_input" in got.files
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import converters
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
+from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
+                      run_cli)
 from converters.core import CheckpointError
 from medjax import models, pretrained
 
@@ -35,22 +36,9 @@ NOT_PRODUCED = {"debug_interpolated_pos_embed"}
 
 @pytest.mark.parametrize("family,checkpoint,model,extra", CASES, ids=[c[0] for c in CASES])
 def test_fixture_parity_through_clis(tmp_path, family, checkpoint, model, extra):
-    out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
-    run_cli("converters", fixture_path(family, checkpoint), str(out_dir), "--model", model,
-            "--config", fixture_path(family, "config.json"), *extra)
-    run_cli("medjax.embed", "--params", str(out_dir), "--images", fixture_path(family, "images.npy"),
-            "--output", str(out_npz))
-    got, expected = np.load(out_npz), np.load(fixture_path(family, "expected.npz"))
-    compared = []
-    for key in expected.files:
-        if key in NOT_PRODUCED:
-            continue
-        name = key if key in got.files else key.removeprefix("debug_")
-        assert name in got.files, f"{key} missing from medjax.embed output ({got.files})"
-        diff = max_abs(got[name], expected[key])
-        assert diff <= PARITY_TOL, f"{family}/{key}: max abs diff {diff:.3g}"
-        compared.append(key)
-    assert len(compared) >= 2
+    got, expected, _ = convert_and_embed(tmp_path, family, checkpoint, model, fixture_path(family, "config.json"),
+                                         *extra)
+    assert len(assert_fixture_outputs(got, expected, family, NOT_PRODUCED)) >= 2
     assert "linear_head_input" in got.files and "attention_head_input" in got.files
 
 
