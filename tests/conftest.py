@@ -48,6 +48,26 @@ def assert_fixture_outputs(got, expected, family, skip=()) -> list:
     return compared
 
 
+def train_two_steps(eng, size: int) -> tuple[dict, set]:
+    """Two train steps of an engine on one fixed grayscale batch of 4 (classes 0, 1, 2, 1); returns the flat
+    parameters before and the set of parameter paths that changed."""
+    import jax
+    import jax.numpy as jnp
+
+    from medjax.pretrained import flatten
+
+    before = flatten(jax.device_get(eng.state.params))
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.standard_normal((4, size, size, 1)), jnp.float32),
+             "label": jnp.asarray([0, 1, 2, 1])}
+    state = eng.state
+    for _ in range(2):
+        state, metrics = eng.train_step(state, batch)
+        assert bool(metrics["finite"])
+    after = flatten(jax.device_get(state.params))
+    return before, {k for k in before if not np.array_equal(before[k], after[k])}
+
+
 def perturb_(model, seed=0):
     """Move every parameter and float buffer of a torch model away from its init (LayerScale 1.0, zero biases...)."""
     import torch

@@ -16,7 +16,7 @@ import torch
 
 import converters
 from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
-                      run_cli)
+                      run_cli, train_two_steps)
 from converters.core import CheckpointError
 from medjax import models, pretrained
 
@@ -365,7 +365,6 @@ def test_trains_in_the_engine(tmp_path, family, checkpoint, freeze):
     head and the blocks the freeze setting selects (partial: from block 1)."""
     from configs.common import make
     from medjax import engine
-    from medjax.pretrained import flatten
 
     converters.convert(fixture_path(family, checkpoint), str(tmp_path / "jx"), family,
                        fixture_path(family, "config.json"))
@@ -374,16 +373,7 @@ def test_trains_in_the_engine(tmp_path, family, checkpoint, freeze):
                 "model.unfreeze_from_block": 1, "image_size": size, "compute_dtype": "float32", "optim.lr": 1e-2,
                 "batch_size": 4})
     eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
-    before = flatten(jax.device_get(eng.state.params))
-    rng = np.random.default_rng(0)
-    batch = {"image": jnp.asarray(rng.standard_normal((4, size, size, 1)), jnp.float32),
-             "label": jnp.asarray([0, 1, 2, 1])}
-    state = eng.state
-    for _ in range(2):
-        state, metrics = eng.train_step(state, batch)
-        assert bool(metrics["finite"])
-    after = flatten(jax.device_get(state.params))
-    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    before, changed = train_two_steps(eng, size)
     assert {k for k in changed if k.startswith("backbone/patch_embed")} == (
         {"backbone/patch_embed/kernel", "backbone/patch_embed/bias"} & set(before) if freeze == "full" else set())
     assert any(k.startswith("backbone/blocks_0/") for k in changed) == (freeze == "full")
