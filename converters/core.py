@@ -9,13 +9,14 @@ collected and raised together in one `ConversionError`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 from typing import Callable
 
 import numpy as np
+
+from medjax.pretrained import file_sha256 as sha256  # noqa: F401 (the converters' name for it)
 
 
 
@@ -43,14 +44,6 @@ class ConversionError(CheckpointError):
 
 
 # ----------------------------------------------------------------------------------------------- reading files
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _to_numpy(t) -> np.ndarray:
     import torch

@@ -64,6 +64,15 @@ def unflatten_variables(flat: dict) -> dict:
     return {c: unflatten(g) for c, g in groups.items()}
 
 
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (checkpoints and prepared datasets are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def tensor_digest(a) -> str:
     a = np.ascontiguousarray(a)
     return hashlib.sha256(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()

@@ -41,6 +41,7 @@ import time
 
 from medjax.data import prepared
 from medjax.data.records import DataError, Dataset, leaves_root
+from medjax.pretrained import file_sha256
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SIZE = 256  # the reference resize before the 224 px crops: the largest any 224 px transform needs
@@ -384,7 +385,7 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
         for fname in sorted(names):
             full = os.path.join(folder, fname)
             files[os.path.relpath(full, output).replace(os.sep, "/")] = {
-                "bytes": os.path.getsize(full), "sha256": prepared._file_sha256(full)}
+                "bytes": os.path.getsize(full), "sha256": file_sha256(full)}
     source_bytes = sum(os.path.getsize(p) for p in {r.path for r, _ in sum(keep.values(), [])} if os.path.isfile(p))
     digest = hashlib.sha256(b"".join(d for s in keep for d in digests[s])).hexdigest()
     rel = functools.partial(_stored_path, dataset)

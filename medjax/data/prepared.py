@@ -24,6 +24,7 @@ import os
 import threading
 
 from medjax.data.records import DataError, Dataset, Record, leaves_root, take_options
+from medjax.pretrained import file_sha256
 
 log = logging.getLogger(__name__)
 METADATA = "medjax_prepared.json"
@@ -141,14 +142,6 @@ def open_split(builder_path: str, split: str):
     return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_files(meta: dict, root: str, level: str, workdir: str | None) -> None:
     """The prepared files at `level`: 'exists' (every ArrayRecord and TFDS metadata file is there), 'verify' (and has
     the size and SHA-256 recorded when it was written; cached in the work directory by size and time). A damaged
@@ -175,7 +168,7 @@ def check_files(meta: dict, root: str, level: str, workdir: str | None) -> None:
         if level in ("verify", "decode"):
             stamp = f"{st.st_size}:{st.st_mtime_ns}:{want['sha256']}"
             if cached.get(rel) != stamp:
-                if st.st_size != want["bytes"] or _file_sha256(path) != want["sha256"]:
+                if st.st_size != want["bytes"] or file_sha256(path) != want["sha256"]:
                     raise DataError(f"{path}: damaged file of the prepared dataset {root} ({st.st_size} bytes, "
                                     f"{want['bytes']} written; its SHA-256 differs from the one recorded in "
                                     f"{METADATA}); prepare the dataset again")
