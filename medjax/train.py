@@ -108,6 +108,7 @@ class Trainer:
         self.best = {"step": None, "value": None, "metrics": None}
         self.history: list[dict] = []
         self._restore()
+        self._record_config()
         if jax.process_index() == 0:
             print(engine.summary_table(e, self.state), flush=True)
 
@@ -126,7 +127,8 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- start-up checks
 
     def _check_restart(self):
-        """The first start records the config; a restart must not change what the run computes."""
+        """A restart must not change what the run computes (the config is recorded by `_record_config` once a start
+        has passed every check, so a start refused for bad input records nothing)."""
         path = os.path.join(self.workdir, "run_config.json")
         now = _flat_config(self.config.to_dict())
         if os.path.exists(path):
@@ -145,8 +147,11 @@ class Trainer:
                                  for k in changed[:8])
                 raise RunError(f"{self.workdir} holds a run started with another config ({diff}); restart it with "
                                "its own config, or use a new --workdir")
-        elif jax.process_index() == 0:
-            _write_json(path, now)
+
+    def _record_config(self):
+        path = os.path.join(self.workdir, "run_config.json")
+        if jax.process_index() == 0 and not os.path.exists(path):
+            _write_json(path, _flat_config(self.config.to_dict()))
 
     def _check_splits(self):
         """Every split the run selects or reports on must be able to define the target metric."""

@@ -32,15 +32,17 @@ def _one_error_line(proc, *words):
 
 @pytest.fixture(scope="module")
 def one_class_val(tmp_path_factory):
-    """A user's CSV dataset whose fixed val split holds one class only: the target metric is undefined there."""
+    """A user's CSV dataset whose fixed val split (`split`) holds one class only: the target metric is undefined
+    there; `split2` is a fixed split with both classes in every part."""
     root = tmp_path_factory.mktemp("csv")
-    rows = ["image,label,split"]
+    rows = ["image,label,split,split2"]
     rng = np.random.default_rng(0)
     for i in range(24):
         split = "train" if i < 16 else ("val" if i < 20 else "test")
         label = "benign" if split == "val" else ("malignant" if i % 2 else "benign")
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
-        rows.append(f"{i}.png,{label},{split}")
+        split2 = "train" if i < 12 else ("val" if i < 18 else "test")
+        rows.append(f"{i}.png,{label},{split},{split2}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return str(root)
 
@@ -92,3 +94,16 @@ def test_demo_announces_its_phases_and_keeps_its_data_in_the_workdir(tmp_path):
     assert all(p >= 0 for p in positions) and positions == sorted(positions), out
     assert str(tmp_path / "run" / "data" / "chexpert") in out  # per run, never a shared /tmp path
     assert os.path.isdir(tmp_path / "run" / "data" / "chexpert")
+
+
+def test_a_start_refused_for_bad_input_records_no_config(tmp_path, one_class_val):
+    """The user fixes what the error named and starts again in the same work directory: the refused start left no
+    run config behind that would now refuse the corrected one."""
+    workdir = tmp_path / "run"
+    refused = _main(workdir, "--config.dataset=csv", f"--config.data_root={one_class_val}",
+                    "--config.data_options.split_column=split", "--config.fake_data=0")
+    assert refused.returncode == 2 and not (workdir / "run_config.json").exists()
+    fixed = _main(workdir, "--config.dataset=csv", f"--config.data_root={one_class_val}", "--config.fake_data=0",
+                  "--config.data_options.split_column=split2", "--config.total_steps=1", "--config.eval_every=1")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert (workdir / "run_config.json").exists()
