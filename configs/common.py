@@ -12,6 +12,8 @@ import difflib
 import ml_collections
 from ml_collections import config_dict
 
+from medjax.errors import UserError
+
 # Fields with a closed set of values; `validate` checks them at start-up.
 ALLOWED = {
     "normalization": ("dataset", "imagenet", "clip"),
@@ -131,7 +133,7 @@ def study_config():
     return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config field is unknown or holds a value outside its allowed set."""
 
 

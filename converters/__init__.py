@@ -12,7 +12,7 @@ import importlib
 import json
 import os
 
-from converters.core import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
+from medjax.conversion import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
                              sha256)
 from medjax import models, pretrained
 from medjax.pretrained import flatten_variables

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from medjax.errors import UserError
 from medjax import metrics as metrics_lib
 
 PREDICTIONS_FILE = "test_predictions.npz"
@@ -37,7 +38,7 @@ PREDICTIONS_FILE = "test_predictions.npz"
 NOT_METRICS = frozenset({"num_samples", "num_examples", "threshold", "num_auc_classes", "num_ap_classes"})
 
 
-class BootstrapError(ValueError):
+class BootstrapError(UserError):
     """Predictions that cannot be bootstrapped or compared; the message names the file and what is wrong."""
 
 

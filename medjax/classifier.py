@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from medjax.errors import UserError
 from medjax import models, pretrained
 from medjax.models.layers import layer_norm
 from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """The model section of a config does not fit the converted weights or the data."""
 
 

@@ -16,6 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from medjax.errors import UserError
+
 config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics.json and TensorBoard logs go")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
@@ -83,10 +85,6 @@ def prepare(config, workdir: str):
             print(f"Converting {convert.checkpoint} ({convert.model}) into {target}", flush=True)
             converters.convert(convert.checkpoint, target, convert.model, convert.config or None)
         config.model.pretrained = target
-
-
-class UserError(ValueError):
-    pass
 
 
 def main(argv):

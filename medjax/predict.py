@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medjax.errors import UserError
 from medjax import thresholds as operating_points
 
 EXPORT_KEY = "export"  # medjax.json of an exported folder: the run's facts under this key
@@ -42,7 +43,7 @@ TTA_VIEWS = {"none": ((False, False),),
              "flips": ((False, False), (False, True), (True, False), (True, True))}  # (vertical, horizontal)
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Bad input to predict / export / explain: the message names the file or field."""
 
 

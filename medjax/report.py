@@ -36,6 +36,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from medjax.errors import UserError
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
 
@@ -83,7 +84,7 @@ METRIC_ORDER = ("accuracy", "precision_weighted", "recall_weighted", "f1_weighte
                 "subset_accuracy")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A run folder or file the report cannot read; the message names it."""
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import re
 
+from medjax.errors import UserError
 from medjax.models.family import Family
 from medjax.pretrained import flatten, unflatten
 
 TRAIN, FREEZE = "train", "freeze"
 
 
-class RuleError(ValueError):
+class RuleError(UserError):
     """A rule list that does not fit the model (bad regex, a parameter no rule matches, an unknown value)."""
 
 

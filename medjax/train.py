@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from medjax.errors import UserError
 from medjax import bootstrap, engine, metrics, sharding, thresholds
 
 
@@ -35,7 +36,7 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class RunError(ValueError):
+class RunError(UserError):
     """The run cannot start as configured (work directory, batch size, splits); the message says what to change."""
 
 

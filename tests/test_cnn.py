@@ -220,7 +220,7 @@ def _torch_bottleneck():
 
 def _block_variables(block):
     """torch Bottleneck state -> the Flax block's variables, through the converter's ResNet key table."""
-    from converters.core import apply_rules
+    from medjax.conversion import apply_rules
     from medjax.models.resnet.convert import IGNORE, RULES
 
     state = {f"layer1.0.{k}": v.detach().numpy().copy() for k, v in block.state_dict().items()}

@@ -36,7 +36,7 @@ def test_dinov2_fixture_interpolated_pos_embed(matmul_f32):
     import jax.numpy as jnp
 
     from medjax.models.vit import convert as vit
-    from converters.core import read_state_dict
+    from medjax.conversion import read_state_dict
     from medjax.models.vit import interpolate_pos_embed
     import json
 

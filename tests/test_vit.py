@@ -9,7 +9,7 @@ import torch
 import converters
 from medjax.models.vit import convert as vit
 from conftest import fixture_path, max_abs
-from medjax import models, pretrained
+from medjax import conversion, models, pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,7 +116,7 @@ def test_load_time_pos_embed_resize(tmp_path, family, antialias):
     converters.convert(fixture_path(family, name), str(tmp_path / "out"), family, str(tmp_path / "cfg.json"))
     _, params_vars, _ = pretrained.load(str(tmp_path / "out"))
     params = params_vars["params"]
-    state = converters.core.read_state_dict(fixture_path(family, name))
+    state = conversion.read_state_dict(fixture_path(family, name))
     pos = torch.from_numpy(state[key]).reshape(1, 17, -1)
     grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False,
@@ -146,7 +146,7 @@ def test_metadata(tmp_path):
 
     assert saved["source"]["sha256"] == hashlib.sha256(open(fixture_path("deit", "checkpoint.pth"), "rb").read()).hexdigest()
     assert saved["converter_version"] == converters.CONVERTER_VERSION
-    state = converters.core.read_state_dict(fixture_path("deit", "checkpoint.pth"))
+    state = conversion.read_state_dict(fixture_path("deit", "checkpoint.pth"))
     assert meta["num_params"] == saved["num_params"] == sum(v.size for k, v in state.items() if not k.startswith("head."))
 
 
@@ -155,7 +155,7 @@ def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
     the split rules feed q/k/v, checked against torch's nn.MultiheadAttention as open_clip's pooler runs it."""
     import jax.numpy as jnp
 
-    from converters.core import apply_rules
+    from medjax.conversion import apply_rules
     from medjax.models.vit.convert import COCA_RULES
     from medjax.models.layers import AttentionalPooler
     from medjax.pretrained import flatten

@@ -17,8 +17,8 @@ import torch
 import converters
 from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
                       run_cli, train_two_steps)
-from converters.core import CheckpointError
-from medjax import models, pretrained
+from medjax.conversion import CheckpointError
+from medjax import conversion, models, pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +43,7 @@ def test_fixture_parity_through_clis(tmp_path, family, checkpoint, model, extra)
 
 
 def test_dinov2_lc_fixture_pos_embed():
-    from converters.core import read_state_dict
+    from medjax.conversion import read_state_dict
     from medjax.models.vit import convert as vit
     from medjax.models.vit import interpolate_pos_embed
 
@@ -63,7 +63,7 @@ def test_fixture_linear_head_is_stored_with_its_provenance(tmp_path):
     np.testing.assert_array_equal(variables["params"]["lc_head"]["bias"], head["bias"].numpy())
     assert (config.lc_layers, config.lc_classes) == (1, 1000)
     assert saved["source"]["linear_head"]["file"] == "linear_head.pth" and saved["source"]["linear_head"]["layers"] == 1
-    backbone = sum(v.size for k, v in converters.core.read_state_dict(
+    backbone = sum(v.size for k, v in conversion.read_state_dict(
         fixture_path("dinov2_lc", "checkpoint.pth")).items() if k != "mask_token")
     assert meta["num_params"] == backbone + head["weight"].numel() + head["bias"].numel()
 

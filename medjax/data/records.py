@@ -15,12 +15,14 @@ import os
 import re
 from typing import Iterator, Sequence
 
+from medjax.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The one exception medjax.data raises for bad user data or options: a missing or unreadable file, a bad or
     empty CSV, a label outside the classes, a path that leaves the dataset root, an unknown option. The message is
     one line that names the file (and row, column or option) and says what was expected; `python -m medjax.data`

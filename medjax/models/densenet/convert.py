@@ -10,7 +10,7 @@ Keys outside the dense layers are the same in both.
 
 from __future__ import annotations
 
-from converters.core import CheckpointError, Converter, Format, conv_rules, dense_rules
+from medjax.conversion import CheckpointError, Converter, Format, conv_rules, dense_rules
 from medjax.models.densenet.model import FAMILY, DenseNetConfig
 from medjax.models.resnet.convert import IGNORE, IGNORED, bn_rules, check_torchvision_keys
 

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv_rules,
+from medjax.conversion import (CheckpointError, Converter, Format, Rule, check_keys, conv_rules,
                              dense_rules, norm_rules, pair, transformers_vision_config)
 from medjax.models.hiera.model import FAMILY, HieraConfig
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from converters.core import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, norm_rules,
+from medjax.conversion import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, norm_rules,
                              transformers_vision_config)
 from medjax.models.sam.model import FAMILY, SamViTConfig
 

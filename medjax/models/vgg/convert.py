@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from converters.core import CheckpointError, Converter, Format, Rule, conv, dense_rules, norm_rules
+from medjax.conversion import CheckpointError, Converter, Format, Rule, conv, dense_rules, norm_rules
 from medjax.models.resnet.convert import IGNORE, IGNORED, check_torchvision_keys
 from medjax.models.vgg.model import FAMILY, VGGConfig
 
@@ -20,7 +20,7 @@ class VGGFormat(Format):
     which, the file does (a BatchNorm has running statistics). `matches`, which the converter calls on the file's
     whole key set before renaming anything, records those indices; the key table then maps their weight and bias to
     the BatchNorm by their exact names, ahead of the generic conv rules. The table is therefore the last file's: one
-    conversion at a time per process, as `python -m converters` runs. (A rank condition on `converters.core.Rule`
+    conversion at a time per process, as `python -m converters` runs. (A rank condition on `medjax.conversion.Rule`
     would make this stateless; the engine's table has none.)"""
 
     def __init__(self, *args, **kwargs):

@@ -8,7 +8,7 @@ first or last). Files are upstream training checkpoints, `{'model': state_dict, 
 
 from __future__ import annotations
 
-from converters.core import CheckpointError, Converter, Format, Rule, check_keys, conv_rules, norm_rules
+from medjax.conversion import CheckpointError, Converter, Format, Rule, check_keys, conv_rules, norm_rules
 from medjax.models.vmamba.model import VMambaConfig
 
 

@@ -16,11 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from medjax.pretrained import file_sha256 as sha256  # noqa: F401 (the converters' name for it)
+from medjax.errors import UserError
+from medjax.tree import file_sha256 as sha256  # noqa: F401 (the converters' name for it)
 
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file cannot be read, or is not what the user said it is."""
 
 
