@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from converters import FAMILIES, VARIANTS, CheckpointError, convert
+from medjax.convert import CONVERTERS, CheckpointError, convert
+from medjax.models import VARIANTS
 
 
 def main(argv=None) -> int:
@@ -14,7 +15,7 @@ def main(argv=None) -> int:
         prog="python -m converters",
         description="Convert an official PyTorch / transformers / open_clip checkpoint into medjax Flax parameters.",
         epilog=f"Known variants: {', '.join(sorted(VARIANTS))}. Families (with --config): "
-               f"{', '.join(sorted(FAMILIES))}.")
+               f"{', '.join(sorted(CONVERTERS))}.")
     parser.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or a transformers folder")
     parser.add_argument("output_dir", help="folder to write params.safetensors and medjax.json into")
     parser.add_argument("--model", required=True, help="a known variant name or a family name")

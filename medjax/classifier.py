@@ -149,9 +149,7 @@ def load_backbone(model_cfg, channels: int):
 
 def _variant_hint(family: str) -> str:
     """The converter's --model value a config of this family expects (its variant names, or the family name)."""
-    import converters
-
-    names = sorted(v for v, (f, _) in converters.VARIANTS.items() if f == family)
+    names = sorted(v for v, (f, _) in models.VARIANTS.items() if f == family)
     return "|".join(names[:4]) + ("|..." if len(names) > 4 else "") if names else (family or "NAME")
 
 

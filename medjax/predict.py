@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from medjax import schema
 from medjax.errors import UserError
 from medjax import thresholds as operating_points
 
@@ -55,7 +56,7 @@ class FineTuned:
     """A fine-tuned classifier ready to apply, from a run's best model or an exported folder."""
 
     source: str  # the run's work directory or the exported folder
-    config: Any  # the run's config (configs.common.make)
+    config: Any  # the run's config (configs.schema.make)
     engine: Any  # medjax.engine.Engine: the model, the mesh, the sharded eval step
     variables: dict  # every collection of the best model, placed as engine.variables_sharding
     class_names: list
@@ -107,7 +108,7 @@ class FineTuned:
         import jax
 
         from medjax import models
-        from medjax.protocols import peft
+        from medjax import peft
 
         model = self.engine.model
         variables = jax.tree_util.tree_map(np.asarray, jax.device_get(self.variables))
@@ -128,35 +129,16 @@ class FineTuned:
 
 
 def config_from_flat(flat: dict, where: str):
-    """The config a run started with, from its flattened `run_config.json` (configs.common.make); dict-valued fields
-    (`model.architecture`) are regrouped, fields this medjax does not declare are reported and left out."""
-    from configs import common
-
-    base = common.study_config()
-    overrides, unknown = {}, []
-    for key, value in flat.items():
-        node, parts = base, key.split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node.keys():
-                unknown.append(key)
-                break
-            if i + 1 < len(parts) and node.get_type(part) is dict:  # a dict field: its keys were flattened
-                field = ".".join(parts[:i + 1])
-                target = overrides.setdefault(field, {})
-                for sub in parts[i + 1:-1]:
-                    target = target.setdefault(sub, {})
-                target[parts[-1]] = value
-                break
-            node = node[part] if i + 1 < len(parts) else node
-        else:
-            overrides[key] = value
+    """The config a run started with, from its flattened `run_config.json` (`schema.from_flat`); fields this medjax
+    does not declare are reported and left out."""
+    try:
+        config, unknown = schema.from_flat(flat)
+    except (schema.ConfigError, TypeError, ValueError) as e:
+        raise PredictError(f"{where}: cannot rebuild the run's config: {e}") from None
     if unknown:
         print(f"warning: {where}: fields this medjax does not declare are ignored: {', '.join(unknown[:8])}",
               file=sys.stderr)
-    try:
-        return common.make(overrides)
-    except (common.ConfigError, TypeError, ValueError) as e:
-        raise PredictError(f"{where}: cannot rebuild the run's config: {e}") from None
+    return config
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -373,10 +355,9 @@ def _csv_label(row, per_class, class_names, multilabel, origin):
 
 def dataset_records(model: FineTuned, name: str, root: str, split: str) -> tuple[list, Any]:
     """The records of a dataset split, read with the run's split rule and options when it is the run's dataset."""
-    from configs import common
     from medjax import data
 
-    options = {k: v for k, v in common.data_options(model.config).items()
+    options = {k: v for k, v in schema.data_options(model.config).items()
                if k not in ("check_images", "skip_bad_images")} if name == model.config.dataset else {}
     try:
         dataset = data.get_dataset(name, root, seed=model.config.seed, check_images="none", **options)

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from configs.common import ConfigError
+from medjax.schema import ConfigError
 
 FILE = "thresholds.json"
 DEFAULT = 0.5

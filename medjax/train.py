@@ -28,8 +28,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from medjax import bootstrap, engine, metrics, schema, sharding, thresholds
 from medjax.errors import UserError
-from medjax import bootstrap, engine, metrics, sharding, thresholds
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,7 +57,6 @@ class Trainer:
     def __init__(self, config, workdir: str):
         import orbax.checkpoint as ocp
 
-        from configs import common
         from medjax import data
 
         self.config, self.workdir = config, workdir
@@ -66,7 +65,7 @@ class Trainer:
         self._check_restart()
         self._phase(f"Reading {config.dataset} from {config.data_root}")
         self.dataset = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
-                                        **common.data_options(config))
+                                        **schema.data_options(config))
         d = self.dataset
         self._check_splits()
         self.selection_metric = config.selection_metric or d.target_metric
@@ -131,14 +130,12 @@ class Trainer:
         """A restart must not change what the run computes (the config is recorded by `_record_config` once a start
         has passed every check, so a start refused for bad input records nothing)."""
         path = os.path.join(self.workdir, "run_config.json")
-        now = _flat_config(self.config.to_dict())
+        now = schema.flatten(self.config)
         if os.path.exists(path):
-            from configs.common import study_config
-
             with open(path) as f:
                 before = json.load(f)
             # a field that did not exist when the run started (a newer medjax) ran at its declared default
-            defaults = _flat_config(study_config().to_dict())
+            defaults = schema.flatten(schema.study_config())
             before = {k: before.get(k, defaults.get(k, "<absent>")) for k in set(before) | set(now)}
             changed = sorted(k for k in set(before) | set(now)
                              if before.get(k, "<absent>") != now.get(k, "<absent>")
@@ -152,7 +149,7 @@ class Trainer:
     def _record_config(self):
         path = os.path.join(self.workdir, "run_config.json")
         if jax.process_index() == 0 and not os.path.exists(path):
-            _write_json(path, _flat_config(self.config.to_dict()))
+            _write_json(path, schema.flatten(self.config))
 
     def _check_splits(self):
         """Every split the run selects or reports on must be able to define the target metric."""
@@ -382,17 +379,6 @@ class Trainer:
         if jax.process_index() == 0:
             _write_json(os.path.join(self.workdir, "metrics.json"), result)
         return result
-
-
-def _flat_config(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat_config(v, key + "."))
-        else:
-            out[key] = json.loads(json.dumps(v, default=str))
-    return out
 
 
 def _grain_handler():

@@ -62,6 +62,11 @@ class Family:
     # features are pooled from, NHWC (B, h, w, C); `path#k` takes element k of a module that returns a list of maps.
     # None: no Grad-CAM (occlusion still works for every family).
     gradcam_layer: Callable[[Any], str] | None = None
+    # Conversion (`python -m converters`, `medjax.convert`): the family's key tables, formats and config reader
+    # (`medjax.conversion.Converter`, declared in the package's `convert.py`), and its variants by name
+    # ({name: constructor kwargs}). Attached by the registry (`medjax.models`).
+    converter: Any = None
+    variants: dict = dataclasses.field(default_factory=dict)
 
     def layer_patterns(self, config) -> list[str]:
         """[embeddings, block 1, ..., block L] regexes; raises when this configuration has no per-block layout."""

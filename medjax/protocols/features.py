@@ -183,7 +183,7 @@ def cache_key(params_dir: str, dataset, split: str, *, image_size: int, num_bloc
 
 def load_backbone_for(params_dir: str, dataset, grayscale: str = "red"):
     """(config, variables) of a converted backbone, its stem reduced to 1 channel for grayscale data."""
-    from configs.common import study_config
+    from medjax.schema import study_config
     from medjax import classifier
 
     cfg = study_config().model

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from medjax import metrics
+from medjax import metrics, schema
+
+K, TEMPERATURE = schema.study_config().knn.k, schema.study_config().knn.temperature  # the declared defaults
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -50,8 +52,8 @@ def neighbours(bank: np.ndarray, query: np.ndarray, k: int, exclude_self: bool =
     return np.concatenate(sims), np.concatenate(idx)
 
 
-def weighted_knn_probs(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndarray, num_classes: int, k: int = 20,
-                       temperature: float = 0.07) -> np.ndarray:
+def weighted_knn_probs(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndarray, num_classes: int, k: int = K,
+                       temperature: float = TEMPERATURE) -> np.ndarray:
     """(Nq, K) class probabilities of DINOv2's weighted kNN vote."""
     sims, idx = neighbours(bank, query, k)
     w = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
@@ -60,7 +62,7 @@ def weighted_knn_probs(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndar
     return np.einsum("qk,qkc->qc", w, onehot)
 
 
-def mlknn_fit(bank: np.ndarray, bank_labels: np.ndarray, k: int = 20, s: float = 1.0) -> dict:
+def mlknn_fit(bank: np.ndarray, bank_labels: np.ndarray, k: int = K, s: float = 1.0) -> dict:
     """The ML-kNN model of a bank: prior (K,), P(E_j | H1) and P(E_j | H0) as (K, k + 1)."""
     y = np.asarray(bank_labels, np.float64)
     m, num_labels = y.shape
@@ -88,8 +90,8 @@ def mlknn_predict(model: dict, bank: np.ndarray, bank_labels: np.ndarray, query:
     return pos / (pos + neg)
 
 
-def knn_protocol(train, evals: dict, *, task: str, class_names, target_metric: str, k: int = 20,
-                 temperature: float = 0.07) -> dict:
+def knn_protocol(train, evals: dict, *, task: str, class_names, target_metric: str, k: int = K,
+                 temperature: float = TEMPERATURE) -> dict:
     """kNN (multi-class) or ML-kNN (multi-label) with `train` as the bank, scored on each of `evals`
     ({split: SplitFeatures})."""
     bank = train.cls[:, -1]

@@ -25,11 +25,10 @@ import math
 
 import numpy as np
 
-from medjax import metrics
+from medjax import metrics, schema
 
-BLOCKS = (1, 4)
-AVGPOOL = (False, True)
-LRS = (1e-3, 5e-3, 1e-2, 5e-2)
+_PROBE = schema.study_config().probe  # the recipe's declared defaults
+BLOCKS, AVGPOOL, LRS = tuple(_PROBE.blocks), tuple(_PROBE.avgpool), tuple(_PROBE.lrs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.pretrained import flatten, unflatten
+from medjax import schema
+from medjax.tree import flatten, unflatten
 
-RANK, ALPHA = 48, 16.0
+RANK, ALPHA = schema.study_config().model.lora.rank, schema.study_config().model.lora.alpha  # the declared defaults
 
 
 def backbone_patterns(patterns) -> str:
