@@ -221,7 +221,7 @@ def _distinct(orients: list) -> list:
 
 
 def _orientation_text(o: np.ndarray) -> str:
-    return "orientation " + "\\".join(f"{v:g}" for v in np.round(o, 3))
+    return "orientation " + "\\".join(f"{v:g}" for v in np.round(o, 3) + 0.0)  # + 0.0: no "-0"
 
 
 def _image_type(ds) -> list[str]:
