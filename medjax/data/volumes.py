@@ -2,21 +2,29 @@
 
 Layout: `root/volumes.csv` (option `csv`) with the columns `volume` (a path relative to root) and `label` (a class
 name), and optionally `patient` and `split` (train / val / test, on every row or none). A volume is
-- a folder of 2-D slices (PNG / JPEG / BMP / TIFF, or single-frame DICOM), ordered by the DICOM position along the
-  slice normal (ImagePositionPatient projected on the cross product of ImageOrientationPatient's rows), else by
-  InstanceNumber, else by file name in natural order (`slice2` before `slice10`);
-- a multi-frame DICOM file (the frames in file order);
-- a NIfTI file (`.nii` or `.nii.gz`, read with nibabel): the slices along the third voxel axis in index order, each
-  `data[:, :, k].T` (rows follow the second voxel axis).
+- a folder of 2-D slices: PNG / JPEG / BMP / TIFF, or DICOM files recognised by content (the 'DICM' marker, or a
+  header that parses; any name, no extension needed). DICOMDIR, non-image DICOM objects and localizers (ImageType
+  LOCALIZER) are left out; the rest must be one series (SeriesInstanceUID; option `series` picks one where a folder
+  holds several) of one size and orientation, else a DataError names what was found. Slices are ordered by their
+  position along the slice normal (ImagePositionPatient projected on the cross product of ImageOrientationPatient's
+  rows; two at one position are refused), else by InstanceNumber, else by file name in natural order (`slice2`
+  before `slice10`);
+- a multi-frame DICOM file: enhanced multi-frame frames by PlanePositionSequence along the normal of
+  PlaneOrientationSequence (functional groups, per frame or shared), else in file order;
+- a NIfTI file (`.nii` or `.nii.gz`, read with nibabel), first reoriented to the closest canonical orientation (RAS+,
+  nibabel's `as_closest_canonical`): slice k is `data[:, :, k].T` (inferior to superior; rows run posterior to
+  anterior, columns the patient's left to right), whatever the file's affine.
 
 Classes: the labels' names sorted, or `class_names`. Split: the CSV's `split` column, else seeded and
 patient-disjoint (`val_fraction`, `test_fraction` of the volumes; a volume without a patient is its own group).
 
 Slices: every slice, or `max_slices` of them: spread evenly over the volume (`slice_sampling='uniform'`: indices
 round(linspace(0, S - 1, max_slices))) or the middle ones (`'center'`).
-Intensity, one mapping per volume: DICOM values pass the modality LUT first (Hounsfield units for CT); then
-`window='C,W'` maps [C - W/2, C + W/2] to 0..255 (e.g. '40,400', CT soft tissue), or by default the volume's own
-min..max does. PNG / JPEG slices keep their 8-bit values (16-bit ones are scaled by their bit depth).
+Intensity, one mapping per volume: DICOM values pass the modality rescale first (Hounsfield units for CT; per frame
+from the functional groups' PixelValueTransformationSequence in enhanced multi-frame files); colour (RGB, YBR,
+PALETTE COLOR through its lookup table) is reduced to its luma; then `window='C,W'` maps [C - W/2, C + W/2] to 0..255
+(e.g. '40,400', CT soft tissue), or by default the volume's own finite min..max does; NaN and infinite voxels are
+background (0). PNG / JPEG slices keep their 8-bit values (16-bit ones are scaled by their bit depth).
 Statistics: mean / std of the slices as the model sees them (eval transform) over up to 16 training volumes.
 
 Use: the frozen protocols (`python -m medjax.protocols probe|knn|fewshot --dataset volumes`) embed every slice with
@@ -25,7 +33,7 @@ the eval transform, one by one, and average its features per volume (`medjax/pro
 a volume (`fixed_slices`: a shorter volume repeats slices evenly), each through the train or eval transform, and the
 classifier's logits for the volume are the mean of its slices' logits. `python -m medjax.data fake --dataset volumes`
 writes synthetic studies in all three forms. A volume that cannot be read stops with a
-DataError naming it and its CSV line.
+DataError naming it and its CSV line. User documentation, with every error line: docs/volumes.md.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ NIFTI = (".nii", ".nii.gz")
 DICOM = (".dcm", ".dicom")
 PILLOW = tuple(e for e in IMAGE_EXTENSIONS if e not in DICOM)
 STATISTICS_VOLUMES = 16
+READER_VERSION = 2  # in the protocols' feature-cache key: 2 = issue 22 (series, HU of enhanced CT, NaN, RAS+ NIfTI)
 
 
 # ------------------------------------------------------------------------------------------------ reading slices
@@ -452,6 +461,11 @@ def read(root: str, **options) -> Dataset:
         raise DataError(f"dataset 'volumes' option max_slices={o['max_slices']}: expected 0 (all) or more")
     if o["window"]:
         _window(o["window"])
+    if o["series"] is not None and not (isinstance(o["series"], str) or
+                                        isinstance(o["series"], (list, tuple)) and all(isinstance(v, str)
+                                                                                       for v in o["series"])):
+        raise DataError(f"dataset 'volumes' option series={o['series']!r}: expected SeriesInstanceUIDs, "
+                        "comma-separated")
     csv_path = os.path.join(root, o["csv"])
     rows = list(read_csv(csv_path, ("volume", "label"), "a CSV with the columns volume, label[, patient, split]"))
     if rows and "split" in rows[0][1]:
