@@ -257,13 +257,19 @@ def test_several_series_in_one_folder_stop_with_one_line_until_one_is_picked(tmp
         volumes.load_volume(MR2, {"series": "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.136"})
 
 
-def test_slices_of_different_sizes_in_one_series_are_refused(tmp_path):
+def test_slices_of_different_sizes_or_at_one_position_in_one_series_are_refused(tmp_path):
     folder = _copy(tmp_path / "ct", CT5N)
     ds = pydicom.dcmread(os.path.join(PYDICOM_FILES, "CT_small.dcm"))  # 128 x 128, the series' slices are 16 x 16
     ds.SeriesInstanceUID = pydicom.dcmread(os.path.join(CT5N, "2062")).SeriesInstanceUID
     ds.save_as(os.path.join(folder, "big"))
     with pytest.raises(DataError, match=r"holds slices of 2 sizes \(16x16, 128x128\)"):
         volumes.load_volume(folder)
+    repeat = _copy(tmp_path / "repeat", os.path.join(CT5N, "2062"), os.path.join(CT5N, "2392"))
+    ds = pydicom.dcmread(os.path.join(CT5N, "2062"))  # a second image at the first one's position (an echo, a repeat)
+    ds.SOPInstanceUID += ".1"
+    ds.save_as(os.path.join(repeat, "again"))
+    with pytest.raises(DataError, match=r"2062 and again lie at the same position \(8\.7625 mm along the slice normal\)"):
+        volumes.load_volume(repeat)
 
 
 def test_the_series_error_reaches_the_user_as_one_line(tmp_path):

@@ -367,8 +367,10 @@ def load_volume(path: str, options: dict | None = None, origin: str = "") -> np.
         _window(o["window"])
     try:
         raw, is_8bit = _read(path, wanted_series(o.get("series")))
-    except DataError:
-        raise
+    except DataError as e:
+        if not where:
+            raise
+        raise DataError(f"{where}{e}") from None
     except Exception as e:  # noqa: BLE001 - any reader failure names the volume
         raise DataError(f"{where}volume {path}: cannot read it ({type(e).__name__}: {e})") from None
     if raw.ndim != 3 or raw.shape[0] == 0:
