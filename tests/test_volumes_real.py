@@ -15,7 +15,7 @@ from medjax.data.transforms import decode
 
 pydicom = pytest.importorskip("pydicom")
 nibabel = pytest.importorskip("nibabel")
-from pydicom.pixels import apply_color_lut, apply_modality_lut  # noqa: E402 - after the importorskip
+pixels = pytest.importorskip("pydicom.pixels")
 
 PYDICOM_FILES = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
 DIRTESTS = os.path.join(PYDICOM_FILES, "dicomdirtests")
@@ -61,7 +61,7 @@ def _series_reference(folder, files=None):
     o = np.asarray(sets[0].ImageOrientationPatient, float)
     normal = np.cross(o[:3], o[3:])
     sets.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
-    return _minmax(np.stack([apply_modality_lut(ds.pixel_array, ds).astype(float) for ds in sets]))
+    return _minmax(np.stack([pixels.apply_modality_lut(ds.pixel_array, ds).astype(float) for ds in sets]))
 
 
 def _luma(rgb):
@@ -176,7 +176,7 @@ def test_enhanced_ct_per_frame_rescale_and_plane_positions(tmp_path):
 def test_palette_colour_volumes_are_the_luma_of_their_lookup_table(name, twin):
     """Compared with the little-endian twin through pydicom's own lookup (correct for little-endian files)."""
     ds = pydicom.dcmread(os.path.join(PYDICOM_DATA, twin))
-    rgb = apply_color_lut(ds.pixel_array, ds)
+    rgb = pixels.apply_color_lut(ds.pixel_array, ds)
     luma = _luma(rgb)
     expected = _minmax(luma if luma.ndim == 3 else luma[None])
     _assert_close(volumes.load_volume(os.path.join(PYDICOM_DATA, name)), expected)
@@ -184,7 +184,7 @@ def test_palette_colour_volumes_are_the_luma_of_their_lookup_table(name, twin):
 
 def test_palette_colour_in_pydicoms_own_files():
     ds = pydicom.dcmread(os.path.join(PYDICOM_FILES, "examples_palette.dcm"))
-    expected = _minmax(_luma(apply_color_lut(ds.pixel_array, ds))[None])
+    expected = _minmax(_luma(pixels.apply_color_lut(ds.pixel_array, ds))[None])
     _assert_close(volumes.load_volume(os.path.join(PYDICOM_FILES, "examples_palette.dcm")), expected)
 
 
@@ -192,7 +192,7 @@ def test_palette_colour_in_pydicoms_own_files():
 def test_big_endian_palette_colour_2d_equals_its_little_endian_twin():
     little, big = (os.path.join(PYDICOM_DATA, n) for n in ("OBXXXX1A.dcm", "OBXXXX1A_expb.dcm"))
     ds = pydicom.dcmread(little)
-    rgb = apply_color_lut(ds.pixel_array, ds)  # 16-bit entries, scaled by the table's bit depth
+    rgb = pixels.apply_color_lut(ds.pixel_array, ds)  # 16-bit entries, scaled by the table's bit depth
     expected = np.clip(np.rint(rgb.astype(np.float32) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(decode(little, 3)), expected)
     np.testing.assert_array_equal(np.asarray(decode(big, 3)), expected)
@@ -205,7 +205,7 @@ def test_a_file_without_file_meta_reads_as_in_the_2d_reader():
     assert "TransferSyntaxUID" not in getattr(ds, "file_meta", {})
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian  # what the file is written in
-    expected = _minmax(_luma(apply_color_lut(ds.pixel_array, ds))[None])
+    expected = _minmax(_luma(pixels.apply_color_lut(ds.pixel_array, ds))[None])
     _assert_close(volumes.load_volume(path), expected)
 
 
@@ -242,7 +242,8 @@ def test_several_series_in_one_folder_stop_with_one_line_until_one_is_picked(tmp
         volumes.load_volume(folder)
     message = str(e.value)
     assert "\n" not in message and "2 series in one folder" in message and "series=UID" in message
-    assert f"{uids[CT5N]} (5 files, CT, SmartScore" in message and f"{uids[CT2]} (4 files, CT, Routine Brain)" in message
+    assert f"{uids[CT5N]} (5 files, CT, SmartScore" in message
+    assert f"{uids[CT2]} (4 files, CT, Routine Brain)" in message
     _assert_close(volumes.load_volume(folder, {"series": uids[CT2]}), _series_reference(CT2))
     _assert_close(volumes.load_volume(folder, {"series": f"1.2.3,{uids[CT5N]}"}), _series_reference(CT5N))
     with pytest.raises(DataError, match="the option series names 0 of them"):
@@ -252,9 +253,9 @@ def test_several_series_in_one_folder_stop_with_one_line_until_one_is_picked(tmp
         volumes.load_volume(MR1)
     one = "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.15"
     _assert_close(volumes.load_volume(MR1, {"series": one}), _series_reference(MR1, ["5641"]))
-    with pytest.raises(DataError, match=r"series 1\.3\.6\.1\.4\.1\.5962\.1\.1\.0\.0\.0\.1196533885\.18148\.0\.136 holds "
-                                        r"slices of 3 orientations"):
-        volumes.load_volume(MR2, {"series": "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.136"})
+    pilot = "1.3.6.1.4.1.5962.1.1.0.0.0.1196533885.18148.0.136"
+    with pytest.raises(DataError, match=f"series {pilot} holds slices of 3 orientations".replace(".", r"\.")):
+        volumes.load_volume(MR2, {"series": pilot})
 
 
 def test_slices_of_different_sizes_or_at_one_position_in_one_series_are_refused(tmp_path):
@@ -268,7 +269,7 @@ def test_slices_of_different_sizes_or_at_one_position_in_one_series_are_refused(
     ds = pydicom.dcmread(os.path.join(CT5N, "2062"))  # a second image at the first one's position (an echo, a repeat)
     ds.SOPInstanceUID += ".1"
     ds.save_as(os.path.join(repeat, "again"))
-    with pytest.raises(DataError, match=r"2062 and again lie at the same position \(8\.7625 mm along the slice normal\)"):
+    with pytest.raises(DataError, match=r"2062 and again lie at the same position \(8\.7625 mm along the slice "):
         volumes.load_volume(repeat)
 
 

@@ -54,8 +54,8 @@ OPTIONS = {
     "max_slices": (0, "at most this many slices per volume (0: all)"),
     "slice_sampling": ("uniform", "which slices with max_slices: 'uniform' (evenly spread) or 'center'"),
     "window": (None, "'C,W': map [C - W/2, C + W/2] to 0..255 (CT windows); default: each volume's min..max"),
-    "series": (None, "SeriesInstanceUID(s), comma-separated: in a DICOM folder holding several series, the one to "
-                     "read (docs/volumes.md)"),
+    "series": (None, ("SeriesInstanceUID(s), comma-separated: in a DICOM folder holding several series, the one "
+                      "to read (docs/volumes.md)")),
     "seed": (0, "split seed (when the CSV has no split column)"),
     "val_fraction": (0.15, "fraction of volumes in val (whole patients)"),
     "test_fraction": (0.15, "fraction of volumes in test (whole patients)"),
