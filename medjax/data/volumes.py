@@ -143,8 +143,9 @@ def _dicom_values(ds, path: str) -> np.ndarray:
     from medjax.data.transforms import fill_transfer_syntax, palette_rgb
 
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DataError(f"volume {path}: no pixel data (SOP class {ds.get('SOPClassUID', 'unknown')}); expected an "
-                        "image DICOM")
+        kind = ds.get("SOPClassUID")
+        raise DataError(f"volume {path}: no pixel data (SOP class {getattr(kind, 'name', kind) or 'unknown'}); "
+                        "expected an image DICOM")
     fill_transfer_syntax(ds)
     arr = ds.pixel_array
     frames = _frame_count(ds)
