@@ -113,7 +113,8 @@ def palette_rgb(arr: np.ndarray, ds) -> np.ndarray:
 def _read_dicom(path: str) -> Image.Image:
     """One single-frame image DICOM -> 8-bit 'L' or 'RGB'. Every transfer syntax pydicom and the installed plugins
     (pylibjpeg with libjpeg and openjpeg) decode: uncompressed little/big endian and deflated, RLE, JPEG baseline,
-    extended (12-bit) and lossless, JPEG-LS, JPEG 2000. YBR is converted to RGB, palette colour through its LUT;
+    extended (12-bit) and lossless, JPEG-LS, JPEG 2000. YBR is converted to RGB, palette colour through its LUT
+    (`palette_rgb`: big-endian tables read right);
     grayscale gets the modality LUT, the VOI LUT or window, its min-max to 0-255, and MONOCHROME1 is inverted."""
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
