@@ -177,7 +177,11 @@ def cache_key(params_dir: str, dataset, split: str, *, image_size: int, num_bloc
             "image_size": image_size, "num_blocks": num_blocks, "normalization": normalization,
             "grayscale": grayscale}
     if dataset.name == "volumes":  # which slices and their intensity mapping change the features
-        desc["volume_options"] = {k: dataset.options.get(k) for k in ("max_slices", "slice_sampling", "window")}
+        from medjax.data import volumes
+
+        desc["volume_options"] = {k: dataset.options.get(k) for k in ("max_slices", "slice_sampling", "window",
+                                                                      "series")}
+        desc["volume_reader"] = volumes.READER_VERSION
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
