@@ -3,6 +3,7 @@ field of its own; recipes resolve by name; no module of the library imports the 
 command line's --help is complete and exits 0."""
 
 import ast
+import re
 import os
 import subprocess
 import sys
@@ -78,3 +79,29 @@ def test_every_cli_help_exits_zero(module, tmp_path):
     assert "usage" in proc.stdout.lower() or proc.stdout.startswith("python -m"), proc.stdout[:500]
     # no help line stops mid-sentence: every description/epilog paragraph ends with a full stop, colon or bracket
     assert "Traceback" not in proc.stderr
+
+
+def test_every_rule_list_is_matched_and_refused_the_same_way():
+    """trainable_rules, lr_scale_rules, sharding_rules and LoRA targets: one compiler, one error for a bad regex."""
+    import jax
+    import numpy as np
+
+    from medjax import peft, rules, sharding
+
+    params = {"backbone": {"blocks_0": {"attn": {"qkv": {"kernel": np.zeros((4, 12))}}}}, "head": {"bias": np.zeros(2)}}
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    calls = {
+        "model.trainable_rules": lambda r: rules.trainable_mask(params, [(r, "train"), (".*", "train")]),
+        "optim.lr_scale_rules": lambda r: rules.lr_scales(params, [(r, 0.5), (".*", 1.0)]),
+        "sharding_rules": lambda r: sharding.param_specs(params, mesh, [(r, "fsdp")]),
+        "model.lora.targets": lambda r: peft.lora_targets(params, r),
+    }
+    for field, call in calls.items():
+        with pytest.raises(rules.RuleError, match=rf"^{re.escape(field)}: bad regex '\(qkv'"):
+            call("(qkv")
+    # the same regex selects the same parameter in each list (re.search over the /-joined path)
+    assert rules.trainable_mask(params, [("qkv/kernel$", "train"), (".*", "freeze")])["head"]["bias"] is False
+    assert sharding.param_specs(params, mesh, [("qkv/kernel$", "fsdp"), (".*", "replicate")])
+    assert peft.lora_targets(params, "qkv/kernel$") == ["backbone/blocks_0/attn/qkv/kernel"]
+    with pytest.raises(rules.RuleError, match="sharding_rules: the tactic must be 'fsdp' or 'replicate', got 'shard'"):
+        sharding.param_specs(params, mesh, [(".*", "shard")])
