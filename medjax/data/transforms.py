@@ -28,8 +28,17 @@ import threading
 
 import grain
 import numpy as np
+import pydicom
 from PIL import Image, ImageEnhance
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
+from medjax.data.brain_tumor_figshare import read_slice
 from medjax.data.records import Record
 
 log = logging.getLogger(__name__)
@@ -66,9 +75,6 @@ def _dicom_rgb(arr: np.ndarray, bits: int) -> Image.Image:
 def fill_transfer_syntax(ds):
     """The dataset's transfer syntax UID; a file without file meta (old files) gets the uncompressed syntax pydicom
     read it in, so that pydicom can decode its pixel data."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
     syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
     if syntax is None:
         implicit, little = ds.original_encoding
@@ -88,9 +94,6 @@ def palette_rgb(arr: np.ndarray, ds) -> np.ndarray:
     pydicom 3.0's `apply_color_lut` reads unsegmented 16-bit LUT data (OW) in the machine's byte order, so in a
     big-endian file every entry comes out byte-swapped (a near-black image). Here the tables of a big-endian file are
     swapped to little-endian first and handed over in a dataset of their own (the file's dataset is not changed)."""
-    from pydicom.dataset import Dataset
-    from pydicom.pixels import apply_color_lut
-
     fill_transfer_syntax(ds)
     little = ds.file_meta.TransferSyntaxUID.is_little_endian
     if little or "RedPaletteColorLookupTableData" not in ds:
@@ -116,9 +119,6 @@ def _read_dicom(path: str) -> Image.Image:
     extended (12-bit) and lossless, JPEG-LS, JPEG 2000. YBR is converted to RGB, palette colour through its LUT
     (`palette_rgb`: big-endian tables read right);
     grayscale gets the modality LUT, the VOI LUT or window, its min-max to 0-255, and MONOCHROME1 is inverted."""
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     ds = pydicom.dcmread(path, force=True)
     if "PixelData" not in ds:
         kind = ds.get("SOPClassUID")
@@ -160,8 +160,6 @@ def _read_dicom(path: str) -> Image.Image:
 
 def _read_matlab_slice(path: str) -> Image.Image:
     """A Figshare brain-tumour slice (MATLAB v7.3): cjdata.image, its min-max to 0-255."""
-    from medjax.data.brain_tumor_figshare import read_slice
-
     image = read_slice(path)[0].astype(np.float32)
     return Image.fromarray(_to_uint8(image, float(image.min()), float(image.max())), "L")
 

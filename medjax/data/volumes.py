@@ -42,10 +42,30 @@ import os
 import re
 
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut
 
-from medjax.data.records import (IMAGE_EXTENSIONS, DataError, Dataset, Record, fill_splits, join_under, read_csv,
-                                 require_dir, take_options)
+from medjax.data.records import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    Dataset,
+    Record,
+    fill_splits,
+    join_under,
+    read_csv,
+    require_dir,
+    take_options,
+)
 from medjax.data.splits import check_disjoint, split_by_group
+from medjax.data.transforms import (
+    decode,
+    eval_transform,
+    fill_transfer_syntax,
+    palette_rgb,
+    sample_train_params,
+    train_transform,
+)
 
 NAME = "volumes"
 OPTIONS = {
@@ -93,8 +113,6 @@ def is_dicom(path: str) -> bool:
         return True
     if lower.endswith(PILLOW) or len(head) < 8:
         return False
-    import pydicom
-
     try:
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - anything pydicom cannot parse is not DICOM
@@ -124,8 +142,6 @@ def _from_groups(groups: list, sequence: str, keyword: str):
 def _rescale(arr: np.ndarray, ds, groups: list[list]) -> np.ndarray:
     """Stored values -> modality values: per frame the rescale of the functional groups (enhanced multi-frame:
     PixelValueTransformationSequence), else the file's own modality LUT or rescale (pydicom's apply_modality_lut)."""
-    from pydicom.pixels import apply_modality_lut
-
     pairs = [(_from_groups(g, "PixelValueTransformationSequence", "RescaleSlope"),
               _from_groups(g, "PixelValueTransformationSequence", "RescaleIntercept")) for g in groups]
     if not any(slope is not None or intercept is not None for slope, intercept in pairs):
@@ -140,8 +156,6 @@ def _dicom_values(ds, path: str) -> np.ndarray:
     """(frames, H, W) float64: pixel values through the modality rescale (per frame where the functional groups give
     one), colour (RGB, YBR, PALETTE COLOR through its lookup table) reduced to its luma (ITU-R 601), MONOCHROME1
     inverted; frames in slice order (`_frame_order`)."""
-    from medjax.data.transforms import fill_transfer_syntax, palette_rgb
-
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         kind = ds.get("SOPClassUID")
         raise DataError(f"volume {path}: no pixel data (SOP class {getattr(kind, 'name', kind) or 'unknown'}); "
@@ -259,8 +273,6 @@ def wanted_series(value) -> list[str]:
 
 def _dicom_folder(path: str, files: list[str], series: list[str]) -> np.ndarray:
     """A folder of DICOM files -> (S, H, W) values of one series (module docstring: series, localizers, order)."""
-    import pydicom
-
     heads = []
     for f in files:
         try:  # pixel data stays on disk until a chosen slice is decoded
@@ -402,14 +414,10 @@ def _read(path: str, series: list[str]) -> tuple[np.ndarray, bool]:
                 "read: name the folder of one series)" if sub else ""
             raise DataError(f"volume {path}: a folder without slices{hint}; expected PNG / JPEG / BMP / TIFF or DICOM "
                             "files")
-        from medjax.data.transforms import decode
-
         return _stack([np.asarray(decode(f, 1), np.float64) for f in images], path), True
     if lower.endswith(NIFTI):
         return _nifti(path), False
     if is_dicom(path):
-        import pydicom
-
         return _dicom_values(pydicom.dcmread(path, force=True), path), False
     raise DataError(f"volume {path}: not a folder of slices, a DICOM or a NIfTI (.nii, .nii.gz) file")
 
@@ -439,10 +447,6 @@ def _stack(slices: list[np.ndarray], path: str) -> np.ndarray:
 
 def slice_images(volume: np.ndarray, image_size: int) -> np.ndarray:
     """(S, H, W) uint8 slices -> (S, image_size, image_size, 1) uint8 through the eval transform."""
-    from PIL import Image
-
-    from medjax.data.transforms import eval_transform
-
     return np.stack([eval_transform(Image.fromarray(s, "L"), image_size) for s in volume])
 
 
@@ -539,10 +543,6 @@ def load_volume_transform(base):
     module's imports) giving {'image': uint8 (S, size, size, 1), 'label', 'mask'} per volume: S = max_slices slices
     (`fixed_slices`), each through the train or eval transform; a train volume draws one set of augmentation
     parameters for all its slices."""
-    from PIL import Image
-
-    from medjax.data.transforms import eval_transform, sample_train_params, train_transform
-
     class LoadVolume(base):
         def __init__(self, records, *, options: dict, **kw):
             super().__init__(records, **kw)

@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+import jax.numpy as jnp
+
 # the default layer patterns of a family that has no blocks: everything is "after the blocks"
 _NO_LAYERS: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
 
@@ -98,8 +100,6 @@ class Family:
 
 def generic_taps(model):
     """n = 1: the linear head's pooled feature as the "CLS" and the mean of the attention head's tokens."""
-    import jax.numpy as jnp
-
     def taps(variables, images):
         out = model.apply(variables, images)
         tokens = out["attention_head_input"]

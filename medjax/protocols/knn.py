@@ -13,6 +13,8 @@ the last block (`x_norm_clstoken` for DINOv2), neighbours by cosine similarity.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from medjax import metrics, schema
@@ -28,9 +30,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 def neighbours(bank: np.ndarray, query: np.ndarray, k: int, exclude_self: bool = False, chunk: int = 2048):
     """(similarities (Nq, k), indices (Nq, k)) of the k most cosine-similar bank rows, most similar first. Inputs are
     L2-normalised here. exclude_self: query row i is bank row i and is not its own neighbour."""
-    import jax
-    import jax.numpy as jnp
-
     bank = jnp.asarray(l2_normalize(bank))
     query = l2_normalize(query)
     if k > bank.shape[0] - int(exclude_self):
