@@ -556,7 +556,12 @@ def _spread_labels(fig, ax, labels, step: float = 3.0, tries: int = 40) -> list:
     moved up or down in steps of `step` points, so that its box overlaps no label placed before it, no point marker,
     and stays inside the axes. A label moved away from its point gets a thin leader line. Returns
     [(text, (x0, y0, x1, y1))] of the final boxes in figure pixels."""
+    from matplotlib.text import Text
     from matplotlib.transforms import Bbox
+
+    def text_box(ann):  # the text alone (an Annotation's own extent includes its leader line)
+        ann.update_positions(renderer)
+        return Text.get_window_extent(ann, renderer)
 
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
@@ -568,13 +573,13 @@ def _spread_labels(fig, ax, labels, step: float = 3.0, tries: int = 40) -> list:
     order = sorted(labels, key=lambda a: (-ax.transData.transform(a.xy)[1], a.get_text()))
     for ann in order:
         x0, y0 = ann.xyann
-        width = ann.get_window_extent(renderer).width * 72 / fig.dpi
+        width = text_box(ann).width * 72 / fig.dpi
         best = None
         for k in range(tries):
             dy = ((k + 1) // 2) * step * (1 if k % 2 else -1)
             for dx in (x0, -x0 - width):
                 ann.xyann = (dx, y0 + dy)
-                box = ann.get_window_extent(renderer)
+                box = text_box(ann)
                 fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
                 if fits and not any(box.overlaps(b) for b in placed + markers):
                     best = (dx, y0 + dy)
@@ -582,14 +587,14 @@ def _spread_labels(fig, ax, labels, step: float = 3.0, tries: int = 40) -> list:
             if best:
                 break
         ann.xyann = best or (x0, y0)
-        box = ann.get_window_extent(renderer)
+        box = text_box(ann)
         if best and abs(best[1] - y0) > step:  # the same label again, with a leader line to its point
             ann.remove()
             ann = ax.annotate(ann.get_text(), ann.xy, textcoords="offset points", xytext=best,
                               fontsize=ann.get_fontsize(), color=ann.get_color(),
                               arrowprops={"arrowstyle": "-", "lw": 0.4, "color": ann.get_color(), "shrinkA": 0,
                                           "shrinkB": 2})
-            box = ann.get_window_extent(renderer)
+            box = text_box(ann)
         placed.append(box)
         out.append((ann.get_text(), (float(box.x0), float(box.y0), float(box.x1), float(box.y1))))
     return out
