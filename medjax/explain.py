@@ -447,9 +447,10 @@ def main(argv=None) -> int:
         if args.strict:
             predict_lib.check_strict(records, model.channels)
         predict_lib.say(f"reading {len(records)} image(s) and explaining them ...")
+        relative = relative_paths([r.path for r in records], roots)
         with predict_lib.quiet_load_warnings():
             written, failures = explain_files(model, records, args.output, args.method, args.class_name,
-                                              args.batch_size, args.top, relative_paths([r.path for r in records], roots))
+                                              args.batch_size, args.top, relative)
         if args.strict and failures:
             raise PredictError(f"{failures[0][0]}: {failures[0][2]} (--strict)")
     except (UserError, DataError, pretrained.PretrainedError, OSError) as e:

@@ -172,7 +172,8 @@ def _read_json(path: str, what: str) -> dict:
     except (ValueError, UnicodeDecodeError) as e:
         raise PredictError(f"{path}: not valid JSON ({e}); expected {what}") from None
     if not isinstance(value, dict):
-        raise PredictError(f"{path}: holds a JSON {type(value).__name__}, not an object; expected {what or 'a JSON object'}")
+        raise PredictError(f"{path}: holds a JSON {type(value).__name__}, not an object; expected "
+                           f"{what or 'a JSON object'}")
     return value
 
 
@@ -575,8 +576,9 @@ def quiet_load_warnings():
 
 
 def say(message: str) -> None:
-    """A phase of a command-line tool, announced on stderr (stdout carries the results)."""
-    print(message, file=sys.stderr, flush=True)
+    """A phase of a command-line tool, one short line on stdout with the results (stderr carries only warnings and
+    the one `error:` line of bad input)."""
+    print(message, flush=True)
 
 
 def error_line(e: BaseException) -> str:
@@ -602,6 +604,8 @@ def main(argv=None) -> int:
         if args.csv and not os.path.isfile(args.csv):
             raise PredictError(f"--csv {args.csv}: " + ("a folder; expected a CSV file" if os.path.isdir(args.csv)
                                                         else "file not found"))
+        if args.batch_size is not None and args.batch_size < 1:
+            raise PredictError(f"--batch-size {args.batch_size}: expected a positive number")
         if args.dataset and not os.path.isdir(args.root):
             raise PredictError(f"--root {args.root}: no such folder")
         say(f"loading the model from {args.workdir} ...")

@@ -527,7 +527,8 @@ def plot_dataset(runs: list[Run], dataset: str, title: str, path: str) -> dict:
     if xs:
         lo, hi = min(xs), max(xs)
         ax.set_xlim(lo / 1.6, hi * 1.6)
-        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if lo / 1.6 <= t <= hi * 1.6]
+        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+                 if lo / 1.6 <= t <= hi * 1.6]
         ax.set_xticks(ticks or [lo])
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())

@@ -337,11 +337,10 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
              chunk_size, progress) -> dict:
     from medjax import data
 
-    _say(f"reading {name} from {raw_root} ...")
     dataset = data.get_dataset(name, raw_root, workdir=partial, check_images="exists",
                                skip_bad_images=skip_bad_images, allow_outside_root=allow_outside_root, **options)
     items = [(split, i, r) for split, records in dataset.splits.items() for i, r in enumerate(records)]
-    _say(f"decoding and resizing {len(items)} images ...")
+    _say(f"{name}: {len(items)} images listed in {raw_root}; decoding and resizing them ...")
     chunk_paths = _convert_all(dataset, items, partial, request, workers, chunk_size, progress)
 
     # The converted images, checked: every bad image at once, or left out with skip_bad_images.
