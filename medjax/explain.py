@@ -410,6 +410,23 @@ def peek_backbone(source: str):
         return None
 
 
+def peek_class_names(source: str) -> list | None:
+    """The model's class names from the run's split file or the exported folder's metadata (no model loaded), or None
+    when they cannot be read so (the full load then reports the problem)."""
+    from medjax import pretrained
+
+    try:
+        if os.path.isfile(os.path.join(source, "run_config.json")):
+            flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
+            split = predict_lib._read_json(os.path.join(source, "splits", f"{flat['dataset']}.json"), "a split file")
+            names = split["class_names"]
+        else:
+            names = pretrained.read_metadata(source)[predict_lib.EXPORT_KEY]["class_names"]
+        return [str(n) for n in names] if isinstance(names, list) else None
+    except (UserError, OSError, KeyError, TypeError):
+        return None
+
+
 def main(argv=None) -> int:
     from medjax import pretrained
     from medjax.data import DataError
@@ -437,6 +454,9 @@ def main(argv=None) -> int:
             problem = method_problem(args.method, *peek) if peek else None
             if problem:
                 raise PredictError(problem)
+        names = peek_class_names(args.workdir) if args.class_name is not None else None
+        if names and args.class_name not in names:
+            raise PredictError(f"--class {args.class_name!r} is not a class of the model ({', '.join(names)})")
         predict_lib.say(f"loading the model from {args.workdir} ...")
         model = predict_lib.load_model(args.workdir)
         records, roots = [], []

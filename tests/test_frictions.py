@@ -140,6 +140,9 @@ def test_cheap_arguments_are_refused_before_the_model_loads(run, tmp_path, monke
     code = explain.main(["--workdir", str(workdir), "--images", image, "--output", str(tmp_path / "g"),
                          "--method", "gradcam"])
     _one_error(capsys, code, "--method gradcam: the dinov2 family")
+    code = explain.main(["--workdir", str(workdir), "--images", image, "--output", str(tmp_path / "c"), "--class",
+                         "Cardiomegaly "])
+    _one_error(capsys, code, "--class 'Cardiomegaly ' is not a class of the model (No Finding, ")
     code = explain.main(["--workdir", str(workdir), "--images", image, "--output", str(a_file)])
     _one_error(capsys, code, f"--output {a_file}: a file; expected a folder")
     for args, expected in (
@@ -152,7 +155,7 @@ def test_cheap_arguments_are_refused_before_the_model_loads(run, tmp_path, monke
     _one_error(capsys, code, f"{a_file} is a file")
     code = report.main([str(workdir), "--output", str(a_file)])
     _one_error(capsys, code, f"--output {a_file}: a file; expected a folder")
-    assert not (tmp_path / "g").exists() and not (tmp_path / "p.csv").exists()
+    assert not (tmp_path / "g").exists() and not (tmp_path / "c").exists() and not (tmp_path / "p.csv").exists()
 
 
 def test_predict_announces_its_phases_and_warns_once_per_bad_file(run, tmp_path, capsys, caplog):
