@@ -43,7 +43,8 @@ def main() -> None:
                   for i, r in enumerate(records)]
     record = records[int(max(range(len(records)), key=confidence.__getitem__))]
     folder = tempfile.mkdtemp(prefix="medjax_explain_")
-    written, _ = explain.explain_files(model, [record], folder)
+    written, _ = explain.explain_files(model, [record], folder,
+                                       relative=[os.path.relpath(record.path, model.config.data_root)])
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     shutil.copyfile(written[0], args.output)
     findings = [n for n, v in zip(model.class_names, record.label) if v]

@@ -59,6 +59,11 @@ def _maybe_kill(point: str, count: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _say(message: str) -> None:
+    """A phase of the work, announced on stderr (stdout carries the summary)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def stored_size(width: int, height: int, max_size: int) -> tuple[int, int]:
     """(width, height) with the shorter side `max_size` if it is larger (aspect kept, never upscaled)."""
     short = min(width, height)
@@ -154,6 +159,14 @@ def _builder_class():
         @classmethod
         def code_path(cls):  # no checksums file beside the code (TFDS would look it up via importlib_resources)
             return None
+
+        # TFDS prints "Downloading and preparing dataset ..." and "Dataset ... downloaded and prepared to ..." to
+        # stdout from these two hooks; nothing is downloaded here, and prepare announces its own phases on stderr.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
 
         def __init__(self, *, dataset: Dataset, image_format: str, description: str, examples, **kwargs):
             self._medjax = dataset
@@ -327,6 +340,7 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
     dataset = data.get_dataset(name, raw_root, workdir=partial, check_images="exists",
                                skip_bad_images=skip_bad_images, allow_outside_root=allow_outside_root, **options)
     items = [(split, i, r) for split, records in dataset.splits.items() for i, r in enumerate(records)]
+    _say(f"{name}: {len(items)} images listed in {raw_root}; decoding and resizing them ...")
     chunk_paths = _convert_all(dataset, items, partial, request, workers, chunk_size, progress)
 
     # The converted images, checked: every bad image at once, or left out with skip_bad_images.
@@ -373,6 +387,7 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
     builder = _builder_class()(dataset=dataset, image_format=request["format"], description=description,
                                examples=examples, data_dir=output, file_format="array_record")
     tfds.disable_progress_bar()
+    _say(f"writing {sum(len(v) for v in keep.values())} images as TFDS ArrayRecord files to {builder_root} ...")
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress; stdout is the summary's
         builder.download_and_prepare(download_dir=os.path.join(partial, "downloads"))
     builder_dir = os.path.relpath(str(builder.data_dir), output).replace(os.sep, "/")
