@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ema", action="store_true",
                         help="use the EMA weights (`model_ema`) of a checkpoint that holds both")
     args = parser.parse_args(argv)
-    if args.model not in VARIANTS and args.model not in FAMILIES:
-        close = difflib.get_close_matches(args.model, list(VARIANTS) + list(FAMILIES), n=3, cutoff=0.6)
+    if args.model not in VARIANTS and args.model not in CONVERTERS:
+        close = difflib.get_close_matches(args.model, list(VARIANTS) + list(CONVERTERS), n=3, cutoff=0.6)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         print(f"error: unknown --model {args.model!r}; {hint}known variants: {', '.join(sorted(VARIANTS))}; or a "
-              f"family name ({', '.join(sorted(FAMILIES))}) with --config", file=sys.stderr)
+              f"family name ({', '.join(sorted(CONVERTERS))}) with --config", file=sys.stderr)
         return 2
     try:
         meta = convert(args.checkpoint, args.output_dir, args.model, args.config, dinov2_resize=args.dinov2_resize,
