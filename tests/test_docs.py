@@ -62,7 +62,8 @@ def test_every_page_in_the_navigation():
     missing = [p.name for p in _pages() if p.name not in listed]
     assert not missing, f"mkdocs.yml's nav leaves out {missing}"
     for name in PENDING:
-        assert re.search(rf"^\s*#?\s*-\s*[^:\n]+:\s*{re.escape(name)}\s*$", nav, re.M), f"mkdocs.yml does not name {name}"
+        named = re.search(rf"^\s*#?\s*-\s*[^:\n]+:\s*{re.escape(name)}\s*$", nav, re.M)
+        assert named, f"mkdocs.yml does not name {name}"
 
 
 def test_mkdocs_strict_build(tmp_path):
