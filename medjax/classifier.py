@@ -125,8 +125,8 @@ def load_backbone(model_cfg, channels: int):
         if not os.path.exists(os.path.join(path, pretrained.METADATA_FILE)):
             raise ModelConfigError(
                 f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
-                f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` (README, "
-                "Converting checkpoints)")
+                f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` "
+                "(docs/converting.md)")
         config, variables, meta = pretrained.load(path)
         if model_cfg.family and meta["family"] != model_cfg.family:
             raise ModelConfigError(

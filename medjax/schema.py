@@ -67,7 +67,7 @@ def study_config():
     c.data_root = ""  # the dataset folder in its public layout
     c.fake_data = 0  # >0: write this many synthetic images at data_root if nothing is there
     # Reader options (None: the reader's default). Each applies to the datasets whose reader takes it; setting one
-    # the dataset does not take stops at start-up, naming the datasets that do (README, Data).
+    # the dataset does not take stops at start-up, naming the datasets that do (docs/data.md).
     # Includes check_images (start-up image check), skip_bad_images and allow_outside_root, valid for every dataset.
     c.data_options = _data_options()
     c.image_size = 224  # train crop / eval size in pixels

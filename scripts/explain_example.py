@@ -1,4 +1,4 @@
-"""Regenerates the README's "Use the model" picture: `python -m medjax.explain` on the demo run.
+"""Regenerates the picture of docs/using_the_model.md: `python -m medjax.explain` on the demo run.
 
     python scripts/explain_example.py [--workdir RUN] [--output docs/use_the_model.png]
 

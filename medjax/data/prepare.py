@@ -11,7 +11,7 @@ kept), and encoded losslessly as PNG (or JPEG at `quality`, 4:4:4). The splits, 
 are those the reader gives for the reader options used; statistics computed from the data are computed on the raw
 images. The loader then applies the same train/eval transforms to the stored image. Since the reference resize
 (to 256 x 256, aspect not kept) now starts from the stored image, a prepared batch differs from the raw one when an
-image was larger than `max_size`: by a fraction of a grey level on average (README, "Prepared datasets"); images
+image was larger than `max_size`: by a fraction of a grey level on average (docs/data.md, "Prepared datasets"); images
 not larger than `max_size` are stored pixel for pixel and give identical batches.
 
 Resumable and never half-visible: the work is done in `OUTPUT/.medjax_prepare_partial/`: images are converted in

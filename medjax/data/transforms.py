@@ -180,7 +180,7 @@ def decode(path: str, channels: int, draft: int | None = None) -> Image.Image:
     min-max to 0-255). 16-bit images are scaled by their bit depth (v / 257), not clipped at 255 as Pillow's own
     'I;16' -> 'L' conversion does. Grayscale is replicated to RGB, RGB reduced with Pillow's ITU-R 601 luma.
     draft: for a JPEG at least twice this size on both sides, decode at 1/2, 1/4 or 1/8 scale in the DCT domain
-    (Pillow `draft`), keeping both sides >= draft: the loader passes its resize target (`jpeg_draft`, README).
+    (Pillow `draft`), keeping both sides >= draft: the loader passes its resize target (`jpeg_draft`, docs/data.md).
     Raises the underlying error (OSError, ValueError, ...) on unreadable files; the loader adds the record's origin.
     """
     if path.lower().endswith(".mat"):
