@@ -1,6 +1,7 @@
 """Key tables and config reader for the SigLIP family: transformers' `SiglipVisionModel` safetensors (no prefix, as
 transformers 5 saves it; `vision_model.` in older files) and whole `SiglipModel` checkpoints (google/siglip-*,
-google/siglip2-* fixed resolution, google/medsiglip-448), whose vision tower is taken and whose text tower is skipped."""
+google/siglip2-* fixed resolution, google/medsiglip-448), whose vision tower is taken and whose text tower is
+skipped."""
 
 from __future__ import annotations
 

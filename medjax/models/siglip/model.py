@@ -95,7 +95,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        x = x + Attention(c.num_heads, True, True, self.dtype, name="attn")(layer_norm(c.norm_eps, "norm1", self.dtype)(x))
+        y = layer_norm(c.norm_eps, "norm1", self.dtype)(x)
+        x = x + Attention(c.num_heads, True, True, self.dtype, name="attn")(y)
         return x + SiglipMlp(c, self.dtype, name="mlp")(layer_norm(c.norm_eps, "norm2", self.dtype)(x))
 
 
