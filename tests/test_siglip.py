@@ -312,28 +312,25 @@ def test_gradcam_reads_the_token_grid(fixture_dir, matmul_f32):
 
 
 @pytest.mark.slow
-def test_run_predict_export_and_explain_through_the_clis(tmp_path):
-    """A SigLIP run as a user starts it (the demo's data and recipe, the fixture converted on first use, 32 px), then
-    predict, the safetensors export (predict reads it with the run's probabilities) and explain (Grad-CAM by
-    default)."""
-    workdir, data_root = tmp_path / "run", tmp_path / "data"
+def test_run_export_predict_and_explain_through_the_clis(tmp_path):
+    """A SigLIP run as a user starts it (the demo's data and recipe, the fixture converted on first use, 32 px); its
+    safetensors export, which predict reads with the run's own test metrics; explain (Grad-CAM by default)."""
+    workdir, data_root, folder = tmp_path / "run", tmp_path / "data", tmp_path / "export"
     run_cli("medjax.main", "--config=configs/demo.py", f"--workdir={workdir}", f"--config.data_root={data_root}",
             "--config.fake_data=96", "--config.epochs=1", "--config.batch_size=8", "--config.progress_bar=False",
             "--config.image_size=32", "--config.model.family=siglip",
             f"--config.model.convert_from.checkpoint={fixture_path('siglip', 'model.safetensors')}",
             "--config.model.convert_from.model=siglip",
             f"--config.model.convert_from.config={fixture_path('siglip', 'config.json')}")
-    predicted = {}
-    for name, source in (("run", workdir), ("export", tmp_path / "export")):
-        if name == "export":
-            run_cli("medjax.export", "--workdir", str(workdir), "--output", str(source))
-            config, _, _ = pretrained.load(str(source))
-            assert config.family == "siglip" and config.in_chans == 1
-        out = tmp_path / f"{name}.csv"
-        run_cli("medjax.predict", "--workdir", str(source), "--dataset", "chexpert", "--root", str(data_root),
-                "--output", str(out), "--no-progress")
-        predicted[name] = [line.split(",")[1:] for line in open(out).read().splitlines()[1:]]
-    assert predicted["run"] == predicted["export"] and len(predicted["run"]) > 0
+    run_cli("medjax.export", "--workdir", str(workdir), "--output", str(folder))
+    config, _, _ = pretrained.load(str(folder))
+    assert config.family == "siglip" and config.in_chans == 1
+    run_cli("medjax.predict", "--workdir", str(folder), "--dataset", "chexpert", "--root", str(data_root),
+            "--output", str(tmp_path / "preds.csv"), "--metrics", str(tmp_path / "m.json"), "--no-progress")
+    test = json.load(open(workdir / "metrics.json"))["test"]
+    predicted = json.load(open(tmp_path / "m.json"))
+    assert predicted["num_examples"] == test["num_examples"] > 0
+    assert abs(predicted["mean_auc"] - test["mean_auc"]) <= 1e-6
     images = sorted(str(p) for p in (data_root / "valid").rglob("*.jpg"))[:2]
     run_cli("medjax.explain", "--workdir", str(workdir), "--images", *images, "--output", str(tmp_path / "maps"))
     assert len(list((tmp_path / "maps").iterdir())) == 2
