@@ -292,7 +292,7 @@ def _pct(entry_or_record) -> str:
 def markdown(all_runs: list[Run]) -> str:
     runs = reference_runs(all_runs)
     cols = columns_for(runs)
-    order = model_order(runs)
+    order, marked = model_order(runs), next_generation(runs)
     lines = ["# Results vs the study", ""]
     if not runs:  # only companion-study runs: their sections follow
         lines = lines[:1] + [""] + [x for study in SECTIONS for x in companion_section(all_runs, study)]
@@ -301,8 +301,7 @@ def markdown(all_runs: list[Run]) -> str:
              "one), then the study's in parentheses (Mansoori et al., arXiv 2505.19779, read off its figure, about "
              "±0.002). Parameters in millions: ours (the converted backbone without head) / the study's. — : not "
              "run (or undefined)." + (" ‡ : a next-generation backbone beyond the study (configs/grid.py "
-                                      "`NEXT_GENERATION`), beside DINOv2." if next_generation(runs) else ""), ""]
-    marked = next_generation(runs)
+                                      "`NEXT_GENERATION`), beside DINOv2." if marked else ""), ""]
     for setting, table in tables(runs).items():
         title = ("Best setting per cell, chosen by the validation metric (setting in brackets)" if setting == BEST
                  else f"Setting: {setting}" + (" (head / backbone)" if "/" in setting else ""))
