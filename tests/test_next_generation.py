@@ -31,8 +31,8 @@ def test_the_next_generation_table_is_the_reference_grid_for_new_models():
     cells = _cells()
     main = [c for c in grid.cells() if c["study"] == "mansoori"]
     assert {c["model"] for c in cells} == set(NEXT) and len(cells) == 5 * 4 * 2 * 2
-    shape = lambda cs: {(c["dataset"], c["head"], c["freeze"]) for c in cs}  # noqa: E731
-    assert shape(cells) == shape(main)  # the same datasets, heads and freeze settings
+    settings = [{(c["dataset"], c["head"], c["freeze"]) for c in cs} for cs in (cells, main)]
+    assert settings[0] == settings[1]  # the same datasets, heads and freeze settings
     assert not set(NEXT) & set(grid.BACKBONES) and "nextgen" in grid.FILTER_AXES["study"]
 
 

@@ -300,11 +300,11 @@ def test_gradcam_reads_the_token_grid(fixture_dir, matmul_f32):
     tokens = jax.jit(models.build_backbone(config).apply)(variables, images)["last_hidden_state"]
     pool = MapHead(config)
 
-    def logit(t, b, c):
+    def logit(t, c):
         pooled = pool.apply({"params": variables["params"]["head"]}, t[None])[0]
         return (pooled @ head["kernel"] + head["bias"])[c]
 
-    grads = jax.jit(jax.vmap(jax.grad(logit)))(tokens, jnp.arange(2), classes)  # (B, N, D)
+    grads = jax.jit(jax.vmap(jax.grad(logit)))(tokens, classes)  # (B, N, D)
     weights = grads.mean(axis=1)
     expected = np.maximum(np.einsum("bnd,bd->bn", np.asarray(tokens), np.asarray(weights)), 0).reshape(2, 4, 4)
     assert got.shape == (2, 4, 4) and expected.max() > 0

@@ -50,8 +50,6 @@ IGNORED_KEYS_DOC = ("text_model.*, logit_scale, logit_bias (a whole SiglipModel)
 # ------------------------------------------------------------------------------------------------ configs
 
 _ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
-_VISION_KEYS = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
-                "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout", "vision_use_head"}
 
 
 def transformers_config(cfg: dict) -> SiglipConfig:
