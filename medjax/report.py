@@ -74,6 +74,9 @@ STUDY = {
 }
 BEST = "best by validation"
 REFERENCE_STUDIES = ("", "mansoori")  # runs of the reference study's grid, and runs without a grid cell
+# configs/grid.py's next-generation table (DINOv3, SigLIP 2, MedSigLIP): in the reference study's tables, its rows
+# beside DINOv2's (after the study's last DINOv2 row), marked ‡.
+NEXT_GENERATION = "nextgen"
 
 # The companion studies' sections (grid_cell.study): title, datasets in the study's order, the metric shown (None:
 # each dataset's target metric), the freeze settings shown side by side.
@@ -266,11 +269,24 @@ def columns_for(runs: list[Run]) -> list[tuple[str, str, str]]:
     return cols
 
 
+def next_generation(runs: list[Run]) -> set[str]:
+    """The models of the next-generation table's runs (not rows of the study)."""
+    return {r.model for r in runs if r.study == NEXT_GENERATION and r.model not in STUDY}
+
+
 def model_order(runs: list[Run]) -> list[str]:
-    """The study's rows in its order, then our other backbones by parameter count."""
+    """The study's rows in its order with the next-generation models beside DINOv2 (by parameter count), then our
+    other backbones by parameter count."""
     ours = {r.model: r.params_m for r in runs}
-    extra = sorted((m for m in ours if m not in STUDY), key=lambda m: (_key(ours[m]) if ours[m] else math.inf, m))
-    return list(STUDY) + extra
+    nextgen = next_generation(runs)
+
+    def by_params(m):
+        return _key(ours[m]) if ours[m] else math.inf, m
+
+    extra = sorted((m for m in ours if m not in STUDY and m not in nextgen), key=by_params)
+    rows = list(STUDY)
+    at = max(i for i, m in enumerate(rows) if m.startswith("DINOv2")) + 1
+    return rows[:at] + sorted(nextgen, key=by_params) + rows[at:] + extra
 
 
 def tables(runs: list[Run]) -> dict[str, dict[str, dict[str, Run]]]:
@@ -307,7 +323,7 @@ def _pct(entry_or_record) -> str:
 def markdown(all_runs: list[Run]) -> str:
     runs = reference_runs(all_runs)
     cols = columns_for(runs)
-    order = model_order(runs)
+    order, marked = model_order(runs), next_generation(runs)
     lines = ["# Results vs the study", ""]
     if not runs:  # only companion-study runs: their sections follow
         lines = lines[:1] + [""] + [x for study in SECTIONS for x in companion_section(all_runs, study)]
@@ -315,7 +331,8 @@ def markdown(all_runs: list[Run]) -> str:
     lines += ["Target metric on the test split: ours (with its 95% percentile bootstrap interval where the run has "
              "one), then the study's in parentheses (Mansoori et al., arXiv 2505.19779, read off its figure, about "
              "±0.002). Parameters in millions: ours (the converted backbone without head) / the study's. — : not "
-             "run (or undefined).", ""]
+             "run (or undefined)." + (" ‡ : a next-generation backbone beyond the study (configs/grid.py "
+                                      "`NEXT_GENERATION`), beside DINOv2." if marked else ""), ""]
     for setting, table in tables(runs).items():
         title = ("Best setting per cell, chosen by the validation metric (setting in brackets)" if setting == BEST
                  else f"Setting: {setting}" + (" (head / backbone)" if "/" in setting else ""))
@@ -327,7 +344,7 @@ def markdown(all_runs: list[Run]) -> str:
                 continue
             study_p, study_v = STUDY.get(model, (None, {}))
             ours_p = _params(model, mine)
-            label = f"{model} ({_fmt(ours_p, 1)} / {study_p if study_p else '—'})"
+            label = f"{model}{' ‡' if model in marked else ''} ({_fmt(ours_p, 1)} / {study_p if study_p else '—'})"
             cells = []
             for dataset, _, _ in cols:
                 r, s = mine.get(dataset), study_v.get(dataset)

@@ -24,6 +24,9 @@ OpenCLIP ViT-H/14, SAM ViT-L at 1024 px, BiomedCLIP) on NIH ChestX-ray14, CheXpe
 tumours. These cells run the protocol, not the trainer: `python -m medjax.grid run` (or `python -m medjax.grid probe
 ARG --workdir DIR`) writes their metrics.json; `medjax.main` would train a frozen linear head instead.
 
+The next generation (`study=nextgen`, docs/next_generation.md): DINOv3-B/L, DINOv3-ConvNeXt-B, SigLIP 2-B and
+MedSigLIP on the reference study's datasets x {linear, attention} x {frozen, full} with its recipe.
+
 Weights: convert each official checkpoint once into `{weights_dir}/{folder}` (the variant names of `converters`),
 e.g. `python -m converters dinov2_vitb14_pretrain.pth $MEDJAX_WEIGHTS/dinov2_vitb14 --model dinov2_vitb14`; the
 `_lc` folders with `--linear-head dinov2_vitb14_linear_head.pth` (`grid_cell.convert` of a cell says how). The
@@ -116,6 +119,19 @@ COMPANION_MODELS = {
                         "biomedclip_vit_base_patch16_224", "baseline"),
 }
 
+# The next generation beyond the studies (issue 25; `study=nextgen`): DINOv3 (ViT-B/L and the distilled ConvNeXt-B),
+# SigLIP 2-B and MedSigLIP on the reference study's datasets, heads and freeze settings with its recipe (224 px:
+# MedSigLIP's 32x32 position table is resized to 16x16 at run time). The report shows them beside DINOv2.
+NEXT_GENERATION = {
+    "dinov3_b": Model("DINOv3-B", "dinov3_vitb16", "dinov3", 85.66, "dinov3_vitb16", "foundation"),
+    "dinov3_l": Model("DINOv3-L", "dinov3_vitl16", "dinov3", 303.13, "dinov3_vitl16", "foundation"),
+    "dinov3_convnext_b": Model("DINOv3-ConvNeXt-B", "dinov3_convnext_base", "dinov3_convnext", 87.57,
+                               "dinov3_convnext_base", "foundation"),
+    "siglip2_b": Model("SigLIP 2-B", "siglip2_base_patch16_224", "siglip", 92.88, "siglip2_base_patch16_224",
+                       "foundation"),
+    "medsiglip": Model("MedSigLIP", "medsiglip_448", "siglip", 428.57, "medsiglip_448", "foundation"),
+}
+
 # The glioma study's table (Fu et al.; `glioma_protocol`): its public datasets (the glioma MRI set is private)
 # -> folder under data_dir. CNNs take a linear head, the `_lc` models the MLP head; frozen and full.
 GLIOMA_MODELS = ("vgg16", "resnet50", "densenet121", "dinov2_s_lc", "dinov2_b_lc", "dinov2_l_lc")
@@ -138,8 +154,9 @@ STUDIES = {  # study key -> its title in the report
     "mansoori": "Mansoori et al. (the reference study)",
     "glioma": "Fu et al. (the glioma study's protocol)",
     "radiology": "Baharoon et al. (the radiology study's linear probes)",
+    "nextgen": "the next generation (DINOv3, SigLIP 2, MedSigLIP) on the reference study's grid",
 }
-AXES = {"model": tuple(dict.fromkeys([*BACKBONES, *GLIOMA_MODELS, *RADIOLOGY_MODELS])),
+AXES = {"model": tuple(dict.fromkeys([*BACKBONES, *GLIOMA_MODELS, *RADIOLOGY_MODELS, *NEXT_GENERATION])),
         "dataset": tuple(dict.fromkeys([*DATASETS, *GLIOMA_DATASETS, *RADIOLOGY_DATASETS])),
         "head": ("linear", "attention", "mlp", "probe"), "freeze": FREEZE}
 FILTER_AXES = {**AXES, "study": tuple(STUDIES)}  # `python -m medjax.grid --filter` keys
@@ -149,20 +166,24 @@ def model_info(key) -> Model:
     """A model key of any study as a Model (the main study's backbones too)."""
     if key in COMPANION_MODELS:
         return COMPANION_MODELS[key]
+    if key in NEXT_GENERATION:
+        return NEXT_GENERATION[key]
     name, variant, family, params_m, _ = BACKBONES[key]
     return Model(name, variant, family, params_m, variant, "foundation")
 
 
 def cells():
-    """Every cell of the grid, in table order (the reference study's, the glioma study's, the radiology study's):
-    dicts {model, dataset, head, freeze, study}."""
+    """Every cell of the grid, in table order (the reference study's, the glioma study's, the radiology study's, the
+    next generation's): dicts {model, dataset, head, freeze, study}."""
     main = [{"model": m, "dataset": d, "head": h, "freeze": f, "study": "mansoori"}
             for m in BACKBONES for d in DATASETS for h in HEADS for f in FREEZE]
     glioma = [{"model": m, "dataset": d, "head": "mlp" if m.endswith("_lc") else "linear", "freeze": f,
                "study": "glioma"} for m in GLIOMA_MODELS for d in GLIOMA_DATASETS for f in FREEZE]
     radiology = [{"model": m, "dataset": d, "head": "probe", "freeze": "frozen", "study": "radiology"}
                  for m in RADIOLOGY_MODELS for d in RADIOLOGY_DATASETS]
-    return main + glioma + radiology
+    nextgen = [{"model": m, "dataset": d, "head": h, "freeze": f, "study": "nextgen"}
+               for m in NEXT_GENERATION for d in DATASETS for h in HEADS for f in FREEZE]
+    return main + glioma + radiology + nextgen
 
 
 def cell_arg(cell):
@@ -204,7 +225,7 @@ def get_config(arg=None):
     """The config of one grid cell (`--config=grid:CELL`)."""
     cell = parse_arg(arg)
     model = model_info(cell["model"])
-    in_study = BACKBONES[cell["model"]][4] if cell["study"] == "mansoori" else True
+    in_study = BACKBONES[cell["model"]][4] if cell["study"] == "mansoori" else cell["study"] != "nextgen"
 
     c = study_config()
     # Locations: references, so that --config.weights_dir / --config.data_dir move every path built from them.
@@ -220,7 +241,8 @@ def get_config(arg=None):
     c.model.pretrained = c.get_ref("weights_dir") + f"/{model.folder}"
     c.model.head = cell["head"] if cell["head"] != "probe" else "linear"
     c.model.freeze = cell["freeze"]
-    recipe = {"mansoori": _reference_study, "glioma": _glioma_study, "radiology": _radiology_study}[cell["study"]]
+    recipe = {"mansoori": _reference_study, "glioma": _glioma_study, "radiology": _radiology_study,
+              "nextgen": _reference_study}[cell["study"]]
     recipe(c, cell, model)
     return c
 

@@ -59,7 +59,7 @@ def _study(name):
 def test_grid_has_every_cell_once():
     cells = grid.cells()
     keys = {(c["model"], c["dataset"], c["head"], c["freeze"]) for c in cells}
-    assert len(cells) == len(keys) == 16 * 4 * 2 * 2 + 6 * 4 * 2 + 14 * 3
+    assert len(cells) == len(keys) == 16 * 4 * 2 * 2 + 6 * 4 * 2 + 14 * 3 + 5 * 4 * 2 * 2  # + the next generation
     main = {(c["model"], c["dataset"], c["head"], c["freeze"]) for c in _study("mansoori")}
     assert len(main) == 16 * 4 * 2 * 2
     assert {k[0] for k in main} == MODELS and {k[1] for k in main} == DATASETS
@@ -246,7 +246,7 @@ def test_bad_cell_argument_names_the_choices(arg, message):
 def test_list_cli():
     proc = run_cli("medjax.grid", "list")
     lines = proc.stdout.splitlines()
-    assert len(lines) == 346 and "# 346 cells" in proc.stderr
+    assert len(lines) == 426 and "# 426 cells" in proc.stderr
     assert "configs/grid.py:model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen" in proc.stdout
     proc = run_cli("medjax.grid", "list", "--filter", "model=dinov2_*|sam2_b+,dataset=ddsm,head=attention")
     lines = proc.stdout.splitlines()

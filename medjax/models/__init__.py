@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from medjax.models.family import Family
 
 # A new family is a folder and one entry here.
-PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam")
+PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam", "siglip")
 
 
 
