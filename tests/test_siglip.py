@@ -145,8 +145,8 @@ SIZES = {  # variant -> upstream vision tower parameters (transformers' SiglipVi
 
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_variant_parameter_counts_equal_upstream(name):
-    family, kwargs = converters.VARIANTS[name]
-    config = converters.FAMILIES[family].parse_config(kwargs)
+    family, kwargs = models.VARIANTS[name]
+    config = models.FAMILIES[family].converter.parse_config(kwargs)
     with torch.device("meta"):
         hf = transformers.SiglipVisionModel(transformers.SiglipConfig(**kwargs).vision_config)
     assert models.count_params(models.param_shapes(config)) == sum(p.numel() for p in hf.parameters()) == SIZES[name]
@@ -190,7 +190,7 @@ def test_unsupported_configs_are_refused_by_name(change, named):
 
 
 def test_family_facts():
-    config = siglip.parse_config(converters.VARIANTS["siglip2_base_patch16_224"][1])
+    config = siglip.parse_config(models.VARIANTS["siglip2_base_patch16_224"][1])
     family = models.family("siglip")
     patterns = family.layer_patterns(config)
     paths = list(pretrained.flatten(models.param_shapes(config)))
@@ -344,7 +344,7 @@ def test_full_size_siglip2_base_random(tmp_path):
     """SigLIP 2-B/16's tower (google/siglip2-base-patch16-224's vision_config: the SiglipVisionConfig defaults) with
     perturbed random weights, at 224 px and at 256x192, against transformers (1e-4)."""
     torch.manual_seed(0)
-    _, kwargs = converters.VARIANTS["siglip2_base_patch16_224"]
+    _, kwargs = models.VARIANTS["siglip2_base_patch16_224"]
     model = perturb_(transformers.SiglipVisionModel(transformers.SiglipConfig(**kwargs).vision_config), seed=1)
     model.eval().save_pretrained(tmp_path / "hf")
     meta = converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "siglip2_base_patch16_224")
