@@ -265,6 +265,11 @@ def read_lines(path: str, what: str) -> list[str]:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); expected {what}") from None
 
 
+def list_entries(path: str, what: str) -> list[tuple[str, str]]:
+    """(entry, origin 'PATH line N') per non-empty line of a list file (an official split list)."""
+    return [(line.strip(), f"{path} line {n}") for n, line in enumerate(read_lines(path, what), 1) if line.strip()]
+
+
 def fill_splits(dataset: Dataset, order: Sequence[str] = ("train", "val", "test")) -> Dataset:
     """Drops empty splits and orders the rest train, val, test."""
     dataset.splits = {s: dataset.splits[s] for s in order if dataset.splits.get(s)}
