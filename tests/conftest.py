@@ -24,7 +24,8 @@ def run_cli(*args, check=True):
 
 def convert_and_embed(tmp_path, family, checkpoint, model, config, *extra):
     """A fixture through the CLIs as a user runs them: `python -m converters` then `python -m medjax.embed` on its
-    images. Returns (the embed outputs, the fixture's expected.npz, the converter's stdout)."""
+    images (`checkpoint` relative to the fixture's folder, or a path). Returns (the embed outputs, the fixture's
+    expected.npz, the converter's stdout)."""
     out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
     proc = run_cli("converters", fixture_path(family, checkpoint), str(out_dir), "--model", model, "--config", config,
                    *extra)
@@ -33,8 +34,8 @@ def convert_and_embed(tmp_path, family, checkpoint, model, config, *extra):
     return np.load(out_npz), np.load(fixture_path(family, "expected.npz")), proc.stdout
 
 
-def assert_fixture_outputs(got, expected, family, skip=()) -> list:
-    """Every expected array but `skip` matches the embed output within PARITY_TOL (a fixture's debug_NAME may be an
+def assert_fixture_outputs(got, expected, family, skip=(), tol=PARITY_TOL) -> list:
+    """Every expected array but `skip` matches the embed output within `tol` (a fixture's debug_NAME may be an
     upstream output medjax exposes as NAME, e.g. x_norm_regtokens); returns the keys compared."""
     compared = []
     for key in expected.files:
@@ -43,7 +44,7 @@ def assert_fixture_outputs(got, expected, family, skip=()) -> list:
         name = key if key in got.files else key.removeprefix("debug_")
         assert name in got.files, f"{key} missing from medjax.embed output ({got.files})"
         diff = max_abs(got[name], expected[key])
-        assert diff <= PARITY_TOL, f"{family}/{key}: max abs diff {diff:.3g}"
+        assert diff <= tol, f"{family}/{key}: max abs diff {diff:.3g}"
         compared.append(key)
     return compared
 
