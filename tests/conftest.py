@@ -5,6 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from medjax.models.fixtures import perturb_  # noqa: F401 (the tests import it from here)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 PARITY_TOL = 2e-5
@@ -67,22 +69,6 @@ def train_two_steps(eng, size: int) -> tuple[dict, set]:
         assert bool(metrics["finite"])
     after = flatten(jax.device_get(state.params))
     return before, {k for k in before if not np.array_equal(before[k], after[k])}
-
-
-def perturb_(model, seed=0):
-    """Move every parameter and float buffer of a torch model away from its init (LayerScale 1.0, zero biases...)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            std = 0.5 / np.sqrt(t[0].numel()) if (name.endswith("weight") and t.ndim >= 2) else 0.1
-            if any(s in name for s in ("cls_token", "position_embedding", "register_tokens", "mask_token")):
-                std = 0.5
-            t.add_(torch.randn(t.shape, generator=gen) * std)
-    return model
 
 
 def max_abs(a, b):
