@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
+from medjax.errors import cli_main
 from converters import FAMILIES, VARIANTS, CheckpointError, convert
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m converters",

@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from medjax import predict as predict_lib
+from medjax.errors import cli_main
 from medjax.predict import PredictError
 
 METHODS = ("attention", "gradcam", "occlusion")
@@ -315,6 +316,7 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     return written, list(failures)
 
 
+@cli_main
 def main(argv=None) -> int:
     from medjax import pretrained
     from medjax.data import DataError

@@ -32,6 +32,8 @@ import socket
 import subprocess
 import sys
 
+from medjax.errors import cli_main
+
 CELL_FILE = "grid_cell.json"
 METRICS_FILE = "metrics.json"
 DEFAULT_GRID = "configs/grid.py"
@@ -157,7 +159,7 @@ def run_probe(config, workdir: str, log=None) -> dict:
         from medjax.data import fake
 
         log(f"writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}")
-        fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
+        fake.write_once(config.dataset, config.data_root, config.fake_data, seed=config.seed)
     ds = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
                           **common.data_options(config))
     missing = [s for s in ("train", "val", "test") if s not in ds.splits]
@@ -241,6 +243,7 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
     return len(failed)
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.grid", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from medjax.errors import UserError
+from medjax.errors import UserError, cli_main
 
 config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics.json and TensorBoard logs go")
@@ -71,7 +71,7 @@ def prepare(config, workdir: str):
         from medjax.data import fake
 
         print(f"Writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}", flush=True)
-        fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
+        fake.write_once(config.dataset, config.data_root, config.fake_data, seed=config.seed)  # a kill leaves none
     if not os.path.exists(config.data_root):
         raise UserError(f"data_root {config.data_root!r} does not exist. Point --config.data_root at the "
                         f"{config.dataset} folder in its public layout (README, Data), or write a synthetic one "
@@ -87,6 +87,7 @@ def prepare(config, workdir: str):
         config.model.pretrained = target
 
 
+@cli_main
 def main(argv):
     del argv
     import jax

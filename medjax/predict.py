@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write, cli_main
 from medjax import thresholds as operating_points
 
 EXPORT_KEY = "export"  # medjax.json of an exported folder: the run's facts under this key
@@ -467,12 +467,10 @@ def evaluate(model: FineTuned, probs: np.ndarray, labels) -> dict:
 
 def write_csv(path: str, header: list, rows: list) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:  # a full disk leaves neither a half file nor a temporary one
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -517,6 +515,7 @@ def report_failures(failures: list, output: str) -> None:
         print(f"warning: {path}: {reason}; left out of {output}", file=sys.stderr)
 
 
+@cli_main
 def main(argv=None) -> int:
     from medjax import pretrained
     from medjax.data import DataError

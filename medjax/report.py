@@ -36,7 +36,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from medjax.errors import UserError
+from medjax.errors import UserError, cli_main
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
 
@@ -606,6 +606,7 @@ def _compare_main(argv) -> int:
     return 0
 
 
+@cli_main
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

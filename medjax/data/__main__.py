@@ -24,6 +24,7 @@ import sys
 
 from medjax import data
 from medjax.data import bench, fake, prepare
+from medjax.errors import cli_main, error_line
 
 
 def _value(text: str):
@@ -33,6 +34,7 @@ def _value(text: str):
         return text
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

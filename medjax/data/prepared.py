@@ -31,6 +31,12 @@ METADATA = "medjax_prepared.json"
 FORMAT = "medjax-prepared"
 VERSION = 1
 BUILDER_NAME = "medjax_prepared"
+DIGEST_KEY = "metadata_digest"  # SHA-256 of the metadata without this key, checked on open
+
+
+def metadata_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def is_prepared(root: str) -> bool:
@@ -51,6 +57,10 @@ def read_metadata(root: str) -> dict:
     if meta.get("version") != VERSION:
         raise DataError(f"{path}: prepared dataset format version {meta.get('version')!r}; this medjax reads "
                         f"version {VERSION}: prepare the dataset again")
+    if meta.get(DIGEST_KEY) != metadata_digest(meta):
+        raise DataError(f"{path}: edited or damaged: its content (records, labels, splits, files) no longer matches "
+                        f"the {DIGEST_KEY} written with it; a prepared dataset's records are fixed when it is "
+                        "prepared: prepare the dataset again (with the labels changed in the raw files)")
     return meta
 
 
