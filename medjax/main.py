@@ -31,6 +31,9 @@ def _fail(message: str):
 
 def _parse_flags(argv):
     """absl's parse, with every problem as one `error:` line (exit 2) instead of a usage dump or a traceback."""
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_file and not os.path.isfile(config_file.split(":", 1)[0]):
+        _fail(f"--config={config_file}: file not found; expected a config file, e.g. configs/demo.py")
     try:
         rest = FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - a bad flag, a config file that fails to load, a bad override
@@ -60,6 +63,19 @@ def _flag_error(argv, e) -> str:
                 node = node[part]
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if not isinstance(e, flags.Error) else text
+
+
+def check_workdir(workdir: str) -> None:
+    """The work directory must be a folder this process can write (created if missing), before anything is read."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir}: exists and is not a folder; expected a folder for the run")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror or e}); expected a writable folder") \
+            from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir}: not writable by this user; expected a writable folder")
 
 
 def prepare(config, workdir: str):
@@ -104,6 +120,7 @@ def main(argv):
     config = FLAGS.config
     try:
         common.validate(config)
+        check_workdir(FLAGS.workdir)
         if FLAGS.distributed:
             jax.distributed.initialize()
         prepare(config, FLAGS.workdir)

@@ -176,6 +176,8 @@ def check_inside_root(dataset: "Dataset") -> None:
 
 
 Options = dict  # {option: (default, one-line help)}: what a reader declares, in one place
+# Numeric ranges of the options several readers share, [low, high) (None: no bound); take_options checks them.
+OPTION_RANGES = {"seed": (0, None), "val_fraction": (0, 1), "test_fraction": (0, 1)}
 
 
 def take_options(declared: Options, given: dict, dataset: str) -> dict:
@@ -196,6 +198,11 @@ def take_options(declared: Options, given: dict, dataset: str) -> dict:
             if not ok:
                 raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected {kind.__name__} "
                                 f"(default {default!r})")
+        if name in OPTION_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = OPTION_RANGES[name]
+            if value < low or (high is not None and value >= high):
+                raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected a number >= {low}"
+                                + (f" and < {high}" if high is not None else ""))
         out[name] = value
     return out
 
