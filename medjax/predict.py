@@ -301,14 +301,13 @@ def image_records(paths: list[str], model: FineTuned) -> list:
     """Records (without labels) for image files and folders (searched recursively, sorted) given on the command
     line."""
     from medjax.data import Record
-    from medjax.data.records import IMAGE_EXTENSIONS
+    from medjax.data.records import IMAGE_EXTENSIONS, walk_images
 
     none = tuple([0] * len(model.class_names)) if model.task == "multilabel" else 0
     out = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, _, files in os.walk(p, followlinks=True) for f in files
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = walk_images(p)  # each real file once: symlink loops and links to a file already listed are cut
             if not found:
                 raise PredictError(f"{p}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
             out += [Record(f, none, origin=f) for f in found]
@@ -344,6 +343,12 @@ def csv_records(path: str, class_names: list, task: str) -> tuple[list, bool, li
             records.append(Record(value if os.path.isabs(value) else os.path.join(base, value), label,
                                   origin=origin))
             shown.append(value)
+        labelled_at: dict = {}
+        for r in records if has_labels else ():  # the same image with two labels would score both
+            other = labelled_at.setdefault(os.path.normpath(r.path), r)
+            if other.label != r.label:
+                raise PredictError(f"{r.origin}: image {r.path} is listed again with another label than at "
+                                   f"{other.origin}; expected one label per image")
     except DataError as e:
         raise PredictError(str(e)) from None
     return records, bool(has_labels), shown

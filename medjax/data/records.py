@@ -152,6 +152,8 @@ def join_under(root: str, value: str, origin: str, field: str) -> str:
     value = value.strip()
     if not value:
         raise DataError(f"{origin}: {field} is empty; expected an image path relative to the dataset root {root}")
+    if "\x00" in value:
+        raise DataError(f"{origin}: {field} {value!r} holds a NUL byte; expected an image path")
     if leaves_root(value):
         if not _ALLOW_OUTSIDE_ROOT.get():
             raise DataError(f"{origin}: {field} {value!r} leaves the dataset root {root}; expected a path inside it "
@@ -162,17 +164,78 @@ def join_under(root: str, value: str, origin: str, field: str) -> str:
 
 
 def check_inside_root(dataset: "Dataset") -> None:
-    """Every record's path must lie inside dataset.root, judged on the path itself (symlinks are not resolved),
-    unless allow_outside_root is on: the last guard behind the readers' join_under."""
+    """Every record's path must lie inside dataset.root, judged on the path itself and, for a path that is or lies
+    under a symlink, on where the link leads, unless allow_outside_root is on: the last guard behind the readers'
+    join_under. Symlinks that stay inside the root are fine."""
     if _ALLOW_OUTSIDE_ROOT.get() or not dataset.root:
         return
     root = os.path.normpath(dataset.root)
+    real_root = os.path.realpath(root)
+    resolved: dict[str, str] = {}
     for records in dataset.splits.values():
         for r in records:
             path = os.path.normpath(r.path)
             if os.path.commonpath([root, path]) != root:
                 raise DataError(f"{r.origin}: image {r.path} is outside the dataset root {root}; pass the data "
                                 "option allow_outside_root=True to allow it")
+            real = _resolved(path, root, real_root, resolved)
+            if os.path.commonpath([real_root, real]) != real_root:
+                raise DataError(f"{r.origin}: image {r.path} leads through a symlink to {real}, outside the dataset "
+                                f"root {root}; pass the data option allow_outside_root=True to allow such links")
+
+
+def _resolved(path: str, root: str, real_root: str, cache: dict) -> str:
+    """realpath(path) for a path under `root`, with one lstat per new folder and per file (folders cached)."""
+    if path == root:
+        return real_root
+    parent, name = os.path.split(path)
+    if parent not in cache:
+        cache[parent] = _resolved(parent, root, real_root, cache) if parent != path else parent
+    full = os.path.join(cache[parent], name)
+    return os.path.realpath(full) if os.path.islink(full) else full
+
+
+def walk_images(folder: str) -> list[str]:
+    """Image files below `folder`, sorted, following symlinked sub-folders but walking each real folder once (loops
+    cut) and listing each real file once (the first path in sorted order)."""
+    out, seen_dirs, seen_files = [], set(), set()
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        real = os.path.realpath(d)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        out.extend(os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    kept = []
+    for path in sorted(out):
+        real = os.path.realpath(path)
+        if real not in seen_files:
+            seen_files.add(real)
+            kept.append(path)
+    return kept
+
+
+def merge_duplicates(records: list, split_of: list | None = None):
+    """(records, split_of, excluded): a path listed twice with the same label (and patient, split) is kept once and
+    the repeat listed in `excluded`; with another label, patient or split it is a DataError naming both rows."""
+    first: dict[str, int] = {}
+    keep, keep_split, excluded = [], [], []
+    for i, r in enumerate(records):
+        key = os.path.normpath(r.path)
+        split = split_of[i] if split_of is not None else None
+        if key in first:
+            j = first[key]
+            other, other_split = records[j], split_of[j] if split_of is not None else None
+            if (other.label, other.patient, other_split) != (r.label, r.patient, split):
+                raise DataError(f"{r.origin}: image {r.path} is listed again with another label, patient or split "
+                                f"than at {other.origin}; expected each image once")
+            excluded.append((r.path, r.origin, f"listed again (first at {other.origin}); used once"))
+            continue
+        first[key] = i
+        keep.append(r)
+        keep_split.append(split)
+    return keep, (keep_split if split_of is not None else None), excluded
 
 
 Options = dict  # {option: (default, one-line help)}: what a reader declares, in one place
@@ -244,6 +307,9 @@ def read_csv(path: str, required: Sequence[str] = (), what: str = "",
             rows = 0
             for row in reader:
                 line = reader.line_num
+                nul = next((k for k, v in row.items() if "\x00" in (v or "") or "\x00" in (k or "")), False)
+                if nul is not False:
+                    raise DataError(f"{path} line {line}: column {nul!r} holds a NUL byte; expected text")
                 if not any((v or "").strip() for k, v in row.items() if k is not None):
                     continue  # a blank line (csv yields those with trailing commas as empty rows)
                 rows += 1
