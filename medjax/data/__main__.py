@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            print(f"error: {e.filename or args.root}: cannot write ({e.strerror or e})", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
             return 2
         return 0
     options = {}
@@ -118,8 +118,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            print(f"error: {e.filename or args.output}: cannot write ({e.strerror or e}); run the same command "
-                  "again to resume", file=sys.stderr)
+            print(f"{error_line(e)}; run the same command again to resume", file=sys.stderr)
             return 2
         print(json.dumps(summary))
         return 0

@@ -146,8 +146,8 @@ def join_under(root: str, value: str, origin: str, field: str) -> str:
     """`root` joined with a relative path read from a data file (`field` of `origin`, for the message).
 
     Windows separators are accepted. Refuses an absolute path or a '..' segment, which would read outside the
-    dataset root, unless allow_outside_root is on. Symlinks are not resolved: a symlinked folder inside the root
-    is part of the root.
+    dataset root, unless allow_outside_root is on. Symlinks are judged later, by `check_inside_root`: one that
+    leads out of the root is refused unless allow_outside_root is on.
     """
     value = value.strip()
     if not value:
