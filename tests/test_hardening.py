@@ -353,9 +353,10 @@ def test_a_killed_prepare_leaves_no_worker_processes(tmp_path):
     raw = fake.write("aptos2019", str(tmp_path / "raw"), 16, seed=0, size=16)["root"]
     mark = uuid.uuid4().hex
     env = {**os.environ, "PYTHONPATH": ROOT, "MEDJAX_TEST_MARK": mark, prepare.KILL_ENV: "chunk:1"}
-    proc = subprocess.run([sys.executable, "-c", KILLED_PREPARE, raw, str(tmp_path / "out")], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    with open(tmp_path / "stderr", "w") as err:  # files, not pipes: a surviving worker would hold a pipe open
+        proc = subprocess.run([sys.executable, "-c", KILLED_PREPARE, raw, str(tmp_path / "out")], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=err, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
     deadline = time.time() + 15
     while _marked_processes(mark) and time.time() < deadline:
         time.sleep(0.2)
@@ -390,7 +391,7 @@ def test_a_nul_byte_in_a_csv_path_is_one_line(tmp_path):
     _png(os.path.join(root, "a.png"))
     _own_csv(root, [["a.png", "x"], ["b\0.png", "y"]])
     with pytest.raises(DataError, match=r"labels.csv line 3: column 'image' holds a NUL byte"):
-        data.get_dataset("csv", root)
+        data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0)
 
 
 def test_an_image_listed_twice_with_two_labels_is_refused_and_an_identical_repeat_used_once(tmp_path):
@@ -400,7 +401,7 @@ def test_an_image_listed_twice_with_two_labels_is_refused_and_an_identical_repea
     _own_csv(root, [["a.png", "x"], ["b.png", "y"], ["./a.png", "y"]])
     with pytest.raises(DataError, match=r"labels.csv line 4: image .*a.png is listed again with another label, "
                                         r"patient or split than at .*labels.csv line 2"):
-        data.get_dataset("csv", root)
+        data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0)
     _own_csv(root, [["a.png", "x"], ["b.png", "y"], ["c.png", "y"], ["a.png", "x"]])
     ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0)
     assert len(ds.splits["train"]) == 3
