@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 
@@ -198,7 +199,7 @@ def _range_text(low, high, bounds: str) -> str:
 def check_range(dotted: str, value, low, high, bounds: str = "[]") -> None:
     """ConfigError unless `value` is a number within (low, high, bounds) (RANGES' notation)."""
     expected = _range_text(low, high, bounds)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ConfigError(f"config field {dotted}={value!r}: expected {expected}")
     ok = ((low is None or (value >= low if bounds[0] == "[" else value > low))
           and (high is None or (value <= high if bounds[1] == "]" else value < high)))

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from medjax.errors import cli_main
 from converters import FAMILIES, VARIANTS, CheckpointError, convert
+from medjax.errors import cli_main
 
 
 @cli_main

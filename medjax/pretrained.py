@@ -11,12 +11,14 @@ float32), and is memory-mapped on load.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 
 import numpy as np
 
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write
 from medjax.tree import (file_sha256, flatten, flatten_variables, tensor_digest, unflatten,  # noqa: F401
                          unflatten_variables)
 
@@ -50,9 +52,6 @@ def check_architecture(meta_path: str, config_class: type, arch) -> None:
     """The architecture recorded in medjax.json against the family config's declared field types and the ranges
     above: one PretrainedError naming the field, before any model is built (a depth of 10^6 would take minutes and
     gigabytes to build)."""
-    import dataclasses
-    import math
-
     if not isinstance(arch, dict):
         raise PretrainedError(f"{meta_path}: architecture is {type(arch).__name__}, expected an object of fields")
     fields = {f.name: str(f.type) for f in dataclasses.fields(config_class)}
@@ -90,13 +89,17 @@ def save(output_dir: str, variables: dict, metadata: dict) -> None:
     meta_path, params_path = os.path.join(output_dir, METADATA_FILE), os.path.join(output_dir, PARAMS_FILE)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder stops looking complete until the new metadata lands
-    save_file(flat, params_path + ".tmp")
+    try:
+        save_file(flat, params_path + ".tmp")
+    except BaseException:  # a full disk: no half file left beside the folder's files
+        if os.path.exists(params_path + ".tmp"):
+            os.remove(params_path + ".tmp")
+        raise
     os.replace(params_path + ".tmp", params_path)
     meta = {"medjax_format": FORMAT_VERSION, **metadata,
             "digests": {k: tensor_digest(v) for k, v in sorted(flat.items())}}
-    with open(meta_path + ".tmp", "w") as f:
+    with atomic_write(meta_path) as f:
         json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
 
 
 def read_metadata(params_dir: str) -> dict:
@@ -150,7 +153,8 @@ def load(params_dir: str):
     got = {k: shape for k, (shape, _) in header.items()}
     problems = [f"missing {k}" for k in sorted(set(shapes) - set(got))]
     problems += [f"unexpected {k}" for k in sorted(set(got) - set(shapes))]
-    problems += [f"{k}: {got[k]} != expected {shapes[k]}" for k in sorted(set(got) & set(shapes)) if got[k] != shapes[k]]
+    problems += [f"{k}: {got[k]} != expected {shapes[k]}" for k in sorted(set(got) & set(shapes))
+                 if got[k] != shapes[k]]
     problems += [f"{k}: dtype {header[k][1]} != expected {_dtype_name(expected[k].dtype)}"
                  for k in sorted(set(got) & set(shapes)) if header[k][1] != _dtype_name(expected[k].dtype)]
     if problems:

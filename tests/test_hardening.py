@@ -88,7 +88,8 @@ def test_export_refuses_a_folder_it_did_not_write_and_replaces_an_export_only_at
     (busy / "params.safetensors").write_bytes(b"another model")
     line = _error_line(run_cli("medjax.export", "--workdir", str(tmp_path / "run"), "--output", str(busy),
                                check=False))
-    assert "not empty and not a medjax export" in line and (busy / "params.safetensors").read_bytes() == b"another model"
+    assert "not empty and not a medjax export" in line
+    assert (busy / "params.safetensors").read_bytes() == b"another model"
     old = tmp_path / "old"
     old.mkdir()
     (old / "medjax.json").write_text(json.dumps({export.EXPORT_KEY: {"run_config": {}}}))

@@ -58,8 +58,8 @@ COMMON_OPTIONS = {
                                "'exists' or 'none'; cached in the work directory"),
     "skip_bad_images": (False, "leave missing or unreadable images out (listed in the split file and metrics) "
                                "instead of stopping at start-up"),
-    "allow_outside_root": (False, "accept image paths that are absolute or contain '..', or symlinks leading out of "
-                                  "the root (refused by default)"),
+    "allow_outside_root": (False, ("accept image paths that are absolute or contain '..', or symlinks leading out "
+                                   "of the root (refused by default)")),
     "jpeg_draft": (True, "decode a JPEG at least twice the resize target at 1/2, 1/4 or 1/8 scale in the DCT "
                          "(Pillow draft): several times cheaper, within a few grey levels of a full decode (README)"),
 }

@@ -41,7 +41,8 @@ import threading
 import time
 
 from medjax.data import prepared
-from medjax.data.records import DataError, Dataset, leaves_root
+from medjax.data.records import DataError, Dataset, check_inside_root, leaves_root
+from medjax.data.records import allow_outside_root as allowing_outside_root
 from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
@@ -234,9 +235,8 @@ def _check_output(output: str, raw_root: str, request: dict) -> dict | None:
 def _raw_records(name: str, raw_root: str, options: dict, allow_outside_root: bool) -> Dataset:
     """The raw dataset's records as its reader lists them (no image check, no statistics): what a prepare stores."""
     from medjax import data
-    from medjax.data.records import allow_outside_root as allowing, check_inside_root
 
-    with allowing(allow_outside_root):
+    with allowing_outside_root(allow_outside_root):
         dataset = data.READERS[name](raw_root, **options)
         check_inside_root(dataset)
     return dataset

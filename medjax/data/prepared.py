@@ -24,6 +24,7 @@ import os
 import threading
 
 from medjax.data.records import DataError, Dataset, Record, leaves_root, take_options
+from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
 log = logging.getLogger(__name__)
@@ -185,10 +186,8 @@ def check_files(meta: dict, root: str, level: str, workdir: str | None) -> None:
             good[rel] = stamp
     if cache_path and good and good != cached:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_write(cache_path) as f:
             json.dump(good, f)
-        os.replace(tmp, cache_path)
 
 
 def _decode_all(dataset: Dataset) -> list[tuple[Record, str]]:
