@@ -11,6 +11,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import sys
 
 
@@ -40,6 +41,26 @@ def error_line(e: BaseException) -> str:
     return f"error: {text}"
 
 
+_NATIVE_OS_ERROR = re.compile(r"os_error_code='(\d+)'")  # how tensorstore (orbax checkpoints) reports an errno
+_NATIVE_PATH = re.compile(r'(?:Failed writing|local file): "([^"]+)"')
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OS error behind an exception: itself, one in its cause / context chain, or one a native library (orbax's
+    tensorstore: `ValueError: RESOURCE_EXHAUSTED: ... [os_error_code='28']`) reported in its message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        code = _NATIVE_OS_ERROR.search(str(e))
+        if code:
+            path = _NATIVE_PATH.search(str(e))
+            return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def cli_main(fn):
     """Decorator of a CLI's `main(argv) -> int`: a `UserError` or an `OSError` (no space, permission, is-a-directory,
     ...) escaping it becomes one `error:` line on stderr and exit status 2; anything else is a bug and keeps its
@@ -51,6 +72,12 @@ def cli_main(fn):
             return fn(*args, **kwargs)
         except (UserError, OSError) as e:
             print(error_line(e), file=sys.stderr, flush=True)
+            return 2
+        except Exception as e:
+            os_error = os_error_in(e)  # a full disk met inside a library (a checkpoint write) is no bug either
+            if os_error is None:
+                raise
+            print(error_line(os_error), file=sys.stderr, flush=True)
             return 2
 
     return wrapped

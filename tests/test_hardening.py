@@ -278,6 +278,10 @@ def test_every_cli_main_is_wrapped(module):
     (IsADirectoryError(errno.EISDIR, "Is a directory", "/data/out"),
      "error: /data/out: Is a directory; expected a file, not a folder"),
     (DataError("labels.csv line 3: bad\nlabel"), "error: labels.csv line 3: bad label"),
+    (ValueError('RESOURCE_EXHAUSTED: Error writing "step/0" in OCDBT database at local file "/r/ckpt/": Failed '
+                'writing: "/r/ckpt/d/2c7b": Failed to write 146943 bytes to file 7: No space left on device '
+                "[os_error_code='28']"),  # orbax's checkpoint writer (tensorstore) on a full disk
+     "error: /r/ckpt/d/2c7b: No space left on device; free some space and run the same command again"),
 ])
 def test_cli_main_turns_user_and_os_errors_into_one_line(error, line, capsys):
     def failing(argv=None):

@@ -533,7 +533,13 @@ def _write_into(name: str, root: str, num: int, seed: int, size: int) -> dict:
     if num < 1:
         raise DataError(f"num must be positive, got {num}")
     os.makedirs(root, exist_ok=True)
-    images = WRITERS[name](root, num, np.random.default_rng(seed), size)
+    try:
+        images = WRITERS[name](root, num, np.random.default_rng(seed), size)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        shown = os.path.join(os.path.dirname(root), os.path.basename(root).split(".tmp-")[0].lstrip("."))
+        raise OSError(e.errno, e.strerror or str(e), shown) from e  # Pillow's writes name no file
     return {"dataset": name, "root": os.path.abspath(root), "images": images, "seed": seed, "size": size}
 
 
