@@ -9,8 +9,10 @@ import sys
 
 from medjax.convert import CONVERTERS, CheckpointError, convert
 from medjax.models import VARIANTS
+from medjax.errors import cli_main
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m converters",

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from medjax.errors import cli_main
+
 
 def embed(params_dir: str, images: np.ndarray, batch_size: int = 32, precision: str = "float32") -> dict:
     import jax
@@ -31,6 +33,7 @@ def embed(params_dir: str, images: np.ndarray, batch_size: int = 32, precision: 
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.embed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -37,6 +37,7 @@ import numpy as np
 
 from medjax import bootstrap, data, metrics, schema, studies
 from medjax.data import fake
+from medjax.errors import cli_main
 from medjax.protocols import features, linear_probe
 
 CELL_FILE = "grid_cell.json"
@@ -140,7 +141,7 @@ def run_probe(config, workdir: str, log=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     if config.fake_data and not os.path.exists(config.data_root):
         log(f"writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}")
-        fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
+        fake.write_once(config.dataset, config.data_root, config.fake_data, seed=config.seed)
     ds = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
                           **schema.data_options(config))
     missing = [s for s in ("train", "val", "test") if s not in ds.splits]
@@ -222,6 +223,7 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
     return len(failed)
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.grid", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
