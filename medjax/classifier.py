@@ -127,7 +127,7 @@ def load_backbone(model_cfg, channels: int):
                 f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
                 f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` "
                 "(docs/converting.md)")
-        config, variables, meta = pretrained.load(path)
+        config, variables, meta = models.load_pretrained(path)
         if model_cfg.family and meta["family"] != model_cfg.family:
             raise ModelConfigError(
                 f"model.family={model_cfg.family!r} but model.pretrained={path!r} holds a {meta['family']!r} backbone "
@@ -173,7 +173,7 @@ def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int
         a = model_cfg.attention_head
         deit_params = None
         if a.deit_params:
-            deit, deit_vars, _ = pretrained.load(a.deit_params)
+            deit, deit_vars, _ = models.load_pretrained(a.deit_params)
             deit, deit_params = dataclasses.replace(deit, pos_resize="size"), deit_vars["params"]
         else:
             deit = deit_body_config(a.width, a.depth, a.num_heads, a.grid)

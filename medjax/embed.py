@@ -18,9 +18,9 @@ def embed(params_dir: str, images: np.ndarray, batch_size: int = 32, precision: 
     import jax
     import jax.numpy as jnp
 
-    from medjax import models, pretrained
+    from medjax import models
 
-    config, variables, _ = pretrained.load(params_dir)
+    config, variables, _ = models.load_pretrained(params_dir)
     if images.ndim != 4 or images.shape[1] != config.in_chans:
         raise ValueError(f"images must be NCHW with {config.in_chans} channels, got shape {images.shape}")
     model = models.build_backbone(config)

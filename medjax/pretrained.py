@@ -17,6 +17,8 @@ import math
 import os
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load_file, save_file
 
 from medjax import outputs
 from medjax.errors import UserError, atomic_write
@@ -81,8 +83,6 @@ def save(output_dir: str, variables: dict, metadata: dict) -> None:
     """Write `variables` ({'params': ..., other collections}) and the metadata (with the tensors' digests). The files
     are written beside the target and renamed into place, metadata last: a killed save never leaves a folder that
     loads."""
-    from safetensors.numpy import save_file
-
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise PretrainedError(f"{output_dir}: exists and is not a folder; choose another output folder")
     os.makedirs(output_dir, exist_ok=True)
@@ -120,37 +120,26 @@ def read_metadata(params_dir: str) -> dict:
     return meta
 
 
-def load(params_dir: str):
-    """(config, variables, metadata) of a converted backbone. Every tensor is checked against the architecture's
-    variable shapes and against the digest recorded at conversion."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.numpy import load_file
-
-    from medjax import models
-
+def read(params_dir: str, architecture):
+    """(config, variables, metadata) of a converted backbone. `architecture(family, arch, meta_path)` -> (config,
+    {flat name: expected array shape/dtype}) is the model registry's reading of the metadata (`medjax.models.
+    load_pretrained` passes it; this storage layer knows no family). Every tensor is checked against those shapes and
+    dtypes (from the file's header, before any tensor is read) and against the digest recorded at conversion."""
     meta = read_metadata(params_dir)
     meta_path, params_path = os.path.join(params_dir, METADATA_FILE), os.path.join(params_dir, PARAMS_FILE)
     if not os.path.exists(params_path):
         raise PretrainedError(f"{params_path} not found: the converted folder is incomplete; convert the checkpoint "
                               "again")
-    family = meta.get("family")
-    if family not in models.FAMILIES:
-        raise PretrainedError(f"{meta_path}: family {family!r} is not one of {', '.join(sorted(models.FAMILIES))}")
-    check_architecture(meta_path, models.family(family).config, meta.get("architecture"))
+    config, expected = architecture(meta.get("family"), meta.get("architecture"), meta_path)
     digests = meta.get("digests")
     if not isinstance(digests, dict) or not digests:
         raise PretrainedError(f"{meta_path}: no tensor digests recorded; the weights cannot be verified; convert the "
                               "checkpoint again")
-    try:
-        config = models.config_from_dict(family, meta["architecture"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PretrainedError(f"{meta_path}: cannot read the architecture: {e}") from e
     try:  # the header only: names, shapes and dtypes are checked before any tensor is read
         with safe_open(params_path, framework="numpy") as f:
             header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{params_path}: damaged or truncated ({e}); convert the checkpoint again") from e
-    expected = flatten_variables(models.variable_shapes(config))
     shapes = {k: tuple(s.shape) for k, s in expected.items()}
     got = {k: shape for k, (shape, _) in header.items()}
     problems = [f"missing {k}" for k in sorted(set(shapes) - set(got))]

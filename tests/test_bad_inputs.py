@@ -136,7 +136,7 @@ def test_embed_errors(tmp_path):
 def test_tampered_params_file_is_caught(tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from medjax import pretrained
+    from medjax import models, pretrained
 
     _convert(DINO_CKPT, tmp_path)
     params_file = tmp_path / "out" / pretrained.PARAMS_FILE
@@ -144,7 +144,7 @@ def test_tampered_params_file_is_caught(tmp_path):
     del flat["norm/bias"]
     save_file(flat, params_file)
     with pytest.raises(ValueError, match="missing norm/bias"):
-        pretrained.load(str(tmp_path / "out"))
+        models.load_pretrained(str(tmp_path / "out"))
 
 
 def test_ema_selection(tmp_path):
@@ -153,11 +153,11 @@ def test_ema_selection(tmp_path):
     torch.save({"model": noisy, "model_ema": state}, tmp_path / "both.pth")
     plain = converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "plain"), "dinov2", DINO_CFG)
     ema = converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "dinov2", DINO_CFG, ema=True)
-    from medjax import pretrained
+    from medjax import models
 
     norm_bias = state["norm.bias"].numpy()
-    assert np.allclose(pretrained.load(str(tmp_path / "ema"))[1]["params"]["norm"]["bias"], norm_bias)
-    assert np.allclose(pretrained.load(str(tmp_path / "plain"))[1]["params"]["norm"]["bias"], norm_bias + 1.0)
+    assert np.allclose(models.load_pretrained(str(tmp_path / "ema"))[1]["params"]["norm"]["bias"], norm_bias)
+    assert np.allclose(models.load_pretrained(str(tmp_path / "plain"))[1]["params"]["norm"]["bias"], norm_bias + 1.0)
     with pytest.raises(CheckpointError, match="no 'model_ema' entry"):
         converters.convert(DINO_CKPT, str(tmp_path / "x"), "dinov2", DINO_CFG, ema=True)
 

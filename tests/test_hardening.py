@@ -20,7 +20,7 @@ from PIL import Image
 
 from medjax import schema
 from conftest import ROOT, run_cli
-from medjax import errors, export, main as main_lib, predict, pretrained
+from medjax import errors, export, main as main_lib, models, predict, pretrained
 from medjax.data import DataError, fake, prepare, prepared
 from medjax.data import __main__ as data_cli
 from medjax import data
@@ -199,7 +199,7 @@ def test_tampered_converted_folder_is_refused_before_allocation(tmp_path, case, 
     json.dump(meta, open(meta_path, "w"))
     start = time.perf_counter()
     with pytest.raises(pretrained.PretrainedError, match=expected):
-        pretrained.load(folder)
+        models.load_pretrained(folder)
     assert time.perf_counter() - start < 10
 
 

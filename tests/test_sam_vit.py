@@ -66,7 +66,7 @@ def _convert_and_run(model, tmp_path, images, name="sam"):
     model.eval()
     model.save_pretrained(tmp_path / name)
     meta = converters.convert(str(tmp_path / name), str(tmp_path / f"{name}_jx"), "sam_vit")
-    config, variables, _ = pretrained.load(str(tmp_path / f"{name}_jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / f"{name}_jx"))
     with jax.default_matmul_precision("float32"):
         out = models.build_backbone(config).apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
     return meta, config, {k: np.asarray(v) for k, v in out.items()}
@@ -231,7 +231,7 @@ def test_full_width_vit_l_at_1024(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     del model
     converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "sam_vit")
-    config, variables, _ = pretrained.load(str(tmp_path / "jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     with jax.default_matmul_precision("float32"):
         out = jax.jit(models.build_backbone(config).apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
     assert max_abs(out["trunk_tokens"], trunk.numpy()) <= 1e-4

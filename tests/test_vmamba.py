@@ -231,13 +231,12 @@ def test_channels_last_norm_layer_is_the_same_network():
 
 
 def test_ema_weights_are_taken_with_ema(tmp_path):
-    from medjax import pretrained
 
     ckpt = torch.load(CKPT, weights_only=True)
     ema = {k: v + 1.0 for k, v in ckpt["model"].items()}
     torch.save({"model": ckpt["model"], "model_ema": ema, "epoch": 3}, tmp_path / "both.pth")
     converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "vmamba", CFG, ema=True)
-    _, params_vars, _ = pretrained.load(str(tmp_path / "ema"))
+    _, params_vars, _ = models.load_pretrained(str(tmp_path / "ema"))
     params = params_vars["params"]
     expected = ema["layers.1.blocks.0.op.A_logs"].numpy()
     assert max_abs(params["layers_1"]["blocks_0"]["op"]["A_logs"], expected) == 0
