@@ -78,13 +78,17 @@ def prepare(config, workdir: str):
                         f"with `python -m medjax.data fake --dataset {config.dataset} --root DIR --num N`.")
     convert = config.model.convert_from
     if convert.checkpoint and not config.model.pretrained:
-        import converters
+        from medjax.convert import convert as convert_checkpoint
 
         target = os.path.join(workdir, "backbone")
         if not os.path.exists(os.path.join(target, "medjax.json")):
             print(f"Converting {convert.checkpoint} ({convert.model}) into {target}", flush=True)
-            converters.convert(convert.checkpoint, target, convert.model, convert.config or None)
+            convert_checkpoint(convert.checkpoint, target, convert.model, convert.config or None)
         config.model.pretrained = target
+    elif config.model.pretrained:  # a registry name: fetched (or found in the cache) before anything starts
+        from medjax.weights import fetch as weights
+
+        config.model.pretrained = weights.resolve(config.model.pretrained)
 
 
 def main(argv):
@@ -96,7 +100,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
 
     from configs import common
-    from converters import CheckpointError
+    from medjax.conversion import CheckpointError
     from medjax import classifier, pretrained, rules, train
     from medjax.data import DataError
 

@@ -284,7 +284,15 @@ def _convert_into_cache(source: Source, local: dict[File, str], records: list) -
     checkpoint = local[source.checkpoint]
     heads = [p for f, p in local.items() if f.role == "linear_head"]
     try:
-        convert(checkpoint, tmp, source.model, linear_head=heads[0] if heads else None)
+        config_path = None
+        if source.config is not None:
+            os.makedirs(tmp, exist_ok=True)
+            config_path = os.path.join(tmp, "source_config.json")
+            with open(config_path, "w") as f:
+                json.dump(source.config, f)
+        convert(checkpoint, tmp, source.model, config_path, linear_head=heads[0] if heads else None)
+        if config_path:
+            os.remove(config_path)
         provenance = {"name": source.name, "model": source.model, "licence": source.licence, "note": source.note,
                       "files": records, "medjax_version": medjax.__version__,
                       "fetched_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

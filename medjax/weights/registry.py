@@ -50,6 +50,7 @@ class Source:
     licence: str
     revision: str | None = None  # a Hugging Face revision (None for plain URLs)
     note: str = ""  # what the name means upstream, where it is not obvious
+    config: dict | None = None  # constructor kwargs when `model` is a family name rather than a variant
 
     @property
     def size(self) -> int:

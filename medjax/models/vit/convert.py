@@ -662,3 +662,15 @@ def attach_linear_head(config: ViTConfig, path: str) -> tuple[ViTConfig, dict, l
     config = dataclasses.replace(config, lc_layers=layers, lc_classes=int(weight.shape[0]))
     source = {"file": os.path.basename(path), "sha256": sha256(path), "layers": layers, "classes": config.lc_classes}
     return config, {"lc_head.weight": weight, "lc_head.bias": bias}, LINEAR_HEAD_RULES, source
+
+
+def attach_classifier_head(config: ViTConfig, weight: np.ndarray, bias: np.ndarray) -> tuple[ViTConfig, dict, list]:
+    """transformers' `Dinov2[WithRegisters]ForImageClassification` classifier (an nn.Linear on cat(CLS, mean of the
+    patch tokens)) is the hub linear head with one layer: stored as `lc_head` (lc_layers 1), run as `lc_logits`."""
+    if config.family != "dinov2":
+        raise CheckpointError(f"a transformers classifier head goes with a dinov2 backbone, not {config.family}")
+    if weight.ndim != 2 or weight.shape[1] != 2 * config.width:
+        raise CheckpointError(f"classifier.weight {tuple(weight.shape)}: a Dinov2ForImageClassification head takes "
+                              f"2 * {config.width} features (CLS and the patch mean)")
+    config = dataclasses.replace(config, lc_layers=1, lc_classes=int(weight.shape[0]))
+    return config, {"lc_head.weight": weight, "lc_head.bias": bias}, LINEAR_HEAD_RULES
