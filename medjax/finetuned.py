@@ -110,8 +110,10 @@ def export_facts(family: str, head: dict, channels: int, facts: dict, checkpoint
     else:
         name, task, class_names = "folder", "multiclass", [f"class_{i}" for i in range(num_classes)]
         mean, std = (IMAGENET if channels == 3 else ((0.5,), (0.25,)))
+    # float32 compute: medjax.predict then reproduces the PyTorch model's float32 outputs
     run_config = {"dataset": name, "model.family": family, "model.head": "linear",
-                  "image_size": int(facts.get("image_size") or 224), "normalization": "dataset"}
+                  "image_size": int(facts.get("image_size") or 224), "normalization": "dataset",
+                  "compute_dtype": "float32"}
     tensors = {"kernel": np.ascontiguousarray(head["weight"].T, np.float32),
                "bias": np.ascontiguousarray(head["bias"], np.float32)}
     return {"source": os.path.abspath(checkpoint), "best_step": None, "run_config": run_config,

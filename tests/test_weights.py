@@ -296,7 +296,8 @@ def test_the_trainer_runs_from_a_name(env, tmp_path):
     cmd = [sys.executable, "-c", TRAIN_FROM_NAME, OFFICIAL, json.dumps(DINO_KW), weights.sha256_of(DINO_CKPT),
            str(len(data)), "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
            f"--config.data_root={tmp_path / 'data'}", "--config.fake_data=48", "--config.epochs=1",
-           "--config.batch_size=8", "--config.progress_bar=False", "--config.model.convert_from.checkpoint=",
+           "--config.batch_size=8", "--config.progress_bar=False", "--config.bootstrap.resamples=0",
+           "--config.image_size=28", "--config.model.convert_from.checkpoint=",
            f"--config.model.pretrained={source.name}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -432,3 +433,51 @@ def test_a_pickle_that_calls_code_is_refused_and_the_hint_names_the_weights_key(
     message = str(info.value)
     assert "refused to load" in message and "os.system" in message.replace("posix.system", "os.system")
     assert "under 'net'" in message and not marker.exists()
+
+
+def test_imported_study_model_predicts_and_a_run_starts_from_its_head(tmp_path):
+    """`medjax.predict` applies the imported model to image files (its probabilities are the softmax of the logits
+    `medjax.embed` gives on the same eval-transformed images), and a run with the same head and classes starts from
+    the trained head (a different class count starts fresh)."""
+    from PIL import Image
+
+    from medjax import classifier, predict
+
+    ckpt, w, b = _study_checkpoint(tmp_path, 3, "ISIC2019", 8)
+    folder = str(tmp_path / "out")
+    convert(ckpt, folder, "dinov2", DINO_CFG)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(paths[-1])
+    model = predict.load_model(folder)
+    with predict_config(model, image_size=56):
+        records = predict.image_records(paths, model)
+        probs, readable, failures = predict.predict(model, records, batch_size=4)
+        batch = next(iter(model.loader(records, 4)[0]))
+    assert readable.all() and not failures and probs.shape == (3, 8)
+    logits = embed_lib.embed(folder, np.transpose(batch["image"][:3], (0, 3, 1, 2)))["logits"]
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.abs(probs - expected / expected.sum(1, keepdims=True)).max() < 1e-5
+    config = model.config
+    _, variables = classifier.build_classifier(config.model, 8, 3, 56, __import__("jax").random.key(0))
+    assert np.array_equal(variables["params"]["head"]["kernel"], w.numpy().T)
+    _, fresh = classifier.build_classifier(config.model, 5, 3, 56, __import__("jax").random.key(0))
+    assert fresh["params"]["head"]["kernel"].shape == (48, 5)
+
+
+class predict_config:
+    """Run the imported model at a small image size (the tiny DINOv2's 56 px) for speed."""
+
+    def __init__(self, model, image_size):
+        self.model, self.size = model, image_size
+
+    def __enter__(self):
+        self.old = self.model.config.image_size
+        with self.model.config.unlocked():
+            self.model.config.image_size = self.size
+
+    def __exit__(self, *exc):
+        with self.model.config.unlocked():
+            self.model.config.image_size = self.old

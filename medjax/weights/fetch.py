@@ -23,9 +23,11 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import medjax
@@ -149,6 +151,11 @@ def download(url: str, target: str, *, quiet: bool = False) -> str:
                 raise WeightsError(f"HTTP {e.code} {e.reason} for {url}{where}") from None
             error = e
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+            if isinstance(getattr(e, "reason", None), socket.gaierror):  # no such host: retrying cannot help
+                host = urllib.parse.urlsplit(fetched).hostname
+                raise WeightsError(f"{url}: cannot resolve {host} ({e.reason.strerror}); without a network set "
+                                   "MEDJAX_MIRROR to an internal mirror, or download the file elsewhere and use "
+                                   "--from-file") from None
             error = e
         except OSError as e:  # a local disk error (full, read-only): retrying cannot help
             raise WeightsError(f"{part}: {e.strerror or e}") from None

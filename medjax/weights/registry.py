@@ -132,3 +132,14 @@ def get(name: str) -> Source:
 def is_name(value: str) -> bool:
     """Whether a `model.pretrained` value is a registry name (not a path)."""
     return bool(value) and "/" not in value and value in sources()
+
+
+def name_for(folder: str) -> str | None:
+    """The registry name behind a converted-folder / converter-variant name (`mae_vit_base_patch16` ->
+    `mae_pretrain_vit_base`): the name itself when registered, else the one-file source converting with that
+    variant."""
+    known = sources()
+    if folder in known:
+        return folder
+    match = [s.name for s in known.values() if s.model == folder and len(s.files) == 1]
+    return match[0] if len(match) == 1 else None
