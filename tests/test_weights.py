@@ -43,6 +43,7 @@ class Mirror:
 
     def __init__(self, files: dict):
         self.files, self.served, self.requests, self.cut_first, self.delay = dict(files), 0, [], None, 0.0
+        self.redirects = {}  # path -> (location, X-Linked-Etag), as huggingface.co answers a resolve URL
         mirror = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -53,6 +54,14 @@ class Mirror:
 
             def do_GET(self):
                 mirror.requests.append((self.path, self.headers.get("Range")))
+                if self.path in mirror.redirects:
+                    location, etag = mirror.redirects[self.path]
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    self.send_header("X-Linked-Etag", f'"{etag}"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = mirror.files.get(self.path)
                 if data is None:
                     self.send_response(404)
@@ -201,6 +210,27 @@ def test_digest_mismatch_is_refused_and_caches_nothing(env, capsys):
     assert weights.cached("test_bad_digest") is None
     assert not os.path.exists(weights.cache_dir("test_bad_digest"))
     assert not os.listdir(weights.download_dir("test_bad_digest"))
+
+
+def test_hugging_face_linked_etag_is_the_published_digest(env):
+    """A Hugging Face `resolve` URL redirects to storage with the LFS file's SHA-256 in `X-Linked-Etag`: the fetch
+    checks the file against it (the registry records no digest for Hugging Face files)."""
+    mirror, _, data = env
+    url = registry.hf("test/tiny-dinov2", "model.pth", 1).url
+    mirror.files["/cdn/blob"] = data
+    registry.register(registry.Source("test_hf", "dinov2", (registry.File(url, len(data)),), "x", config=DINO_KW))
+    try:
+        mirror.redirects[_mirror_path(url)] = ("/cdn/blob", "0" * 64)
+        with pytest.raises(weights.WeightsError, match="the publisher's digest is 0000"):
+            weights.fetch("test_hf", quiet=True)
+        assert weights.cached("test_hf") is None and not os.listdir(weights.download_dir("test_hf"))
+        mirror.redirects[_mirror_path(url)] = ("/cdn/blob", weights.sha256_of(DINO_CKPT))
+        folder = weights.fetch("test_hf", quiet=True)
+        record = json.load(open(os.path.join(folder, weights.PROVENANCE_FILE)))["files"][0]
+        assert record["published_digest"] == record["sha256"] == weights.sha256_of(DINO_CKPT)
+        assert record["url"] == "https://huggingface.co/test/tiny-dinov2/resolve/main/model.pth"
+    finally:
+        registry.unregister("test_hf")
 
 
 def test_404_names_the_url(env, capsys):
@@ -481,3 +511,20 @@ class predict_config:
     def __exit__(self, *exc):
         with self.model.config.unlocked():
             self.model.config.image_size = self.old
+
+
+@pytest.mark.slow
+def test_full_size_dinov2_for_image_classification(tmp_path):
+    """Full-size (ViT-B/14, 518 px stored grid, 224 px input) transformers Dinov2ForImageClassification with 14
+    classes: logits to 1e-4."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(image_size=518, num_labels=14)
+    model = perturb_(transformers.Dinov2ForImageClassification(config), seed=21).eval()
+    model.save_pretrained(tmp_path / "hf")
+    convert(str(tmp_path / "hf"), str(tmp_path / "out"), "dinov2")
+    images = np.random.default_rng(3).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        reference = model(pixel_values=torch.from_numpy(images)).logits.numpy()
+    got = embed_lib.embed(str(tmp_path / "out"), images)
+    assert np.abs(got["logits"] - reference).max() < 1e-4

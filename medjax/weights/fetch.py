@@ -117,7 +117,9 @@ def download(url: str, target: str, *, quiet: bool = False) -> str:
         request = urllib.request.Request(fetched, headers={"User-Agent": f"medjax/{medjax.__version__}",
                                                            **({"Range": f"bytes={have}-"} if have else {})})
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            redirects = _Redirects()
+            with urllib.request.build_opener(redirects).open(request, timeout=TIMEOUT_S) as response:
+                _record_linked_etag(target, redirects.linked_etag or response.headers.get("X-Linked-Etag"))
                 total = _expected_total(response, have, part)
                 if response.status == 200 and have:  # the server ignored the range: start again
                     have = 0
@@ -169,6 +171,33 @@ def download(url: str, target: str, *, quiet: bool = False) -> str:
         time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Keeps the `X-Linked-Etag` of a redirect: Hugging Face answers a `resolve` URL of an LFS file with a redirect to
+    its storage, and that header carries the file's SHA-256."""
+
+    linked_etag = None
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self.linked_etag = headers.get("X-Linked-Etag") or self.linked_etag
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _record_linked_etag(target: str, etag: str | None) -> None:
+    """Remember a SHA-256 the server published for the file (Hugging Face's LFS `X-Linked-Etag`) beside it."""
+    digest = (etag or "").strip().removeprefix("W/").strip('"').lower()
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        with open(target + ".sha256", "w") as f:
+            f.write(digest)
+
+
+def linked_digest(target: str) -> str | None:
+    try:
+        with open(target + ".sha256") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _expected_total(response, have: int, part: str) -> int | None:
     """The whole file's length, from Content-Range (a 206) or Content-Length (a 200)."""
     if response.status == 206:
@@ -203,15 +232,19 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def verify(path: str, file: File, name: str) -> str:
-    """The file's SHA-256, checked against the published digest (when there is one). A mismatch deletes the file."""
+def verify(path: str, file: File, name: str) -> tuple[str, str | None]:
+    """(the file's SHA-256, the published digest it was checked against): the registry's, else the one the server
+    sent (Hugging Face's `X-Linked-Etag`), else None. A mismatch deletes the file."""
     digest = sha256_of(path)
-    if file.sha256 and not digest.startswith(file.sha256.lower()):
+    published = file.sha256 or linked_digest(path)
+    if published and not digest.startswith(published.lower()):
         os.remove(path)
+        if os.path.exists(path + ".sha256"):
+            os.remove(path + ".sha256")
         raise WeightsError(f"{name}: {os.path.basename(path)} has SHA-256 {digest}, the publisher's digest is "
-                           f"{file.sha256} ({file.url}); the file was deleted: a damaged download, a mirror serving "
+                           f"{published} ({file.url}); the file was deleted: a damaged download, a mirror serving "
                            "another file, or a changed upstream file")
-    return digest
+    return digest, published
 
 
 # ------------------------------------------------------------------------------------------------ fetch
@@ -263,24 +296,24 @@ def fetch(name: str, *, from_files: list[str] | None = None, keep_download: bool
                 if not quiet:
                     print(f"{name}: downloading {file.url} (about {file.size / 1e6:,.0f} MB)", file=sys.stderr)
                 download(file.url, path, quiet=quiet)
-        digest = verify(path, file, name) if file not in given else _verify_given(path, file, name)
+        digest, published = verify(path, file, name) if file not in given else _verify_given(path, file, name)
         local[file] = path
         records.append({"url": file.url, "fetched_from": "--from-file " + os.path.abspath(path) if file in given
                         else mirrored(file.url), "revision": source.revision, "bytes": os.path.getsize(path),
-                        "sha256": digest, "published_digest": file.sha256, "role": file.role})
+                        "sha256": digest, "published_digest": published, "role": file.role})
     folder = _convert_into_cache(source, local, records)
     if not keep_download:
         shutil.rmtree(download_dir(name), ignore_errors=True)
     return folder
 
 
-def _verify_given(path: str, file: File, name: str) -> str:
+def _verify_given(path: str, file: File, name: str) -> tuple[str, str | None]:
     """A file the user downloaded by hand: checked like a download, but never deleted."""
     digest = sha256_of(path)
     if file.sha256 and not digest.startswith(file.sha256.lower()):
         raise WeightsError(f"{name}: --from-file {path} has SHA-256 {digest}, the publisher's digest is {file.sha256} "
                            f"({file.url}); it is not the official file (or it is damaged)")
-    return digest
+    return digest, file.sha256
 
 
 def _convert_into_cache(source: Source, local: dict[File, str], records: list) -> str:
