@@ -34,7 +34,10 @@ def table() -> str:
         if name.startswith("test_"):
             continue
         family = VARIANTS[s.model][0] if s.model in VARIANTS else "?"
-        digest = "SHA-256 `" + s.checkpoint.sha256 + "…`" if s.checkpoint.sha256 else "none published"
+        if s.checkpoint.sha256:
+            digest = "SHA-256 `" + s.checkpoint.sha256 + "…`"
+        else:
+            digest = "Hugging Face LFS" if s.checkpoint.url.startswith("https://huggingface.co/") else "none published"
         rows.append(f"| `{name}` | {family} | `{s.model}` | {_source(s)} | ≈{s.size / 1e6:,.0f} MB | {s.licence} | "
                     f"{digest} |")
     return "\n".join(rows)

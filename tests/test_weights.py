@@ -528,3 +528,29 @@ def test_full_size_dinov2_for_image_classification(tmp_path):
         reference = model(pixel_values=torch.from_numpy(images)).logits.numpy()
     got = embed_lib.embed(str(tmp_path / "out"), images)
     assert np.abs(got["logits"] - reference).max() < 1e-4
+
+
+def test_grid_fetch_names_every_cell_and_says_the_size_first(tmp_path, monkeypatch, capsys):
+    from medjax import grid as grid_lib
+
+    grid = grid_lib.load_grid()
+    needed = grid_lib.cell_weights(grid, grid.cells())
+    assert all(needed.values()), [f for f, n in needed.items() if n is None]  # every cell has an official source
+    cells = grid_lib.select(grid.cells(), grid_lib.parse_filter("model=dinov2_b,dataset=chexpert", grid.FILTER_AXES))
+    assert grid_lib.cell_weights(grid, cells) == {"dinov2_vitb14": "dinov2_vitb14",
+                                                  "deit_base_patch16_224": "deit_base_patch16_224"}
+    monkeypatch.setenv("MEDJAX_HOME", str(tmp_path / "home"))
+    fetched = []
+
+    def fake_fetch(name, **kw):
+        fetched.append(name)
+        os.makedirs(tmp_path / "home" / name, exist_ok=True)
+        return str(tmp_path / "home" / name)
+
+    monkeypatch.setattr(weights, "fetch", fake_fetch)
+    assert grid_lib.fetch_cells(grid, cells, str(tmp_path / "w")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    size = registry.get("dinov2_vitb14").size + registry.get("deit_base_patch16_224").size
+    assert lines[0] == f"{len(cells)} cells need 2 checkpoints; 2 to fetch, about {size / 1e9:,.2f} GB"
+    assert sorted(fetched) == ["deit_base_patch16_224", "dinov2_vitb14"]
+    assert os.path.realpath(tmp_path / "w" / "dinov2_vitb14") == str(tmp_path / "home" / "dinov2_vitb14")

@@ -16,6 +16,7 @@ import difflib
 import importlib
 import importlib.util
 
+from medjax import models
 from medjax.errors import UserError
 
 HF_URL = "https://huggingface.co/{repo}/resolve/{revision}/{file}"
@@ -84,8 +85,6 @@ def torch_hub_digest(filename: str) -> str | None:
 
 
 def _collect() -> dict[str, Source]:
-    from medjax import models
-
     out: dict[str, Source] = {}
     for pkg in models.PACKAGES:
         name = f"medjax.models.{pkg}.sources"

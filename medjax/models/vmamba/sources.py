@@ -1,5 +1,7 @@
 """The released VMamba v2 classification checkpoints of the study (`vmambav2_{small,base}_224`), from the release
-links of MzeroMiko/VMamba's README; no digest is published. Sizes approximate (MiB)."""
+links of MzeroMiko/VMamba's README; no digest is published. Sizes approximate (MiB): the parameters in float32; the
+release files are training checkpoints (`model`, and a yacs CfgNode of the run, read as plain data) and may be larger.
+"""
 
 from medjax.weights.registry import Source, url
 
