@@ -77,7 +77,7 @@ def study_config():
 
     c.model = ml_collections.ConfigDict()
     c.model.family = ""  # the backbone family (medjax.models.FAMILIES); must match a converted folder's family
-    c.model.pretrained = ""  # a folder written by `python -m converters`
+    c.model.pretrained = ""  # a converted folder (`python -m converters`) or a weights name (docs/weights.md)
     # or {checkpoint, model, config}: converted into WORKDIR/backbone on first use
     c.model.convert_from = ml_collections.ConfigDict({"checkpoint": "", "model": "", "config": ""})
     c.model.architecture = config_dict.placeholder(dict)  # or a backbone config dict: random init

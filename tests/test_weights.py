@@ -554,3 +554,10 @@ def test_grid_fetch_names_every_cell_and_says_the_size_first(tmp_path, monkeypat
     assert lines[0] == f"{len(cells)} cells need 2 checkpoints; 2 to fetch, about {size / 1e9:,.2f} GB"
     assert sorted(fetched) == ["deit_base_patch16_224", "dinov2_vitb14"]
     assert os.path.realpath(tmp_path / "w" / "dinov2_vitb14") == str(tmp_path / "home" / "dinov2_vitb14")
+
+
+def test_other_training_checkpoints_name_the_key_holding_the_weights(tmp_path):
+    state = torch.load(DINO_CKPT, weights_only=True)
+    torch.save({"net": state, "epoch": 3, "optimizer": {"state": {}}}, tmp_path / "train.pth")
+    with pytest.raises(CheckpointError, match=r"its weights look to be under 'net' \(35 tensors\)"):
+        convert(str(tmp_path / "train.pth"), str(tmp_path / "out"), "dinov2", DINO_CFG)
