@@ -124,6 +124,10 @@ def prepare(config, workdir: str):
             print(f"Converting {source.checkpoint} ({source.model}) into {target}", flush=True)
             convert(source.checkpoint, target, source.model, source.config or None)
         config.model.pretrained = target
+    elif config.model.pretrained:  # a registry name: fetched (or found in the cache) before anything starts
+        from medjax.weights import fetch as weights
+
+        config.model.pretrained = weights.resolve(config.model.pretrained)
 
 
 @cli_main
