@@ -21,7 +21,6 @@ from medjax.errors import UserError
 from medjax.tree import file_sha256 as sha256  # noqa: F401 (the converters' name for it)
 
 
-
 class CheckpointError(UserError):
     """A checkpoint file cannot be read, or is not what the user said it is."""
 
