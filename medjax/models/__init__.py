@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from medjax.models.family import Family
 
 # A new family is a folder and one entry here.
-PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam")
+PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam", "dinov3", "dinov3_convnext")
 
 FAMILIES: dict[str, Family] = {
     f.name: f for pkg in PACKAGES for f in importlib.import_module(f"medjax.models.{pkg}").FAMILIES}
