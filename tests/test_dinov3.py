@@ -5,7 +5,11 @@ facebookresearch/dinov3 naming (fused qkv with its key-bias mask, storage tokens
 the protocol taps against transformers' hidden states, attention rollout against transformers' attentions, training,
 LoRA, partial freezing, Grad-CAM, full-size parameter counts and bad inputs."""
 
+import csv
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +19,7 @@ import torch
 
 import converters
 from configs.common import make
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, train_two_steps
+from conftest import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 from converters import VARIANTS, CheckpointError, ConversionError
 from medjax import classifier, engine, explain, models, pretrained, rules
 from medjax.models.dinov3 import DINOv3Config
@@ -205,6 +209,9 @@ def test_vit_official_naming(hf_models, tmp_path, name):
     finally:
         model.rope_embeddings.inv_freq.copy_(original)
     assert max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= PARITY_TOL
+    with jax.default_matmul_precision("float32"):  # the taps run with the `rope` collection too
+        taps = models.family("dinov3").feature_fn(config, 1)(variables, _nhwc(images))
+    assert max_abs(taps["cls"][:, 0], got["pooler_output"]) <= 1e-6
     with torch.no_grad():
         exact = model(torch.from_numpy(images)).last_hidden_state.numpy()
     assert max_abs(got["last_hidden_state"], exact) > 3 * PARITY_TOL  # bfloat16 periods do change the numbers
@@ -415,3 +422,45 @@ def test_bad_inputs(tmp_path, hf_models):
     with pytest.raises(CheckpointError, match="not a dinov3_convnext checkpoint"):
         converters.convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "c"), "dinov3_convnext_tiny")
     assert swiglu_hidden(7680, 8) == 5120 and swiglu_hidden(12288, 64) == 8192
+
+
+# ------------------------------------------------------------------------------------------------ a run, end to end
+
+
+def _cli(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_a_run_from_an_official_hub_file_predicts_explains_and_exports(hf_models, tmp_path):
+    """The trainer on a hub-format checkpoint (RoPE periods in the `rope` collection), then predict, the attention
+    rollout and the safetensors export, whose folder predicts the same probabilities."""
+    model, _, _ = hf_models["plain"]
+    state, _ = _hub_vit_state(model)
+    torch.save(state, tmp_path / "hub.pth")
+    (tmp_path / "hub.json").write_text(json.dumps(_hub_vit_kwargs(model.config)))
+    workdir, data_root = tmp_path / "run", tmp_path / "data"
+    proc = _cli("medjax.main", "--config=tests/dinov3_demo.py", f"--workdir={workdir}", f"--config.data_root={data_root}",
+                "--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False",
+                f"--config.model.convert_from.checkpoint={tmp_path / 'hub.pth'}",
+                f"--config.model.convert_from.config={tmp_path / 'hub.json'}", "--config.model.freeze=full")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    preds = tmp_path / "preds.csv"
+    proc = _cli("medjax.predict", "--workdir", workdir, "--dataset", "chexpert", "--root", data_root, "--output", preds,
+                "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    images = sorted(str(p) for p in (data_root / "valid").rglob("*.jpg"))[:2]
+    proc = _cli("medjax.explain", "--workdir", workdir, "--images", *images, "--output", tmp_path / "maps")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(os.listdir(tmp_path / "maps")) == 2
+    proc = _cli("medjax.export", "--workdir", workdir, "--output", tmp_path / "export")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config, variables, _ = pretrained.load(str(tmp_path / "export"))
+    assert config.rope_stored_periods and variables["rope"]["periods"].shape == (4,)
+    proc = _cli("medjax.predict", "--workdir", tmp_path / "export", "--dataset", "chexpert", "--root", data_root,
+                "--output", tmp_path / "export.csv", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    read = lambda p: [r for r in csv.DictReader(open(p))]  # noqa: E731
+    run_rows, export_rows = read(preds), read(tmp_path / "export.csv")
+    probs = [k for k in run_rows[0] if k.startswith("prob/")]
+    assert max(abs(float(a[k]) - float(b[k])) for a, b in zip(run_rows, export_rows) for k in probs) <= 1e-6
