@@ -26,7 +26,6 @@ from medjax.models.dinov3 import DINOv3Config
 from medjax.models.dinov3.convert import swiglu_hidden
 from medjax.models.dinov3_convnext import DINOv3ConvNextConfig
 from medjax.pretrained import flatten
-from medjax.protocols import peft
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,7 +46,7 @@ def _images(shape, seed=0):
 
 
 def _apply(params_dir, images):
-    config, variables, meta = pretrained.load(params_dir)
+    config, variables, _ = pretrained.load(params_dir)
     with jax.default_matmul_precision("float32"):
         out = jax.jit(models.build_backbone(config).apply)(variables, _nhwc(images))
     return config, variables, {k: np.asarray(v) for k, v in out.items()}
@@ -153,7 +152,8 @@ def _hub_vit_state(model, bf16_periods=True):
     cfg, sd = model.config, {k.removeprefix("model."): v.detach().clone() for k, v in model.state_dict().items()}
     dim = cfg.hidden_size
     hub = {"cls_token": sd["embeddings.cls_token"], "storage_tokens": sd["embeddings.register_tokens"],
-           "mask_token": sd["embeddings.mask_token"][0], "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
+           "mask_token": sd["embeddings.mask_token"][0],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.bias"], "norm.weight": sd["norm.weight"],
            "norm.bias": sd["norm.bias"]}
     periods = (1 / model.rope_embeddings.inv_freq).to(torch.bfloat16 if bf16_periods else torch.float32)
@@ -229,7 +229,8 @@ def test_convnext_official_naming(hf_models, tmp_path):
         if parts[0] == "stages" and parts[2] == "downsample_layers":
             hub[f"downsample_layers.{parts[1]}.{'.'.join(parts[3:])}"] = value
         elif parts[0] == "stages":
-            hub[f"stages.{parts[1]}.{parts[3]}.{names[parts[4]]}" + ("" if parts[4] == "gamma" else f".{parts[5]}")] = value
+            suffix = "" if parts[4] == "gamma" else f".{parts[5]}"
+            hub[f"stages.{parts[1]}.{parts[3]}.{names[parts[4]]}{suffix}"] = value
     torch.save(hub, tmp_path / "hub.pth")
     (tmp_path / "hub.json").write_text(json.dumps({"depths": CONVNEXT["depths"], "dims": CONVNEXT["hidden_sizes"]}))
     got_meta = converters.convert(str(tmp_path / "hub.pth"), str(tmp_path / "jx"), "dinov3_convnext",
@@ -410,8 +411,7 @@ def test_full_size_random_models(tmp_path, name):
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 
-def test_bad_inputs(tmp_path, hf_models):
-    _, params_dir, _ = hf_models["gated"]
+def test_bad_inputs(tmp_path):
     with pytest.raises(ConversionError) as e:  # a gated file read as a plain-MLP model
         converters.convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "a"), "dinov3_vits16plus")
     assert "mlp" in str(e.value)
@@ -440,7 +440,8 @@ def test_a_run_from_an_official_hub_file_predicts_explains_and_exports(hf_models
     torch.save(state, tmp_path / "hub.pth")
     (tmp_path / "hub.json").write_text(json.dumps(_hub_vit_kwargs(model.config)))
     workdir, data_root = tmp_path / "run", tmp_path / "data"
-    proc = _cli("medjax.main", "--config=tests/dinov3_demo.py", f"--workdir={workdir}", f"--config.data_root={data_root}",
+    proc = _cli("medjax.main", "--config=tests/dinov3_demo.py", f"--workdir={workdir}",
+                f"--config.data_root={data_root}",
                 "--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False",
                 f"--config.model.convert_from.checkpoint={tmp_path / 'hub.pth'}",
                 f"--config.model.convert_from.config={tmp_path / 'hub.json'}", "--config.model.freeze=full")
@@ -460,7 +461,7 @@ def test_a_run_from_an_official_hub_file_predicts_explains_and_exports(hf_models
     proc = _cli("medjax.predict", "--workdir", tmp_path / "export", "--dataset", "chexpert", "--root", data_root,
                 "--output", tmp_path / "export.csv", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    read = lambda p: [r for r in csv.DictReader(open(p))]  # noqa: E731
-    run_rows, export_rows = read(preds), read(tmp_path / "export.csv")
+    with open(preds) as a, open(tmp_path / "export.csv") as b:
+        run_rows, export_rows = list(csv.DictReader(a)), list(csv.DictReader(b))
     probs = [k for k in run_rows[0] if k.startswith("prob/")]
     assert max(abs(float(a[k]) - float(b[k])) for a, b in zip(run_rows, export_rows) for k in probs) <= 1e-6

@@ -4,9 +4,9 @@ the engine. The distilled ConvNeXts are the `dinov3_convnext` family."""
 
 import dataclasses
 
+from medjax.errors import UserError
 from medjax.models.dinov3.model import *  # noqa: F401,F403 (the package is the model's namespace)
 from medjax.models.dinov3.model import FAMILY, DINOv3Config, DINOv3ViT, layers, lora_targets, max_taps, taps
-from medjax.errors import UserError
 from medjax.models.family import Family
 
 

@@ -36,13 +36,14 @@ _HF_COMMON = [
 # plain MLP: up_proj -> act -> down_proj; gated: down_proj(act(gate_proj x) * up_proj x)
 HF_RULES = _HF_COMMON + dense_rules(f"{_HF_LAYER}.mlp.up_proj", f"{_OUR}/mlp/fc1") + \
     dense_rules(f"{_HF_LAYER}.mlp.down_proj", f"{_OUR}/mlp/fc2")
-HF_GATED_RULES = _HF_COMMON + dense_rules(f"{_HF_LAYER}.mlp.gate_proj", f"{_OUR}/mlp/w1") + \
-    dense_rules(f"{_HF_LAYER}.mlp.up_proj", f"{_OUR}/mlp/w2") + dense_rules(f"{_HF_LAYER}.mlp.down_proj", f"{_OUR}/mlp/w3")
+HF_GATED_RULES = _HF_COMMON + [r for src, dst in (("gate_proj", "w1"), ("up_proj", "w2"), ("down_proj", "w3"))
+                                for r in dense_rules(f"{_HF_LAYER}.mlp.{src}", f"{_OUR}/mlp/{dst}")]
 
 _BLOCK = "blocks.{i}"
 _QKV = [Rule(f"{_BLOCK}.attn.qkv.weight", f"{_OUR}/attn/{n}_proj/kernel", linear, split=(j, 3))
         for j, n in enumerate("qkv")]
-_QV_BIAS = [Rule(f"{_BLOCK}.attn.qkv.bias", f"{_OUR}/attn/{n}_proj/bias", split=(j, 3)) for j, n in ((0, "q"), (2, "v"))]
+_QV_BIAS = [Rule(f"{_BLOCK}.attn.qkv.bias", f"{_OUR}/attn/{n}_proj/bias", split=(j, 3))
+            for j, n in ((0, "q"), (2, "v"))]
 _K_BIAS = [Rule(f"{_BLOCK}.attn.qkv.bias", f"{_OUR}/attn/k_proj/bias", split=(1, 3))]
 _HUB_COMMON = [
     Rule("cls_token", "cls_token"),

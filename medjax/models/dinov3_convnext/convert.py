@@ -23,8 +23,10 @@ def _block_rules(src: str, names: dict) -> list[Rule]:
 def _downsample_rules(stage0: str, later: str) -> list[Rule]:
     """Stage 1 downsamples conv then norm (`.0`, `.1`), later stages norm then conv; the stage-1 rules come first
     (the first matching rule wins)."""
-    return [*conv_rules(f"{stage0}.0", "stages_0/downsample_conv"), *norm_rules(f"{stage0}.1", "stages_0/downsample_norm"),
-            *norm_rules(f"{later}.0", "stages_{i}/downsample_norm"), *conv_rules(f"{later}.1", "stages_{i}/downsample_conv")]
+    return [*conv_rules(f"{stage0}.0", "stages_0/downsample_conv"),
+            *norm_rules(f"{stage0}.1", "stages_0/downsample_norm"),
+            *norm_rules(f"{later}.0", "stages_{i}/downsample_norm"),
+            *conv_rules(f"{later}.1", "stages_{i}/downsample_conv")]
 
 
 HF_RULES = [
@@ -75,9 +77,10 @@ def transformers_config(cfg: dict) -> DINOv3ConvNextConfig:
         raise CheckpointError(f"dinov3_convnext transformers config: hidden_act {act!r} is not supported "
                               f"({', '.join(sorted(ACTIVATIONS))})")
     size = cfg.get("image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
     return _config(cfg.get("hidden_sizes") or [96, 192, 384, 768], cfg.get("depths") or [3, 3, 9, 3],
                    int(cfg.get("num_channels", 3)), float(cfg.get("layer_norm_eps", 1e-6)),
-                   float(cfg.get("layer_scale_init_value", 1e-6)), act, int(size[0] if isinstance(size, list) else size))
+                   float(cfg.get("layer_scale_init_value", 1e-6)), act, size)
 
 
 def _config(dims, depths, in_chans, eps, layer_scale, act, img_size) -> DINOv3ConvNextConfig:
