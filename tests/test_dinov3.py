@@ -23,6 +23,7 @@ from configs.common import make
 from conftest import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 from converters import VARIANTS, CheckpointError, ConversionError
 from medjax import classifier, engine, explain, models, pretrained, rules
+from medjax.errors import UserError
 from medjax.models.dinov3 import DINOv3Config
 from medjax.models.dinov3.convert import swiglu_hidden
 from medjax.models.dinov3_convnext import DINOv3ConvNextConfig
@@ -35,6 +36,10 @@ PLAIN = dict(hidden_size=48, num_attention_heads=3, num_hidden_layers=2, interme
 GATED = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=3, intermediate_size=80, patch_size=4,
              image_size=16, num_register_tokens=2, use_gated_mlp=True, hidden_act="silu", key_bias=True,
              proj_bias=False, rope_theta=50.0)
+# no registers (transformers still saves an empty register_tokens), no q / v / MLP biases, tanh GELU, another eps and
+# RoPE base, a non-square nominal image_size
+BARE = dict(PLAIN, num_register_tokens=0, mlp_bias=False, query_bias=False, value_bias=False, layer_norm_eps=1e-6,
+            rope_theta=1000.0, image_size=[32, 48], hidden_act="gelu_pytorch_tanh")
 CONVNEXT = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1], layer_scale_init_value=0.5)
 
 
@@ -73,7 +78,8 @@ def hf_models(tmp_path_factory):
     """name -> (torch model, converted folder), from save_pretrained output (config.json beside the weights)."""
     out = {}
     for seed, (name, make_model) in enumerate([("plain", lambda s: _hf_vit(PLAIN, s)),
-                                               ("gated", lambda s: _hf_vit(GATED, s)), ("convnext", _hf_convnext)]):
+                                               ("gated", lambda s: _hf_vit(GATED, s)), ("convnext", _hf_convnext),
+                                               ("bare", lambda s: _hf_vit(BARE, s))]):
         model = make_model(10 * seed)
         root = tmp_path_factory.mktemp(name)
         model.save_pretrained(root / "hf")
@@ -106,7 +112,7 @@ def test_public_fixture(tmp_path, family):
 VIT_CASES = {  # model, (H, W): the config's size, then other sizes and aspect ratios (RoPE recomputed per grid)
     "plain_config_size": ("plain", (32, 32)), "plain_non_square": ("plain", (48, 24)),
     "plain_not_a_multiple": ("plain", (35, 29)), "gated_config_size": ("gated", (16, 16)),
-    "gated_non_square": ("gated", (20, 28)),
+    "gated_non_square": ("gated", (20, 28)), "bare_non_square": ("bare", (24, 40)),
 }
 
 
@@ -315,6 +321,10 @@ def test_vit_rope_jitter_in_training_only():
     assert np.array_equal(one, again) and max_abs(one, plain) > 1e-3
     off = models.build_backbone(dataclasses.replace(config, rope_rescale=None))
     assert max_abs(off.apply(variables, x, train=True)["last_hidden_state"], plain) == 0
+    remat, _ = models.family("dinov3").execution(config, None, True, False)  # model.remat: the same forward
+    assert remat.remat and max_abs(models.build_backbone(remat).apply(variables, x)["last_hidden_state"], plain) == 0
+    with pytest.raises(UserError, match="model.scan"):
+        models.family("dinov3").execution(config, None, False, True)
 
 
 def test_lora_targets_and_training():

@@ -101,6 +101,11 @@ def swiglu_hidden(hidden: int, align: int) -> int:
     return d + (-d % align)
 
 
+def _nominal(v) -> int:
+    """A config's image size, which only states the nominal input (RoPE adapts to any grid): its height."""
+    return int(v[0] if isinstance(v, (list, tuple)) else v)
+
+
 def _size(v, what: str) -> int:
     if isinstance(v, (list, tuple)):
         if len(v) != 2 or v[0] != v[1]:
@@ -144,7 +149,7 @@ def hub_config(kw: dict) -> DINOv3Config:
             width=width, depth=int(kw.get("depth", 12)), num_heads=int(kw.get("num_heads", 12)),
             patch_size=_size(kw.get("patch_size", 16), "patch_size"), mlp_hidden=hidden, gated_mlp=ffn != "mlp",
             act="gelu" if ffn == "mlp" else "silu", in_chans=int(kw.get("in_chans", 3)),
-            img_size=_size(kw.get("img_size", 224), "img_size"), num_registers=int(kw.get("n_storage_tokens", 0)),
+            img_size=_nominal(kw.get("img_size", 224)), num_registers=int(kw.get("n_storage_tokens", 0)),
             query_bias=qkv_bias, key_bias=qkv_bias and not kw.get("mask_k_bias", False), value_bias=qkv_bias,
             proj_bias=bool(kw.get("proj_bias", True)), mlp_bias=bool(kw.get("ffn_bias", True)),
             layerscale=bool(kw.get("layerscale_init")), norm_eps=_NORMS[norm],
@@ -169,7 +174,7 @@ def transformers_config(cfg: dict) -> DINOv3Config:
             width=int(cfg.get("hidden_size", 384)), depth=int(cfg.get("num_hidden_layers", 12)),
             num_heads=int(cfg.get("num_attention_heads", 6)), patch_size=_size(cfg.get("patch_size", 16), "patch_size"),
             mlp_hidden=int(cfg.get("intermediate_size", 1536)), gated_mlp=bool(cfg.get("use_gated_mlp", False)),
-            act=act, in_chans=int(cfg.get("num_channels", 3)), img_size=_size(cfg.get("image_size", 224), "image_size"),
+            act=act, in_chans=int(cfg.get("num_channels", 3)), img_size=_nominal(cfg.get("image_size", 224)),
             num_registers=int(cfg.get("num_register_tokens", 0)), query_bias=bool(cfg.get("query_bias", True)),
             key_bias=bool(cfg.get("key_bias", False)), value_bias=bool(cfg.get("value_bias", True)),
             proj_bias=bool(cfg.get("proj_bias", True)), mlp_bias=bool(cfg.get("mlp_bias", True)), layerscale=True,

@@ -32,7 +32,9 @@ from medjax.models.layers import (LayerScale, cudnn_attention, dense, gelu, head
                                   layer_norm, use_cudnn_attention)
 
 FAMILY = "dinov3"
-ACTIVATIONS = {"gelu": gelu, "silu": nn.silu, "swish": nn.silu, "relu": nn.relu}
+ACTIVATIONS = {"gelu": gelu, "silu": nn.silu, "swish": nn.silu, "relu": nn.relu,
+               # torch's tanh approximation (transformers' gelu_new / gelu_pytorch_tanh) is flax's approximate gelu
+               "gelu_new": nn.gelu, "gelu_pytorch_tanh": nn.gelu}
 NORMALIZE = ("separate", "min", "max")
 
 
