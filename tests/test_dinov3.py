@@ -17,17 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 
 import converters
-from medjax.schema import make
-from conftest import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 from converters import VARIANTS, CheckpointError, ConversionError
-from medjax import classifier, engine, explain, models, pretrained, rules
+from medjax import classifier, engine, explain, models, rules
 from medjax.errors import UserError
 from medjax.models.dinov3 import DINOv3Config
 from medjax.models.dinov3.convert import swiglu_hidden
 from medjax.models.dinov3_convnext import DINOv3ConvNextConfig
 from medjax.pretrained import flatten
+from medjax.schema import make
 
 transformers = pytest.importorskip("transformers")
 
