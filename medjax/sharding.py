@@ -17,16 +17,18 @@ from medjax.pretrained import flatten, unflatten
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A mesh over every device of every process; -1 takes what the other axis leaves."""
-    n = jax.device_count()
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A mesh over every device of every process (or over `devices`, e.g. a TPU topology's for an ahead-of-time
+    compile); -1 takes what the other axis leaves."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
         fsdp = n // data
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
-    devices = np.asarray(jax.devices()).reshape(data, fsdp)
+    devices = np.asarray(devices).reshape(data, fsdp)
     return Mesh(devices, BATCH_AXES)
 
 

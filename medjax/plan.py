@@ -1,0 +1,492 @@
+"""python -m medjax.plan --config=RECIPE --topology=v5e:2x4 [--backbone=VARIANT] [--mfu=0.4] [--config.x=y ...]
+
+Compiles, ahead of time and from shapes only, the exact train step (and eval step) that `python -m medjax.main`
+would run for the config (the same `medjax.engine.build`: model, rules, optimizer, sharding, remat / scan, dtype)
+for a TPU slice named as libtpu names its topologies (`v4:2x2x1`, `v5e:2x4`, `v5p:2x2x1`, `v6e:2x4`, ...), and prints
+what one chip holds, whether it fits the chip's HBM, the FLOPs of one step and the step time at a stated MFU. No
+weights are read (a converted folder's medjax.json gives the architecture; `--backbone` takes a converter variant
+name instead) and nothing is allocated. When the step does not fit, the plan compiles again to find the largest
+global batch that fits and which of `mesh.fsdp`, `model.remat` + `model.scan` and `compute_dtype=bfloat16` make the
+asked batch fit. The last line of the output is one JSON object.
+
+TPU topologies need libtpu (`pip install -e ".[tpu]"`); its start-up lines are kept out of the output. GPU targets
+(`--topology=h100:8`, `a100:8`, `gpu:8` = H100) have no ahead-of-time compiler without the GPU: their table comes
+from the CPU compiler over as many emulated CPU devices, labelled as such (an estimate of the sharded footprint;
+GPU kernels and fusion differ).
+
+Bad input ends with one `error:` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from medjax.errors import UserError
+
+GiB = 2 ** 30
+
+
+class PlanError(UserError):
+    """A topology, backbone or dataset the plan cannot build or compile."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_bytes: int
+    peak_flops: float  # dense bf16 FLOP/s per chip
+
+
+# SPEC section 11 (Google Cloud's published figures); GPUs: NVIDIA's dense bf16 (H100 SXM 989, A100 312 TFLOP/s).
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GiB, 275e12),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12),
+    "h100": Chip("NVIDIA H100 80GB", 80 * 10 ** 9, 989e12),
+    "a100": Chip("NVIDIA A100 80GB", 80 * 10 ** 9, 312e12),
+}
+GPU_ALIASES = {"gpu": "h100", "h100": "h100", "a100": "a100"}
+
+# (task, classes, channels) of the readers in medjax.data (their Dataset(...) calls); `csv` / `folder` datasets need
+# --classes / --channels / --task.
+DATASETS = {
+    "aptos2019": ("multiclass", 5, 3), "chexpert": ("multilabel", 14, 1), "ddsm": ("multiclass", 2, 1),
+    "cbis_ddsm": ("multiclass", 2, 1), "isic2019": ("multiclass", 8, 3), "isic2018": ("multiclass", 7, 3),
+    "ham10000": ("multiclass", 7, 3), "ichallenge_amd": ("multiclass", 2, 3),
+    "chest_xray_pneumonia": ("multiclass", 2, 1), "nih_chestxray14": ("multilabel", 15, 1),
+    "brain_tumor_figshare": ("multiclass", 3, 1),
+}
+
+
+@dataclasses.dataclass
+class Target:
+    topology: str  # as given
+    kind: str  # "tpu" | "gpu (emulated on CPU)"
+    chip: Chip
+    devices: list
+
+
+def parse_gpu(topology: str):
+    """'h100:8' -> ('h100', 8); None when it is not a GPU name."""
+    m = re.fullmatch(r"(gpu|h100|a100):(\d+)", topology.strip().lower())
+    return (GPU_ALIASES[m.group(1)], int(m.group(2))) if m else None
+
+
+def tpu_generation(topology: str) -> str:
+    generation = topology.split(":", 1)[0].lower().replace("v5litepod", "v5e").replace("v5lite", "v5e")
+    if generation not in CHIPS or generation in ("h100", "a100"):
+        raise PlanError(f"--topology={topology!r}: expected a TPU topology GEN:SHAPE with GEN one of v4, v5e, v5p, "
+                        "v6e (e.g. v5e:2x4, v4:2x2x1, v5p:2x2x1) or a GPU target h100:N / a100:N / gpu:N")
+    return generation
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """libtpu writes its start-up lines to file descriptor 2 from C++: send fd 2 to a file while the TPU client and
+    compiler run; what was written there is kept (`.text`) to show only if the plan fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log = tempfile.TemporaryFile(mode="w+b")
+    os.dup2(log.fileno(), 2)
+    holder = type("Captured", (), {"text": ""})()
+    try:
+        yield holder
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        log.seek(0)
+        holder.text = log.read().decode(errors="replace")
+        log.close()
+
+
+def target(topology: str) -> Target:
+    """The devices to compile for: a TPU topology's (libtpu, no TPU attached) or emulated CPU devices for a GPU."""
+    import jax
+
+    gpu = parse_gpu(topology)
+    if gpu:
+        name, n = gpu
+        devices = jax.devices("cpu")
+        if len(devices) < n:
+            raise PlanError(f"--topology={topology}: the GPU plan compiles for {n} emulated CPU devices, this process "
+                            f"has {len(devices)}; run `python -m medjax.plan` afresh (it sets XLA_FLAGS="
+                            f"--xla_force_host_platform_device_count={n}) or set that flag yourself")
+        return Target(topology, "gpu (emulated on CPU)", CHIPS[name], devices[:n])
+    generation = tpu_generation(topology)
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(topology, "tpu")
+    except Exception as e:  # noqa: BLE001 - libtpu missing, or a shape libtpu refuses: one line either way
+        text = " ".join(str(e).split())
+        if "not installed" in text or "libtpu" in text.lower():
+            raise PlanError(f"--topology={topology}: TPU topologies need libtpu: pip install -e \".[tpu]\" (or pip "
+                            "install --target DIR \"libtpu==0.0.42.*\" and put DIR on PYTHONPATH)") from None
+        raise PlanError(f"--topology={topology}: libtpu does not accept it ({text[:300]})") from None
+    return Target(topology, "tpu", CHIPS[generation], list(desc.devices))
+
+
+def resolve_backbone(config, variant: str):
+    """`--backbone=VARIANT`: the converter variant's architecture in place of the recipe's model.pretrained, as if
+    the official checkpoint had been converted (adjustments that depend on the file itself, such as DINOv2's resize
+    style or a transformers pooler, take the variant's defaults)."""
+    import converters
+
+    if variant not in converters.VARIANTS:
+        raise PlanError(f"--backbone={variant!r} is not a converter variant; known: "
+                        f"{', '.join(sorted(converters.VARIANTS))}")
+    family, kwargs = converters.VARIANTS[variant]
+    arch = converters.FAMILIES[family].parse_config(dict(kwargs))
+    with config.unlocked():
+        config.model.family = family
+        config.model.pretrained = ""
+        config.model.architecture = arch.to_dict()
+        config.model.convert_from.checkpoint = ""
+    return config
+
+
+def dataset_shape(config, classes=None, channels=None, task=None):
+    known = DATASETS.get(config.dataset)
+    if known is None and not (classes and channels and task):
+        raise PlanError(f"dataset {config.dataset!r}: the plan knows the classes and channels of "
+                        f"{', '.join(sorted(DATASETS))}; for another give --classes, --channels and --task")
+    t, k, c = known or (task, classes, channels)
+    return task or t, classes or k, channels or c
+
+
+@dataclasses.dataclass
+class Compiled:
+    """Bytes per chip from XLA's memory analysis, FLOPs of the whole step (every chip), compile seconds."""
+
+    arguments: int
+    outputs: int
+    temporaries: int
+    aliased: int
+    code: int
+    flops: float
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        """What one chip holds while the step runs: arguments + outputs + temporaries + code, less the outputs that
+        reuse donated argument buffers (aliased)."""
+        return self.arguments + self.outputs + self.temporaries + self.code - self.aliased
+
+
+def abstract_batch(mesh, batch_size: int, image_size: int, channels: int, task: str, num_classes: int,
+                   train: bool = True) -> dict:
+    """The trainer's global batch as shapes with its sharding (medjax.data.pipeline's batch, sharding.global_batch):
+    float32 NHWC images, int32 labels (multi-class) or float32 multi-hot (multi-label), bool mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from medjax import sharding
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+
+    images = spec((batch_size, image_size, image_size, channels), jnp.float32)
+    if not train:
+        return {"image": images}
+    label = spec((batch_size,), jnp.int32) if task == "multiclass" else spec((batch_size, num_classes), jnp.float32)
+    return {"image": images, "label": label, "mask": spec((batch_size,), jnp.bool_)}
+
+
+def lower_steps(e, config, batch_size: int, channels: int, task: str, num_classes: int, eval_step: bool = True):
+    """(train step, eval step or None) of an engine, lowered for the trainer's batch of `batch_size`."""
+    train = e.train_step.lower(e.state, abstract_batch(e.mesh, batch_size, config.image_size, channels, task,
+                                                       num_classes))
+    if not eval_step:
+        return train, None
+    images = abstract_batch(e.mesh, batch_size, config.image_size, channels, task, num_classes, train=False)
+    return train, e.eval_step.lower(e.variables_of(e.state), images["image"])
+
+
+def build_engine(config, devices, *, num_classes: int, channels: int, task: str, total_steps: int = 1000):
+    """The trainer's engine (medjax.engine.build) over a mesh of `devices`, abstract: shapes only."""
+    from medjax import engine, sharding
+
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    except ValueError as e:
+        raise PlanError(f"mesh: {e}") from None
+    return engine.build(config, num_classes=num_classes, channels=channels, task=task, total_steps=total_steps,
+                        warmup_steps=0, mesh=mesh, abstract=True)
+
+
+def _compile(lowered, chips: int) -> Compiled:
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return Compiled(int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes), int(mem.temp_size_in_bytes),
+                    int(mem.alias_size_in_bytes), int(mem.generated_code_size_in_bytes),
+                    float(cost.get("flops", 0.0)) * chips, seconds)
+
+
+def compile_config(config, tgt: Target, shape, eval_step: bool = True):
+    """(train Compiled, eval Compiled or None) of the config on the target's devices."""
+    task, num_classes, channels = shape
+    if config.batch_size % len(tgt.devices):
+        raise PlanError(f"batch_size {config.batch_size} is not divisible by the {len(tgt.devices)} chips of "
+                        f"{tgt.topology}")
+    e = build_engine(config, tgt.devices, num_classes=num_classes, channels=channels, task=task)
+    train, ev = lower_steps(e, config, config.batch_size, channels, task, num_classes, eval_step)
+    return _compile(train, len(tgt.devices)), (_compile(ev, len(tgt.devices)) if ev is not None else None)
+
+
+def _variant(config, **overrides):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for dotted, value in overrides.items():
+            node = c
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+    return c
+
+
+def largest_batch(config, tgt: Target, shape, limit: int) -> tuple[int, int]:
+    """(largest global batch <= config.batch_size that fits, compiles spent): bisection over multiples of the chip
+    count, each tried by compiling the train step."""
+    chips = len(tgt.devices)
+    lo, hi, tries = 0, config.batch_size // chips, 0  # in images per chip; hi does not fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        tries += 1
+        if compile_config(_variant(config, batch_size=mid * chips), tgt, shape, eval_step=False)[0].peak <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return lo * chips, tries
+
+
+def fixes(config, tgt: Target, shape, limit: int) -> list[dict]:
+    """Each change that may make the asked batch fit, tried by compiling: FSDP over every chip, remat + scan (the
+    families that offer them), bfloat16 compute; then all of them together if none alone fits."""
+    from medjax import models
+
+    chips = len(tgt.devices)
+    candidates = []
+    if config.mesh.fsdp != chips and chips > 1:
+        candidates.append({"mesh.data": 1, "mesh.fsdp": chips})
+    arch_family = config.model.family
+    try:
+        has_execution = models.family(_backbone_family(config)).execution is not None
+    except Exception:  # noqa: BLE001 - an unknown family is reported by the build itself
+        has_execution = False
+    if has_execution and not (config.model.remat and config.model.scan):
+        candidates.append({"model.remat": True, "model.scan": True})
+    if config.compute_dtype != "bfloat16":
+        candidates.append({"compute_dtype": "bfloat16"})
+    del arch_family
+    out = []
+    for change in candidates:
+        c = compile_config(_variant(config, **change), tgt, shape, eval_step=False)[0]
+        out.append({"change": change, "per_chip_bytes": c.peak, "fits": c.peak <= limit})
+    if len(candidates) > 1 and not any(o["fits"] for o in out):
+        together = {k: v for change in candidates for k, v in change.items()}
+        c = compile_config(_variant(config, **together), tgt, shape, eval_step=False)[0]
+        out.append({"change": together, "per_chip_bytes": c.peak, "fits": c.peak <= limit})
+    return out
+
+
+def _backbone_family(config) -> str:
+    """The backbone family the model section will build (the converted folder's, read from its metadata)."""
+    from medjax import pretrained
+
+    if config.model.pretrained:
+        return pretrained.read_metadata(config.model.pretrained)["family"]
+    return config.model.family
+
+
+def step_time(flops: float, chips: int, chip: Chip, mfu: float) -> float:
+    return flops / (chips * chip.peak_flops * mfu)
+
+
+def plan(config, topology: str, *, mfu: float = 0.4, suggest: bool = True, shape=None, tgt: Target | None = None,
+         eval_step: bool = True) -> dict:
+    """The plan as a dict (the JSON line): see the module docstring."""
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu={mfu}: expected a fraction in (0, 1]")
+    tgt = tgt or target(topology)
+    shape = shape or dataset_shape(config)
+    chips = len(tgt.devices)
+    train, ev = compile_config(config, tgt, shape, eval_step=eval_step)
+    limit = tgt.chip.hbm_bytes
+    batch_bytes = sum(_batch_bytes(config, shape, chips).values())
+    state_bytes = train.arguments - batch_bytes
+    # while evaluating, the train state (parameters and optimizer moments) stays in HBM beside the eval step's
+    # images, outputs and temporaries; its parameters are the eval step's other arguments
+    eval_peak = (state_bytes + ev.peak - ev.arguments + _eval_images_bytes(config, shape, chips)) if ev else None
+    fits = train.peak <= limit and (eval_peak is None or eval_peak <= limit)
+    seconds = step_time(train.flops, chips, tgt.chip, mfu)
+    out = {
+        "topology": topology, "target": tgt.kind, "chip": tgt.chip.name, "chips": chips,
+        "mesh": {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp)},
+        "backbone": _backbone_family(config), "batch_size": int(config.batch_size), "image_size": int(config.image_size),
+        "compute_dtype": config.compute_dtype, "remat": bool(config.model.remat), "scan": bool(config.model.scan),
+        "per_chip_bytes": train.peak, "hbm_bytes": limit, "fits": bool(fits),
+        "train": dataclasses.asdict(train) | {"peak": train.peak},
+        "eval": (dataclasses.asdict(ev) | {"peak": ev.peak, "resident_with_state": eval_peak}) if ev else None,
+        "flops_per_step": train.flops, "compile_seconds": train.seconds + (ev.seconds if ev else 0.0),
+        "mfu": mfu, "step_seconds": seconds, "images_per_second": config.batch_size / seconds,
+        "peak_flops_per_chip": tgt.chip.peak_flops,
+    }
+    if not fits and suggest:
+        out["largest_batch"], _ = largest_batch(config, tgt, shape, limit)
+        out["fixes"] = fixes(config, tgt, shape, limit)
+    return out
+
+
+def _eval_images_bytes(config, shape, chips: int) -> int:
+    return _batch_bytes(config, shape, chips)["image"]
+
+
+def _batch_bytes(config, shape, chips: int) -> dict:
+    task, num_classes, channels = shape
+    per_chip = config.batch_size // chips
+    label = 4 * per_chip * (1 if task == "multiclass" else num_classes)
+    return {"image": 4 * per_chip * config.image_size ** 2 * channels, "label": label, "mask": per_chip}
+
+
+def gib(n) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def render(p: dict) -> str:
+    """The human table (every line but the JSON one)."""
+    t, e = p["train"], p["eval"]
+    where = ("TPU topology " + p["topology"] if p["target"] == "tpu"
+             else f"{p['topology']}: emulated on {p['chips']} CPU devices (CPU compiler; an estimate for the GPU)")
+    rows = [
+        ("target", f"{where}, {p['chips']} x {p['chip']} (mesh data={p['mesh']['data']} fsdp={p['mesh']['fsdp']})"),
+        ("model", f"{p['backbone']}, batch {p['batch_size']} at {p['image_size']} px, {p['compute_dtype']}, "
+                  f"remat={p['remat']} scan={p['scan']}"),
+        ("train step per chip", f"arguments {gib(t['arguments'])}, outputs {gib(t['outputs'])}, temporaries "
+                                f"{gib(t['temporaries'])}, aliased {gib(t['aliased'])}, code {gib(t['code'])}"),
+        ("  held while it runs", f"{gib(t['peak'])} of {gib(p['hbm_bytes'])} HBM"),
+    ]
+    if e:
+        rows.append(("eval step per chip", f"arguments {gib(e['arguments'])}, outputs {gib(e['outputs'])}, "
+                                           f"temporaries {gib(e['temporaries'])}; with the train state resident "
+                                           f"{gib(e['resident_with_state'])}"))
+    rows += [
+        ("fits", "yes" if p["fits"] else "NO"),
+        ("FLOPs per train step", f"{p['flops_per_step']:.4g} (all chips; {p['flops_per_step'] / p['batch_size']:.4g} "
+                                 "per image)"),
+        ("compile time", f"{p['compile_seconds']:.1f} s"),
+        (f"at MFU {p['mfu']:g}", f"{p['step_seconds'] * 1e3:.1f} ms per step, {p['images_per_second']:,.0f} images/s "
+                                 f"(peak {p['peak_flops_per_chip'] / 1e12:g} bf16 TFLOP/s per chip)"),
+    ]
+    if "largest_batch" in p:
+        rows.append(("largest batch that fits", str(p["largest_batch"]) if p["largest_batch"] else
+                     f"none (not even {p['chips']}: one image per chip)"))
+        for f in p["fixes"]:
+            change = " ".join(f"--config.{k}={v}" for k, v in f["change"].items())
+            rows.append(("  with " + change, f"{gib(f['per_chip_bytes'])}: {'fits' if f['fits'] else 'does not fit'}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=True)
+flags.DEFINE_string("topology", None, "TPU topology (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...) or h100:N / a100:N")
+flags.DEFINE_string("backbone", None, "a converter variant name (dinov2_vitg14, ...) instead of model.pretrained")
+flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the step time (fraction of the chip's peak bf16 rate)")
+flags.DEFINE_bool("suggest", True, "when it does not fit: find the largest batch and the changes that fit")
+flags.DEFINE_bool("eval", True, "also compile the eval step")
+flags.DEFINE_integer("classes", None, "classes of a dataset the plan does not know (csv / folder)")
+flags.DEFINE_integer("channels", None, "image channels of a dataset the plan does not know")
+flags.DEFINE_enum("task", None, ["multiclass", "multilabel"], "task of a dataset the plan does not know")
+FLAGS = flags.FLAGS
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _flag_error(argv, e) -> str:
+    """An unknown `--config.x=y` names the closest declared field (as medjax.main says it); others on one line."""
+    from configs import common
+
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
+    if config_file and overrides:
+        try:
+            config = config_flags.config_flags._LoadConfigModule("config", config_file).get_config()  # noqa: SLF001
+        except Exception as load_error:  # noqa: BLE001
+            return f"--config={config_file}: cannot load it: {type(load_error).__name__}: {load_error}".splitlines()[0]
+        for dotted in overrides:
+            node = config
+            for part in dotted.split("."):
+                if not hasattr(node, "keys") or part not in node.keys():
+                    return common.unknown_field_message(config, dotted)
+                node = node[part]
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if not isinstance(e, flags.Error) else text
+
+
+def _parse_flags(argv):
+    try:
+        rest = FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - bad flag, config file that fails to load, bad override
+        _fail(_flag_error(argv, e))
+    for name in ("config", "topology"):
+        if not FLAGS[name].value:
+            _fail(f"--{name} is required (python -m medjax.plan --config=configs/demo.py --topology=v5e:2x4)")
+    gpu = parse_gpu(FLAGS.topology)
+    if gpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # read when jax starts its CPU client (the first jax.devices()), which has not happened yet
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={gpu[1]}").strip()
+    return rest
+
+
+def main(argv):
+    del argv
+    from configs import common
+    from medjax import classifier, pretrained, rules
+
+    config = FLAGS.config
+    captured = None
+    try:
+        common.validate(config)
+        if FLAGS.backbone:
+            config = resolve_backbone(config, FLAGS.backbone)
+        shape = dataset_shape(config, FLAGS.classes, FLAGS.channels, FLAGS.task)
+        with quiet_stderr() as captured:
+            result = plan(config, FLAGS.topology, mfu=FLAGS.mfu, suggest=FLAGS.suggest, shape=shape,
+                          eval_step=FLAGS.eval)
+    except (common.ConfigError, UserError, classifier.ModelConfigError, pretrained.PretrainedError,
+            rules.RuleError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Exception:
+        if captured is not None and captured.text:
+            sys.stderr.write(captured.text)
+        raise
+    print(render(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
