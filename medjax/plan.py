@@ -177,12 +177,28 @@ class Compiled:
     code: int
     flops: float
     seconds: float
+    out_of_memory: str = ""  # the compiler's RESOURCE_EXHAUSTED message when it refused: the step does not fit
+    needed: int = 0  # the bytes that message names (0: none named)
 
     @property
     def peak(self) -> int:
         """What one chip holds while the step runs: arguments + outputs + temporaries + code, less the outputs that
-        reuse donated argument buffers (aliased)."""
+        reuse donated argument buffers (aliased). A step the compiler refused: the bytes it said it needed (at least
+        one byte more than the chip has)."""
+        if self.out_of_memory:
+            return self.needed
         return self.arguments + self.outputs + self.temporaries + self.code - self.aliased
+
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def _needed_bytes(message: str, limit: int) -> int:
+    """The largest byte figure an XLA out-of-memory message names ('... (849.07G) exceeds available HBM (15.75G)'),
+    at least limit + 1."""
+    sizes = [float(n) * _UNITS[u] for n, u in re.findall(r"([0-9]+(?:\.[0-9]+)?)\s?([KMGT]?)i?B?\b", message)
+             if u]
+    return int(max(sizes + [limit + 1]))
 
 
 def abstract_batch(mesh, batch_size: int, image_size: int, channels: int, task: str, num_classes: int,
@@ -226,9 +242,18 @@ def build_engine(config, devices, *, num_classes: int, channels: int, task: str,
                         warmup_steps=0, mesh=mesh, abstract=True)
 
 
-def _compile(lowered, chips: int) -> Compiled:
+def _compile(lowered, chips: int, limit: int) -> Compiled:
+    import jax
+
     start = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = " ".join(str(e).split())
+        return Compiled(0, 0, 0, 0, 0, 0.0, time.perf_counter() - start, out_of_memory=message[:500],
+                        needed=_needed_bytes(message, limit))
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -246,7 +271,8 @@ def compile_config(config, tgt: Target, shape, eval_step: bool = True):
                         f"{tgt.topology}")
     e = build_engine(config, tgt.devices, num_classes=num_classes, channels=channels, task=task)
     train, ev = lower_steps(e, config, config.batch_size, channels, task, num_classes, eval_step)
-    return _compile(train, len(tgt.devices)), (_compile(ev, len(tgt.devices)) if ev is not None else None)
+    n, limit = len(tgt.devices), tgt.chip.hbm_bytes
+    return _compile(train, n, limit), (_compile(ev, n, limit) if ev is not None else None)
 
 
 def _variant(config, **overrides):
@@ -285,7 +311,6 @@ def fixes(config, tgt: Target, shape, limit: int) -> list[dict]:
     candidates = []
     if config.mesh.fsdp != chips and chips > 1:
         candidates.append({"mesh.data": 1, "mesh.fsdp": chips})
-    arch_family = config.model.family
     try:
         has_execution = models.family(_backbone_family(config)).execution is not None
     except Exception:  # noqa: BLE001 - an unknown family is reported by the build itself
@@ -294,7 +319,6 @@ def fixes(config, tgt: Target, shape, limit: int) -> list[dict]:
         candidates.append({"model.remat": True, "model.scan": True})
     if config.compute_dtype != "bfloat16":
         candidates.append({"compute_dtype": "bfloat16"})
-    del arch_family
     out = []
     for change in candidates:
         c = compile_config(_variant(config, **change), tgt, shape, eval_step=False)[0]
@@ -315,6 +339,21 @@ def _backbone_family(config) -> str:
     return config.model.family
 
 
+def model_flops(config, shape) -> float:
+    """FLOPs of one train step of the whole global batch, as XLA's cost analysis counts the lowered step on one CPU
+    device with the blocks unrolled and no remat: the model's FLOPs (a compiled step's analysis counts a scanned loop
+    body once and remat's recomputation on top). No libtpu, no compile: a few seconds."""
+    import jax
+
+    task, num_classes, channels = shape
+    c = _variant(config, **{"model.scan": False, "model.remat": False, "mesh.data": 1, "mesh.fsdp": 1})
+    e = build_engine(c, jax.devices("cpu")[:1], num_classes=num_classes, channels=channels, task=task)
+    train, _ = lower_steps(e, c, c.batch_size, channels, task, num_classes, eval_step=False)
+    cost = train.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
 def step_time(flops: float, chips: int, chip: Chip, mfu: float) -> float:
     return flops / (chips * chip.peak_flops * mfu)
 
@@ -333,18 +372,25 @@ def plan(config, topology: str, *, mfu: float = 0.4, suggest: bool = True, shape
     state_bytes = train.arguments - batch_bytes
     # while evaluating, the train state (parameters and optimizer moments) stays in HBM beside the eval step's
     # images, outputs and temporaries; its parameters are the eval step's other arguments
-    eval_peak = (state_bytes + ev.peak - ev.arguments + _eval_images_bytes(config, shape, chips)) if ev else None
-    fits = train.peak <= limit and (eval_peak is None or eval_peak <= limit)
-    seconds = step_time(train.flops, chips, tgt.chip, mfu)
+    eval_peak = None
+    if ev and not (ev.out_of_memory or train.out_of_memory):
+        eval_peak = state_bytes + ev.peak - ev.arguments + _eval_images_bytes(config, shape, chips)
+    elif ev:
+        eval_peak = max(ev.peak, train.peak if train.out_of_memory else 0)
+    fits = not train.out_of_memory and train.peak <= limit and (ev is None or not ev.out_of_memory) and \
+        (eval_peak is None or eval_peak <= limit)
+    flops = model_flops(config, shape)
+    seconds = step_time(flops, chips, tgt.chip, mfu)
     out = {
         "topology": topology, "target": tgt.kind, "chip": tgt.chip.name, "chips": chips,
-        "mesh": {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp)},
-        "backbone": _backbone_family(config), "batch_size": int(config.batch_size), "image_size": int(config.image_size),
+        "mesh": _mesh_shape(config, chips), "backbone": _backbone_family(config),
+        "batch_size": int(config.batch_size), "image_size": int(config.image_size),
         "compute_dtype": config.compute_dtype, "remat": bool(config.model.remat), "scan": bool(config.model.scan),
         "per_chip_bytes": train.peak, "hbm_bytes": limit, "fits": bool(fits),
         "train": dataclasses.asdict(train) | {"peak": train.peak},
         "eval": (dataclasses.asdict(ev) | {"peak": ev.peak, "resident_with_state": eval_peak}) if ev else None,
-        "flops_per_step": train.flops, "compile_seconds": train.seconds + (ev.seconds if ev else 0.0),
+        "flops_per_step": flops, "compiled_flops_per_step": train.flops,
+        "compile_seconds": train.seconds + (ev.seconds if ev else 0.0),
         "mfu": mfu, "step_seconds": seconds, "images_per_second": config.batch_size / seconds,
         "peak_flops_per_chip": tgt.chip.peak_flops,
     }
@@ -352,6 +398,11 @@ def plan(config, topology: str, *, mfu: float = 0.4, suggest: bool = True, shape
         out["largest_batch"], _ = largest_batch(config, tgt, shape, limit)
         out["fixes"] = fixes(config, tgt, shape, limit)
     return out
+
+
+def _mesh_shape(config, chips: int) -> dict:
+    data, fsdp = int(config.mesh.data), int(config.mesh.fsdp)
+    return {"data": chips // fsdp if data == -1 else data, "fsdp": chips // data if fsdp == -1 else fsdp}
 
 
 def _eval_images_bytes(config, shape, chips: int) -> int:
@@ -378,18 +429,25 @@ def render(p: dict) -> str:
         ("target", f"{where}, {p['chips']} x {p['chip']} (mesh data={p['mesh']['data']} fsdp={p['mesh']['fsdp']})"),
         ("model", f"{p['backbone']}, batch {p['batch_size']} at {p['image_size']} px, {p['compute_dtype']}, "
                   f"remat={p['remat']} scan={p['scan']}"),
-        ("train step per chip", f"arguments {gib(t['arguments'])}, outputs {gib(t['outputs'])}, temporaries "
-                                f"{gib(t['temporaries'])}, aliased {gib(t['aliased'])}, code {gib(t['code'])}"),
-        ("  held while it runs", f"{gib(t['peak'])} of {gib(p['hbm_bytes'])} HBM"),
     ]
-    if e:
+    if t["out_of_memory"]:
+        rows.append(("train step per chip", f"the compiler refused it, needs {gib(t['needed'])} of "
+                                            f"{gib(p['hbm_bytes'])} HBM ({t['out_of_memory'][:160]})"))
+    else:
+        rows += [("train step per chip", f"arguments {gib(t['arguments'])}, outputs {gib(t['outputs'])}, "
+                                         f"temporaries {gib(t['temporaries'])}, aliased {gib(t['aliased'])}, code "
+                                         f"{gib(t['code'])}"),
+                 ("  held while it runs", f"{gib(t['peak'])} of {gib(p['hbm_bytes'])} HBM")]
+    if e and e["out_of_memory"]:
+        rows.append(("eval step per chip", f"the compiler refused it, needs {gib(e['needed'])}"))
+    elif e:
         rows.append(("eval step per chip", f"arguments {gib(e['arguments'])}, outputs {gib(e['outputs'])}, "
                                            f"temporaries {gib(e['temporaries'])}; with the train state resident "
                                            f"{gib(e['resident_with_state'])}"))
     rows += [
         ("fits", "yes" if p["fits"] else "NO"),
         ("FLOPs per train step", f"{p['flops_per_step']:.4g} (all chips; {p['flops_per_step'] / p['batch_size']:.4g} "
-                                 "per image)"),
+                                 f"per image; the compiled step's analysis: {p['compiled_flops_per_step']:.4g})"),
         ("compile time", f"{p['compile_seconds']:.1f} s"),
         (f"at MFU {p['mfu']:g}", f"{p['step_seconds'] * 1e3:.1f} ms per step, {p['images_per_second']:,.0f} images/s "
                                  f"(peak {p['peak_flops_per_chip'] / 1e12:g} bf16 TFLOP/s per chip)"),
