@@ -343,15 +343,24 @@ def model_flops(config, shape) -> float:
     """FLOPs of one train step of the whole global batch, as XLA's cost analysis counts the lowered step on one CPU
     device with the blocks unrolled and no remat: the model's FLOPs (a compiled step's analysis counts a scanned loop
     body once and remat's recomputation on top). No libtpu, no compile: a few seconds."""
+    return lowered_flops(config, shape, eval_step=False)[0]
+
+
+def lowered_flops(config, shape, batch_size: int | None = None, eval_step: bool = True):
+    """(train step FLOPs, eval step FLOPs or None) for a global batch of `batch_size` (default the config's)."""
     import jax
 
     task, num_classes, channels = shape
     c = _variant(config, **{"model.scan": False, "model.remat": False, "mesh.data": 1, "mesh.fsdp": 1})
+    batch_size = batch_size or int(c.batch_size)
     e = build_engine(c, jax.devices("cpu")[:1], num_classes=num_classes, channels=channels, task=task)
-    train, _ = lower_steps(e, c, c.batch_size, channels, task, num_classes, eval_step=False)
-    cost = train.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+    lowered = lower_steps(e, c, batch_size, channels, task, num_classes, eval_step=eval_step)
+    out = []
+    for low in lowered:
+        cost = low.cost_analysis() if low is not None else None
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        out.append(float(cost["flops"]) if cost is not None else None)
+    return tuple(out)
 
 
 def step_time(flops: float, chips: int, chip: Chip, mfu: float) -> float:
@@ -548,3 +557,133 @@ def main(argv):
 
 if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)
+
+
+# ------------------------------------------------------------------------------------------------ the grid's cost
+
+# (train, val, test) images of each dataset as the grid reads it: the public sets' sizes under the readers' split
+# rules (medjax.data; SPEC sections 5 and 10). Approximate where the split is drawn (fractions of the whole set);
+# `python -m medjax.grid plan --images name=TRAIN,VAL,TEST` replaces a row with the counts of a real split file.
+GRID_IMAGES = {
+    "chexpert": (178731, 22341, 22342),  # v1.0-small train.csv, 223,414 images; by patient ~80/10/10
+    "chexpert_frontal": (152821, 19103, 19103),  # its 191,027 frontal images (the radiology study)
+    "ddsm": (8384, 1048, 1048),  # ~10,480 images (2,620 cases x 4 views); the shipped lists, ~80/10/10 assumed
+    "isic2019": (20265, 2533, 2533),  # 25,331 images, seeded 80/10/10
+    "aptos2019": (2563, 549, 550),  # 3,662 images, seeded 70/15/15
+    "chest_xray_pneumonia": (4186, 1046, 624),  # train + val folders 5,232 by patient 80/20; the test folder
+    "ichallenge_amd": (280, 60, 60),  # 400 images, seeded 70/15/15
+    "ham10000": (8012, 1001, 1002),  # 10,015 images, by lesion 80/10/10
+    "isic2018": (10015, 193, 1512),  # the official training, validation and test sets
+    "nih_chestxray14": (76522, 10002, 25596),  # train_val_list less its last 10,002 (val); test_list
+    "brain_tumor_figshare": (2144, 460, 460),  # 3,064 slices, by patient 70/15/15
+}
+
+
+def grid_flops(config, shape, cache: dict) -> tuple[float, float]:
+    """(train-step FLOPs per image, eval FLOPs per image) of a cell's config, from the lowered steps (model_flops);
+    cells that differ only in their dataset's classes share one count (the head's classes change it by < 0.01%)."""
+    m = config.model
+    key = json.dumps([m.architecture.to_dict() if hasattr(m.architecture, "to_dict") else dict(m.architecture),
+                      m.head, m.freeze, m.peft, config.image_size, shape[2], config.compute_dtype])
+    if key not in cache:
+        batch = 8
+        train, ev = lowered_flops(config, shape, batch)
+        cache[key] = (train / batch, ev / batch)
+    return tuple(cache[key])
+
+
+def cell_cost(config, cell: dict, images: tuple, flops: tuple, chip: Chip, chips: int, mfu: float) -> dict:
+    """Chip-hours of one cell: a trained cell runs epochs x (train // batch) train steps and evaluates val every epoch
+    and test once; a linear-probe cell (head `probe`) runs the frozen backbone once over every image (the features
+    are cached; the heads on them cost next to nothing)."""
+    train_images, val_images, test_images = images
+    train_flops, eval_flops = flops
+    if cell["head"] == "probe":
+        total = eval_flops * (train_images + val_images + test_images)
+        steps = 0
+    else:
+        steps = int(config.total_steps) or int(config.epochs) * (train_images // int(config.batch_size))
+        total = (train_flops * steps * int(config.batch_size)
+                 + eval_flops * (val_images * int(config.epochs) + test_images))
+    hours = total / (chips * chip.peak_flops * mfu) / 3600
+    return {**{k: cell[k] for k in ("study", "model", "dataset", "head", "freeze")}, "steps": steps,
+            "flops": total, "chip_hours": hours * chips}
+
+
+def grid_plan(grid, cells: list[dict], topology: str, mfu: float, images: dict | None = None, log=None,
+              cache: dict | None = None) -> dict:
+    """Every selected cell's chip-hours on `topology` at `mfu`, and the total (per study too)."""
+    if not 0 < mfu <= 1:
+        raise PlanError(f"--mfu={mfu}: expected a fraction in (0, 1]")
+    gpu = parse_gpu(topology)
+    if gpu:
+        chip, chips = CHIPS[gpu[0]], gpu[1]
+    else:
+        generation = tpu_generation(topology)
+        chip, chips = CHIPS[generation], _topology_chips(topology)
+    sizes = {**GRID_IMAGES, **(images or {})}
+    cache = {} if cache is None else cache
+    rows = []
+    for cell in cells:
+        config = grid.get_config(grid.cell_arg(cell))
+        config = resolve_backbone(config, grid.model_info(cell["model"]).variant)
+        with config.unlocked():
+            config.model.attention_head.deit_params = ""  # DeiT-B's shape: the random-init body's defaults
+        shape = dataset_shape(config)
+        name = "chexpert_frontal" if cell["dataset"] == "chexpert" and config.data_options.get("frontal_only") \
+            else cell["dataset"]
+        if name not in sizes:
+            raise PlanError(f"no image counts for dataset {name!r}; give --images {name}=TRAIN,VAL,TEST")
+        flops = grid_flops(config, shape, cache)
+        rows.append(cell_cost(config, cell, sizes[name], flops, chip, chips, mfu))
+        if log:
+            log(rows[-1])
+    studies = {}
+    for r in rows:
+        studies[r["study"]] = studies.get(r["study"], 0.0) + r["chip_hours"]
+    return {"topology": topology, "chip": chip.name, "chips": chips, "mfu": mfu, "cells": rows,
+            "chip_hours_by_study": studies, "chip_hours": sum(r["chip_hours"] for r in rows)}
+
+
+def _topology_chips(topology: str) -> int:
+    """Chips of a TPU topology name from its shape (`v5e:2x4` -> 8), without libtpu."""
+    shape = topology.split(":", 1)[1] if ":" in topology else ""
+    if not re.fullmatch(r"\d+(x\d+)*", shape):
+        raise PlanError(f"--topology={topology!r}: expected GEN:AxB[xC], e.g. v5e:2x4")
+    n = 1
+    for d in shape.split("x"):
+        n *= int(d)
+    return n
+
+
+def parse_images(items) -> dict:
+    """['chexpert=178731,22341,22342', ...] -> {'chexpert': (178731, 22341, 22342)}."""
+    out = {}
+    for item in items or ():
+        name, sep, counts = item.partition("=")
+        parts = counts.split(",")
+        if not sep or len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise PlanError(f"--images {item!r}: expected DATASET=TRAIN,VAL,TEST (three image counts)")
+        out[name.strip()] = tuple(int(p) for p in parts)
+    return out
+
+
+def grid_main(grid, cells: list[dict], topology: str, mfu: float, images=(), as_json: bool = False) -> int:
+    """`python -m medjax.grid plan`: one line per cell (as it is counted), then the totals; the last line is JSON."""
+    def log(row):
+        if not as_json:
+            print(f"{row['study']:<9} {row['model']:<13} {row['dataset']:<20} {row['head']:<9} {row['freeze']:<6} "
+                  f"{row['steps']:>8} steps {row['flops']:.3e} FLOPs {row['chip_hours']:10.2f} chip-hours", flush=True)
+
+    try:
+        result = grid_plan(grid, cells, topology, mfu, parse_images(images), log=log)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    if not as_json:
+        for study, hours in result["chip_hours_by_study"].items():
+            print(f"{study}: {hours:,.1f} chip-hours")
+        print(f"total: {result['chip_hours']:,.1f} chip-hours on {result['chip']} at MFU {mfu:g} "
+              f"({result['chip_hours'] / result['chips']:,.2f} hours on {topology})")
+    print(json.dumps(result))
+    return 0
