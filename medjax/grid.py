@@ -267,6 +267,7 @@ def main(argv=None) -> int:
     p_plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
     p_plan.add_argument("--images", action="append", help="DATASET=TRAIN,VAL,TEST image counts (repeatable)")
     p_plan.add_argument("--json", action="store_true", help="print only the JSON line")
+    p_plan.add_argument("--cache", help="a JSON file of the FLOPs counted so far (read, and written as it goes)")
     p_cell = sub.add_parser("cell", help=f"write {CELL_FILE} for one cell into its work directory")
     p_cell.add_argument("arg", help="the config argument, e.g. model=dinov2_b,dataset=chexpert,head=linear,freeze=full")
     p_cell.add_argument("--workdir", required=True)
@@ -309,9 +310,9 @@ def main(argv=None) -> int:
 
     chosen = select(grid.cells(), parse_filter(args.filter, axes))
     if args.command == "plan":
-        from medjax import plan
+        from medjax import plan  # jax and every model family: seconds that list / run / cell do not need
 
-        return plan.grid_main(grid, chosen, args.topology, args.mfu, args.images, args.json)
+        return plan.grid_main(grid, chosen, args.topology, args.mfu, args.images, args.json, args.cache)
     if args.command == "list":
         for cell in chosen:
             print(f"{cell.get('study', ''):<9} {cell['model']:<13} {cell['dataset']:<20} {cell['head']:<9} "
