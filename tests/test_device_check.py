@@ -19,15 +19,14 @@ def test_dry_run_end_to_end(tmp_path):
     assert set(results) == {"env", "medjax", "pytorch", "input"}
     assert not any("error" in section for section in results.values()), results
     assert all(v > 1e6 for v in results["env"]["flops_per_image"].values())
-    for name in ("vit_b16", "dinov2_l14"):
-        for attention in ("on", "off"):
-            run = results["medjax"][f"{name}_{attention}"]
-            assert run["images_per_s"] > 0 and run["compiles_in_steps"] == 0
-        assert results["pytorch"][name]["images_per_s"] > 0
+    for attention in ("on", "off"):  # a dry run measures the first model (ViT-B/16's code path), tiny
+        run = results["medjax"][f"vit_b16_{attention}"]
+        assert run["images_per_s"] > 0 and run["compiles_in_steps"] == 0
+    assert results["pytorch"]["vit_b16"]["images_per_s"] > 0
     assert results["input"]["images_per_s"] > 0 and results["input"]["cpu_ms_per_image"] > 0
     table = (tmp_path / "device_check.md").read_text()
-    rows = [line for line in table.splitlines() if re.match(r"\| (vit_b16|dinov2_l14) \|", line)]
-    assert len(rows) == 6 and all(re.search(r"\| [\d,]+\.\d \|", row) for row in rows), table
+    rows = [line for line in table.splitlines() if re.match(r"\| vit_b16 \|", line)]
+    assert len(rows) == 3 and all(re.search(r"\| [\d,]+\.\d \|", row) for row in rows), table
     assert "input pipeline (prepared APTOS" in table and table.strip() in proc.stdout
 
 

@@ -87,9 +87,9 @@ def _tpu_path():
 
 def _write_config(tmp_path):
     path = tmp_path / "small.py"
-    path.write_text("from configs.common import make\n\n\ndef get_config():\n"
-                    f"    return make({{'dataset': 'aptos2019', 'model.family': 'dinov2', 'model.architecture': {SMALL!r},"
-                    " 'model.freeze': 'full', 'compute_dtype': 'float32', 'image_size': 32, 'batch_size': 16})\n")
+    fields = {"dataset": "aptos2019", "model.family": "dinov2", "model.architecture": SMALL, "model.freeze": "full",
+              "compute_dtype": "float32", "image_size": 32, "batch_size": 16}
+    path.write_text(f"from configs.common import make\n\n\ndef get_config():\n    return make({fields!r})\n")
     return str(path)
 
 
