@@ -129,11 +129,16 @@ def target(topology: str) -> Target:
                             f"--xla_force_host_platform_device_count={n}) or set that flag yourself")
         return Target(topology, "gpu (emulated on CPU)", CHIPS[name], devices[:n])
     generation = tpu_generation(topology)
-
+    # libtpu takes /tmp/libtpu_lockfile for the chips of this host; there are none to share here, so several plans
+    # (or a plan beside a test) may run at once. Read when jax first starts its backends.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(topology, "tpu")
     except Exception as e:  # noqa: BLE001 - libtpu missing, or a shape libtpu refuses: one line either way
         text = " ".join(str(e).split())
+        if "lockfile" in text:
+            raise PlanError(f"--topology={topology}: another process holds libtpu's lockfile ({text[:200]}); start the "
+                            "plan in a fresh process, or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 before jax starts") from None
         if "not installed" in text or "libtpu" in text.lower():
             raise PlanError(f"--topology={topology}: TPU topologies need libtpu: pip install -e \".[tpu]\" (or pip "
                             "install --target DIR \"libtpu==0.0.42.*\" and put DIR on PYTHONPATH)") from None
@@ -511,6 +516,7 @@ def _parse_flags(argv):
     for name in ("config", "topology"):
         if not FLAGS[name].value:
             _fail(f"--{name} is required (python -m medjax.plan --config=configs/demo.py --topology=v5e:2x4)")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # see target(); before jax starts its backends
     gpu = parse_gpu(FLAGS.topology)
     if gpu and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         # read when jax starts its CPU client (the first jax.devices()), which has not happened yet
