@@ -70,7 +70,9 @@ def plan_one(key: str, topology: str, tgt) -> dict:
 def what_it_takes(row: dict) -> str:
     if row["fits"]:
         return "as is (data parallel)"
-    fitting = [f for f in row.get("fixes", []) if f["fits"]]
+    if "fixes" not in row:
+        return "not searched"
+    fitting = [f for f in row["fixes"] if f["fits"]]
     if fitting:
         best = min(fitting, key=lambda f: len(f["change"]))
         change = ", ".join(f"{k}={v}" for k, v in best["change"].items())
