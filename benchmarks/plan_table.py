@@ -97,8 +97,9 @@ def render(rows: list[dict], grid: dict | None, mfu: float) -> str:
         by_study: dict = {}
         for c in grid["cells"]:
             by_study[c["study"]] = by_study.get(c["study"], 0.0) + c["flops"]
-        lines += ["", f"The study grid ({len(grid['cells'])} cells; `python -m medjax.grid plan`): {total:.3e} FLOPs; "
-                      f"chip-hours at MFU {mfu:g}:", "",
+        lines += ["", f"The grid cells counted ({len(grid['cells'])} cells of the studies "
+                      f"{', '.join(by_study)}; `python -m medjax.grid plan`): {total:.3e} FLOPs; chip-hours at MFU "
+                      f"{mfu:g}:", "",
                   "| chip | " + " | ".join(by_study) + " | total |", "|---" * (len(by_study) + 2) + "|"]
         for gen in ("v5e", "v4", "v5p"):
             chip = plan.CHIPS[gen]
