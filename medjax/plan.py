@@ -242,8 +242,10 @@ def build_engine(config, devices, *, num_classes: int, channels: int, task: str,
                         warmup_steps=0, mesh=mesh, abstract=True)
 
 
-def _compile(lowered, chips: int, limit: int) -> Compiled:
-
+def _compile(lowered, chips: int, limit: int, argument_bytes: int = 0) -> Compiled:
+    """Compiles; a RESOURCE_EXHAUSTED refusal becomes a Compiled with `out_of_memory`, `arguments` as the shards of
+    the arguments take (`argument_bytes`) and `needed` = the figure the message names, plus the arguments when that
+    figure is the temporaries' alone."""
     start = time.perf_counter()
     try:
         compiled = lowered.compile()
@@ -251,8 +253,11 @@ def _compile(lowered, chips: int, limit: int) -> Compiled:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         message = " ".join(str(e).split())
-        return Compiled(0, 0, 0, 0, 0, 0.0, time.perf_counter() - start, out_of_memory=message[:500],
-                        needed=_needed_bytes(message, limit))
+        needed = _needed_bytes(message, limit)
+        if "temporaries" in message and needed > limit:
+            needed += argument_bytes
+        return Compiled(argument_bytes, 0, 0, 0, 0, 0.0, time.perf_counter() - start, out_of_memory=message[:500],
+                        needed=needed)
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -271,7 +276,21 @@ def compile_config(config, tgt: Target, shape, eval_step: bool = True):
     e = build_engine(config, tgt.devices, num_classes=num_classes, channels=channels, task=task)
     train, ev = lower_steps(e, config, config.batch_size, channels, task, num_classes, eval_step)
     n, limit = len(tgt.devices), tgt.chip.hbm_bytes
-    return _compile(train, n, limit), (_compile(ev, n, limit) if ev is not None else None)
+    state = shard_bytes(e.state) + sum(_batch_bytes(config, shape, n).values())
+    variables = shard_bytes(e.variables_of(e.state)) + _batch_bytes(config, shape, n)["image"]
+    return _compile(train, n, limit, state), (_compile(ev, n, limit, variables) if ev is not None else None)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded jax.ShapeDtypeStructs (the largest shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        size = 1
+        for d in shape:
+            size *= int(d)
+        total += size * jnp.dtype(leaf.dtype).itemsize
+    return total
 
 
 def _variant(config, **overrides):
