@@ -104,8 +104,8 @@ def render(rows: list[dict], grid: dict | None, mfu: float) -> str:
         for gen in ("v5e", "v4", "v5p"):
             chip = plan.CHIPS[gen]
             hours = [v / (chip.peak_flops * mfu) / 3600 for v in by_study.values()]
-            lines.append(f"| {chip.name} | " + " | ".join(f"{h:,.0f}" for h in hours) +
-                         f" | {total / (chip.peak_flops * mfu) / 3600:,.0f} |")
+            lines.append(f"| {chip.name} | " + " | ".join(f"{h:,.1f}" for h in hours) +
+                         f" | {total / (chip.peak_flops * mfu) / 3600:,.1f} |")
     return "\n".join(lines) + "\n"
 
 
