@@ -40,6 +40,10 @@ setup(
         # Reading .pth/.pt/.bin checkpoints with torch.load(weights_only=True) (safetensors files need no torch).
         # Pinned: this CPU wheel; an unpinned torch pulls several GB of CUDA packages.
         "torch": ["torch==2.13.0"],
+        # `python -m medjax.plan` for TPU topologies (ahead-of-time compiles on a CPU host): the libtpu jax 0.10.2
+        # pins. Keep it out of the test environment (it prints TPU start-up lines on every jax import); the plan
+        # test takes it from a `pip install --target DIR` folder named by MEDJAX_TPU_PATH.
+        "tpu": ["libtpu==0.0.42.*"],
         # Test-only references: transformers' PyTorch models and pytest.
         # pydicom-data: real DICOM files (enhanced CT, palette colour, no file meta) for tests/test_volumes_real.py
         # mkdocs + Material: the documentation site's strict build (`mkdocs build --strict`, tests/test_docs.py);

@@ -118,9 +118,21 @@ def reduce_stem_channels(backbone_params: dict, mode: str, stem: str) -> dict:
     return pretrained.unflatten(flat)
 
 
-def load_backbone(model_cfg, channels: int):
+def _read_converted(path: str, abstract: bool):
+    """(config, variables, metadata) of a converted folder; abstract: (config, None, metadata), no weights read."""
+    if not abstract:
+        return models.load_pretrained(path)
+    meta = pretrained.read_metadata(path)
+    try:
+        return models.config_from_dict(meta["family"], meta["architecture"]), None, meta
+    except (KeyError, TypeError, ValueError) as e:
+        raise pretrained.PretrainedError(f"{path}/{pretrained.METADATA_FILE}: cannot read the architecture: {e}") from e
+
+
+def load_backbone(model_cfg, channels: int, abstract: bool = False):
     """(backbone config, variables or None) from `model.pretrained` (a converted folder) or `model.architecture`.
-    A converted folder must hold the family the config names (when it names one)."""
+    A converted folder must hold the family the config names (when it names one). abstract=True reads a converted
+    folder's metadata only (variables None)."""
     if model_cfg.pretrained:
         path = weights.resolve(model_cfg.pretrained)  # a registry name: its cached folder, fetched on first use
         if not os.path.exists(os.path.join(path, pretrained.METADATA_FILE)):
@@ -128,7 +140,7 @@ def load_backbone(model_cfg, channels: int):
                 f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
                 f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` "
                 "(docs/converting.md)")
-        config, variables, meta = models.load_pretrained(path)
+        config, variables, meta = _read_converted(path, abstract)
         if model_cfg.family and meta["family"] != model_cfg.family:
             raise ModelConfigError(
                 f"model.family={model_cfg.family!r} but model.pretrained={path!r} holds a {meta['family']!r} backbone "
@@ -165,21 +177,28 @@ def _execution_options(model_cfg, config, variables):
     return family.execution(config, variables, remat, scan)
 
 
-def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int, rng, dtype=jnp.float32):
+def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int, rng, dtype=jnp.float32,
+                     abstract: bool = False):
     """(model, variables): the classifier with the pretrained backbone (if any) and the DeiT body (if given) in
-    place. `variables` holds every collection of the model ({'params': ..., 'batch_stats': ...})."""
-    backbone_cfg, backbone_vars = load_backbone(model_cfg, channels)
+    place. `variables` holds every collection of the model ({'params': ..., 'batch_stats': ...}).
+    abstract=True: the same model, its variables as jax.ShapeDtypeStructs; converted folders are read for their
+    metadata (the architecture) only, no weights are read and nothing is allocated (`python -m medjax.plan`)."""
+    backbone_cfg, backbone_vars = load_backbone(model_cfg, channels, abstract=abstract)
     deit = None
     if model_cfg.head == "attention":
         a = model_cfg.attention_head
         deit_params = None
         if a.deit_params:
-            deit, deit_vars, _ = models.load_pretrained(a.deit_params)
-            deit, deit_params = dataclasses.replace(deit, pos_resize="size"), deit_vars["params"]
+            deit, deit_vars = _read_converted(a.deit_params, abstract)[:2]
+            deit = dataclasses.replace(deit, pos_resize="size")
+            deit_params = None if deit_vars is None else deit_vars["params"]
         else:
             deit = deit_body_config(a.width, a.depth, a.num_heads, a.grid)
     model = Classifier(backbone_cfg, num_classes, model_cfg.head, deit, dtype=dtype, mlp_hidden=model_cfg.mlp_hidden)
     dummy = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
+    if abstract:
+        variables = jax.eval_shape(model.init, rng, dummy)
+        return model, {c: dict(v) for c, v in variables.items()}
     variables = jax.tree_util.tree_map(np.asarray, dict(jax.jit(model.init)(rng, dummy)))
     variables = {c: dict(v) for c, v in variables.items()}
     if backbone_vars is not None:

@@ -126,16 +126,20 @@ class Engine:
 
 
 def build(config, *, num_classes: int, channels: int, task: str, total_steps: int, warmup_steps: int = 0,
-          mesh=None) -> Engine:
+          mesh=None, abstract: bool = False) -> Engine:
     """Everything a run needs from a config (its `model`, `optim`, `compute_dtype`, `image_size`, `seed`, `mesh`,
     `sharding_rules` fields): the classifier with its pretrained variables, LoRA adapters if `model.peft='lora'`, the
-    trainable mask and lr multipliers from the rules, the optimizer, the mesh, the sharded state and the jitted steps."""
+    trainable mask and lr multipliers from the rules, the optimizer, the mesh, the sharded state and the jitted steps.
+
+    abstract=True (`python -m medjax.plan`): the same steps, but `state` is a tree of jax.ShapeDtypeStructs carrying
+    their shardings: no weights are read and nothing is allocated, so the steps can be lowered and compiled ahead of
+    time, also for devices that are not attached (a TPU topology)."""
     from medjax import peft
 
     m = config.model
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     model, variables = classifier.build_classifier(m, num_classes, channels, config.image_size,
-                                                   jax.random.PRNGKey(config.seed), dtype)
+                                                   jax.random.PRNGKey(config.seed), dtype, abstract=abstract)
     family = models.family(model.backbone.family)
     params = variables["params"]
     if m.peft == "lora":
@@ -161,11 +165,15 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
                           opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed + 2))
 
     # The state is created on the mesh, already sharded: the optimizer moments never exist whole on one device.
-    abstract = jax.eval_shape(new_state, params, model_state)
+    shapes = jax.eval_shape(new_state, params, model_state)
     specs = sharding.param_specs(params, mesh, [tuple(r) for r in config.sharding_rules])
-    state_sharding = sharding.tree_shardings(abstract, params, specs, mesh)
-    state = jax.jit(new_state, out_shardings=state_sharding)(
-        jax.device_put(params, state_sharding.params), jax.device_put(model_state, state_sharding.model_state))
+    state_sharding = sharding.tree_shardings(shapes, params, specs, mesh)
+    if abstract:
+        state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                                       state_sharding)
+    else:
+        state = jax.jit(new_state, out_shardings=state_sharding)(
+            jax.device_put(params, state_sharding.params), jax.device_put(model_state, state_sharding.model_state))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step = jax.jit(make_train_step(model, tx, task, trainable, norms_frozen), in_shardings=(state_sharding, None),
                    out_shardings=(state_sharding, replicated), donate_argnums=0)

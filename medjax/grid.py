@@ -1,10 +1,11 @@
-"""python -m medjax.grid list|run|cell|probe: the cells of the benchmark grid (configs/grid.py), listed or run.
+"""python -m medjax.grid list|run|cell|probe|plan: the cells of the benchmark grid (configs/grid.py), listed or run.
 
     python -m medjax.grid list [--filter model=dinov2_*,dataset=chexpert] [--filter study=glioma]
     python -m medjax.grid run --filter model=dinov2_b,head=linear [--dry-run] [--workdir-root runs] [-- --config.x=y]
     python -m medjax.grid cell model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen --workdir DIR
     python -m medjax.grid probe model=resnet152,dataset=chexpert,head=probe,freeze=frozen --workdir DIR
     python -m medjax.grid fetch [--filter model=dinov2_b] [--weights-dir DIR]
+    python -m medjax.grid plan --topology v5e:2x4 [--mfu 0.4] [--filter study=mansoori]  # chip-hours
 
 `list` prints one cell per line with its study and config argument. `run` runs each selected cell, one after the
 other, in `{workdir-root}/{model}/{dataset}/{head}_{freeze}`: `python -m medjax.main` for trained cells, `python -m
@@ -293,6 +294,13 @@ def main(argv=None) -> int:
     p_probe.add_argument("arg", help="the config argument, e.g. model=resnet152,dataset=chexpert,head=probe,"
                                      "freeze=frozen")
     p_probe.add_argument("--workdir", required=True, help="features, splits, metrics.json and predictions go here")
+    p_plan = sub.add_parser("plan", help="the selected cells' cost in chip-hours at a stated MFU (medjax.plan)")
+    p_plan.add_argument("--filter", help="key=pattern[|pattern],... with keys model, dataset, head, freeze, study")
+    p_plan.add_argument("--topology", required=True, help="v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, h100:8, ...")
+    p_plan.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (default 0.4)")
+    p_plan.add_argument("--images", action="append", help="DATASET=TRAIN,VAL,TEST image counts (repeatable)")
+    p_plan.add_argument("--json", action="store_true", help="print only the JSON line")
+    p_plan.add_argument("--cache", help="a JSON file of the FLOPs counted so far (read, and written as it goes)")
     p_cell = sub.add_parser("cell", help=f"write {CELL_FILE} for one cell into its work directory")
     p_cell.add_argument("arg", help="the config argument, e.g. model=dinov2_b,dataset=chexpert,head=linear,freeze=full")
     p_cell.add_argument("--workdir", required=True)
@@ -339,6 +347,10 @@ def main(argv=None) -> int:
     chosen = select(grid.cells(), parse_filter(args.filter, axes))
     if args.command == "fetch":
         return fetch_cells(grid, chosen, args.weights_dir)
+    if args.command == "plan":
+        from medjax import plan  # jax and every model family: seconds that list / run / cell do not need
+
+        return plan.grid_main(grid, chosen, args.topology, args.mfu, args.images, args.json, args.cache)
     if args.command == "list":
         for cell in chosen:
             print(f"{cell.get('study', ''):<9} {cell['model']:<13} {cell['dataset']:<20} {cell['head']:<9} "

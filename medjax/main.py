@@ -10,86 +10,26 @@ loss ends with exit status 3.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medjax import pretrained, rundir, schema, train
+from medjax import cli, pretrained, rundir, schema, train
 from medjax.convert import convert
 from medjax.data import fake
 from medjax.errors import UserError, cli_main
 
-config_flags.DEFINE_config_file("config", None, "a recipe: a name (demo, dinov2_chexpert, grid:CELL, ...) or a file "
-                                "(configs/demo.py, /path/to/my_recipe.py[:ARG])", lock_config=True)
+config_flags.DEFINE_config_file("config", None, cli.RECIPE_HELP, lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics.json and TensorBoard logs go")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 FLAGS = flags.FLAGS
-HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
-
-
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _help() -> str:
-    return (__doc__.strip() + "\n\nFlags:\n  --config=RECIPE   " + FLAGS["config"].help
-            + f"\n                   recipes: {', '.join(schema.recipe_names())}"
-            + "\n  --config.FIELD=VALUE  override a field of the recipe (every field: medjax/schema.py)"
-            + "\n  --workdir=DIR    " + FLAGS["workdir"].help + "\n  --distributed    " + FLAGS["distributed"].help
-            + "\n  --verbosity=N    absl log level (default: warnings only)\n")
-
-
-def _resolve_recipe(argv):
-    """`--config=NAME[:ARG]` (a recipe by name, from any directory) -> the recipe file's path, as config_flags
-    loads it; a file path stays as given."""
-    out = []
-    for i, a in enumerate(argv):
-        if i and a.startswith("--config="):
-            try:
-                a = "--config=" + schema.recipe_path(a[len("--config="):])
-            except schema.ConfigError as e:
-                _fail(str(e))
-        out.append(a)
-    return out
 
 
 def _parse_flags(argv):
-    """absl's parse, with every problem as one `error:` line (exit 2) instead of a usage dump or a traceback."""
-    if any(a in HELP_FLAGS for a in argv[1:]):
-        print(_help())
-        sys.exit(0)
-    argv = _resolve_recipe(argv)
-    try:
-        rest = FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - a bad flag, a config file that fails to load, a bad override
-        _fail(_flag_error(argv, e))
-    for name in ("config", "workdir"):
-        if not FLAGS[name].value:
-            _fail(f"--{name} is required (python -m medjax.main --config=demo --workdir=DIR)")
-    return rest
-
-
-def _flag_error(argv, e) -> str:
-    """An unknown `--config.x=y` names the closest declared field; other flag errors pass through on one line."""
-    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
-    if config_file and overrides:
-        try:
-            config = schema.load_recipe(config_file)
-        except Exception as load_error:  # noqa: BLE001 - the user's recipe file may raise anything
-            return f"--config={config_file}: cannot load it: {type(load_error).__name__}: {load_error}".splitlines()[0]
-        for dotted in overrides:
-            node = config
-            for part in dotted.split("."):
-                if not hasattr(node, "keys") or part not in node.keys():
-                    return schema.unknown_field_message(config, dotted)
-                node = node[part]
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if not isinstance(e, flags.Error) else text
+    return cli.parse_recipe_flags(argv, __doc__, ["config", "workdir", "distributed"], ["config", "workdir"],
+                                  "python -m medjax.main --config=demo --workdir=DIR")
 
 
 def check_workdir(workdir: str) -> None:

@@ -18,9 +18,11 @@ from medjax.errors import UserError
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A mesh over every device of every process; -1 takes what the other axis leaves."""
-    n = jax.device_count()
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+    """A mesh over every device of every process (or over `devices`, e.g. a TPU topology's for an ahead-of-time
+    compile); -1 takes what the other axis leaves."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if data == -1:
         data = n // fsdp
     if fsdp == -1:
@@ -28,7 +30,7 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     if data * fsdp != n:
         raise UserError(f"config fields mesh.data={data} x mesh.fsdp={fsdp} do not cover the {n} devices; expected "
                         f"a product of {n} (or -1 on one axis: the devices the other leaves)")
-    devices = np.asarray(jax.devices()).reshape(data, fsdp)
+    devices = np.asarray(devices).reshape(data, fsdp)
     return Mesh(devices, BATCH_AXES)
 
 

@@ -1,0 +1,157 @@
+"""The planning table of docs/plan_table.md: every study backbone at its largest size, compiled ahead of time for
+TPU slices with `medjax.plan` (needs libtpu: the `tpu` extra), and the study grid's chip-hours.
+
+    PYTHONPATH=.:LIBTPU_DIR python benchmarks/plan_table.py [--topologies v5e:2x4,v4:2x2x1,v5p:2x2x1]
+        [--models dinov2_g,aimv2_h,...] [--results plans.jsonl] [--grid-json grid.json] [--output docs/plan_table.md]
+
+Each (model, topology) is the reference study's recipe (batch 64, bf16 compute, full fine-tuning, linear head,
+224 px; SAM ViT-H at its 1,024 px) on APTOS (3 channels, 5 classes), data parallel. When it does not fit, the plan
+compiles the changes one at a time (FSDP over every chip; remat + scan; both) and, if none fits, bisects the
+largest global batch that fits. Results are appended to --results as JSON lines, and a rerun skips what is there
+(compiles of the big models take minutes each on a small host). --grid-json: the JSON line of `python -m medjax.grid
+plan`, whose FLOPs give the grid's chip-hours on each topology's chip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from medjax.schema import make  # noqa: E402
+from medjax import plan  # noqa: E402
+
+# key: (table name, converter variant, image size)
+MODELS = {
+    "dinov2_g": ("DINOv2-g/14", "dinov2_vitg14", 224),
+    "aimv2_h": ("AIMv2-H", "aimv2_huge_patch14_224", 224),
+    "sam2_l": ("SAM 2.1 Hiera-L", "sam2.1_hiera_l", 224),
+    "coca_l": ("CoCa L/14", "coca_vit_l14", 224),
+    "vmamba_b": ("VMamba-B", "vmamba_base", 224),
+    "mae_h": ("MAE-H", "mae_vit_huge_patch14", 224),
+    "sam_h": ("SAM ViT-H", "sam_vit_h", 1024),
+    "openclip_h14": ("OpenCLIP-H/14", "clip_vit_huge_patch14_laion2b", 224),
+    "biomedclip": ("BiomedCLIP", "biomedclip_vit_base_patch16_224", 224),
+    "resnet152": ("ResNet-152", "resnet152", 224),
+    "densenet201": ("DenseNet-201", "densenet201", 224),
+}
+SLICES = {"v5e:2x4": "v5e-8", "v4:2x2x1": "v4-8", "v5p:2x2x1": "v5p-8"}
+
+
+def study_config(variant: str, image_size: int):
+    c = make({"dataset": "aptos2019", "model.freeze": "full", "model.head": "linear", "compute_dtype": "bfloat16",
+              "image_size": image_size, "batch_size": 64})
+    return plan.resolve_backbone(c, variant)
+
+
+def plan_one(key: str, topology: str, tgt) -> dict:
+    name, variant, size = MODELS[key]
+    config = study_config(variant, size)
+    shape = plan.dataset_shape(config)
+    limit = tgt.chip.hbm_bytes
+    start = time.perf_counter()
+    train = plan.compile_config(config, tgt, shape, eval_step=False)[0]
+    row = {"model": key, "name": name, "topology": topology, "chips": len(tgt.devices), "batch_size": 64,
+           "image_size": size, "per_chip_bytes": train.peak, "hbm_bytes": limit, "fits": train.peak <= limit,
+           "out_of_memory": bool(train.out_of_memory), "compile_seconds": round(train.seconds, 1)}
+    if not row["fits"]:
+        row["fixes"] = plan.fixes(config, tgt, shape, limit)
+        if not any(f["fits"] for f in row["fixes"]):
+            row["largest_batch"] = plan.largest_batch(config, tgt, shape, limit)[0]
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def what_it_takes(row: dict) -> str:
+    if row["fits"]:
+        return "as is (data parallel)"
+    if "fixes" not in row:
+        return "not searched"
+    fitting = [f for f in row["fixes"] if f["fits"]]
+    if fitting:
+        best = min(fitting, key=lambda f: len(f["change"]))
+        change = ", ".join(f"{k}={v}" for k, v in best["change"].items())
+        return f"{change} ({best['per_chip_bytes'] / plan.GiB:.1f} GiB)"
+    largest = row.get("largest_batch")
+    return f"nothing tried fits batch 64; largest batch that fits: {largest}" if largest else \
+        "nothing tried fits, not even one image per chip"
+
+
+def render(rows: list[dict], grid: dict | None, mfu: float) -> str:
+    lines = ["<!-- written by benchmarks/plan_table.py from `python -m medjax.plan` compiles; do not edit -->", "",
+             "| backbone | slice | chips | per-chip GiB (data parallel) | fits | what it takes to fit |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        gib = r["per_chip_bytes"] / plan.GiB
+        held = f">= {gib:.1f} (compiler refused)" if r["out_of_memory"] else f"{gib:.1f}"
+        lines.append(f"| {r['name']} ({r['image_size']} px) | {SLICES.get(r['topology'], r['topology'])} | "
+                     f"{r['chips']} | {held} of {r['hbm_bytes'] / plan.GiB:.0f} | {'yes' if r['fits'] else 'no'} | "
+                     f"{what_it_takes(r)} |")
+    if grid:
+        total = sum(c["flops"] for c in grid["cells"])
+        by_study: dict = {}
+        for c in grid["cells"]:
+            by_study[c["study"]] = by_study.get(c["study"], 0.0) + c["flops"]
+        lines += ["", f"The grid cells counted ({len(grid['cells'])} cells of the studies "
+                      f"{', '.join(by_study)}; `python -m medjax.grid plan`): {total:.3e} FLOPs; chip-hours at MFU "
+                      f"{mfu:g}:", "",
+                  "| chip | " + " | ".join(by_study) + " | total |", "|---" * (len(by_study) + 2) + "|"]
+        for gen in ("v5e", "v4", "v5p"):
+            chip = plan.CHIPS[gen]
+            hours = [v / (chip.peak_flops * mfu) / 3600 for v in by_study.values()]
+            lines.append(f"| {chip.name} | " + " | ".join(f"{h:,.1f}" for h in hours) +
+                         f" | {total / (chip.peak_flops * mfu) / 3600:,.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--topologies", default=",".join(SLICES))
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--results", default="plan_table.jsonl", help="JSON lines, appended; a rerun skips what is there")
+    p.add_argument("--grid-json", help="a file whose last line is `python -m medjax.grid plan`'s JSON")
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--output", default=os.path.join(ROOT, "docs", "plan_table.md"))
+    p.add_argument("--render-only", action="store_true", help="write the table from --results, compile nothing")
+    args = p.parse_args(argv)
+    done = {}
+    if os.path.exists(args.results):
+        for line in open(args.results):
+            if line.strip():
+                row = json.loads(line)
+                done[(row["model"], row["topology"])] = row
+    if not args.render_only:
+        for topology in args.topologies.split(","):
+            with plan.quiet_stderr():
+                tgt = plan.target(topology)
+            for key in args.models.split(","):
+                if (key, topology) in done:
+                    continue
+                try:
+                    with plan.quiet_stderr():
+                        row = plan_one(key, topology, tgt)
+                except Exception as e:  # noqa: BLE001 - one failed row is reported; the others still run
+                    print(f"{key} on {topology}: {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
+                    continue
+                done[(key, topology)] = row
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    rows = [done[k] for k in sorted(done, key=lambda k: (list(MODELS).index(k[0]), list(SLICES).index(k[1])
+                                                          if k[1] in SLICES else 99))]
+    grid = None
+    if args.grid_json:
+        grid = json.loads(open(args.grid_json).read().strip().splitlines()[-1])
+    with open(args.output, "w") as f:
+        f.write(render(rows, grid, args.mfu))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
