@@ -4,18 +4,22 @@ Fine-tunes a backbone on a dataset as the config says, resuming from DIR if it h
 hosts, pass --distributed (or run under a launcher that sets the JAX coordinator environment).
 
 User errors (bad config, data, weights, work directory) end with one `error:` line and exit status 2; a non-finite
-loss ends with exit status 3.
+loss ends with exit status 3. SIGTERM / Ctrl-C save a checkpoint at the current step and end with one line, exit
+status 143 / 130 (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from medjax import rundir
 from medjax.errors import UserError
 
 config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=True)
@@ -101,17 +105,33 @@ def main(argv):
     from medjax.data import DataError
 
     config = FLAGS.config
+    workdir = FLAGS.workdir
+    fresh = not os.path.exists(workdir)  # a refused first start leaves no folder behind
     try:
         common.validate(config)
+        train.check_config(config)
         if FLAGS.distributed:
             jax.distributed.initialize()
-        prepare(config, FLAGS.workdir)
-        result = train.Trainer(config, FLAGS.workdir).run()
+        with rundir.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+            prepare(config, workdir)
+            result = train.Trainer(config, workdir).run()
+    except train.Stopped as e:  # SIGTERM / Ctrl-C: the step finished and was saved
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one
+        print("interrupted: stopped at once; the run resumes from its last complete checkpoint (run the same "
+              "command)", file=sys.stderr)
+        return 130
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except rundir.WorkdirBusy as e:  # another process's folder: nothing of it is touched
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (common.ConfigError, UserError, DataError, CheckpointError, train.RunError, classifier.ModelConfigError,
             pretrained.PretrainedError, rules.RuleError) as e:
+        if fresh and not os.path.exists(rundir.path(workdir, rundir.RUN_CONFIG)) and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
         print(f"error: {str(e).strip()}", file=sys.stderr)
         return 2
     print(f"metrics written to {os.path.join(FLAGS.workdir, 'metrics.json')}")

@@ -203,8 +203,21 @@ def _build(config, num_classes: int, channels: int, task: str, mesh=None):
 
 
 def load_run(workdir: str, mesh=None) -> FineTuned:
+    """A run's best model, verified against its digests, read under the work directory's shared lock: refused (one
+    line) while a trainer writes the run (`medjax.rundir.reading`)."""
+    from medjax import rundir
+
+    try:
+        with rundir.reading(workdir):
+            return _load_run(workdir, mesh)
+    except rundir.WorkdirBusy as e:
+        raise PredictError(str(e)) from None
+
+
+def _load_run(workdir: str, mesh=None) -> FineTuned:
     import jax
-    import orbax.checkpoint as ocp
+
+    from medjax import checkpoint
 
     flat = _read_json(os.path.join(workdir, "run_config.json"), "the config of a run started by medjax.main")
     config = config_from_flat(flat, os.path.join(workdir, "run_config.json"))
@@ -227,8 +240,10 @@ def load_run(workdir: str, mesh=None) -> FineTuned:
     e = _build(config, len(class_names), len(mean), task, mesh)
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       e.variables_of(e.state), e.variables_sharding)
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(best_dir, abstract)
+    try:
+        variables = checkpoint.restore_best(best_dir, abstract)
+    except checkpoint.DamagedCheckpoint as err:
+        raise PredictError(f"{err}; train the run again (or restore the folder from a copy)") from None
     metrics_path = os.path.join(workdir, "metrics.json")
     target = _read_json(metrics_path, "")["target_metric"] if os.path.isfile(metrics_path) else None
     return FineTuned(workdir, config, e, variables, class_names, task, len(mean), mean, std,
