@@ -145,6 +145,7 @@ class Trainer:
         self.eval_every = config.eval_every or self.steps_per_epoch
         self.checkpoint_every = config.checkpoint_every or self.eval_every
 
+        self._check_length()
         self._phase(f"Building {config.model.family or 'the'} model and its sharded train step on {mesh.size} "
                     "device(s)")
         self.engine = engine.build(config, num_classes=len(d.class_names), channels=d.channels, task=d.task,
@@ -282,6 +283,16 @@ class Trainer:
         shutil.rmtree(self._stage, ignore_errors=True)
         self._stage = None
 
+    def _check_length(self, trained: int | None = None):
+        """A run is never shortened: its checkpoints (and metrics) describe the steps it trained."""
+        if trained is None:
+            root = rundir.path(self.workdir, rundir.CHECKPOINTS)
+            trained = max((int(n) for n in os.listdir(root) if n.isdigit()), default=0) if os.path.isdir(root) else 0
+        if trained > self.total_steps:
+            raise RunError(f"{self.workdir} holds a run trained to step {trained}, past the {self.total_steps} steps "
+                           "configured now; a run cannot be shortened (its metrics would describe a longer run): "
+                           "restart it with its own length (epochs / total_steps), or use a new --workdir")
+
     def _record_config(self):
         path = os.path.join(self.workdir, "run_config.json")
         if jax.process_index() == 0 and not os.path.exists(path):
@@ -350,11 +361,7 @@ class Trainer:
             self.ckpt.reload()
         self.state = restored["state"]
         self.best, self.history = restored["progress"]["best"], restored["progress"]["history"]
-        restored_step = int(jax.device_get(self.state.step))
-        if restored_step > self.total_steps:
-            raise RunError(f"{self.workdir} holds a run trained to step {restored_step}, past the {self.total_steps} "
-                           "steps configured now; a run cannot be shortened (its metrics would describe a longer "
-                           "run): restart it with its own length (epochs / total_steps), or use a new --workdir")
+        self._check_length(int(jax.device_get(self.state.step)))
         logging.info("resumed from %s at step %d", self.workdir, step)
         print(f"Resumed from {self.workdir} at step {step}" + (f" (the checkpoint of step {damaged[0]} is damaged)"
                                                               if damaged else ""))
