@@ -142,7 +142,8 @@ def test_a_damaged_best_model_is_one_error_naming_it(runs, tmp_path, capsys):
                          str(tmp_path / "p.csv")])
     err = capsys.readouterr().err
     assert code == 2 and not os.path.exists(tmp_path / "p.csv")
-    assert len(_lines(err)) == 1 and _lines(err)[0].startswith(f"error: {best}: 1 array(s) differ from the digests"), err
+    lines = _lines(err)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {best}: 1 array(s) differ from the digests"), err
 
 
 # ------------------------------------------------------------------------------------------------ frozen splits
