@@ -178,11 +178,14 @@ def _best_step(workdir: str) -> int:
     if os.path.isdir(root):
         with ocp.CheckpointManager(root, item_handlers={"progress": ocp.JsonCheckpointHandler()}) as manager:
             latest = manager.latest_step()
-            if latest is not None:
-                progress = manager.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-                step = progress["progress"]["best"]["step"]
-                if step is not None:
-                    return int(step)
+            try:
+                progress = manager.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore())) \
+                    if latest is not None else None
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: the finished run's metrics.json names the best
+                progress = None
+            step = progress["progress"]["best"]["step"] if progress else None
+            if step is not None:
+                return int(step)
     path = os.path.join(workdir, "metrics.json")
     if os.path.isfile(path):
         step = _read_json(path, "the run's metrics").get("best_step")

@@ -353,6 +353,8 @@ class Trainer:
             if damaged:
                 raise RunError(f"{root}: every checkpoint is damaged (steps {', '.join(map(str, damaged))}); move "
                                "them away to start the run over from step 1, or use a new --workdir")
+            if partial:
+                self._phase("no complete checkpoint stands: the run starts again from step 1")
             return
         if damaged and jax.process_index() == 0:  # kept for inspection, out of orbax's way
             for s in damaged:
