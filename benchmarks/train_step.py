@@ -55,7 +55,7 @@ HUGEPAGES = "glibc.malloc.hugetlb=1"
 def backbone_config(name: str, image_size: int):
     """The variant's ViTConfig with its pos-embed stored for `image_size` (as converted for that size), except the
     families that resize at run time (DINOv2), which keep their 518 px table like the released checkpoints."""
-    from converters import VARIANTS
+    from medjax.models import VARIANTS
     from medjax.models.vit.convert import parse_config
 
     if name not in VARIANTS:
@@ -102,7 +102,7 @@ def run_medjax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from configs.common import make
+    from medjax.schema import make
     from medjax import engine, models, sharding
 
     config = backbone_config(args.model, args.image_size)

@@ -38,8 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args(argv)
 
-    from configs.common import make
-    from converters import VARIANTS
+    from medjax.schema import make
+    from medjax.models import VARIANTS
     from medjax import classifier, engine, models
     from medjax.models.vmamba.convert import vssm_config
 

@@ -7,7 +7,7 @@ torch.hub format, random perturbed weights; converted on first use) with a linea
 import os
 
 import medjax
-from configs.common import study_config
+from medjax.schema import study_config
 
 ASSET = os.path.join(os.path.dirname(medjax.__file__), "assets", "tiny_dinov2")
 

@@ -3,10 +3,10 @@
 Before running: convert the official checkpoint once,
     python -m converters dinov2_vitb14_pretrain.pth /data/medjax/dinov2_vitb14 --model dinov2_vitb14
 and point data_root at the CheXpert-v1.0-small folder (holding train.csv). Every field is explained in
-configs/common.py.
+medjax/schema.py.
 """
 
-from configs.common import study_config
+from medjax.schema import study_config
 
 
 def get_config():

@@ -1,5 +1,5 @@
 """DINOv2 ViT-B/14 with its ImageNet linear classifier (`dinov2_vitb14_lc`) and the MLP head on the pediatric pneumonia
-X-rays, frozen, with the glioma study's protocol (configs/glioma_recipe.py; SPEC section 10).
+X-rays, frozen, with the glioma study's protocol (medjax.studies.glioma_protocol; SPEC section 10).
 
 Before running: convert the backbone with its linear head once,
     python -m converters dinov2_vitb14_pretrain.pth /data/medjax/dinov2_vitb14_lc --model dinov2_vitb14 \
@@ -9,12 +9,12 @@ whole table (three CNNs and DINOv2 S/B/L on four datasets, frozen and full) is i
 `python -m medjax.grid list --filter study=glioma`.
 """
 
-from configs import glioma_recipe
-from configs.common import study_config
+from medjax.studies import glioma_protocol
+from medjax.schema import study_config
 
 
 def get_config():
-    c = glioma_recipe.apply(study_config())
+    c = glioma_protocol(study_config())
     c.dataset = "chest_xray_pneumonia"
     c.data_root = "/data/chest_xray"
     c.model.family = "dinov2"

@@ -1,122 +1,16 @@
-"""Checkpoint conversion: official PyTorch / transformers / open_clip files -> medjax Flax parameters.
+"""Checkpoint conversion, the command line: official PyTorch / transformers / open_clip files -> medjax Flax
+parameters.
 
     python -m converters CHECKPOINT OUTPUT_DIR --model NAME [--config CONFIG.json] [--linear-head HEAD.pth]
 
-Each backbone family's package declares its key tables, formats, config reader and variants in `convert.py`
-(`medjax/models/vit/convert.py`, ...), beside its model; `convert` is the same for all of them.
+A thin layer over the library: the engine is `medjax.conversion`, `convert` is `medjax.convert.convert`, and each
+family's key tables and variants live with the family (`medjax/models/<family>/convert.py`, one registry:
+`medjax.models.FAMILIES`).
 """
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
-
-from medjax.conversion import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
-                             sha256)
-from medjax import models, pretrained
-from medjax.pretrained import flatten_variables
-
-CONVERTER_VERSION = "1"
-_MODULES = [importlib.import_module(f"medjax.models.{pkg}.convert") for pkg in models.PACKAGES]
-FAMILIES = {f.name: f for module in _MODULES for f in module.CONVERTERS}
-_OWNERS = {f.name: module for module in _MODULES for f in module.CONVERTERS}  # converter name -> its convert module
-VARIANTS = {name: v for module in _MODULES for name, v in module.VARIANTS.items()}  # name -> (family, kwargs)
-
-__all__ = ["convert", "CheckpointError", "ConversionError", "FAMILIES", "VARIANTS"]
+from medjax.convert import CONVERTER_VERSION, CONVERTERS, CheckpointError, ConversionError, convert
 
 
-def _resolve_model(model: str, config: dict | None) -> tuple[str, dict | None]:
-    if model in VARIANTS:
-        family, kwargs = VARIANTS[model]
-        return family, {**kwargs, **(config or {})}
-    if model in FAMILIES:
-        return model, config
-    raise CheckpointError(f"unknown --model {model!r}; known variants: {', '.join(sorted(VARIANTS))}; "
-                          f"or a family name ({', '.join(sorted(FAMILIES))}) with --config")
-
-
-def _detect_format(family, keys, checkpoint: str):
-    for fmt in family.formats:
-        if fmt.matches(keys):
-            return fmt
-    looks_like = [f.name for f in FAMILIES.values() if f is not family and any(x.matches(keys) for x in f.formats)]
-    hint = f"; it looks like a {looks_like[0]} checkpoint" if looks_like else ""
-    raise CheckpointError(f"{checkpoint} is not a {family.name} checkpoint in any supported format "
-                          f"({', '.join(f.name for f in family.formats)}){hint}. First keys: "
-                          f"{', '.join(sorted(keys)[:8])}")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: config file not found") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of constructor arguments")
-    return cfg
-
-
-def convert(checkpoint: str, output_dir: str, model: str, config_path: str | None = None, **options) -> dict:
-    """Convert `checkpoint` for `model` (a variant or family name) into `output_dir`; returns the metadata.
-
-    options: ema=True takes a checkpoint's `model_ema` weights; linear_head=FILE adds a classifier head file the
-    family knows (DINOv2's hub `*_linear[4]_head.pth`: its family module's `attach_linear_head`); family-specific
-    choices such as dinov2_resize='auto'|'official'|'transformers' reach the family's `adjust`.
-    """
-    family_name, kwargs = _resolve_model(model, _read_json(config_path) if config_path else None)
-    family = FAMILIES[family_name]
-    state = read_state_dict(checkpoint, ema=bool(options.get("ema")))
-    fmt = _detect_format(family, state.keys(), checkpoint)
-    if kwargs is None:
-        if not fmt.hf:
-            raise CheckpointError(f"--model {family_name} needs --config CONFIG.json (the upstream constructor's "
-                                  f"keyword arguments) or a known variant name: {', '.join(sorted(VARIANTS))}")
-        folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
-        config_path = os.path.join(folder, "config.json")  # as from_pretrained reads it
-        kwargs = _read_json(config_path)
-    config = family.parse_config(kwargs)
-    if family.adjust:
-        config = family.adjust(config, fmt, kwargs, options)
-
-    renamed, outside = {}, 0
-    for key, value in state.items():
-        name = fmt.normalise(key)
-        if name is None:
-            outside += 1
-        else:
-            renamed[name] = value
-    if not renamed:
-        raise CheckpointError(f"{checkpoint}: no keys under {fmt.select_prefix!r}")
-    rules, head_source = fmt.rules, None
-    if options.get("linear_head"):
-        attach = getattr(_OWNERS[family_name], "attach_linear_head", None)
-        if attach is None:
-            raise CheckpointError(f"--linear-head: the {family_name} family has no classifier heads to attach "
-                                  "(DINOv2's hub linear heads go with a dinov2 backbone)")
-        config, head_state, head_rules, head_source = attach(config, options["linear_head"])
-        renamed.update(head_state)
-        rules = list(rules) + list(head_rules)
-    expected = {k: tuple(v.shape) for k, v in flatten_variables(models.variable_shapes(config)).items()}
-    notes = [f"(format {fmt.name}; ignorable keys: {family.ignored})"]
-    variables = apply_rules(renamed, rules, fmt.ignore, expected, checkpoint, model, fmt.hooks, notes)
-    files = resolve_checkpoint(checkpoint)
-    metadata = {
-        "family": family_name,
-        "model": model,
-        "architecture": config.to_dict(),
-        "source": {"file": os.path.basename(os.path.normpath(checkpoint)), "sha256": ",".join(map(sha256, files)),
-                   "format": fmt.name, "config": os.path.basename(config_path) if config_path else None,
-                   "ignored_keys_outside_prefix": outside,
-                   **({"linear_head": head_source} if head_source else {})},
-        "converter_version": CONVERTER_VERSION,
-        "num_params": models.count_params(variables["params"]),
-    }
-    try:
-        pretrained.save(output_dir, variables, metadata)
-    except pretrained.PretrainedError as e:
-        raise CheckpointError(str(e)) from e
-    return metadata
+__all__ = ["convert", "CheckpointError", "ConversionError", "CONVERTER_VERSION", "CONVERTERS"]

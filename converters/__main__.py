@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 
-from converters import FAMILIES, VARIANTS, CheckpointError, convert
+from medjax.convert import CONVERTERS, CheckpointError, convert
+from medjax.models import VARIANTS
 
 
 def main(argv=None) -> int:
@@ -14,7 +16,7 @@ def main(argv=None) -> int:
         prog="python -m converters",
         description="Convert an official PyTorch / transformers / open_clip checkpoint into medjax Flax parameters.",
         epilog=f"Known variants: {', '.join(sorted(VARIANTS))}. Families (with --config): "
-               f"{', '.join(sorted(FAMILIES))}.")
+               f"{', '.join(sorted(CONVERTERS))}.")
     parser.add_argument("checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or a transformers folder")
     parser.add_argument("output_dir", help="folder to write params.safetensors and medjax.json into")
     parser.add_argument("--model", required=True, help="a known variant name or a family name")
@@ -29,6 +31,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ema", action="store_true",
                         help="use the EMA weights (`model_ema`) of a checkpoint that holds both")
     args = parser.parse_args(argv)
+    if args.model not in VARIANTS and args.model not in CONVERTERS:
+        close = difflib.get_close_matches(args.model, list(VARIANTS) + list(CONVERTERS), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        print(f"error: unknown --model {args.model!r}; {hint}known variants: {', '.join(sorted(VARIANTS))}; or a "
+              f"family name ({', '.join(sorted(CONVERTERS))}) with --config", file=sys.stderr)
+        return 2
     try:
         meta = convert(args.checkpoint, args.output_dir, args.model, args.config, dinov2_resize=args.dinov2_resize,
                        ema=args.ema, linear_head=args.linear_head)

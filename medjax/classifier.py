@@ -125,8 +125,8 @@ def load_backbone(model_cfg, channels: int):
         if not os.path.exists(os.path.join(path, pretrained.METADATA_FILE)):
             raise ModelConfigError(
                 f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
-                f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` (README, "
-                "Converting checkpoints)")
+                f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` "
+                "(docs/converting.md)")
         config, variables, meta = pretrained.load(path)
         if model_cfg.family and meta["family"] != model_cfg.family:
             raise ModelConfigError(
@@ -149,9 +149,7 @@ def load_backbone(model_cfg, channels: int):
 
 def _variant_hint(family: str) -> str:
     """The converter's --model value a config of this family expects (its variant names, or the family name)."""
-    import converters
-
-    names = sorted(v for v, (f, _) in converters.VARIANTS.items() if f == family)
+    names = sorted(v for v, (f, _) in models.VARIANTS.items() if f == family)
     return "|".join(names[:4]) + ("|..." if len(names) > 4 else "") if names else (family or "NAME")
 
 

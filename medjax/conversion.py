@@ -404,3 +404,6 @@ class Converter:
     parse_config: Callable  # upstream kwargs / open_clip config / transformers config.json -> medjax config
     ignored: str  # the documented ignorable keys, quoted in errors
     adjust: Callable | None = None  # (config, fmt, kwargs, options) -> config, e.g. DINOv2's resize choice
+    # (config, head_file) -> (config, head_state, head_rules, provenance): a classifier head file the family knows
+    # (DINOv2's hub `*_linear[4]_head.pth`), attached with `--linear-head`
+    attach_linear_head: Callable | None = None

@@ -32,7 +32,8 @@ def embed(params_dir: str, images: np.ndarray, batch_size: int = 32, precision: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medjax.embed", description=__doc__.splitlines()[2].strip())
+    parser = argparse.ArgumentParser(prog="python -m medjax.embed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", required=True, help="folder written by `python -m converters`")
     parser.add_argument("--images", required=True, help=".npy float32 array (N, C, H, W)")
     parser.add_argument("--output", required=True, help=".npz to write")

@@ -5,7 +5,7 @@ step. Every flax variable collection of the model travels with it: `TrainState.p
 `TrainState.model_state` every other collection (`batch_stats` of BatchNorm), returned by the train step (mutable) and
 kept with the parameters in checkpoints and the best model.
 
-    from configs.common import study_config
+    from medjax.schema import study_config
     e = engine.build(config, num_classes=5, channels=3, task="multiclass", total_steps=1000)
     state, out = e.train_step(e.state, sharding.global_batch(batch, e.mesh))
     probs = e.eval_step(e.variables_of(state), images)
@@ -130,7 +130,7 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
     """Everything a run needs from a config (its `model`, `optim`, `compute_dtype`, `image_size`, `seed`, `mesh`,
     `sharding_rules` fields): the classifier with its pretrained variables, LoRA adapters if `model.peft='lora'`, the
     trainable mask and lr multipliers from the rules, the optimizer, the mesh, the sharded state and the jitted steps."""
-    from medjax.protocols import peft
+    from medjax import peft
 
     m = config.model
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32

@@ -26,10 +26,13 @@ import sys
 
 import numpy as np
 
+from medjax import outputs
 from medjax import predict as predict_lib
+from medjax.errors import UserError
 from medjax.predict import PredictError
 
 METHODS = ("attention", "gradcam", "occlusion")
+INDEX_FILE = "explanations.csv"  # in the output folder: which PNG explains which image
 
 
 # ------------------------------------------------------------------------------------------------ the methods
@@ -87,17 +90,29 @@ def rollout(attentions: list):
     return result
 
 
+def method_problem(method: str, family, backbone) -> str | None:
+    """Why `method` cannot explain a model of this family and backbone config (None: it can)."""
+    if method not in METHODS:
+        return f"--method {method!r}: expected one of {', '.join(METHODS)}"
+    other = family.explain_method(backbone)
+    if method == "attention" and (family.rollout_tokens is None or family.rollout_tokens(backbone) is None):
+        return (f"--method attention: the {family.name} family has no attention rollout (it needs global "
+                f"self-attention over the patch tokens); use --method {other}"
+                + (" or occlusion" if other != "occlusion" else ""))
+    if method == "gradcam" and family.gradcam_layer is None:
+        return (f"--method gradcam: the {family.name} family names no feature map for Grad-CAM; use --method "
+                f"{other}" + (" or occlusion" if other != "occlusion" else ""))
+    return None
+
+
 def attention_rollout(model, variables, images):
     """(B, gh, gw) relevance of the patches (see the module docstring); raises PredictError where the family has no
     rollout."""
     family = _family(model)
-    spec = family.rollout_tokens(model.backbone) if family.rollout_tokens is not None else None
-    if spec is None:
-        other = family.explain_method(model.backbone)
-        raise PredictError(f"--method attention: the {family.name} family has no attention rollout (it needs "
-                           f"global self-attention over the patch tokens); use --method {other}"
-                           + (" or occlusion" if other != "occlusion" else ""))
-    first_patch, cls_pooled = spec
+    problem = method_problem("attention", family, model.backbone)
+    if problem:
+        raise PredictError(problem)
+    first_patch, cls_pooled = family.rollout_tokens(model.backbone)
     backbone, head = attention_matrices(model, variables, images)
     relevance = rollout(backbone)
     patches = relevance[:, first_patch:, first_patch:]
@@ -114,9 +129,9 @@ def attention_rollout(model, variables, images):
 
 def _gradcam_target(model) -> tuple[tuple, int | None]:
     family = _family(model)
-    if family.gradcam_layer is None:
-        raise PredictError(f"--method gradcam: the {family.name} family names no feature map for Grad-CAM; use "
-                           f"--method {family.explain_method(model.backbone)} or occlusion")
+    problem = method_problem("gradcam", family, model.backbone)
+    if problem:
+        raise PredictError(problem)
     path, _, index = family.gradcam_layer(model.backbone).partition("#")
     return ("backbone", *path.split("/")), int(index) if index else None
 
@@ -223,8 +238,13 @@ def upsample(heat: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(jax.image.resize(jnp.asarray(heat, jnp.float32), (size, size), "linear", antialias=False))
 
 
-def render(image01: np.ndarray, heat: np.ndarray, lines: list[str], title: str, scale: int = 0):
-    """A PIL image: the image, the heat map (min-max normalised) over it, and a text column."""
+SCALE_LABELS = {"attention": "relevance", "gradcam": "Grad-CAM", "occlusion": "probability drop"}
+
+
+def render(image01: np.ndarray, heat: np.ndarray, lines: list[str], title: str, scale: int = 0,
+           scale_label: str = "map value"):
+    """A PIL image: the image, the heat map (min-max normalised) over it with its colour scale (a bar from the map's
+    minimum at the bottom to its maximum at the top, both values written beside it), and a text column."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
@@ -234,23 +254,37 @@ def render(image01: np.ndarray, heat: np.ndarray, lines: list[str], title: str, 
     rgb = np.repeat(gray[..., None], 3, axis=-1) if gray is not None else image01
     rgb = np.clip(rgb, 0, 1)
     h = upsample(heat, size) if heat.shape[0] != size else heat
-    span = float(h.max() - h.min())
-    h = (h - h.min()) / span if span > 0 else np.zeros_like(h)
+    low, high = float(h.min()), float(h.max())
+    span = high - low
+    h = (h - low) / span if span > 0 else np.zeros_like(h)
     colored = colormaps["jet"](h)[..., :3]
     overlay = 0.55 * rgb + 0.45 * colored
     panel = lambda a: Image.fromarray((a * 255).round().astype(np.uint8)).resize(  # noqa: E731
         (size * scale, size * scale), Image.Resampling.BILINEAR)
     font = ImageFont.load_default(size=max(11, 6 * scale // 2 + 8))
-    side, pad = size * scale, 8
+    side, pad, bar_w = size * scale, 8, 14
+    top = font.size + 10  # the title line
+    ticks = [f"{high:.3g}", f"{(low + high) / 2:.3g}", f"{low:.3g}"]
+    tick_w = font.size * max(len(t) for t in ticks + [scale_label]) * 3 // 5
+    text_x = 3 * pad + 2 * side + bar_w + 4 + tick_w + pad
     text_w = font.size * max(12, max(len(t) for t in lines)) // 2 + 2 * pad
-    canvas = Image.new("RGB", (max(2 * side + 3 * pad + text_w, font.size * len(title) * 3 // 5 + 2 * pad),
-                               side + 2 * pad + 22), "white")
-    canvas.paste(panel(rgb), (pad, pad + 22))
-    canvas.paste(panel(overlay), (2 * pad + side, pad + 22))
+    canvas = Image.new("RGB", (max(text_x + text_w, font.size * len(title) * 3 // 5 + 2 * pad),
+                               side + 2 * pad + top + font.size + 6), "white")
+    canvas.paste(panel(rgb), (pad, pad + top))
+    canvas.paste(panel(overlay), (2 * pad + side, pad + top))
+    bar_x = 3 * pad + 2 * side
+    gradient = colormaps["jet"](np.linspace(1.0, 0.0, side))[:, :3]  # top: the maximum
+    bar = np.repeat(gradient[:, None, :], bar_w, axis=1)
+    canvas.paste(Image.fromarray((bar * 255).round().astype(np.uint8)), (bar_x, pad + top))
     draw = ImageDraw.Draw(canvas)
+    draw.rectangle((bar_x - 1, pad + top - 1, bar_x + bar_w, pad + top + side), outline="black")
     draw.text((pad, pad), title, fill="black", font=font)
+    for tick, y in zip(ticks, (pad + top, pad + top + side // 2, pad + top + side)):
+        draw.line((bar_x + bar_w, y, bar_x + bar_w + 3, y), fill="black")
+        draw.text((bar_x + bar_w + 5, y), tick, fill="black", font=font, anchor="lm")
+    draw.text((bar_x, pad + top + side + 4), scale_label, fill="black", font=font)
     for i, line in enumerate(lines):
-        draw.text((3 * pad + 2 * side, pad + 22 + i * (font.size + 6)), line, fill="black", font=font)
+        draw.text((text_x, pad + top + i * (font.size + 6)), line, fill="black", font=font)
     return canvas
 
 
@@ -269,9 +303,40 @@ def describe(probs: np.ndarray, class_names, task: str, explained: int, cut=None
 # ------------------------------------------------------------------------------------------------ command line
 
 
+def relative_paths(paths: list[str], roots: list[str]) -> list[str]:
+    """Each image's path relative to its root (the folder given on the command line that it was found in; a file's
+    own folder), e.g. `patient00001/study1/view1_frontal.jpg`; where two images give the same one (two roots, or two
+    files of one name in different folders), the paths relative to the roots' common folder instead."""
+    relative = [os.path.relpath(os.path.abspath(p), os.path.abspath(r)) for p, r in zip(paths, roots)]
+    if len(set(relative)) < len(relative):
+        common = os.path.commonpath([os.path.abspath(r) for r in roots])
+        relative = [os.path.relpath(os.path.abspath(p), common) for p in paths]
+    return [r.replace(os.sep, "/") for r in relative]
+
+
+def png_names(relative: list[str]) -> list[str]:
+    """The PNG of each image, relative to the output folder: its relative path with .png for its extension
+    (`patient00001/study1/view1_frontal.png`); an image with a twin of another extension keeps its own
+    (`view1.jpg.png`); a file given twice gets `_2`."""
+    stems = [os.path.splitext(r)[0] for r in relative]
+    out, used = [], set()
+    for r, stem in zip(relative, stems):
+        name = (r if stems.count(stem) > 1 else stem) + ".png"
+        candidate, k = name, 1
+        while candidate in used:
+            k += 1
+            candidate = f"{name[:-4]}_{k}.png"
+        used.add(candidate)
+        out.append(candidate)
+    return out
+
+
 def explain_files(model: predict_lib.FineTuned, records, output: str, method: str | None = None,
-                  class_name: str | None = None, batch_size: int = 8, top: int = 3) -> tuple[list, list]:
-    """Writes one PNG per readable image into `output`; returns (written paths, failures)."""
+                  class_name: str | None = None, batch_size: int = 8, top: int = 3,
+                  relative: list[str] | None = None) -> tuple[list, list]:
+    """Writes one PNG per readable image into `output`, named and titled by the image's path relative to its root
+    (`relative[i]`, see `relative_paths`; default: relative to the images' common folder), and `explanations.csv`
+    (PNG, image, method, explained class and its probability); returns (written paths, failures)."""
     import jax
     import jax.numpy as jnp
 
@@ -279,6 +344,10 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     method = method or _family(classifier).explain_method(classifier.backbone)
     if class_name is not None and class_name not in model.class_names:
         raise PredictError(f"--class {class_name!r} is not a class of the model ({', '.join(model.class_names)})")
+    if relative is None:
+        common = os.path.commonpath([os.path.dirname(os.path.abspath(r.path)) for r in records]) if records else ""
+        relative = relative_paths([r.path for r in records], [common] * len(records))
+    names = png_names(relative)
     loader, failures = model.loader(records, batch_size, "explain")
     mean, std = (np.asarray(s, np.float32) for s in model.normalization_stats())
     from medjax import engine
@@ -286,11 +355,11 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     probability = jax.jit(engine.make_eval_step(classifier, model.task))
     explainer = make_explainer(method, classifier, model.task)
     os.makedirs(output, exist_ok=True)
-    written, used, n = [], set(), 0
+    written, index, n = [], [], 0
     cut = model.threshold_array() if model.task == "multilabel" else None
     for batch in loader:
         keep = np.flatnonzero(batch["mask"])
-        batch_records = [records[n + i] for i in keep]
+        batch_at = [n + i for i in keep]
         n += len(batch["mask"])
         if not len(keep):
             continue
@@ -298,21 +367,64 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
         probs = np.asarray(probability(variables, images))
         classes = np.full(len(keep), model.class_names.index(class_name)) if class_name else probs.argmax(axis=1)
         maps = np.asarray(explainer(variables, images, jnp.asarray(classes, jnp.int32)))
-        for i, record in enumerate(batch_records):
-            stem = os.path.splitext(os.path.basename(record.path))[0]
-            name, k = f"{stem}.png", 1
-            while name in used:
-                k += 1
-                name = f"{stem}_{k}.png"
-            used.add(name)
+        for i, at in enumerate(batch_at):
+            name = names[at]
             image01 = np.asarray(batch["image"][keep[i]]) * std + mean
             what = "attention rollout" if method == "attention" else \
                 f"{method} for {model.class_names[classes[i]]}"
-            title = f"{os.path.basename(record.path)}: {what}"
+            target = os.path.join(output, *name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             render(image01, maps[i], describe(probs[i], model.class_names, model.task, int(classes[i]), cut, top),
-                   title).save(os.path.join(output, name))
-            written.append(os.path.join(output, name))
+                   f"{relative[at]}: {what}", scale_label=SCALE_LABELS.get(method, "map value")).save(target)
+            written.append(target)
+            index.append([name, records[at].path, method, model.class_names[classes[i]],
+                          repr(float(probs[i][classes[i]]))])
+    if index:
+        predict_lib.write_csv(os.path.join(output, INDEX_FILE),
+                              ["png", "image", "method", "explained_class", "probability"], index)
     return written, list(failures)
+
+
+def peek_backbone(source: str):
+    """(family, backbone config) of the model at `source` (a run's work directory or an exported folder), read from
+    its metadata alone (no weights read, nothing built), so that a --method the family cannot run is refused before
+    the model loads; None when it cannot be told so cheaply (the full load then reports any problem)."""
+    from medjax import models, pretrained
+
+    try:
+        if os.path.isfile(os.path.join(source, "run_config.json")):
+            flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
+            folders = [flat.get("model.pretrained") or "", os.path.join(source, "backbone")]
+            folder = next((f for f in folders if f and os.path.isfile(os.path.join(f, pretrained.METADATA_FILE))),
+                          None)
+            if folder is None:
+                prefix = "model.architecture."
+                arch = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+                family = flat.get("model.family")
+                return (models.family(family), models.config_from_dict(family, arch)) if family and arch else None
+        else:
+            folder = source
+        meta = pretrained.read_metadata(folder)
+        return models.family(meta["family"]), models.config_from_dict(meta["family"], meta["architecture"])
+    except (UserError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def peek_class_names(source: str) -> list | None:
+    """The model's class names from the run's split file or the exported folder's metadata (no model loaded), or None
+    when they cannot be read so (the full load then reports the problem)."""
+    from medjax import pretrained
+
+    try:
+        if os.path.isfile(os.path.join(source, "run_config.json")):
+            flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
+            split = predict_lib._read_json(os.path.join(source, "splits", f"{flat['dataset']}.json"), "a split file")
+            names = split["class_names"]
+        else:
+            names = pretrained.read_metadata(source)[predict_lib.EXPORT_KEY]["class_names"]
+        return [str(n) for n in names] if isinstance(names, list) else None
+    except (UserError, OSError, KeyError, TypeError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -322,25 +434,50 @@ def main(argv=None) -> int:
     p = predict_lib.CliParser(prog="python -m medjax.explain", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--workdir", required=True, help="a run's work directory, or a folder of medjax.export")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
-    p.add_argument("--output", required=True, help="the folder for the PNGs")
+    p.add_argument("--output", required=True, help="the folder for the PNGs (named by each image's path relative "
+                                                   "to the folder given in --images)")
     p.add_argument("--method", choices=METHODS, help="default: the family's (attention for ViTs, else gradcam)")
     p.add_argument("--class", dest="class_name", help="explain this class (default: each image's top class)")
     p.add_argument("--top", type=int, default=3, help="classes listed beside the image")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--strict", action="store_true", help="stop (exit 2) on an unreadable image instead of skipping")
     args = p.parse_args(argv)
+    if args.batch_size < 1 or args.top < 1:
+        p.error(f"--batch-size {args.batch_size} / --top {args.top}: expected positive numbers")
     try:
+        outputs.check_folder(args.output)
+        missing = [x for x in args.images if not os.path.exists(x)]
+        if missing and len(missing) == len(args.images):
+            raise PredictError(f"--images {missing[0]}: no such file or folder")
+        if args.method:
+            peek = peek_backbone(args.workdir)
+            problem = method_problem(args.method, *peek) if peek else None
+            if problem:
+                raise PredictError(problem)
+        names = peek_class_names(args.workdir) if args.class_name is not None else None
+        if names and args.class_name not in names:
+            raise PredictError(f"--class {args.class_name!r} is not a class of the model ({', '.join(names)})")
+        predict_lib.say(f"loading the model from {args.workdir} ...")
         model = predict_lib.load_model(args.workdir)
-        records = predict_lib.image_records(args.images, model)
+        records, roots = [], []
+        for path in args.images:
+            found = predict_lib.image_records([path], model)
+            records += found
+            roots += [path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))] * len(found)
         if args.strict:
             predict_lib.check_strict(records, model.channels)
-        written, failures = explain_files(model, records, args.output, args.method, args.class_name,
-                                          args.batch_size, args.top)
-    except (PredictError, pretrained.PretrainedError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        predict_lib.say(f"reading {len(records)} image(s) and explaining them ...")
+        relative = relative_paths([r.path for r in records], roots)
+        with predict_lib.quiet_load_warnings():
+            written, failures = explain_files(model, records, args.output, args.method, args.class_name,
+                                              args.batch_size, args.top, relative)
+        if args.strict and failures:
+            raise PredictError(f"{failures[0][0]}: {failures[0][2]} (--strict)")
+    except (UserError, DataError, pretrained.PretrainedError, OSError) as e:
+        print(predict_lib.error_line(e), file=sys.stderr)
         return 2
     predict_lib.report_failures(failures, args.output)
-    print(f"{len(written)} explanation(s) written to {args.output}")
+    print(f"{len(written)} explanation(s) written to {args.output}" + (f" (index: {INDEX_FILE})" if written else ""))
     return 0
 
 

@@ -17,8 +17,9 @@ Exports a run's best model (or re-exports an exported folder) for other programs
       f = jax.export.deserialize(open("DIR/model.stablehlo", "rb").read())
       probs = f.call(load_file("DIR/weights.safetensors"), images)  # images: float32 (N, S, S, C), normalised
 
-  `images` are what the model sees: resized to round(S * 256 / 224) px square (bilinear), center-cropped to S px,
-  scaled to [0, 1] and normalised with the statistics in `model.json` (`input`).
+  `images` are what the model sees: resized to round(S * 256 / 224) px (square, or the shorter side with the run's
+  `resize=shorter`; Pillow's antialiased bilinear), center-cropped to S px, scaled to [0, 1] and normalised with the
+  statistics in `model.json` (`input`: every step and number, also written out in the folder's `README.md`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ import sys
 
 import numpy as np
 
+from medjax import outputs
 from medjax import predict as predict_lib
+from medjax.errors import UserError
 from medjax.predict import EXPORT_KEY, HEAD_FILE, PredictError
 
 FORMATS = ("safetensors", "stablehlo")
 STABLEHLO_FILE, WEIGHTS_FILE, FACTS_FILE = "model.stablehlo", "weights.safetensors", "model.json"
+README_FILE = "README.md"  # beside a StableHLO export: how to call it and its input's preprocessing
 
 
 def facts(model: predict_lib.FineTuned) -> dict:
@@ -45,13 +49,72 @@ def facts(model: predict_lib.FineTuned) -> dict:
             run_config = json.load(f)
     else:
         run_config = pretrained.read_metadata(model.source)[EXPORT_KEY]["run_config"]
-    mean, std = model.normalization_stats()
     return {"source": os.path.abspath(model.source), "best_step": model.best_step, "run_config": run_config,
             "class_names": list(model.class_names), "task": model.task, "channels": model.channels,
             "mean": list(model.mean), "std": list(model.std), "target_metric": model.target_metric,
-            "thresholds": model.thresholds,
-            "input": {"layout": "NHWC", "size": model.image_size, "dtype": "float32",
-                      "resize": round(model.image_size * 256 / 224), "mean": list(mean), "std": list(std)}}
+            "thresholds": model.thresholds, "input": preprocessing(model)}
+
+
+def preprocessing(model: predict_lib.FineTuned) -> dict:
+    """What turns an image file into the model's input, in the order it is done (the run's eval transform,
+    `medjax.data.transforms.eval_transform` then the normalisation): every number a reader needs to redo it."""
+    from medjax.data.transforms import resize_size
+
+    mean, std = model.normalization_stats()
+    size, resized = model.image_size, resize_size(model.image_size)
+    square = model.config.resize == "square"
+    return {
+        "layout": "NHWC", "size": size, "channels": model.channels, "dtype": "float32",
+        "color": "grayscale (L)" if model.channels == 1 else "RGB",
+        "resize": resized, "resize_mode": model.config.resize,
+        "resize_interpolation": "bilinear, antialiased (Pillow Image.resize with Resampling.BILINEAR)",
+        "center_crop": size,
+        "scale": "uint8 / 255 (values 0-1)",
+        "mean": list(mean), "std": list(std), "normalization": model.config.normalization,
+        "steps": [
+            "decode the image to 8 bits per channel" + (" grayscale" if model.channels == 1 else " RGB")
+            + " (16-bit images divided by 257; DICOM windowed as medjax.data.transforms.decode does)",
+            (f"resize to {resized} x {resized} px (aspect not kept)" if square else
+             f"resize the shorter side to {resized} px (aspect kept; the longer side int({resized} * long / short))")
+            + ", bilinear with antialiasing (Pillow BILINEAR)",
+            f"center crop {size} x {size} px (offsets round((H - {size}) / 2), round((W - {size}) / 2))",
+            "divide by 255 (float32 in 0-1)",
+            f"subtract mean {_fmt(mean)} and divide by std {_fmt(std)} per channel",
+            f"stack as float32 (N, {size}, {size}, {model.channels}) (NHWC)"]}
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
+def readme(info: dict) -> str:
+    """README.md of a StableHLO export: how to call it and the preprocessing its input needs."""
+    pre = info["input"]
+    names = ", ".join(info["class_names"])
+    steps = "\n".join(f"{i}. {step}" for i, step in enumerate(pre["steps"], 1))
+    return f"""# A medjax model exported as StableHLO
+
+`probabilities = f(weights, images)`, serialized with `jax.export` for {', '.join(info['platforms'])}; it runs with
+jax alone:
+
+    import jax, numpy as np
+    from safetensors.numpy import load_file
+    f = jax.export.deserialize(open("{STABLEHLO_FILE}", "rb").read())
+    probs = f.call(load_file("{WEIGHTS_FILE}"), images)
+
+Output: {info['outputs']}.
+Classes ({info['task']}): {names}.
+
+## Input: preprocessing
+
+`images` is float32 `(N, {pre['size']}, {pre['size']}, {pre['channels']})` ({pre['layout']}, any N), made from each
+image file as the run evaluated its images:
+
+{steps}
+
+The same facts are in `{FACTS_FILE}` under `input` (`resize`, `resize_mode`, `resize_interpolation`, `center_crop`,
+`scale`, `mean`, `std`, `layout`). Source: {info['source']} (best step {info['best_step']}).
+"""
 
 
 def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
@@ -70,6 +133,7 @@ def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
     os.makedirs(output, exist_ok=True)
     tmp = os.path.join(output, HEAD_FILE + ".tmp")
     save_file(flat_head, tmp)
+    outputs.apply_umask(tmp)
     os.replace(tmp, os.path.join(output, HEAD_FILE))
     # medjax.json is written last (pretrained.save): a killed export never leaves a folder that loads
     pretrained.save(output, backbone, {
@@ -110,8 +174,10 @@ def export_stablehlo(model: predict_lib.FineTuned, output: str, platforms: tuple
                            "call": "jax.export.deserialize(bytes).call(weights_dict, images)"}
     tmp = os.path.join(output, WEIGHTS_FILE + ".tmp")
     save_file(weights, tmp)
+    outputs.apply_umask(tmp)
     os.replace(tmp, os.path.join(output, WEIGHTS_FILE))
     _write_atomic(os.path.join(output, STABLEHLO_FILE), exported.serialize())
+    _write_atomic(os.path.join(output, README_FILE), readme(info).encode())
     _write_atomic(os.path.join(output, FACTS_FILE), json.dumps(info, indent=1).encode())
     return output
 
@@ -139,13 +205,16 @@ def main(argv=None) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         p.error(f"--output {args.output}: exists and is not a folder")
     try:
+        outputs.check_folder(args.output)
+        predict_lib.say(f"loading the model from {args.workdir} ...")
         model = predict_lib.load_model(args.workdir)
+        predict_lib.say(f"writing the {args.format} export to {args.output} ...")
         if args.format == "safetensors":
             export_safetensors(model, args.output)
         else:
             export_stablehlo(model, args.output, platforms)
-    except (PredictError, pretrained.PretrainedError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, PredictError, pretrained.PretrainedError, DataError, OSError) as e:
+        print(predict_lib.error_line(e), file=sys.stderr)
         return 2
     print(f"{args.format} export of {args.workdir} (best step {model.best_step}) written to {args.output}")
     return 0

@@ -27,6 +27,7 @@ metrics.json and test_predictions.npz as the trainer does, bootstrap intervals i
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import fnmatch
 import importlib.util
@@ -37,6 +38,12 @@ import signal
 import socket
 import subprocess
 import sys
+
+import numpy as np
+
+from medjax import bootstrap, data, metrics, schema, studies
+from medjax.data import fake
+from medjax.protocols import features, linear_probe
 
 CELL_FILE = "grid_cell.json"
 METRICS_FILE = "metrics.json"
@@ -54,22 +61,15 @@ class GridInterrupted(Exception):
 
 
 def load_grid(path: str | None = None):
-    """The grid config module, loaded by path as `--config=configs/grid.py:...` loads it (configs/ is not a package
-    that gets installed). Relative paths are tried from the working directory, then from the repository root."""
-    path = path or DEFAULT_GRID
-    candidates = [path] if os.path.isabs(path) else [path, os.path.join(_repo_root(), path)]
-    found = next((p for p in candidates if os.path.isfile(p)), None)
-    if found is None:
-        raise SystemExit(f"error: grid config {path!r} not found (looked in {', '.join(candidates)}); run from the "
-                         "medjax checkout or pass --grid PATH")
-    spec = importlib.util.spec_from_file_location("medjax_grid_config", found)
+    """The grid's tables and cells: `medjax.studies` for medjax's own grid (`grid`, `configs/grid.py`), or a grid
+    file of the user's by path (a module with the same names)."""
+    resolved = schema.recipe_path(path or DEFAULT_GRID)
+    if os.path.samefile(resolved, os.path.join(schema.recipes_dir(), "grid.py")):
+        return studies
+    spec = importlib.util.spec_from_file_location("medjax_grid_config", resolved)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_filter(text: str | None, axes: dict) -> dict:
@@ -125,29 +125,20 @@ def apply_overrides(config, overrides, strict: bool = False):
     """--config.a.b=value overrides as config_flags applies them (for the config stored in grid_cell.json). Lenient
     by default (the run itself reports a bad override); strict (the probe, which is the run) raises ValueError
     naming the closest declared field."""
-    import ast
-
-    from configs import common
-
     for item in overrides:
-        key, _, value = item[len("--config."):].partition("=")
+        key, _, text = item[len("--config."):].partition("=")
         try:
-            value = ast.literal_eval(value)
+            value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            pass
-        *path, node = key.split(".")
-        target = config
+            value = text
         try:
-            for part in path:
-                target = target[part]
-            if strict and node not in target:
-                raise KeyError(node)
-            target[node] = value
-        except (TypeError, KeyError, AttributeError) as e:
+            schema.override(config, key, value)
+        except schema.ConfigError as e:
             if strict:
-                message = common.unknown_field_message(config, key) if isinstance(e, KeyError) else \
-                    f"--config.{key}={value!r}: {e}"
-                raise ValueError(message) from None
+                raise ValueError(str(e)) from None
+        except (TypeError, AttributeError) as e:
+            if strict:
+                raise ValueError(f"--config.{key}={value!r}: {e}") from None
     return config
 
 
@@ -159,24 +150,16 @@ def run_probe(config, workdir: str, log=None) -> dict:
     converted backbone cached in `workdir/features`, the head grid on train, the best head on validation retrained on
     train + val, tested once. Writes metrics.json (the trainer's layout, with the protocol's grid and choice) and
     test_predictions.npz with the bootstrap intervals; returns the metrics dict."""
-    import numpy as np
-
-    from configs import common
-    from medjax import bootstrap, data
-    from medjax.protocols import features, linear_probe
-
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    common.validate(config)
-    if "probe" not in config:
+    schema.validate(config)
+    if config.grid_cell.head != "probe":
         raise ValueError(f"{config.grid_cell.arg}: not a linear-probe cell (head=probe); run it with medjax.main")
     os.makedirs(workdir, exist_ok=True)
     if config.fake_data and not os.path.exists(config.data_root):
-        from medjax.data import fake
-
         log(f"writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}")
         fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
     ds = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
-                          **common.data_options(config))
+                          **schema.data_options(config))
     missing = [s for s in ("train", "val", "test") if s not in ds.splits]
     if missing:
         raise ValueError(f"{ds.name} at {config.data_root} has no {', '.join(missing)} split; the linear probe needs "
@@ -213,8 +196,6 @@ def run_probe(config, workdir: str, log=None) -> dict:
 
 
 def _json_default(x):
-    import numpy as np
-
     if isinstance(x, (np.floating, np.integer, np.bool_)):
         return x.item()
     if isinstance(x, np.ndarray):
@@ -348,7 +329,6 @@ def main(argv=None) -> int:
         except (ValueError, OSError) as e:  # DataError, ConfigError, PretrainedError, ... are ValueErrors
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
             return 2
-        from medjax import bootstrap, metrics
 
         value = metrics.target_metric(result["target_metric"], result["test"])
         interval = (result.get("test_bootstrap") or {}).get("metrics", {}).get(

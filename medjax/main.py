@@ -1,4 +1,4 @@
-"""python -m medjax.main --config=configs/<name>.py --workdir=DIR [--config.x=y ...]
+"""python -m medjax.main --config=RECIPE --workdir=DIR [--config.x=y ...]
 
 Fine-tunes a backbone on a dataset as the config says, resuming from DIR if it holds a checkpoint. For several
 hosts, pass --distributed (or run under a launcher that sets the JAX coordinator environment).
@@ -16,16 +16,21 @@ import re
 import shutil
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medjax import rundir
+from medjax import pretrained, rundir, schema, train
+from medjax.convert import convert
+from medjax.data import fake
 from medjax.errors import UserError
 
-config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/demo.py", lock_config=True)
+config_flags.DEFINE_config_file("config", None, "a recipe: a name (demo, dinov2_chexpert, grid:CELL, ...) or a file "
+                                "(configs/demo.py, /path/to/my_recipe.py[:ARG])", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics.json and TensorBoard logs go")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
 FLAGS = flags.FLAGS
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 
 
 def _fail(message: str):
@@ -33,34 +38,58 @@ def _fail(message: str):
     sys.exit(2)
 
 
+def _help() -> str:
+    return (__doc__.strip() + "\n\nFlags:\n  --config=RECIPE   " + FLAGS["config"].help
+            + f"\n                   recipes: {', '.join(schema.recipe_names())}"
+            + "\n  --config.FIELD=VALUE  override a field of the recipe (every field: medjax/schema.py)"
+            + "\n  --workdir=DIR    " + FLAGS["workdir"].help + "\n  --distributed    " + FLAGS["distributed"].help
+            + "\n  --verbosity=N    absl log level (default: warnings only)\n")
+
+
+def _resolve_recipe(argv):
+    """`--config=NAME[:ARG]` (a recipe by name, from any directory) -> the recipe file's path, as config_flags
+    loads it; a file path stays as given."""
+    out = []
+    for i, a in enumerate(argv):
+        if i and a.startswith("--config="):
+            try:
+                a = "--config=" + schema.recipe_path(a[len("--config="):])
+            except schema.ConfigError as e:
+                _fail(str(e))
+        out.append(a)
+    return out
+
+
 def _parse_flags(argv):
     """absl's parse, with every problem as one `error:` line (exit 2) instead of a usage dump or a traceback."""
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        print(_help())
+        sys.exit(0)
+    argv = _resolve_recipe(argv)
     try:
         rest = FLAGS(argv)
     except Exception as e:  # noqa: BLE001 - a bad flag, a config file that fails to load, a bad override
         _fail(_flag_error(argv, e))
     for name in ("config", "workdir"):
         if not FLAGS[name].value:
-            _fail(f"--{name} is required (python -m medjax.main --config=configs/demo.py --workdir=DIR)")
+            _fail(f"--{name} is required (python -m medjax.main --config=demo --workdir=DIR)")
     return rest
 
 
 def _flag_error(argv, e) -> str:
     """An unknown `--config.x=y` names the closest declared field; other flag errors pass through on one line."""
-    from configs import common
-
     config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     overrides = [m.group(1) for a in argv if (m := re.match(r"--config\.([\w.]+)(=|$)", a))]
     if config_file and overrides:
         try:
-            config = config_flags.config_flags._LoadConfigModule("config", config_file).get_config()  # noqa: SLF001
-        except Exception as load_error:  # noqa: BLE001
+            config = schema.load_recipe(config_file)
+        except Exception as load_error:  # noqa: BLE001 - the user's recipe file may raise anything
             return f"--config={config_file}: cannot load it: {type(load_error).__name__}: {load_error}".splitlines()[0]
         for dotted in overrides:
             node = config
             for part in dotted.split("."):
                 if not hasattr(node, "keys") or part not in node.keys():
-                    return common.unknown_field_message(config, dotted)
+                    return schema.unknown_field_message(config, dotted)
                 node = node[part]
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}" if not isinstance(e, flags.Error) else text
@@ -72,43 +101,30 @@ def prepare(config, workdir: str):
     if config.fake_data and not config.data_root:
         config.data_root = os.path.join(workdir, "data", config.dataset)
     if config.fake_data and not os.path.exists(config.data_root):
-        from medjax.data import fake
-
         print(f"Writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}", flush=True)
         fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
     if not os.path.exists(config.data_root):
         raise UserError(f"data_root {config.data_root!r} does not exist. Point --config.data_root at the "
-                        f"{config.dataset} folder in its public layout (README, Data), or write a synthetic one "
+                        f"{config.dataset} folder in its public layout (docs: Data), or write a synthetic one "
                         f"with `python -m medjax.data fake --dataset {config.dataset} --root DIR --num N`.")
-    convert = config.model.convert_from
-    if convert.checkpoint and not config.model.pretrained:
-        import converters
-
+    source = config.model.convert_from
+    if source.checkpoint and not config.model.pretrained:
         target = os.path.join(workdir, "backbone")
-        if not os.path.exists(os.path.join(target, "medjax.json")):
-            print(f"Converting {convert.checkpoint} ({convert.model}) into {target}", flush=True)
-            converters.convert(convert.checkpoint, target, convert.model, convert.config or None)
+        if not os.path.exists(os.path.join(target, pretrained.METADATA_FILE)):
+            print(f"Converting {source.checkpoint} ({source.model}) into {target}", flush=True)
+            convert(source.checkpoint, target, source.model, source.config or None)
         config.model.pretrained = target
 
 
 def main(argv):
     del argv
-    import jax
-    from absl import logging
-
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO; keep the console for the summary
         logging.set_verbosity(logging.WARNING)
-
-    from configs import common
-    from converters import CheckpointError
-    from medjax import classifier, pretrained, rules, train
-    from medjax.data import DataError
-
     config = FLAGS.config
     workdir = FLAGS.workdir
     fresh = not os.path.exists(workdir)  # a refused first start leaves no folder behind
     try:
-        common.validate(config)
+        schema.validate(config)
         train.check_config(config)
         if FLAGS.distributed:
             jax.distributed.initialize()
@@ -128,13 +144,12 @@ def main(argv):
     except rundir.WorkdirBusy as e:  # another process's folder: nothing of it is touched
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (common.ConfigError, UserError, DataError, CheckpointError, train.RunError, classifier.ModelConfigError,
-            pretrained.PretrainedError, rules.RuleError) as e:
+    except UserError as e:
         if fresh and not os.path.exists(rundir.path(workdir, rundir.RUN_CONFIG)) and jax.process_index() == 0:
             shutil.rmtree(workdir, ignore_errors=True)
         print(f"error: {str(e).strip()}", file=sys.stderr)
         return 2
-    print(f"metrics written to {os.path.join(FLAGS.workdir, 'metrics.json')}")
+    print(f"metrics written to {rundir.path(FLAGS.workdir, rundir.METRICS)}")
     return 0 if result else 1
 
 

@@ -25,16 +25,21 @@ image and its horizontal, vertical and double flips (the flips the training augm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
+import logging
+import math
 import os
 import sys
 from typing import Any
 
 import numpy as np
 
+from medjax import schema
 from medjax.errors import UserError
+from medjax import outputs
 from medjax import thresholds as operating_points
 
 EXPORT_KEY = "export"  # medjax.json of an exported folder: the run's facts under this key
@@ -55,7 +60,7 @@ class FineTuned:
     """A fine-tuned classifier ready to apply, from a run's best model or an exported folder."""
 
     source: str  # the run's work directory or the exported folder
-    config: Any  # the run's config (configs.common.make)
+    config: Any  # the run's config (configs.schema.make)
     engine: Any  # medjax.engine.Engine: the model, the mesh, the sharded eval step
     variables: dict  # every collection of the best model, placed as engine.variables_sharding
     class_names: list
@@ -107,7 +112,7 @@ class FineTuned:
         import jax
 
         from medjax import models
-        from medjax.protocols import peft
+        from medjax import peft
 
         model = self.engine.model
         variables = jax.tree_util.tree_map(np.asarray, jax.device_get(self.variables))
@@ -128,35 +133,16 @@ class FineTuned:
 
 
 def config_from_flat(flat: dict, where: str):
-    """The config a run started with, from its flattened `run_config.json` (configs.common.make); dict-valued fields
-    (`model.architecture`) are regrouped, fields this medjax does not declare are reported and left out."""
-    from configs import common
-
-    base = common.study_config()
-    overrides, unknown = {}, []
-    for key, value in flat.items():
-        node, parts = base, key.split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node.keys():
-                unknown.append(key)
-                break
-            if i + 1 < len(parts) and node.get_type(part) is dict:  # a dict field: its keys were flattened
-                field = ".".join(parts[:i + 1])
-                target = overrides.setdefault(field, {})
-                for sub in parts[i + 1:-1]:
-                    target = target.setdefault(sub, {})
-                target[parts[-1]] = value
-                break
-            node = node[part] if i + 1 < len(parts) else node
-        else:
-            overrides[key] = value
+    """The config a run started with, from its flattened `run_config.json` (`schema.from_flat`); fields this medjax
+    does not declare are reported and left out."""
+    try:
+        config, unknown = schema.from_flat(flat)
+    except (schema.ConfigError, TypeError, ValueError) as e:
+        raise PredictError(f"{where}: cannot rebuild the run's config: {e}") from None
     if unknown:
         print(f"warning: {where}: fields this medjax does not declare are ignored: {', '.join(unknown[:8])}",
               file=sys.stderr)
-    try:
-        return common.make(overrides)
-    except (common.ConfigError, TypeError, ValueError) as e:
-        raise PredictError(f"{where}: cannot rebuild the run's config: {e}") from None
+    return config
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -164,9 +150,13 @@ def _read_json(path: str, what: str) -> dict:
         raise PredictError(f"{path}: not found; expected {what}")
     try:
         with open(path) as f:
-            return json.load(f)
+            value = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise PredictError(f"{path}: not valid JSON ({e}); expected {what}") from None
+    if not isinstance(value, dict):
+        raise PredictError(f"{path}: holds a JSON {type(value).__name__}, not an object; expected "
+                           f"{what or 'a JSON object'}")
+    return value
 
 
 def _best_step(workdir: str) -> int:
@@ -391,10 +381,9 @@ def _csv_label(row, per_class, class_names, multilabel, origin):
 
 def dataset_records(model: FineTuned, name: str, root: str, split: str) -> tuple[list, Any]:
     """The records of a dataset split, read with the run's split rule and options when it is the run's dataset."""
-    from configs import common
     from medjax import data
 
-    options = {k: v for k, v in common.data_options(model.config).items()
+    options = {k: v for k, v in schema.data_options(model.config).items()
                if k not in ("check_images", "skip_bad_images")} if name == model.config.dataset else {}
     try:
         dataset = data.get_dataset(name, root, seed=model.config.seed, check_images="none", **options)
@@ -486,11 +475,40 @@ def evaluate(model: FineTuned, probs: np.ndarray, labels) -> dict:
 def write_csv(path: str, header: list, rows: list) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, value) -> None:
+    """`value` as JSON, written beside `path` and renamed into place (NaN written as null: strict JSON)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(_strict(value), f, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _strict(value):
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -531,8 +549,41 @@ def check_strict(records, channels: int) -> None:
 
 
 def report_failures(failures: list, output: str) -> None:
+    """One warning per unreadable image (the loader's own log line about it is held back: `quiet_load_warnings`)."""
+    seen = set()
     for path, _origin, reason in failures:
-        print(f"warning: {path}: {reason}; left out of {output}", file=sys.stderr)
+        if path not in seen:
+            seen.add(path)
+            print(f"warning: {path}: {reason}; left out of {output}", file=sys.stderr)
+
+
+class _NoSkipLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("skipped unreadable image")
+
+
+@contextlib.contextmanager
+def quiet_load_warnings():
+    """Holds back the loader's "skipped unreadable image" log lines: predict and explain report each unreadable
+    image once themselves (`report_failures`), naming the output it is left out of."""
+    logger, quiet = logging.getLogger("medjax.data.transforms"), _NoSkipLines()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def say(message: str) -> None:
+    """A phase of a command-line tool, one short line on stdout with the results (stderr carries only warnings and
+    the one `error:` line of bad input)."""
+    print(message, flush=True)
+
+
+def error_line(e: BaseException) -> str:
+    """The `error:` line of a user error or an OS error (no space, permission, is-a-directory...)."""
+    text = outputs.os_error_line(e) if isinstance(e, OSError) else str(e)
+    return "error: " + " ".join(text.split())
 
 
 def main(argv=None) -> int:
@@ -542,9 +593,22 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.dataset and not args.root:
         parser().error("--dataset needs --root (the dataset folder)")
+    failures, rows, labels = [], [], None
     try:
+        outputs.check_file(args.output, "--output", "preds.csv")
+        if args.metrics:
+            outputs.check_file(args.metrics, "--metrics", "metrics.json")
+            if os.path.abspath(args.metrics) == os.path.abspath(args.output):
+                raise PredictError(f"--metrics {args.metrics} is the --output file; give another file")
+        if args.csv and not os.path.isfile(args.csv):
+            raise PredictError(f"--csv {args.csv}: " + ("a folder; expected a CSV file" if os.path.isdir(args.csv)
+                                                        else "file not found"))
+        if args.batch_size is not None and args.batch_size < 1:
+            raise PredictError(f"--batch-size {args.batch_size}: expected a positive number")
+        if args.dataset and not os.path.isdir(args.root):
+            raise PredictError(f"--root {args.root}: no such folder")
+        say(f"loading the model from {args.workdir} ...")
         model = load_model(args.workdir)
-        labels = None
         if args.dataset:
             records, dataset = dataset_records(model, args.dataset, args.root, args.split)
             shown = [dataset.relative(r.path) for r in records]
@@ -557,9 +621,12 @@ def main(argv=None) -> int:
         if not records:
             raise PredictError("no images to predict")
         if args.strict:
+            say(f"checking that {len(records)} image(s) can be read (--strict) ...")
             check_strict(records, model.channels)
-        probs, ok, failures = predict(model, records, batch_size=args.batch_size, tta=args.tta,
-                                      progress=not args.no_progress)
+        say(f"reading {len(records)} image(s) and predicting ...")
+        with quiet_load_warnings():
+            probs, ok, failures = predict(model, records, batch_size=args.batch_size, tta=args.tta,
+                                          progress=not args.no_progress)
         if args.strict and failures:
             raise PredictError(f"{failures[0][0]}: {failures[0][2]} (--strict)")
         keep = np.flatnonzero(ok)
@@ -567,21 +634,22 @@ def main(argv=None) -> int:
             labels = np.asarray([records[i].label for i in keep])
         header, rows = predictions_table(model, [shown[i] for i in keep], probs[keep], labels)
         write_csv(args.output, header, rows)
-    except (PredictError, operating_points.ThresholdError, pretrained.PretrainedError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report_failures(failures, args.output)
-    print(f"{len(rows)} prediction(s) written to {args.output}" + (f"; {len(failures)} unreadable image(s) left out"
-                                                                  if failures else ""))
-    if labels is not None and len(labels):
-        result = evaluate(model, probs[keep], labels)
-        if model.target_metric:
-            from medjax import metrics
+        report_failures(failures, args.output)
+        print(f"{len(rows)} prediction(s) written to {args.output}" + (f"; {len(failures)} unreadable image(s) left "
+                                                                      "out" if failures else ""))
+        if labels is not None and len(labels):
+            result = evaluate(model, probs[keep], labels)
+            if model.target_metric:
+                from medjax import metrics
 
-            print(f"{model.target_metric}: {metrics.target_metric(model.target_metric, result)}")
-        if args.metrics:
-            with open(args.metrics, "w") as f:
-                json.dump(result, f, indent=1)
+                print(f"{model.target_metric}: {metrics.target_metric(model.target_metric, result)}")
+            if args.metrics:
+                write_json(args.metrics, result)
+        elif args.metrics:
+            print(f"warning: the inputs have no labels, so no metrics; {args.metrics} not written", file=sys.stderr)
+    except (UserError, DataError, pretrained.PretrainedError, OSError) as e:
+        print(error_line(e), file=sys.stderr)
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from medjax import outputs
 from medjax.errors import UserError
 from medjax.tree import (file_sha256, flatten, flatten_variables, tensor_digest, unflatten,  # noqa: F401
                          unflatten_variables)
@@ -43,6 +44,7 @@ def save(output_dir: str, variables: dict, metadata: dict) -> None:
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder stops looking complete until the new metadata lands
     save_file(flat, params_path + ".tmp")
+    outputs.apply_umask(params_path + ".tmp")  # safetensors creates its file 0600
     os.replace(params_path + ".tmp", params_path)
     meta = {"medjax_format": FORMAT_VERSION, **metadata,
             "digests": {k: tensor_digest(v) for k, v in sorted(flat.items())}}

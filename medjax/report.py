@@ -29,6 +29,7 @@ sets) ends with one `error:` line naming the file and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -36,9 +37,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from medjax.errors import UserError
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
+from medjax import outputs
+from medjax.pretrained import METADATA_FILE
 
 METRICS_FILE, CELL_FILE, CONFIG_FILE = "metrics.json", "grid_cell.json", "config.json"
 
@@ -69,6 +74,9 @@ STUDY = {
 }
 BEST = "best by validation"
 REFERENCE_STUDIES = ("", "mansoori")  # runs of the reference study's grid, and runs without a grid cell
+# configs/grid.py's next-generation table (DINOv3, SigLIP 2, MedSigLIP): in the reference study's tables, its rows
+# beside DINOv2's (after the study's last DINOv2 row), marked ‡.
+NEXT_GENERATION = "nextgen"
 
 # The companion studies' sections (grid_cell.study): title, datasets in the study's order, the metric shown (None:
 # each dataset's target metric), the freeze settings shown side by side.
@@ -196,11 +204,37 @@ def read_run(metrics_path: str) -> Run:
               bootstrap=m.get("test_bootstrap") if isinstance(m.get("test_bootstrap"), dict) else None)
     if not cell:
         run.notes.append(f"no {CELL_FILE}: named by its folder")
+    if run.params_m is None:
+        run.params_m = run_params_m(run_dir)
     if cell.get("dataset") not in (None, dataset):
         run.notes.append(f"{CELL_FILE} says dataset {cell['dataset']}, metrics.json says {dataset}")
     if m.get("test") is None:
         run.notes.append("no test split result")
     return run
+
+
+def run_params_m(run_dir: str) -> float | None:
+    """The backbone's parameters in millions as the grid counts them (the converted backbone, no head), for a run
+    without a grid cell: `num_params` of the converted folder its `run_config.json` names (`model.pretrained`, or the
+    run's own `backbone/` copy); None when neither is there (e.g. a randomly initialised architecture)."""
+    candidates = []
+    try:
+        with open(os.path.join(run_dir, "run_config.json")) as f:
+            flat = json.load(f)
+        if isinstance(flat, dict) and isinstance(flat.get("model.pretrained"), str) and flat["model.pretrained"]:
+            candidates.append(flat["model.pretrained"])
+    except (OSError, ValueError):
+        pass
+    candidates.append(os.path.join(run_dir, "backbone"))
+    for folder in candidates:
+        try:
+            with open(os.path.join(folder, METADATA_FILE)) as f:
+                n = json.load(f).get("num_params")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(n, (int, float)) and n > 0:
+            return round(n / 1e6, 6)
+    return None
 
 
 def dedupe(runs: list[Run]) -> list[Run]:
@@ -235,11 +269,24 @@ def columns_for(runs: list[Run]) -> list[tuple[str, str, str]]:
     return cols
 
 
+def next_generation(runs: list[Run]) -> set[str]:
+    """The models of the next-generation table's runs (not rows of the study)."""
+    return {r.model for r in runs if r.study == NEXT_GENERATION and r.model not in STUDY}
+
+
 def model_order(runs: list[Run]) -> list[str]:
-    """The study's rows in its order, then our other backbones by parameter count."""
+    """The study's rows in its order with the next-generation models beside DINOv2 (by parameter count), then our
+    other backbones by parameter count."""
     ours = {r.model: r.params_m for r in runs}
-    extra = sorted((m for m in ours if m not in STUDY), key=lambda m: (_key(ours[m]) if ours[m] else math.inf, m))
-    return list(STUDY) + extra
+    nextgen = next_generation(runs)
+
+    def by_params(m):
+        return _key(ours[m]) if ours[m] else math.inf, m
+
+    extra = sorted((m for m in ours if m not in STUDY and m not in nextgen), key=by_params)
+    rows = list(STUDY)
+    at = max(i for i, m in enumerate(rows) if m.startswith("DINOv2")) + 1
+    return rows[:at] + sorted(nextgen, key=by_params) + rows[at:] + extra
 
 
 def tables(runs: list[Run]) -> dict[str, dict[str, dict[str, Run]]]:
@@ -276,7 +323,7 @@ def _pct(entry_or_record) -> str:
 def markdown(all_runs: list[Run]) -> str:
     runs = reference_runs(all_runs)
     cols = columns_for(runs)
-    order = model_order(runs)
+    order, marked = model_order(runs), next_generation(runs)
     lines = ["# Results vs the study", ""]
     if not runs:  # only companion-study runs: their sections follow
         lines = lines[:1] + [""] + [x for study in SECTIONS for x in companion_section(all_runs, study)]
@@ -284,7 +331,8 @@ def markdown(all_runs: list[Run]) -> str:
     lines += ["Target metric on the test split: ours (with its 95% percentile bootstrap interval where the run has "
              "one), then the study's in parentheses (Mansoori et al., arXiv 2505.19779, read off its figure, about "
              "±0.002). Parameters in millions: ours (the converted backbone without head) / the study's. — : not "
-             "run (or undefined).", ""]
+             "run (or undefined)." + (" ‡ : a next-generation backbone beyond the study (configs/grid.py "
+                                      "`NEXT_GENERATION`), beside DINOv2." if marked else ""), ""]
     for setting, table in tables(runs).items():
         title = ("Best setting per cell, chosen by the validation metric (setting in brackets)" if setting == BEST
                  else f"Setting: {setting}" + (" (head / backbone)" if "/" in setting else ""))
@@ -296,7 +344,7 @@ def markdown(all_runs: list[Run]) -> str:
                 continue
             study_p, study_v = STUDY.get(model, (None, {}))
             ours_p = _params(model, mine)
-            label = f"{model} ({_fmt(ours_p, 1)} / {study_p if study_p else '—'})"
+            label = f"{model}{' ‡' if model in marked else ''} ({_fmt(ours_p, 1)} / {study_p if study_p else '—'})"
             cells = []
             for dataset, _, _ in cols:
                 r, s = mine.get(dataset), study_v.get(dataset)
@@ -458,15 +506,19 @@ def write_runs_csv(runs: list[Run], path: str):
 # ------------------------------------------------------------------------------------------------- figures
 
 
-def plot_dataset(runs: list[Run], dataset: str, title: str, path: str):
-    """Test target metric vs parameters (log x): the study's points in grey, ours one marker per setting."""
+def plot_dataset(runs: list[Run], dataset: str, title: str, path: str) -> dict:
+    """Test target metric vs parameters (log x): the study's points in grey, ours one marker per setting (runs
+    without a grid cell too, with the parameter count of their converted backbone). The point labels are moved
+    apart where they would overlap, the legend sits outside the axes. Returns {'labels': [(text, (x0, y0, x1, y1))]
+    in figure pixels, 'left_out': runs without a parameter count}."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
+    labels = []
     sx, sy, names = [], [], []
     for name, (p, values) in STUDY.items():
         if dataset in values:
@@ -476,32 +528,94 @@ def plot_dataset(runs: list[Run], dataset: str, title: str, path: str):
     if sx:
         ax.scatter(sx, sy, c="0.6", marker="o", s=30, label="study", zorder=2)
         for x, y, n in zip(sx, sy, names):
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color="0.45")
+            labels.append(ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 2), fontsize=6,
+                                      color="0.45"))
     markers = iter("s^Dvp*hX")
-    mine = [r for r in runs if r.dataset == dataset and r.test is not None and r.params_m]
+    tested = [r for r in runs if r.dataset == dataset and r.test is not None]
+    mine = [r for r in tested if r.params_m]
     for setting in sorted({r.setting for r in mine}):
         pts = sorted((r.params_m, r.test, r.model) for r in mine if r.setting == setting)
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=next(markers, "o"), s=36, zorder=3,
-                   label=f"ours: {setting}")
+        legend = "ours: runs without a grid cell" if setting == "no grid cell" else f"ours: {setting}"
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=next(markers, "o"), s=36, zorder=3, label=legend)
         for x, y, n in pts:
-            ax.annotate(n, (x, y), textcoords="offset points", xytext=(3, -8), fontsize=6)
+            labels.append(ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, -8), fontsize=6))
     ax.set_xscale("log")
     xs = sx + [r.params_m for r in mine]
     if xs:
-        ax.set_xticks([t for t in (10, 20, 50, 100, 200, 500, 1000, 2000) if min(xs) / 2 <= t <= max(xs) * 2])
+        lo, hi = min(xs), max(xs)
+        ax.set_xlim(lo / 1.6, hi * 1.6)
+        ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+                 if lo / 1.6 <= t <= hi * 1.6]
+        ax.set_xticks(ticks or [lo])
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("backbone parameters (M, log scale)")
     ax.set_ylabel(title)
     ax.set_title(f"{dataset}: {title} (test) vs parameters")
     ax.grid(True, which="both", alpha=0.3)
+    left_out = [r for r in tested if not r.params_m]
+    if left_out:
+        ax.text(0.01, 0.01, f"not shown ({len(left_out)}, no parameter count): "
+                + ", ".join(sorted({r.model for r in left_out}))[:90], transform=ax.transAxes, fontsize=6,
+                color="0.3", va="bottom")
     if not (sx or mine):
         ax.text(0.5, 0.5, "no run with a known parameter count", ha="center", transform=ax.transAxes)
     else:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
+    boxes = _spread_labels(fig, ax, labels)
     fig.savefig(path)
     plt.close(fig)
+    return {"labels": boxes, "left_out": [r.path for r in left_out]}
+
+
+def _spread_labels(fig, ax, labels, step: float = 3.0, tries: int = 40) -> list:
+    """Places each point label (top points first) at the nearest free spot: right of its point, else left of it,
+    moved up or down in steps of `step` points, so that its box overlaps no label placed before it, no point marker,
+    and stays inside the axes. A label moved away from its point gets a thin leader line. Returns
+    [(text, (x0, y0, x1, y1))] of the final boxes in figure pixels."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    def text_box(ann):  # the text alone (an Annotation's own extent includes its leader line)
+        ann.update_positions(renderer)
+        return Text.get_window_extent(ann, renderer)
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    radius = 3.5 * fig.dpi / 72  # a marker of size 30-36 is about 6 points across
+    markers = [Bbox.from_extents(x - radius, y - radius, x + radius, y + radius)
+               for x, y in (ax.transData.transform(a.xy) for a in labels)]
+    placed, out = [], []
+    order = sorted(labels, key=lambda a: (-ax.transData.transform(a.xy)[1], a.get_text()))
+    for ann in order:
+        x0, y0 = ann.xyann
+        width = text_box(ann).width * 72 / fig.dpi
+        best = None
+        for k in range(tries):
+            dy = ((k + 1) // 2) * step * (1 if k % 2 else -1)
+            for dx in (x0, -x0 - width):
+                ann.xyann = (dx, y0 + dy)
+                box = text_box(ann)
+                fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+                if fits and not any(box.overlaps(b) for b in placed + markers):
+                    best = (dx, y0 + dy)
+                    break
+            if best:
+                break
+        ann.xyann = best or (x0, y0)
+        box = text_box(ann)
+        if best and abs(best[1] - y0) > step:  # the same label again, with a leader line to its point
+            ann.remove()
+            ann = ax.annotate(ann.get_text(), ann.xy, textcoords="offset points", xytext=best,
+                              fontsize=ann.get_fontsize(), color=ann.get_color(),
+                              arrowprops={"arrowstyle": "-", "lw": 0.4, "color": ann.get_color(), "shrinkA": 0,
+                                          "shrinkB": 2})
+            box = text_box(ann)
+        placed.append(box)
+        out.append((ann.get_text(), (float(box.x0), float(box.y0), float(box.x1), float(box.y1))))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- entry
@@ -530,8 +644,11 @@ def report(paths, output: str) -> dict:
     for dataset, title, _ in columns_for(runs):
         if any(r.dataset == dataset for r in runs):
             path = os.path.join(output, f"{dataset}.png")
-            plot_dataset(runs, dataset, title, path)
+            placed = plot_dataset(runs, dataset, title, path)
             written["figures"].append(path)
+            if placed["left_out"]:
+                print(f"note: {path}: {len(placed['left_out'])} run(s) left out, no parameter count (no converted "
+                      "backbone folder): " + ", ".join(placed["left_out"][:5]), file=sys.stderr)
     return written
 
 
@@ -560,6 +677,12 @@ def compare_runs(run_a: str, run_b: str, resamples: int = 1000, seed: int = 0, c
     """The paired bootstrap of two runs' test predictions (medjax.bootstrap.compare), with the runs named."""
     paths = [predictions_path(p) for p in (run_a, run_b)]
     a, b = (bootstrap_lib.read_predictions(p) for p in paths)
+    for path, run in zip(paths, (a, b)):
+        probs = np.asarray(run["probs"])
+        if not np.issubdtype(probs.dtype, np.number) or not np.isfinite(probs).all():
+            bad = "not numbers" if not np.issubdtype(probs.dtype, np.number) else \
+                f"{int((~np.isfinite(probs)).sum())} NaN or infinite value(s)"
+            raise ReportError(f"{path}: field 'probs' holds {bad}; expected probabilities from a finished run")
     out = bootstrap_lib.compare(a, b, resamples=resamples, seed=seed, confidence=confidence)
     return {"a": _run_name(paths[0]), "b": _run_name(paths[1]), "a_file": paths[0], "b_file": paths[1],
             "dataset": a["dataset"], **out}
@@ -598,12 +721,27 @@ def _compare_main(argv) -> int:
     parser.add_argument("--confidence", type=float, default=0.95, help="interval coverage (default 0.95)")
     parser.add_argument("--output", help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
+    if args.output:
+        outputs.check_file(args.output, "--output", "compare.json")
     result = compare_runs(args.run_a, args.run_b, args.resamples, args.seed, args.confidence)
     print(compare_text(result))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+        _write_text(args.output, json.dumps(result, indent=2))
     return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    """`text` written beside `path` and renamed into place: an interrupted write never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def main(argv=None) -> int:
@@ -617,9 +755,11 @@ def main(argv=None) -> int:
         parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run work directories, or folders above them")
         parser.add_argument("--output", required=True, help="where results.md, the CSVs and the PNGs go")
         args = parser.parse_args(argv)
+        outputs.check_folder(args.output)
         written = report(args.runs, args.output)
-    except (ReportError, bootstrap_lib.BootstrapError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        text = outputs.os_error_line(e) if isinstance(e, OSError) else str(e)
+        print(f"error: {' '.join(text.split())}", file=sys.stderr)
         return 2
     print(f"{written['num_runs']} runs -> {written['markdown']}, {written['csv']}, {written['runs']}, "
           f"{written['intervals']}, {len(written['figures'])} figure(s): {' '.join(written['figures'])}")

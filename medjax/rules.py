@@ -1,7 +1,10 @@
 """Rules over parameter paths: which parameters train, and each one's learning-rate multiplier.
 
 A rule list is ordered (regex, value) pairs; a parameter takes the value of the first rule whose regex matches its
-`/`-joined path (`re.search`), as `sharding_rules` do (big_vision's pattern). The config may give the lists
+`/`-joined path (`re.search`: anchor with `^` and `$` for a whole-path match), big_vision's pattern. Every rule list
+of the config (`model.trainable_rules`, `optim.lr_scale_rules`, `sharding_rules`, `model.lora.targets`) is compiled
+and matched here (`compile_rules`, `first_match`), so a regex means the same thing in each and a bad one is the same
+one-line error. The config may give the lists
 (`model.trainable_rules`, `optim.lr_scale_rules`); when it does not, they are expanded from the shorthands
 (`model.freeze`, `model.unfreeze_from_block`, `model.peft`, `optim.layer_decay`) with the family's contract, which
 alone knows the network order of its blocks and which parameters are embeddings.
@@ -13,7 +16,7 @@ import re
 
 from medjax.errors import UserError
 from medjax.models.family import Family
-from medjax.pretrained import flatten, unflatten
+from medjax.tree import flatten, unflatten
 
 TRAIN, FREEZE = "train", "freeze"
 
@@ -67,15 +70,31 @@ def lr_scale_rules(optim_cfg, family: Family, backbone_config) -> list[tuple[str
     return [(_backbone(p), float(decay ** (top - depth))) for depth, p in enumerate(patterns)] + [(".*", 1.0)]
 
 
+def compile_rules(rules, what: str) -> list[tuple[re.Pattern, object]]:
+    """(regex, value) pairs compiled; a bad regex is one RuleError naming the config field."""
+    out = []
+    for rule in rules:
+        try:
+            regex, value = rule
+            out.append((re.compile(str(regex)), value))
+        except re.error as e:
+            raise RuleError(f"{what}: bad regex {regex!r}: {e}") from None
+        except (TypeError, ValueError):
+            raise RuleError(f"{what}: each rule is a (regex, value) pair, got {rule!r}") from None
+    return out
+
+
+def first_match(compiled, path: str):
+    """(index, value) of the first compiled rule whose regex matches the path (`re.search`), or None."""
+    return next(((i, v) for i, (rx, v) in enumerate(compiled) if rx.search(path)), None)
+
+
 def resolve(rules, paths, what: str) -> dict[str, tuple[int, object]]:
     """{path: (index of the first matching rule, its value)}; every path must match a rule."""
-    try:
-        compiled = [(re.compile(r), v) for r, v in rules]
-    except re.error as e:
-        raise RuleError(f"{what}: bad regex: {e}") from e
+    compiled = compile_rules(rules, what)
     out = {}
     for path in paths:
-        hit = next(((i, v) for i, (rx, v) in enumerate(compiled) if rx.search(path)), None)
+        hit = first_match(compiled, path)
         if hit is None:
             raise RuleError(f"{what}: no rule matches parameter {path!r}; end the list with ('.*', ...)")
         out[path] = hit

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import collections
 import itertools
-import re
 from typing import Iterable, Iterator
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from medjax.pretrained import flatten, unflatten
+from medjax.rules import RuleError, compile_rules, first_match
+from medjax.tree import flatten, unflatten
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -44,17 +44,16 @@ def fsdp_spec(shape: tuple, fsdp_size: int, min_size: int = 2 ** 14) -> P:
 
 def param_specs(params, mesh: Mesh, rules=((".*", "fsdp"),)) -> dict:
     """PartitionSpecs for a parameter tree: rules are (regex over the `/`-joined path, 'fsdp' | 'replicate')."""
-    compiled = [(re.compile(r), tactic) for r, tactic in rules]
+    compiled = compile_rules(rules, "sharding_rules")
+    bad = sorted({str(t) for _, t in compiled} - {"fsdp", "replicate"})
+    if bad:
+        raise RuleError(f"sharding_rules: the tactic must be 'fsdp' or 'replicate', got {', '.join(map(repr, bad))}")
     fsdp_size = mesh.shape["fsdp"]
     out = {}
     for path, leaf in flatten(params).items():
-        tactic = next((t for r, t in compiled if r.search(path)), "replicate")
-        if tactic == "fsdp":
-            out[path] = fsdp_spec(tuple(np.shape(leaf)), fsdp_size)
-        elif tactic == "replicate":
-            out[path] = P()
-        else:
-            raise ValueError(f"sharding rule tactic must be 'fsdp' or 'replicate', got {tactic!r}")
+        hit = first_match(compiled, path)
+        tactic = hit[1] if hit else "replicate"
+        out[path] = fsdp_spec(tuple(np.shape(leaf)), fsdp_size) if tactic == "fsdp" else P()
     return unflatten(out)
 
 

@@ -21,9 +21,10 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 
-from configs.common import ConfigError
+from medjax.schema import ConfigError
 
 FILE = "thresholds.json"
 DEFAULT = 0.5
@@ -169,8 +170,6 @@ def load(best_dir: str) -> dict | None:
 def save_for_best(best_dir: str, rule: str, dataset, probs, labels, step: int | None = None) -> None:
     """When a new best model is saved: its operating points from the validation probabilities (multi-label only;
     process 0 writes)."""
-    import jax
-
     if dataset.task != MULTILABEL or jax.process_index() != 0:
         return
     save(best_dir, choose(probs, labels, dataset.class_names, rule), step)

@@ -24,13 +24,11 @@ read into a staging folder and its split files committed with the recorded confi
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import math
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -39,8 +37,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from medjax import bootstrap, checkpoint, engine, metrics, rundir, schema, sharding, thresholds
 from medjax.errors import UserError
-from medjax import bootstrap, checkpoint, engine, metrics, rundir, sharding, thresholds
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,7 +104,6 @@ class Trainer:
     def _start(self, config, workdir: str):
         import orbax.checkpoint as ocp
 
-        from configs import common
         from medjax import data
 
         self._check_restart()
@@ -116,7 +113,7 @@ class Trainer:
         if os.path.isdir(rundir.path(workdir, rundir.SPLITS)):
             shutil.copytree(rundir.path(workdir, rundir.SPLITS), os.path.join(self._stage, rundir.SPLITS))
         self.dataset = data.get_dataset(config.dataset, config.data_root, workdir=self._stage, seed=config.seed,
-                                        **common.data_options(config))
+                                        **schema.data_options(config))
         d = self.dataset
         if getattr(d, "failure_log", None):
             d.failure_log = rundir.path(workdir, rundir.SPLITS, os.path.basename(d.failure_log))
@@ -224,14 +221,12 @@ class Trainer:
         """A restart must not change what the run computes (the config is recorded by `_record_config` once a start
         has passed every check, so a start refused for bad input records nothing)."""
         path = os.path.join(self.workdir, "run_config.json")
-        now = _flat_config(self.config.to_dict())
+        now = schema.flatten(self.config)
         if os.path.exists(path):
-            from configs.common import study_config
-
             with open(path) as f:
                 before = json.load(f)
             # a field that did not exist when the run started (a newer medjax) ran at its declared default
-            defaults = _flat_config(study_config().to_dict())
+            defaults = schema.flatten(schema.study_config())
             before = {k: before.get(k, defaults.get(k, "<absent>")) for k in set(before) | set(now)}
             changed = sorted(k for k in set(before) | set(now)
                              if before.get(k, "<absent>") != now.get(k, "<absent>")
@@ -296,7 +291,7 @@ class Trainer:
     def _record_config(self):
         path = os.path.join(self.workdir, "run_config.json")
         if jax.process_index() == 0 and not os.path.exists(path):
-            _write_json(path, _flat_config(self.config.to_dict()))
+            _write_json(path, schema.flatten(self.config))
 
     def _check_splits(self):
         """Every split the run selects or reports on must be able to define the target metric."""
@@ -629,17 +624,6 @@ def describe_split_changes(old: dict, new: dict) -> list[str]:
     if old.get("class_names") != new.get("class_names"):
         out.insert(0, f"class names {old.get('class_names')} -> {new.get('class_names')}")
     return out or ["the records' order changed"]
-
-
-def _flat_config(d: dict, prefix="") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat_config(v, key + "."))
-        else:
-            out[key] = json.loads(json.dumps(v, default=str))
-    return out
 
 
 def _grain_handler():

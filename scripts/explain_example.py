@@ -1,4 +1,4 @@
-"""Regenerates the README's "Use the model" picture: `python -m medjax.explain` on the demo run.
+"""Regenerates the picture of docs/using_the_model.md: `python -m medjax.explain` on the demo run.
 
     python scripts/explain_example.py [--workdir RUN] [--output docs/use_the_model.png]
 
@@ -43,7 +43,8 @@ def main() -> None:
                   for i, r in enumerate(records)]
     record = records[int(max(range(len(records)), key=confidence.__getitem__))]
     folder = tempfile.mkdtemp(prefix="medjax_explain_")
-    written, _ = explain.explain_files(model, [record], folder)
+    written, _ = explain.explain_files(model, [record], folder,
+                                       relative=[os.path.relpath(record.path, model.config.data_root)])
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     shutil.copyfile(written[0], args.output)
     findings = [n for n, v in zip(model.class_names, record.label) if v]

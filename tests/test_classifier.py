@@ -9,7 +9,7 @@ import torch
 
 import converters
 from conftest import PARITY_TOL, fixture_path, max_abs, perturb_
-from configs.common import make
+from medjax.schema import make
 from medjax import classifier, engine, models, optim, pretrained, rules
 from medjax.models.vit import ViTConfig
 
@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _dino_cfg(**kw):
-    """The `model` section of a study config (configs.common.make) with these model fields."""
+    """The `model` section of a study config (medjax.schema.make) with these model fields."""
     return make({"model.family": "dinov2", **{f"model.{k}": v for k, v in kw.items()}}).model
 
 

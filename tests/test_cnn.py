@@ -135,7 +135,7 @@ def _reference(family, kw, seed):
 def _full_size(variant, image_size, batch, tmp_path, seed):
     """(medjax outputs, torch outputs, torch parameter count, converter metadata) for a randomly initialised,
     perturbed torch reference of `variant` saved as a plain state dict and converted by the converter."""
-    family, kwargs = converters.VARIANTS[variant]
+    family, kwargs = models.VARIANTS[variant]
     model = _reference(family, kwargs, seed)
     n_torch = sum(p.numel() for p in model.parameters())
     state = model.state_dict()
@@ -200,10 +200,10 @@ def test_parameter_counts_of_every_torchvision_variant():
     """Every parameter of the torchvision module, the ImageNet classifier (fc / classifier / classifier[6]) included,
     as torchvision's weight metadata counts them (BatchNorm running statistics are buffers, not parameters)."""
     for variant, expected in UPSTREAM_PARAMS.items():
-        family, kwargs = converters.VARIANTS[variant]
-        config = converters.FAMILIES[family].parse_config(kwargs)
+        family, kwargs = models.VARIANTS[variant]
+        config = models.FAMILIES[family].converter.parse_config(kwargs)
         assert models.count_params(models.param_shapes(config)) == expected, variant
-    names = {v for v, (f, _) in converters.VARIANTS.items() if f in ("resnet", "densenet", "vgg")}
+    names = {v for v, (f, _) in models.VARIANTS.items() if f in ("resnet", "densenet", "vgg")}
     assert names == set(UPSTREAM_PARAMS)
 
 
@@ -340,8 +340,8 @@ def test_pools_pad_and_floor_like_torch(size):
 
 @pytest.mark.parametrize("variant", ["resnet18", "resnet50", "densenet121", "vgg16", "vgg16_bn"])
 def test_family_facts_cover_every_parameter(variant):
-    family_name, kwargs = converters.VARIANTS[variant]
-    config = converters.FAMILIES[family_name].parse_config(kwargs)
+    family_name, kwargs = models.VARIANTS[variant]
+    config = models.FAMILIES[family_name].converter.parse_config(kwargs)
     family = models.family(family_name)
     flat = pretrained.flatten(models.param_shapes(config))
     patterns = family.layer_patterns(config)
@@ -362,17 +362,17 @@ def test_config_refuses_unknown_keys_by_name():
     for family in ("resnet", "densenet", "vgg"):
         cfg = {**_fixture_config("densenet_legacy" if family == "densenet" else family), "colour_jitter": 1}
         with pytest.raises(CheckpointError, match="colour_jitter"):
-            converters.FAMILIES[family].parse_config(cfg)
+            models.FAMILIES[family].converter.parse_config(cfg)
     with pytest.raises(CheckpointError, match="drop_path_rate"):  # tolerated by the ViT readers, not torchvision's
-        converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "drop_path_rate": 0.1})
+        models.FAMILIES["resnet"].converter.parse_config({**_fixture_config("resnet"), "drop_path_rate": 0.1})
     with pytest.raises(CheckpointError, match="'vgg' model"):
-        converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "family": "vgg"})
+        models.FAMILIES["resnet"].converter.parse_config({**_fixture_config("resnet"), "family": "vgg"})
     with pytest.raises(CheckpointError, match="norm_layer"):
-        converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "norm_layer": "GroupNorm"})
+        models.FAMILIES["resnet"].converter.parse_config({**_fixture_config("resnet"), "norm_layer": "GroupNorm"})
     with pytest.raises(CheckpointError, match="block"):
-        converters.FAMILIES["resnet"].parse_config({**_fixture_config("resnet"), "block": "ResBlock"})
+        models.FAMILIES["resnet"].converter.parse_config({**_fixture_config("resnet"), "block": "ResBlock"})
     with pytest.raises(CheckpointError, match="cfg"):
-        converters.FAMILIES["vgg"].parse_config({**_fixture_config("vgg"), "cfg": [8, "N"]})
+        models.FAMILIES["vgg"].converter.parse_config({**_fixture_config("vgg"), "cfg": [8, "N"]})
 
 
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):

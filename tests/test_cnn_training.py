@@ -17,7 +17,7 @@ import torch
 import converters
 from cnn_reference import resnet
 from conftest import perturb_
-from configs.common import make
+from medjax.schema import make
 from medjax import engine, optim, pretrained
 
 STEPS, BATCH, CLASSES, LR, WARMUP, SIZE = 4, 6, 3, 0.05, 2, 32

@@ -209,12 +209,12 @@ def test_reading_a_prepared_dataset_imports_no_tensorflow(small):
 # ------------------------------------------------------------------------------------------------ the trainer's call
 
 def test_the_trainer_call_reads_a_prepared_root(small, tmp_path):
-    from configs import common
+    from medjax import schema
 
     raw_root, prep_root = small["chexpert"]
-    config = common.make({"dataset": "chexpert", "data_root": prep_root, "data_options.check_images": "verify"})
+    config = schema.make({"dataset": "chexpert", "data_root": prep_root, "data_options.check_images": "verify"})
     ds = data.get_dataset(config.dataset, config.data_root, workdir=str(tmp_path), seed=config.seed,
-                          **common.data_options(config))  # medjax/train.py's call
+                          **schema.data_options(config))  # medjax/train.py's call
     raw = data.get_dataset("chexpert", raw_root, workdir=str(tmp_path / "raw"), seed=config.seed)
     assert ds.prepared is not None and data.describe(ds) == data.describe(raw)
     split_file = json.load(open(ds.split_file))

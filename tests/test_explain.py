@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.common import make
+from medjax.schema import make
 from medjax import classifier, engine, explain, sharding
 
 TINY_VIT = dict(family="dinov2", width=32, depth=3, num_heads=4, patch_size=4, pos_grid=(8, 8), mlp_hidden=64,

@@ -77,7 +77,7 @@ def _backbone_outputs(classifier_model, variables, images):
 def test_safetensors_export_gives_the_best_models_outputs(runs, name, tmp_path):
     import jax
 
-    from configs.common import make
+    from medjax.schema import make
     from medjax import engine
 
     workdir, data_root = runs(name)

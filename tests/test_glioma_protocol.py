@@ -1,9 +1,9 @@
 """The glioma study's protocol switches: training without augmentation (the eval transform in the train order) and
-the configs that carry the protocol (configs/glioma_recipe.py)."""
+the configs that carry the protocol (medjax.studies.glioma_protocol)."""
 
 import numpy as np
 
-from configs import common, glioma_recipe
+from medjax import schema, studies
 from medjax.data import fake, get_dataset, make_loader
 from medjax.data.pipeline import TrainOrder
 
@@ -23,11 +23,11 @@ def test_train_without_augmentation_is_the_eval_transform_in_train_order(tmp_pat
 
 
 def test_the_recipe_is_the_studys():
-    c = glioma_recipe.apply(common.study_config())
-    common.validate(c)
+    c = studies.glioma_protocol(schema.study_config())
+    schema.validate(c)
     assert (c.optim.name, c.optim.lr, c.optim.schedule, c.optim.clip) == ("adam", 1e-4, "constant", 0.0)
     assert (c.batch_size, c.epochs, c.seed, c.image_size, c.normalization) == (32, 100, 1, 224, "imagenet")
     assert (c.train_augment, c.selection_metric, c.bootstrap.resamples) == (False, "accuracy", 5000)
     # the defaults of the reference recipe are untouched
-    d = common.study_config()
+    d = schema.study_config()
     assert (d.train_augment, d.selection_metric, d.bootstrap.resamples, d.bootstrap.seed) == (True, "", 1000, 0)

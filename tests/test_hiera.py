@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import converters
-from converters import VARIANTS, CheckpointError, ConversionError
+from converters import CheckpointError, ConversionError
+from medjax.models import VARIANTS
 from medjax.models.hiera import convert as hiera
 from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
 from medjax import models, pretrained
@@ -243,7 +244,7 @@ def test_tiny_accepted_input_sizes_match_transformers(windows, global_blocks, q_
 
 @pytest.mark.parametrize("family", ["dinov2", "aimv2"])
 def test_sam2_checkpoint_as_another_family(tmp_path, family):
-    if family not in converters.FAMILIES:
+    if family not in models.FAMILIES:
         pytest.skip(f"no {family} family registered")
     with pytest.raises(CheckpointError, match=f"not a {family} checkpoint.*looks like a sam2_hiera checkpoint"):
         converters.convert(CKPT, str(tmp_path / "out"), family, fixture_path(family, "config.json"))

@@ -14,11 +14,11 @@ from conftest import ROOT
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 
 
-def _main(workdir, data_root, *overrides, check=True, devices=1):
-    cmd = [sys.executable, "-m", "medjax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+def _main(workdir, data_root, *overrides, check=True, devices=1, config="configs/demo.py", cwd=ROOT):
+    cmd = [sys.executable, "-m", "medjax.main", f"--config={config}", f"--workdir={workdir}",
            f"--config.data_root={data_root}", *FAST, *overrides]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -30,7 +30,8 @@ def data_root(tmp_path_factory):
 
 
 def test_demo_trains_end_to_end(tmp_path, data_root):
-    proc = _main(tmp_path / "run", data_root)
+    (tmp_path / "empty").mkdir()  # the recipe by name, from a directory that is not the checkout
+    proc = _main(tmp_path / "run", data_root, config="demo", cwd=tmp_path / "empty")
     assert "val mean_auc" in proc.stdout and "test mean_auc" in proc.stdout
     result = json.load(open(tmp_path / "run" / "metrics.json"))
     assert result["dataset"] == "chexpert" and result["target_metric"] == "mean_auc"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from configs.common import make
+from medjax.schema import make
 from medjax import classifier, engine, pretrained, sharding
 from medjax.models import layers
 from medjax.models.vit import ViTConfig, stack_blocks, unstack_blocks
@@ -39,7 +39,7 @@ def build_tiny(overrides=None):
 
 FSDP_WORKER = r"""
 import json, jax, numpy as np
-from configs.common import make
+from medjax.schema import make
 from medjax import engine, models, sharding
 arch = {"family": "dinov2", "width": 256, "depth": 2, "num_heads": 4, "patch_size": 8, "pos_grid": [4, 4],
         "mlp_hidden": 1024, "layerscale": True}

@@ -228,7 +228,7 @@ def test_explain_writes_one_png_per_image(run, tmp_path):
         out = tmp_path / method
         proc = _cli("medjax.explain", "--workdir", workdir, "--images", *images, "--output", out, "--method", method)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        pngs = sorted(os.listdir(out))
+        pngs = sorted(p for p in os.listdir(out) if p.endswith(".png"))
         assert len(pngs) == 2 and all(Image.open(out / p).size[0] > 400 for p in pngs)
     proc = _cli("medjax.explain", "--workdir", workdir, "--images", *images, "--output", tmp_path / "g",
                 "--method", "gradcam")

@@ -14,11 +14,11 @@ import pytest
 
 import converters
 from conftest import ROOT, fixture_path
-from configs.common import make
+from medjax.schema import make
 from medjax import classifier, engine, models, pretrained
 from medjax.models.vit import ViTConfig
 from medjax.pretrained import flatten, unflatten
-from medjax.protocols import peft
+from medjax import peft
 
 
 @pytest.fixture(scope="module")

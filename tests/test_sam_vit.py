@@ -198,7 +198,7 @@ def test_trains_in_the_engine(sam_dir, head, freeze):
     """The converted SAM encoder in the trainer's one build path (medjax.engine.build): grayscale data (the stem
     reduced to one channel), both heads, frozen / partial (from block 1) / full; two steps update exactly the
     trainable parameters."""
-    from configs.common import make
+    from medjax.schema import make
     from medjax import engine
 
     cfg = make({"model.family": "sam_vit", "model.pretrained": sam_dir, "model.head": head, "model.freeze": freeze,

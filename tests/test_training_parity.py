@@ -9,7 +9,7 @@ import torch
 
 import converters
 from conftest import perturb_
-from configs.common import make
+from medjax.schema import make
 from medjax import engine, optim, pretrained
 
 transformers = pytest.importorskip("transformers")

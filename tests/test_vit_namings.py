@@ -363,7 +363,7 @@ def test_linear_head_refusals(tmp_path):
 def test_trains_in_the_engine(tmp_path, family, checkpoint, freeze):
     """A converted fixture in the trainer's build path (medjax.engine.build) with grayscale data: two steps train the
     head and the blocks the freeze setting selects (partial: from block 1)."""
-    from configs.common import make
+    from medjax.schema import make
     from medjax import engine
 
     converters.convert(fixture_path(family, checkpoint), str(tmp_path / "jx"), family,

@@ -11,7 +11,8 @@ import torch
 
 import converters
 from conftest import fixture_path, max_abs, run_cli
-from converters import CheckpointError, ConversionError, VARIANTS
+from converters import CheckpointError, ConversionError
+from medjax.models import VARIANTS
 from medjax.models.vmamba.convert import vssm_config
 from medjax import models
 from medjax.models import vmamba

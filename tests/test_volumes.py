@@ -225,7 +225,7 @@ def test_fine_tuning_on_volumes_averages_the_slices_logits(tmp_path):
     import jax
     from PIL import Image
 
-    from configs.common import make
+    from medjax.schema import make
     from medjax import classifier, train
     from medjax.data import fake
     from medjax.data.transforms import eval_transform

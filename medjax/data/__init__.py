@@ -60,7 +60,8 @@ COMMON_OPTIONS = {
                                "instead of stopping at start-up"),
     "allow_outside_root": (False, "accept image paths that are absolute or contain '..' (refused by default)"),
     "jpeg_draft": (True, "decode a JPEG at least twice the resize target at 1/2, 1/4 or 1/8 scale in the DCT "
-                         "(Pillow draft): several times cheaper, within a few grey levels of a full decode (README)"),
+                         "(Pillow draft): several times cheaper, within a few grey levels of a full decode "
+                         "(docs/data.md)"),
 }
 # The data options (config.data_options) each dataset accepts: {dataset: {option: (default, one-line help)}}.
 OPTIONS: dict[str, dict[str, tuple]] = {name: {**declared, **COMMON_OPTIONS}

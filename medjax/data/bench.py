@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import time
 
+from medjax import data
+
 
 def _cpu_seconds() -> float:
     """CPU seconds (user + system) of this process with its threads, and of its live and finished children."""
@@ -33,8 +35,6 @@ def bench(name: str, root: str, *, batches: int = 50, workers: int = 0, batch_si
           warmup: int = 3, seed: int = 0, check_images: str = "exists", **options) -> dict:
     """{'dataset', 'root', 'prepared', 'images', 'workers', 'images_per_s', 'cpu_ms_per_image',
     'images_per_s_per_core', 'seconds'} for `batches` train batches after `warmup` (see the module docstring)."""
-    from medjax import data
-
     ds = data.get_dataset(name, root, check_images=check_images, **options)
     loader = data.make_loader(ds, "train", batch_size=batch_size, image_size=image_size, train=True, seed=seed,
                               shard_index=0, shard_count=1, num_epochs=None, worker_count=workers)

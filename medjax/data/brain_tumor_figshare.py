@@ -21,7 +21,14 @@ import re
 
 import numpy as np
 
-from medjax.data.records import DataError, Dataset, Record, fill_splits, require_dir, take_options
+from medjax.data.records import (
+    DataError,
+    Dataset,
+    Record,
+    fill_splits,
+    require_dir,
+    take_options,
+)
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["meningioma", "glioma", "pituitary"]

@@ -24,6 +24,7 @@ from typing import Sequence
 from PIL import Image
 
 from medjax.data.records import Record
+from medjax.data.transforms import decode, is_pillow_image
 
 log = logging.getLogger(__name__)
 LEVELS = ("none", "exists", "verify", "decode")
@@ -32,8 +33,6 @@ CACHE_VERSION = 1
 
 def verify_image(path: str, channels: int) -> None:
     """Raises if `path` is not a readable image: PNG by its chunk checksums, everything else by decoding it."""
-    from medjax.data.transforms import decode, is_pillow_image
-
     if is_pillow_image(path):
         with Image.open(path) as img:
             if img.format == "PNG":
@@ -55,8 +54,6 @@ def _reason(path: str, level: str, channels: int) -> str | None:
         if level == "verify":
             verify_image(path, channels)
         else:
-            from medjax.data.transforms import decode
-
             decode(path, channels)
     except Exception as e:  # noqa: BLE001 - every decoder failure is reported with the file and row
         return f"cannot decode ({type(e).__name__}: {e})"

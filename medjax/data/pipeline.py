@@ -19,10 +19,19 @@ import os
 import sys
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
+from medjax.data import volumes
 from medjax.data.records import IMAGENET_MEAN, IMAGENET_STD, DataError, Dataset
-from medjax.data.transforms import LoadAndTransform, Normalize, RawImages, Slot, resize_size
+from medjax.data.transforms import (
+    LoadAndTransform,
+    Normalize,
+    RawImages,
+    Slot,
+    resize_size,
+)
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 BACKBONE_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "clip": (CLIP_MEAN, CLIP_STD)}
@@ -84,8 +93,6 @@ def normalization_stats(dataset: Dataset, normalization) -> tuple[tuple[float, .
 
 def _shards(shard_index, shard_count):
     if shard_index is None or shard_count is None:
-        import jax
-
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -150,8 +157,6 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
                   image_size=image_size, train=train and augment, seed=seed, failures=dataset.load_failures,
                   failure_log=dataset.failure_log, resize=resize)
     if dataset.name == "volumes":  # a record is a 3-D study: (max_slices, S, S, 1) per row (medjax.data.volumes)
-        from medjax.data import volumes
-
         load = volumes.load_volume_transform(LoadAndTransform)(records, options=dataset.options, **common)
     else:
         load = LoadAndTransform(records, images=images, **common)
@@ -163,8 +168,6 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
         ds = ds.map(normalize)  # on the read threads
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer))
     if worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))

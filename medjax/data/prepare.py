@@ -11,7 +11,7 @@ kept), and encoded losslessly as PNG (or JPEG at `quality`, 4:4:4). The splits, 
 are those the reader gives for the reader options used; statistics computed from the data are computed on the raw
 images. The loader then applies the same train/eval transforms to the stored image. Since the reference resize
 (to 256 x 256, aspect not kept) now starts from the stored image, a prepared batch differs from the raw one when an
-image was larger than `max_size`: by a fraction of a grey level on average (README, "Prepared datasets"); images
+image was larger than `max_size`: by a fraction of a grey level on average (docs/data.md, "Prepared datasets"); images
 not larger than `max_size` are stored pixel for pixel and give identical batches.
 
 Resumable and never half-visible: the work is done in `OUTPUT/.medjax_prepare_partial/`: images are converted in
@@ -57,6 +57,11 @@ def _maybe_kill(point: str, count: int | None = None) -> None:
     at = os.environ.get(KILL_ENV, "")
     if at and at == (point if count is None else f"{point}:{count}"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _say(message: str) -> None:
+    """A phase of the work, announced on stderr (stdout carries the summary)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def stored_size(width: int, height: int, max_size: int) -> tuple[int, int]:
@@ -154,6 +159,14 @@ def _builder_class():
         @classmethod
         def code_path(cls):  # no checksums file beside the code (TFDS would look it up via importlib_resources)
             return None
+
+        # TFDS prints "Downloading and preparing dataset ..." and "Dataset ... downloaded and prepared to ..." to
+        # stdout from these two hooks; nothing is downloaded here, and prepare announces its own phases on stderr.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
 
         def __init__(self, *, dataset: Dataset, image_format: str, description: str, examples, **kwargs):
             self._medjax = dataset
@@ -327,6 +340,7 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
     dataset = data.get_dataset(name, raw_root, workdir=partial, check_images="exists",
                                skip_bad_images=skip_bad_images, allow_outside_root=allow_outside_root, **options)
     items = [(split, i, r) for split, records in dataset.splits.items() for i, r in enumerate(records)]
+    _say(f"{name}: {len(items)} images listed in {raw_root}; decoding and resizing them ...")
     chunk_paths = _convert_all(dataset, items, partial, request, workers, chunk_size, progress)
 
     # The converted images, checked: every bad image at once, or left out with skip_bad_images.
@@ -373,6 +387,7 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
     builder = _builder_class()(dataset=dataset, image_format=request["format"], description=description,
                                examples=examples, data_dir=output, file_format="array_record")
     tfds.disable_progress_bar()
+    _say(f"writing {sum(len(v) for v in keep.values())} images as TFDS ArrayRecord files to {builder_root} ...")
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress; stdout is the summary's
         builder.download_and_prepare(download_dir=os.path.join(partial, "downloads"))
     builder_dir = os.path.relpath(str(builder.data_dir), output).replace(os.sep, "/")

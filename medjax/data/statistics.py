@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from medjax.data.records import Dataset
+from medjax.data.transforms import decode, eval_transform
 
 log = logging.getLogger(__name__)
 MAX_IMAGES = 1000
@@ -32,8 +33,6 @@ def _sample(dataset: Dataset) -> list[str]:
 
 
 def _sums(path: str, channels: int) -> np.ndarray | None:
-    from medjax.data.transforms import decode, eval_transform
-
     try:
         arr = eval_transform(decode(path, channels), 224).astype(np.float64) / 255.0
     except Exception:  # noqa: BLE001 - an unreadable image is reported by the check and the loader, not here

@@ -28,8 +28,17 @@ import threading
 
 import grain
 import numpy as np
+import pydicom
 from PIL import Image, ImageEnhance
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
+from medjax.data.brain_tumor_figshare import read_slice
 from medjax.data.records import Record
 
 log = logging.getLogger(__name__)
@@ -63,14 +72,53 @@ def _dicom_rgb(arr: np.ndarray, bits: int) -> Image.Image:
     return Image.fromarray(_to_uint8(arr, 0, float(2 ** bits - 1)), "RGB")
 
 
+def fill_transfer_syntax(ds):
+    """The dataset's transfer syntax UID; a file without file meta (old files) gets the uncompressed syntax pydicom
+    read it in, so that pydicom can decode its pixel data."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
+    if syntax is None:
+        implicit, little = ds.original_encoding
+        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        if "file_meta" not in ds.__dict__:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    return syntax
+
+
+PALETTE = ("Red", "Green", "Blue", "Alpha")
+
+
+def palette_rgb(arr: np.ndarray, ds) -> np.ndarray:
+    """PALETTE COLOR stored values -> RGB(A) through the file's lookup tables (pydicom's `apply_color_lut`).
+
+    pydicom 3.0's `apply_color_lut` reads unsegmented 16-bit LUT data (OW) in the machine's byte order, so in a
+    big-endian file every entry comes out byte-swapped (a near-black image). Here the tables of a big-endian file are
+    swapped to little-endian first and handed over in a dataset of their own (the file's dataset is not changed)."""
+    fill_transfer_syntax(ds)
+    little = ds.file_meta.TransferSyntaxUID.is_little_endian
+    if little or "RedPaletteColorLookupTableData" not in ds:
+        return apply_color_lut(arr, ds)
+    tables = Dataset()
+    entries = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 2 ** 16
+    for colour in PALETTE:
+        for name in (f"{colour}PaletteColorLookupTableDescriptor", f"{colour}PaletteColorLookupTableData"):
+            if name in ds:
+                setattr(tables, name, ds[name].value)
+        data = tables.get(f"{colour}PaletteColorLookupTableData")
+        if data is not None and len(data) == 2 * entries:  # 16-bit words: swap each
+            setattr(tables, f"{colour}PaletteColorLookupTableData",
+                    np.frombuffer(data, ">u2").astype("<u2").tobytes())
+    if "PixelPresentation" in ds:
+        tables.PixelPresentation = ds.PixelPresentation
+    return apply_color_lut(arr, tables)
+
+
 def _read_dicom(path: str) -> Image.Image:
     """One single-frame image DICOM -> 8-bit 'L' or 'RGB'. Every transfer syntax pydicom and the installed plugins
     (pylibjpeg with libjpeg and openjpeg) decode: uncompressed little/big endian and deflated, RLE, JPEG baseline,
-    extended (12-bit) and lossless, JPEG-LS, JPEG 2000. YBR is converted to RGB, palette colour through its LUT;
+    extended (12-bit) and lossless, JPEG-LS, JPEG 2000. YBR is converted to RGB, palette colour through its LUT
+    (`palette_rgb`: big-endian tables read right);
     grayscale gets the modality LUT, the VOI LUT or window, its min-max to 0-255, and MONOCHROME1 is inverted."""
-    import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
     ds = pydicom.dcmread(path, force=True)
     if "PixelData" not in ds:
         kind = ds.get("SOPClassUID")
@@ -84,16 +132,7 @@ def _read_dicom(path: str) -> Image.Image:
     if frames > 1:
         raise ValueError(f"multi-frame DICOM ({frames} frames): only single-frame images are read as 2-D images; a "
                          "multi-frame file is a volume")
-    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds.__dict__ else None
-    if syntax is None:  # no file meta (old files): the encoding pydicom read is the uncompressed syntax
-        from pydicom.dataset import FileMetaDataset
-        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-        implicit, little = ds.original_encoding
-        syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-        if "file_meta" not in ds.__dict__:
-            ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = syntax
+    syntax = fill_transfer_syntax(ds)
     try:
         arr = ds.pixel_array
     except Exception as e:  # noqa: BLE001 - re-raised with the transfer syntax, the file is added by the caller
@@ -104,8 +143,7 @@ def _read_dicom(path: str) -> Image.Image:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     bits = int(ds.get("BitsStored", 8) or 8)
     if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(arr, ds)
-        return _dicom_rgb(rgb, int(ds.RedPaletteColorLookupTableDescriptor[2]))
+        return _dicom_rgb(palette_rgb(arr, ds), int(ds.RedPaletteColorLookupTableDescriptor[2]))
     if arr.ndim == 3 and arr.shape[-1] == 3:  # RGB; pydicom converts YBR to RGB by default
         return _dicom_rgb(arr, bits)
     if arr.ndim != 2:
@@ -122,8 +160,6 @@ def _read_dicom(path: str) -> Image.Image:
 
 def _read_matlab_slice(path: str) -> Image.Image:
     """A Figshare brain-tumour slice (MATLAB v7.3): cjdata.image, its min-max to 0-255."""
-    from medjax.data.brain_tumor_figshare import read_slice
-
     image = read_slice(path)[0].astype(np.float32)
     return Image.fromarray(_to_uint8(image, float(image.min()), float(image.max())), "L")
 
@@ -144,7 +180,7 @@ def decode(path: str, channels: int, draft: int | None = None) -> Image.Image:
     min-max to 0-255). 16-bit images are scaled by their bit depth (v / 257), not clipped at 255 as Pillow's own
     'I;16' -> 'L' conversion does. Grayscale is replicated to RGB, RGB reduced with Pillow's ITU-R 601 luma.
     draft: for a JPEG at least twice this size on both sides, decode at 1/2, 1/4 or 1/8 scale in the DCT domain
-    (Pillow `draft`), keeping both sides >= draft: the loader passes its resize target (`jpeg_draft`, README).
+    (Pillow `draft`), keeping both sides >= draft: the loader passes its resize target (`jpeg_draft`, docs/data.md).
     Raises the underlying error (OSError, ValueError, ...) on unreadable files; the loader adds the record's origin.
     """
     if path.lower().endswith(".mat"):

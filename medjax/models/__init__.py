@@ -1,12 +1,14 @@
-"""The backbone registry: one package per family under `medjax/models/`, listed once in `PACKAGES`.
+"""The backbone registry, the only one: one package per family under `medjax/models/`, listed once in `PACKAGES`.
 
-Each package holds its Flax module (`model.py`), its converter key tables and variants (`convert.py`, read by
-`python -m converters`) and, in `__init__.py`, `FAMILIES`: one `medjax.models.family.Family` per `config.family` value
-it serves (the contract the engine asks for block order, embeddings, LoRA targets, feature taps and the stem).
+Each package holds its Flax module (`model.py`), its converter key tables and variants (`convert.py`: `CONVERTERS`,
+`VARIANTS`) and, in `__init__.py`, `FAMILIES`: one `medjax.models.family.Family` per `config.family` value it serves
+(the contract the engine asks for block order, embeddings, LoRA targets, feature taps and the stem). The registry
+attaches each family's converter and variants to its `Family`; `VARIANTS` maps every variant name to its family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -16,10 +18,24 @@ import jax.numpy as jnp
 from medjax.models.family import Family
 
 # A new family is a folder and one entry here.
-PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam")
+PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam", "siglip")
 
-FAMILIES: dict[str, Family] = {
-    f.name: f for pkg in PACKAGES for f in importlib.import_module(f"medjax.models.{pkg}").FAMILIES}
+
+
+def _registry() -> dict[str, Family]:
+    families = {}
+    for pkg in PACKAGES:
+        convert = importlib.import_module(f"medjax.models.{pkg}.convert")
+        converters = {c.name: c for c in convert.CONVERTERS}
+        for f in importlib.import_module(f"medjax.models.{pkg}").FAMILIES:
+            variants = {name: kwargs for name, (family, kwargs) in convert.VARIANTS.items() if family == f.name}
+            families[f.name] = dataclasses.replace(f, converter=converters.get(f.name), variants=variants)
+    return families
+
+
+FAMILIES: dict[str, Family] = _registry()
+# every variant name (`dinov2_vitb14`, `resnet50`, ...) -> (family name, constructor kwargs)
+VARIANTS: dict[str, tuple[str, dict]] = {v: (f.name, kw) for f in FAMILIES.values() for v, kw in f.variants.items()}
 
 
 def family(name: str) -> Family:

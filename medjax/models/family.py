@@ -23,6 +23,8 @@ import dataclasses
 import re
 from typing import Any, Callable
 
+import jax.numpy as jnp
+
 # the default layer patterns of a family that has no blocks: everything is "after the blocks"
 _NO_LAYERS: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
 
@@ -62,6 +64,11 @@ class Family:
     # features are pooled from, NHWC (B, h, w, C); `path#k` takes element k of a module that returns a list of maps.
     # None: no Grad-CAM (occlusion still works for every family).
     gradcam_layer: Callable[[Any], str] | None = None
+    # Conversion (`python -m converters`, `medjax.convert`): the family's key tables, formats and config reader
+    # (`medjax.conversion.Converter`, declared in the package's `convert.py`), and its variants by name
+    # ({name: constructor kwargs}). Attached by the registry (`medjax.models`).
+    converter: Any = None
+    variants: dict = dataclasses.field(default_factory=dict)
 
     def layer_patterns(self, config) -> list[str]:
         """[embeddings, block 1, ..., block L] regexes; raises when this configuration has no per-block layout."""
@@ -93,8 +100,6 @@ class Family:
 
 def generic_taps(model):
     """n = 1: the linear head's pooled feature as the "CLS" and the mean of the attention head's tokens."""
-    import jax.numpy as jnp
-
     def taps(variables, images):
         out = model.apply(variables, images)
         tokens = out["attention_head_input"]

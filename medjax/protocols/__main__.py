@@ -15,6 +15,11 @@ import sys
 
 import numpy as np
 
+from medjax import schema
+
+DEFAULTS = schema.study_config()  # every default below is the schema's declared one
+PROBE = DEFAULTS.probe
+
 
 def _floats(s):
     return [float(v) for v in s.split(",") if v]
@@ -39,7 +44,8 @@ def _log(msg):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m medjax.protocols", description=__doc__.splitlines()[2].strip())
+    p = argparse.ArgumentParser(prog="python -m medjax.protocols", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", required=True, help="converted backbone folder (python -m converters ...)")
@@ -52,23 +58,25 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=0, help="the dataset's split seed")
     common.add_argument("--data-option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                         help="reader option, e.g. uncertain=ones (repeatable; values parsed as JSON when they can be)")
-    common.add_argument("--extract-batch-size", type=int, default=64, help="batch size of the backbone pass")
+    common.add_argument("--extract-batch-size", type=int, default=PROBE.extract_batch_size,
+                        help="batch size of the backbone pass")
     common.add_argument("--cache-blocks", type=int, default=4,
                         help="last blocks whose CLS is cached (shared by all frozen protocols; clipped to the depth)")
     common.add_argument("--fake-data", type=int, default=0, metavar="N",
                         help="write N synthetic images at --root first if it does not exist (demo, tests)")
     grid = argparse.ArgumentParser(add_help=False)
-    grid.add_argument("--blocks", type=_ints, default=[1, 4], help="n last blocks of the grid (default 1,4)")
-    grid.add_argument("--lrs", type=_floats, default=[1e-3, 5e-3, 1e-2, 5e-2])
-    grid.add_argument("--epochs", type=int, default=10)
-    grid.add_argument("--batch-size", type=int, default=128, help="linear-probe batch size")
+    grid.add_argument("--blocks", type=_ints, default=list(PROBE.blocks), help="n last blocks of the grid (default "
+                      + ",".join(map(str, PROBE.blocks)) + ")")
+    grid.add_argument("--lrs", type=_floats, default=list(PROBE.lrs))
+    grid.add_argument("--epochs", type=int, default=PROBE.epochs)
+    grid.add_argument("--batch-size", type=int, default=PROBE.batch_size, help="linear-probe batch size")
 
     probe = sub.add_parser("probe", parents=[common, grid], help="linear probe: grid, val selection, retrain, test")
-    probe.add_argument("--probe-seed", type=int, default=0)
+    probe.add_argument("--probe-seed", type=int, default=PROBE.seed)
     probe.add_argument("--no-retrain", action="store_true", help="test the grid-trained head (no train+val retrain)")
     knn = sub.add_parser("knn", parents=[common], help="weighted kNN (multi-class) or ML-kNN (multi-label)")
-    knn.add_argument("--k", type=int, default=20)
-    knn.add_argument("--temperature", type=float, default=0.07)
+    knn.add_argument("--k", type=int, default=DEFAULTS.knn.k)
+    knn.add_argument("--temperature", type=float, default=DEFAULTS.knn.temperature)
     few = sub.add_parser("fewshot", parents=[common, grid], help="linear probe on k examples (patients) per class")
     few.add_argument("--shots", type=_ints, default=[1, 2, 4, 8, 16])
     few.add_argument("--seeds", type=_ints, default=[0, 1, 2])
@@ -77,8 +85,8 @@ def parser() -> argparse.ArgumentParser:
     peft.add_argument("--epochs", type=int, default=10)
     peft.add_argument("--batch-size", type=int, default=64)
     peft.add_argument("--lr", type=float, default=1e-4)
-    peft.add_argument("--rank", type=int, default=48)
-    peft.add_argument("--alpha", type=float, default=16.0)
+    peft.add_argument("--rank", type=int, default=DEFAULTS.model.lora.rank)
+    peft.add_argument("--alpha", type=float, default=DEFAULTS.model.lora.alpha)
     return p
 
 
@@ -142,7 +150,7 @@ def run(args) -> dict:
 def peft_config(args):
     """The trainer config of the peft protocol: the study's AdamW (decay on ndim > 1, clipping 1.0), one warm-up
     epoch then cosine to 0, train transforms, validation every epoch, the best model tested once."""
-    from configs.common import study_config
+    from medjax.schema import study_config
 
     c = study_config()
     c.dataset, c.data_root, c.seed = args.dataset, args.root, args.seed
@@ -160,12 +168,12 @@ def peft_config(args):
 
 def _peft(args) -> dict:
     """LoRA / BitFit through the main trainer (checkpoints and exact resume in WORKDIR/peft_<method>, metrics.json)."""
-    from configs import common
+    from medjax import schema
     from medjax import models, train
-    from medjax.protocols import peft
+    from medjax import peft
 
     config = peft_config(args)
-    common.validate(config)
+    schema.validate(config)
     workdir = os.path.join(args.workdir, f"peft_{args.method}")
     with contextlib.redirect_stdout(sys.stderr):  # the trainer's progress goes to stderr, the JSON to stdout
         trainer = train.Trainer(config, workdir)

@@ -29,7 +29,13 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
+
+from medjax import classifier, models, pretrained
+from medjax.data import make_loader, volumes
+from medjax.data.pipeline import normalization_stats
+from medjax.schema import study_config
 
 FEATURES_VERSION = 1
 
@@ -63,15 +69,11 @@ class SplitFeatures:
 
 def blocks_available(config) -> int:
     """How many "last blocks" a backbone offers (its family's contract: the depth for a ViT with a CLS token, else 1)."""
-    from medjax import models
-
     return models.family(config.family).max_taps(config)
 
 
 def make_feature_fn(config, num_blocks: int, dtype=None):
     """(variables, images NHWC) -> {'cls': (B, n, D), 'patch_mean': (B, D)}, for jax.jit: the family's feature taps."""
-    from medjax import models
-
     return models.family(config.family).feature_fn(config, num_blocks, dtype)
 
 
@@ -84,10 +86,6 @@ def _label_array(dataset, records) -> np.ndarray:
 def extract(feature_fn, variables, dataset, split: str, *, image_size: int, batch_size: int = 64,
             normalization="dataset", worker_count: int = 0) -> SplitFeatures:
     """One backbone pass over `split` with eval transforms, in split order (padding rows dropped)."""
-    import jax
-
-    from medjax.data import make_loader
-
     if dataset.name == "volumes":
         return extract_volumes(feature_fn, variables, dataset, split, image_size=image_size, batch_size=batch_size,
                                normalization=normalization)
@@ -120,11 +118,6 @@ def extract_volumes(feature_fn, variables, dataset, split: str, *, image_size: i
                     normalization="dataset") -> SplitFeatures:
     """The volumes of `split`: every kept slice embedded (eval transform, batches of `batch_size` slices across
     volumes, the last one padded), then the features of each volume's slices averaged."""
-    import jax
-
-    from medjax.data import volumes
-    from medjax.data.pipeline import normalization_stats
-
     mean, std = normalization_stats(dataset, normalization)
     scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
     offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
@@ -160,8 +153,6 @@ def volume_means(per_slice: np.ndarray, counts) -> np.ndarray:
 
 
 def _params_fingerprint(params_dir: str) -> dict:
-    from medjax import pretrained
-
     path = os.path.join(params_dir, pretrained.PARAMS_FILE)
     st = os.stat(path)
     with open(os.path.join(params_dir, pretrained.METADATA_FILE), "rb") as f:
@@ -177,15 +168,14 @@ def cache_key(params_dir: str, dataset, split: str, *, image_size: int, num_bloc
             "image_size": image_size, "num_blocks": num_blocks, "normalization": normalization,
             "grayscale": grayscale}
     if dataset.name == "volumes":  # which slices and their intensity mapping change the features
-        desc["volume_options"] = {k: dataset.options.get(k) for k in ("max_slices", "slice_sampling", "window")}
+        desc["volume_options"] = {k: dataset.options.get(k) for k in ("max_slices", "slice_sampling", "window",
+                                                                      "series")}
+        desc["volume_reader"] = volumes.READER_VERSION
     return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_backbone_for(params_dir: str, dataset, grayscale: str = "red"):
     """(config, variables) of a converted backbone, its stem reduced to 1 channel for grayscale data."""
-    from configs.common import study_config
-    from medjax import classifier
-
     cfg = study_config().model
     cfg.pretrained, cfg.grayscale = params_dir, grayscale
     return classifier.load_backbone(cfg, dataset.channels)

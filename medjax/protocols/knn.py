@@ -13,9 +13,13 @@ the last block (`x_norm_clstoken` for DINOv2), neighbours by cosine similarity.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from medjax import metrics
+from medjax import metrics, schema
+
+K, TEMPERATURE = schema.study_config().knn.k, schema.study_config().knn.temperature  # the declared defaults
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -26,9 +30,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 def neighbours(bank: np.ndarray, query: np.ndarray, k: int, exclude_self: bool = False, chunk: int = 2048):
     """(similarities (Nq, k), indices (Nq, k)) of the k most cosine-similar bank rows, most similar first. Inputs are
     L2-normalised here. exclude_self: query row i is bank row i and is not its own neighbour."""
-    import jax
-    import jax.numpy as jnp
-
     bank = jnp.asarray(l2_normalize(bank))
     query = l2_normalize(query)
     if k > bank.shape[0] - int(exclude_self):
@@ -50,8 +51,8 @@ def neighbours(bank: np.ndarray, query: np.ndarray, k: int, exclude_self: bool =
     return np.concatenate(sims), np.concatenate(idx)
 
 
-def weighted_knn_probs(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndarray, num_classes: int, k: int = 20,
-                       temperature: float = 0.07) -> np.ndarray:
+def weighted_knn_probs(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndarray, num_classes: int, k: int = K,
+                       temperature: float = TEMPERATURE) -> np.ndarray:
     """(Nq, K) class probabilities of DINOv2's weighted kNN vote."""
     sims, idx = neighbours(bank, query, k)
     w = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
@@ -60,7 +61,7 @@ def weighted_knn_probs(bank: np.ndarray, bank_labels: np.ndarray, query: np.ndar
     return np.einsum("qk,qkc->qc", w, onehot)
 
 
-def mlknn_fit(bank: np.ndarray, bank_labels: np.ndarray, k: int = 20, s: float = 1.0) -> dict:
+def mlknn_fit(bank: np.ndarray, bank_labels: np.ndarray, k: int = K, s: float = 1.0) -> dict:
     """The ML-kNN model of a bank: prior (K,), P(E_j | H1) and P(E_j | H0) as (K, k + 1)."""
     y = np.asarray(bank_labels, np.float64)
     m, num_labels = y.shape
@@ -88,8 +89,8 @@ def mlknn_predict(model: dict, bank: np.ndarray, bank_labels: np.ndarray, query:
     return pos / (pos + neg)
 
 
-def knn_protocol(train, evals: dict, *, task: str, class_names, target_metric: str, k: int = 20,
-                 temperature: float = 0.07) -> dict:
+def knn_protocol(train, evals: dict, *, task: str, class_names, target_metric: str, k: int = K,
+                 temperature: float = TEMPERATURE) -> dict:
     """kNN (multi-class) or ML-kNN (multi-label) with `train` as the bank, scored on each of `evals`
     ({split: SplitFeatures})."""
     bank = train.cls[:, -1]

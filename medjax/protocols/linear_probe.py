@@ -23,13 +23,15 @@ import dataclasses
 import functools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from medjax import metrics
+from medjax import metrics, schema
 
-BLOCKS = (1, 4)
-AVGPOOL = (False, True)
-LRS = (1e-3, 5e-3, 1e-2, 5e-2)
+_PROBE = schema.study_config().probe  # the recipe's declared defaults
+BLOCKS, AVGPOOL, LRS = tuple(_PROBE.blocks), tuple(_PROBE.avgpool), tuple(_PROBE.lrs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +91,6 @@ def input_mask(head: HeadSpec, num_blocks: int, dim: int) -> np.ndarray:
 
 
 def _loss(logits, labels, weights, task):
-    import jax.numpy as jnp
-    import optax
-
     if task == "multiclass":
         per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     else:
@@ -117,8 +116,6 @@ def batch_plan(num: int, epochs: int, batch_size: int, seed: int):
 def init_heads(heads, masks: np.ndarray, num_classes: int, seed: int) -> dict:
     """w (H, F, K) ~ N(0, 0.01) on each head's rows (zero elsewhere), b (H, K) = 0. A head's draw depends only on
     (seed, n_blocks, avgpool), so it is the same whether it is trained in the grid or alone."""
-    import jax
-
     ws = []
     for h, m in zip(heads, masks):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), 2 * h.n_blocks + int(h.avgpool))
@@ -129,10 +126,6 @@ def init_heads(heads, masks: np.ndarray, num_classes: int, seed: int) -> dict:
 def sgd_step(carry, batch, lrs, masks, *, task: str, total_steps: int, momentum: float = 0.9):
     """One SGD step of every head at once: carry (params, momentum buffers, t), batch (x (B, F), labels, weights (B,)),
     lr_h * 0.5 (1 + cos(pi t / T)). Returns the new carry."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
     def loss_fn(p, xb, yb, wb):
         logits = jnp.einsum("nf,hfk->hnk", xb, p["w"] * masks[:, :, None]) + p["b"][:, None]
         # the heads are independent: the gradient of the sum is each head's own gradient
@@ -149,16 +142,11 @@ def sgd_step(carry, batch, lrs, masks, *, task: str, total_steps: int, momentum:
 def make_sgd_step(heads, masks: np.ndarray, task: str, total_steps: int, momentum: float = 0.9):
     """`sgd_step` bound to a grid: step(carry, batch) -> carry (the benchmark's baseline uses it on features that the
     backbone recomputes every batch)."""
-    import jax.numpy as jnp
-
     return functools.partial(sgd_step, lrs=jnp.asarray([h.lr for h in heads], jnp.float32),
                              masks=jnp.asarray(masks), task=task, total_steps=total_steps, momentum=momentum)
 
 
 def _train_scan(params, x, labels, idx, wts, lrs, masks, *, task, total_steps, momentum):
-    import jax
-    import jax.numpy as jnp
-
     def body(carry, plan):
         bi, bw = plan
         return sgd_step(carry, (x[bi], labels[bi], bw), lrs, masks, task=task, total_steps=total_steps,
@@ -169,8 +157,6 @@ def _train_scan(params, x, labels, idx, wts, lrs, masks, *, task, total_steps, m
 
 @functools.cache
 def _jitted(fn, static=()):
-    import jax
-
     return jax.jit(fn, static_argnames=static)
 
 
@@ -178,8 +164,6 @@ def train_heads(x: np.ndarray, labels: np.ndarray, task: str, num_classes: int, 
                 epochs: int = 10, batch_size: int = 128, momentum: float = 0.9, seed: int = 0) -> dict:
     """Trains all `heads` at once on full inputs x (N, F), one jitted scan over every step (compiled once per shape);
     returns {'w': (H, F, K), 'b': (H, K), 'masks': (H, F)}."""
-    import jax.numpy as jnp
-
     masks = np.stack([input_mask(h, num_blocks, dim) for h in heads])
     if x.shape[1] != masks.shape[1]:
         raise ValueError(f"inputs have {x.shape[1]} features, the heads expect {masks.shape[1]}")
@@ -193,17 +177,12 @@ def train_heads(x: np.ndarray, labels: np.ndarray, task: str, num_classes: int, 
 
 
 def _predict(w, b, masks, x, task):
-    import jax
-    import jax.numpy as jnp
-
     logits = jnp.einsum("nf,hfk->hnk", x, w * masks[:, :, None]) + b[:, None]
     return jax.nn.softmax(logits) if task == "multiclass" else jax.nn.sigmoid(logits)
 
 
 def predict_heads(trained: dict, x: np.ndarray, task: str, chunk: int = 4096) -> np.ndarray:
     """Probabilities (H, N, K): softmax (multi-class) or sigmoid (multi-label) of every head."""
-    import jax.numpy as jnp
-
     f = _jitted(_predict, ("task",))
     w, b, m = (jnp.asarray(trained[k]) for k in ("w", "b", "masks"))
     return np.concatenate([np.asarray(f(w, b, m, jnp.asarray(x[i:i + chunk], jnp.float32), task=task), np.float64)

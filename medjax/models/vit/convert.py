@@ -625,11 +625,6 @@ def _adjust_dinov2(config: ViTConfig, fmt: Format, kwargs: dict, options: dict) 
 
 _ADJUST = {"dinov2": _adjust_dinov2, "hf_vit": _adjust_hf, "hf_clip": _adjust_hf}
 
-CONVERTERS = [
-    Converter(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
-              IGNORED_KEYS_DOC[name], _ADJUST.get(name))
-    for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2", "hf_vit", "hf_clip", "biomedclip")
-]
 
 # ------------------------------------------------------------------------------------------------ linear heads
 
@@ -662,3 +657,10 @@ def attach_linear_head(config: ViTConfig, path: str) -> tuple[ViTConfig, dict, l
     config = dataclasses.replace(config, lc_layers=layers, lc_classes=int(weight.shape[0]))
     source = {"file": os.path.basename(path), "sha256": sha256(path), "layers": layers, "classes": config.lc_classes}
     return config, {"lc_head.weight": weight, "lc_head.bias": bias}, LINEAR_HEAD_RULES, source
+
+
+CONVERTERS = [
+    Converter(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
+              IGNORED_KEYS_DOC[name], _ADJUST.get(name), attach_linear_head if name == "dinov2" else None)
+    for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2", "hf_vit", "hf_clip", "biomedclip")
+]

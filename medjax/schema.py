@@ -1,13 +1,21 @@
-"""The study's recipe (SPEC section 6) with every field medjax reads, each declared once here with its default and
-a one-line comment; each config starts here and overrides what differs, so a field means the same thing everywhere.
+"""The config schema: every field medjax reads, declared once here with its default and a one-line comment (the
+study's recipe, SPEC section 6, is the default), the grid's and the protocols' fields included. Recipes (`configs/*.py`)
+start from `study_config()` and override what differs, so a field means the same thing everywhere.
 
 Configs are locked: `--config.x=y` for a field not declared here stops with one line naming the closest field, and a
 value outside a field's allowed set (ALLOWED) stops with one line listing the allowed values (`validate`).
+
+This module also holds the only code that flattens a config (`flatten`, as `run_config.json` stores it), rebuilds one
+from its flat form (`from_flat`), applies dotted overrides (`make`, `override`) and finds and loads a recipe by name
+or path (`recipe_path`, `load_recipe`).
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import json
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -59,7 +67,7 @@ def study_config():
     c.data_root = ""  # the dataset folder in its public layout
     c.fake_data = 0  # >0: write this many synthetic images at data_root if nothing is there
     # Reader options (None: the reader's default). Each applies to the datasets whose reader takes it; setting one
-    # the dataset does not take stops at start-up, naming the datasets that do (README, Data).
+    # the dataset does not take stops at start-up, naming the datasets that do (docs/data.md).
     # Includes check_images (start-up image check), skip_bad_images and allow_outside_root, valid for every dataset.
     c.data_options = _data_options()
     c.image_size = 224  # train crop / eval size in pixels
@@ -131,6 +139,34 @@ def study_config():
     c.debug_sigkill_at_step = 0  # tests only: SIGKILL the run after this step (a preemption at a known point)
     c.debug_sigkill_at = ""  # tests only: SIGKILL at a named point of the save path (see medjax.train)
     c.debug_signal_at_step = 0  # tests only: SIGTERM the run after this step (a preemption it saves and resumes from)
+
+    # The benchmark grid (medjax.studies; `--config=grid:CELL`): where its converted backbones and datasets live, and
+    # the cell a run belongs to (recorded for the report).
+    c.weights_dir = ""  # converted backbones, one folder per converter variant ($MEDJAX_WEIGHTS or /data/medjax)
+    c.data_dir = ""  # datasets in their public layouts, one folder each ($MEDJAX_DATA or /data)
+    c.grid_cell = ml_collections.ConfigDict({
+        "model": "", "dataset": "", "head": "", "freeze": "", "study": "",  # the cell's axes (medjax.studies.AXES)
+        "arg": "",  # model=...,dataset=...,head=...,freeze=...
+        "backbone": "",  # the row name in the study's table
+        "variant": "",  # the converted folder under weights_dir
+        "params_m": 0.0,  # backbone parameters in millions as medjax counts them
+        "in_study": True,  # False: a backbone the reference study did not report on this grid
+        "kind": "",  # foundation | baseline
+        "convert": "",  # the converter command that makes the cell's backbone folder
+    })
+    # The radiology study's linear probe (SPEC section 8; `python -m medjax.protocols probe`, the grid's probe cells):
+    # the head grid (n last blocks x avgpool x lr) trained on frozen features, selected on val, retrained on train+val.
+    c.probe = ml_collections.ConfigDict({
+        "blocks": (1, 4),  # n last blocks whose normed CLS tokens are concatenated
+        "avgpool": (False, True),  # also the mean of the last block's normed patch tokens
+        "lrs": (1e-3, 5e-3, 1e-2, 5e-2),  # SGD momentum 0.9, cosine to 0
+        "epochs": 10,
+        "batch_size": 128,
+        "seed": 0,
+        "extract_batch_size": 64,  # the backbone pass over each split (features cached in the work directory)
+    })
+    # The radiology study's kNN protocol: weighted kNN (multi-class) or ML-kNN (multi-label) on the frozen features.
+    c.knn = ml_collections.ConfigDict({"k": 20, "temperature": 0.07})
     return c
 
 
@@ -142,7 +178,7 @@ def unknown_field_message(config, dotted: str) -> str:
     """'unknown config field x.y; did you mean x.z?' with the closest declared field."""
     known = sorted(_dotted_fields(config))
     close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else "; see configs/common.py for the fields"
+    hint = f"; did you mean {close[0]}?" if close else "; see medjax/schema.py for the fields"
     return f"unknown config field {dotted!r}{hint}"
 
 
@@ -178,17 +214,104 @@ def data_options(config) -> dict:
     return {k: config.data_options[k] for k in config.data_options.keys() if config.data_options[k] is not None}
 
 
+# -- flat form, overrides, recipes ------------------------------------------------------------------------------------
+
+def flatten(d, prefix: str = "") -> dict:
+    """A config (or its `to_dict()`) as {'model.lora.rank': 48, ...}: how `run_config.json` stores it."""
+    if isinstance(d, ml_collections.ConfigDict):
+        d = d.to_dict()
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.loads(json.dumps(v, default=str))
+    return out
+
+
+def from_flat(flat: dict) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """The config a flat dict (a run's `run_config.json`) describes, and the keys this medjax does not declare (left
+    out). Dict-valued fields (`model.architecture`) are regrouped."""
+    base = study_config()
+    overrides, unknown = {}, []
+    for key, value in flat.items():
+        node, parts = base, key.split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node.keys():
+                unknown.append(key)
+                break
+            if i + 1 < len(parts) and node.get_type(part) is dict:  # a dict field: its keys were flattened
+                field = ".".join(parts[:i + 1])
+                target = overrides.setdefault(field, {})
+                for sub in parts[i + 1:-1]:
+                    target = target.setdefault(sub, {})
+                target[parts[-1]] = value
+                break
+            node = node[part] if i + 1 < len(parts) else node
+        else:
+            overrides[key] = value
+    return make(overrides), unknown
+
+
+def override(config, dotted: str, value) -> None:
+    """Set one dotted field; an undeclared field raises ConfigError naming the closest declared one."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        if not hasattr(node, "keys") or p not in node.keys():
+            raise ConfigError(unknown_field_message(config, dotted))
+        node = node[p]
+    if not hasattr(node, "keys") or leaf not in node.keys():
+        raise ConfigError(unknown_field_message(config, dotted))
+    node[leaf] = value
+
+
 def make(overrides: dict | None = None) -> ml_collections.ConfigDict:
     """`study_config()` with dotted overrides ({'model.family': 'dinov2', 'optim.lr': 1e-2}), locked: how library
     code, benchmarks and tests build a config, so that every field keeps its declared default."""
     c = study_config()
     for dotted, value in (overrides or {}).items():
-        *parents, leaf = dotted.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise ConfigError(unknown_field_message(c, dotted))
-        node[leaf] = value
+        override(c, dotted, value)
     c.lock()
     return c
+
+
+def recipes_dir() -> str:
+    """The folder of the recipes that ship with medjax (the `configs` package beside `medjax`), located as data, not
+    imported: recipes sit above the library."""
+    spec = importlib.util.find_spec("configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the medjax recipes (the configs package) are not installed; reinstall medjax")
+    return list(spec.submodule_search_locations)[0]
+
+
+def recipe_names() -> list[str]:
+    return sorted(f[:-3] for f in os.listdir(recipes_dir()) if f.endswith(".py") and not f.startswith("_"))
+
+
+def recipe_path(spec: str) -> str:
+    """A `--config` value (`demo`, `grid:model=...`, `configs/demo.py`, `/path/to/my_recipe.py[:arg]`) with its path
+    resolved: an existing file as given; otherwise a recipe of medjax's by name (`demo`, or `configs/demo.py` from
+    another directory). The `:arg` part is kept."""
+    path, sep, arg = spec.partition(":")
+    if os.path.isfile(path):
+        return spec
+    name = os.path.basename(path)[:-3] if path.endswith(".py") else path
+    if os.sep in name or "/" in name or not name:
+        raise ConfigError(f"--config={spec}: no such recipe file")
+    candidate = os.path.join(recipes_dir(), name + ".py")
+    if not os.path.isfile(candidate) or name.startswith("_"):
+        close = difflib.get_close_matches(name, recipe_names(), n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; recipes: {', '.join(recipe_names())}"
+        raise ConfigError(f"--config={spec}: no such recipe file or recipe name{hint}")
+    return candidate + sep + arg
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+    """The config a recipe builds (`get_config()` or `get_config(arg)`), found by `recipe_path`."""
+    path, _, arg = recipe_path(spec).partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"medjax_recipe_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

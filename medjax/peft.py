@@ -15,15 +15,15 @@ backbone (Dense, Conv and norm biases) plus the head.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.pretrained import flatten, unflatten
+from medjax import schema
+from medjax.rules import compile_rules, first_match
+from medjax.tree import flatten, unflatten
 
-RANK, ALPHA = 48, 16.0
+RANK, ALPHA = schema.study_config().model.lora.rank, schema.study_config().model.lora.alpha  # the declared defaults
 
 
 def backbone_patterns(patterns) -> str:
@@ -33,7 +33,8 @@ def backbone_patterns(patterns) -> str:
 
 def lora_targets(params: dict, pattern: str) -> list[str]:
     flat = flatten(params)
-    found = [p for p, v in flat.items() if re.search(pattern, p) and np.ndim(v) == 2]
+    compiled = compile_rules([(pattern, True)], "model.lora.targets")
+    found = [p for p, v in flat.items() if first_match(compiled, p) and np.ndim(v) == 2]
     if not found:
         raise ValueError(f"no 2-d kernel matches the LoRA target pattern {pattern!r}")
     return found
