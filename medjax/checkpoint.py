@@ -50,12 +50,15 @@ def check(tree, recorded, where: str) -> None:
         raise DamagedCheckpoint(f"{where}: no array digests in its metadata (_CHECKPOINT_METADATA): it is damaged, or "
                                 "was written by a medjax without checkpoint digests, so it cannot be verified")
     now = digests(tree)
-    bad = sorted(k for k in now if recorded.get(k) != now[k])
-    missing = sorted(set(recorded) - set(now))
-    if bad or missing:
-        first = (bad or missing)[0]
-        raise DamagedCheckpoint(f"{where}: {len(bad) + len(missing)} array(s) differ from the digests recorded when it "
-                                f"was written (first: {first}); the files are damaged")
+    unrecorded, missing = sorted(set(now) - set(recorded)), sorted(set(recorded) - set(now))
+    if unrecorded or missing:
+        raise DamagedCheckpoint(f"{where}: its arrays are not those its digests name ({len(unrecorded)} unrecorded, "
+                                f"first {(unrecorded or ['-'])[0]}; {len(missing)} missing, first "
+                                f"{(missing or ['-'])[0]}); it is damaged or was written by another medjax")
+    bad = sorted(k for k in now if recorded[k] != now[k])
+    if bad:
+        raise DamagedCheckpoint(f"{where}: {len(bad)} array(s) differ from the digests recorded when it was written "
+                                f"(first: {bad[0]}); the files are damaged")
 
 
 def recorded_digests(step_metadata) -> dict | None:

@@ -43,7 +43,11 @@ LOCK = "medjax.lock"
 DIGESTS_KEY = "medjax_digests"  # the key of the per-array SHA-256 digests in an orbax step's custom metadata
 
 
-class WorkdirBusy(UserError):
+class WorkdirError(UserError):
+    """The work directory cannot be used (a file, no permission)."""
+
+
+class WorkdirBusy(WorkdirError):
     """The work directory is held by another process (a trainer writing it, or a reader loading its model)."""
 
 
@@ -75,12 +79,16 @@ def _holder(fd: int) -> str:
 def lock(workdir: str) -> None:
     """Takes the work directory's exclusive lock for this process (creating the folder), or raises WorkdirBusy
     naming the holder. Re-entrant within a process; `unlock` releases it."""
-    os.makedirs(workdir, exist_ok=True)
     key = os.path.realpath(workdir)
     if key in _held:
         _held[key][1] += 1
         return
-    fd = os.open(path(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd = os.open(path(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WorkdirError(f"{workdir}: cannot be used as a work directory ({e.strerror or e}); pass a folder "
+                           "this user can write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

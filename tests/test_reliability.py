@@ -203,6 +203,12 @@ def test_one_writer_per_work_directory(runs, tmp_path):
         pass
 
 
+def test_a_work_directory_that_cannot_be_one_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(rundir.WorkdirError, match=f"{tmp_path}/file: cannot be used as a work directory"):
+        rundir.lock(str(tmp_path / "file"))
+
+
 # ------------------------------------------------------------------------------------------------ checked values
 
 
