@@ -12,9 +12,10 @@ import numpy as np
 from flax import linen as nn
 
 from medjax.errors import UserError
-from medjax import models, pretrained
+from medjax import finetuned, models, pretrained
 from medjax.models.layers import layer_norm
 from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed
+from medjax.weights import fetch as weights
 
 
 class ModelConfigError(UserError):
@@ -121,13 +122,13 @@ def load_backbone(model_cfg, channels: int):
     """(backbone config, variables or None) from `model.pretrained` (a converted folder) or `model.architecture`.
     A converted folder must hold the family the config names (when it names one)."""
     if model_cfg.pretrained:
-        path = model_cfg.pretrained
+        path = weights.resolve(model_cfg.pretrained)  # a registry name: its cached folder, fetched on first use
         if not os.path.exists(os.path.join(path, pretrained.METADATA_FILE)):
             raise ModelConfigError(
                 f"model.pretrained={path!r} is not a converted backbone. Convert the official checkpoint first: "
                 f"`python -m converters CHECKPOINT {path} --model {_variant_hint(model_cfg.family)}` "
                 "(docs/converting.md)")
-        config, variables, meta = pretrained.load(path)
+        config, variables, meta = models.load_pretrained(path)
         if model_cfg.family and meta["family"] != model_cfg.family:
             raise ModelConfigError(
                 f"model.family={model_cfg.family!r} but model.pretrained={path!r} holds a {meta['family']!r} backbone "
@@ -173,7 +174,7 @@ def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int
         a = model_cfg.attention_head
         deit_params = None
         if a.deit_params:
-            deit, deit_vars, _ = pretrained.load(a.deit_params)
+            deit, deit_vars, _ = models.load_pretrained(a.deit_params)
             deit, deit_params = dataclasses.replace(deit, pos_resize="size"), deit_vars["params"]
         else:
             deit = deit_body_config(a.width, a.depth, a.num_heads, a.grid)
@@ -186,11 +187,30 @@ def build_classifier(model_cfg, num_classes: int, channels: int, image_size: int
             if "backbone" in tree:
                 tree["backbone"] = _replace(tree["backbone"], backbone_vars.get(collection, {}),
                                             "backbone" if collection == "params" else f"backbone {collection}")
+    if model_cfg.pretrained:
+        _keep_trained_head(model_cfg, variables, num_classes)
     if deit is not None and model_cfg.attention_head.deit_params:
         head = variables["params"]["head"]
         body = {k: v for k, v in deit_params.items() if k != "patch_embed"}  # the Y-model drops DeiT's patch embed
         variables["params"]["head"] = head | _replace({k: head[k] for k in body}, body, "head")
     return model, variables
+
+
+def _keep_trained_head(model_cfg, variables: dict, num_classes: int) -> None:
+    """A pretrained folder with a fine-tuned head (a converted fine-tuned model, a `medjax.export` folder) starts
+    the run with that head when the run's head kind and class count are the head's; otherwise the head starts
+    fresh, as for any backbone."""
+    path = weights.resolve(model_cfg.pretrained)
+    found = finetuned.read_head(path, pretrained.read_metadata(path))
+    if found is None:
+        return
+    facts, tensors = found
+    head = facts.get("head", {})
+    if head.get("kind") != model_cfg.head or head.get("num_classes") != num_classes:
+        return
+    for collection, tree in pretrained.unflatten_variables(tensors).items():
+        if tree and collection in variables and "head" in variables[collection]:
+            variables[collection]["head"] = _replace(variables[collection]["head"], tree, "trained head")
 
 
 def _replace(init: dict, loaded: dict, where: str) -> dict:

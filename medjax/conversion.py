@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import re
 from typing import Callable
 
@@ -60,8 +61,101 @@ def _first_reason(e: Exception) -> str:
     return (reasons or lines or ["(no message)"])[0]
 
 
-class _Settings:
-    """An inert stand-in for a pickled settings object (attributes only, no code)."""
+class PlainData(dict):
+    """An object of a class medjax does not import (the study's EasyDict, argparse.Namespace, a yacs CfgNode, ...),
+    read as plain data: its dict items and its attributes. Nothing of the original class runs; a pickle that would
+    call it with arguments (a function call, not data) is refused."""
+
+    qualname = "?"
+    accepts_args = False
+
+    def __new__(cls, *args, **kwargs):
+        if (args or kwargs) and not cls.accepts_args:
+            raise pickle.UnpicklingError(f"{cls.qualname} is called with arguments (code, not data)")
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+def plain(obj):
+    """`obj` with every PlainData turned into a dict (its items and attributes), recursively."""
+    if isinstance(obj, PlainData):
+        return {**{k: plain(v) for k, v in vars(obj).items()}, **{k: plain(v) for k, v in obj.items()}}
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
+# Modules whose objects are code, never data: a pickle naming them is refused.
+_CODE_MODULES = {"builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "importlib", "runpy", "pickle",
+                 "_pickle", "copyreg", "types", "functools", "operator", "socket", "shutil", "io", "codecs", "ctypes",
+                 "pty", "code", "inspect", "marshal", "webbrowser", "multiprocessing", "threading", "asyncio", "torch",
+                 "numpy", "collections", "typing", "abc", "weakref", "gc", "signal", "tempfile", "pathlib", "glob"}
+
+
+def _data_like(full: str) -> bool:
+    """A class name read as plain data: `package.module.CapWords`, outside the modules that hold code."""
+    module, _, name = full.rpartition(".")
+    return (bool(module) and name[:1].isupper() and module.split(".")[0] not in _CODE_MODULES
+            and all(p.isidentifier() for p in full.split(".")))
+
+
+def _restricted_pickle(permissive: bool = False):
+    """A pickle module for `torch.load(..., weights_only=False, pickle_module=...)` whose Unpickler resolves only
+    what torch's weights-only loader allows, plus PlainData stand-ins for data-only classes (`_data_like`); any other
+    name is refused. Unlike torch's loader it can fill a dict subclass (the study's EasyDict). `permissive`: every
+    unknown name becomes a stand-in (used only to find where the weights are for an error message)."""
+    import types
+
+    import torch
+
+    try:
+        allowed = dict(torch._weights_only_unpickler._get_allowed_globals())
+    except AttributeError:
+        allowed = {}
+    stand_ins: dict[str, type] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            full = f"{module}.{name}"
+            if full in allowed:
+                return allowed[full]
+            if _data_like(full) or permissive:
+                if full not in stand_ins:
+                    stand_ins[full] = type(name, (PlainData,), {"qualname": full, "__module__": __name__,
+                                                                "accepts_args": permissive})
+                return stand_ins[full]
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {full} (code, which medjax never runs)")
+
+    def load(file, **kwargs):
+        return Unpickler(file, **kwargs).load()
+
+    return types.SimpleNamespace(__name__="medjax_restricted_pickle", Unpickler=Unpickler, load=load,
+                                 UnpicklingError=pickle.UnpicklingError)
+
+
+def _tensor_dict_keys(obj) -> list[tuple[str, int]]:
+    """(key, number of tensors) of the entries of a checkpoint's top-level mapping that are mappings of tensors."""
+    import torch
+
+    if not isinstance(obj, dict):
+        return []
+    out = []
+    for k, v in obj.items():
+        if isinstance(v, dict):
+            n = sum(isinstance(x, torch.Tensor) for x in v.values())
+            if n:
+                out.append((str(k), n))
+    return sorted(out, key=lambda kv: -kv[1])
 
 
 _MAGIC = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"{": "a JSON file", b"DICM": "a DICOM file",
@@ -102,24 +196,42 @@ def _read_torch(path: str) -> dict:
         import torch
     except ImportError as e:
         raise CheckpointError(f"{path}: reading PyTorch checkpoints needs torch; install medjax[torch]") from e
-    import pickle
-
     _check_torch_file(path)
 
     try:
-        # Training checkpoints often carry their run's argparse.Namespace beside the weights (MAE, DeiT): it is
-        # rebuilt as an inert stand-in. Any other class is still refused.
-        with torch.serialization.safe_globals([(_Settings, "argparse.Namespace")]):
+        # Training checkpoints carry their run's settings beside the weights (MAE's and DeiT's argparse.Namespace,
+        # the study's EasyDict): such classes are read as plain data (PlainData stand-ins, never imported). A pickle
+        # that calls code is still refused.
+        try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle())
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to load: the file is not a plain tensor checkpoint (it needs code execution to "
-            f"unpickle, which medjax never allows). If it is a training checkpoint from a source you trust, re-save "
-            f"its 'model' entry alone (torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')) and "
-            f"convert that. torch said: {_first_reason(e)}") from e
+            f"unpickle, which medjax never allows). {_resave_hint(path)} torch said: {_first_reason(e)}") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint (truncated or corrupt?): {e}") from e
     return obj
+
+
+def _resave_hint(path: str) -> str:
+    """Where the weights are in a refused file (found by a load in which every unknown name is an inert stand-in),
+    and how to re-save them."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle(True))
+        keys = _tensor_dict_keys(obj)
+    except Exception:  # noqa: BLE001 (only a hint: any failure means no hint)
+        keys = []
+    if not keys:
+        return ("If it is a checkpoint from a source you trust, re-save its state dict alone (torch.save(state_dict, "
+                "'weights.pth')) and convert that.")
+    key = keys[0][0]
+    return (f"Its weights are under {key!r} ({keys[0][1]} tensors): if the file comes from a source you trust, "
+            f"re-save that entry alone (torch.save(torch.load(f, weights_only=False)[{key!r}], 'weights.pth')) and "
+            "convert that.")
 
 
 def _read_safetensors(path: str) -> dict:
@@ -152,7 +264,11 @@ def _flatten_tensors(obj, path: str) -> dict[str, np.ndarray]:
         else:
             bad.append(f"{k} ({type(v).__name__})")
     if bad:
-        raise CheckpointError(f"{path}: state dict entries that are not tensors: {', '.join(bad[:10])}")
+        keys = _tensor_dict_keys(obj)
+        hint = (f"; its weights look to be under {keys[0][0]!r} ({keys[0][1]} tensors): save that entry alone "
+                f"(torch.save(torch.load(f, weights_only=True)[{keys[0][0]!r}], 'weights.pth')) and convert that"
+                if keys else "")
+        raise CheckpointError(f"{path}: state dict entries that are not tensors: {', '.join(bad[:10])}{hint}")
     return out
 
 
@@ -173,10 +289,26 @@ def resolve_checkpoint(path: str) -> list[str]:
     raise CheckpointError(f"{path}: a folder without model.safetensors, its index, or pytorch_model.bin")
 
 
-def read_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
+def _holds_tensor(obj, depth: int = 0) -> bool:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensor(v, depth + 1) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tensor(v, depth + 1) for v in obj)
+    return False
+
+
+def read_state_dict(path: str, ema: bool = False, extras: dict | None = None) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint as numpy arrays. `.safetensors` is read directly; anything else goes through
-    `torch.load(weights_only=True)`. A top-level `{'model': ...}` or `{'state_dict': ...}` wrapper is unwrapped;
-    with `ema`, the `{'model_ema': ...}` entry is taken instead (and its absence is an error)."""
+    `torch.load(weights_only=True)` (or the restricted loader, `_restricted_pickle`). A top-level `{'model': ...}` or
+    `{'state_dict': ...}` wrapper is unwrapped; with `ema`, the `{'model_ema': ...}` entry is taken instead (and its
+    absence is an error). `extras`, when given, receives the wrapper's entries that hold no tensor (a training
+    checkpoint's settings, as plain data)."""
     wrapper_keys = ("model_ema",) if ema else ("model", "state_dict")
     state = {}
     for f in resolve_checkpoint(path):
@@ -190,6 +322,8 @@ def read_state_dict(path: str, ema: bool = False) -> dict[str, np.ndarray]:
         if isinstance(obj, dict):
             for w in wrapper_keys:
                 if w in obj and isinstance(obj[w], dict):
+                    if extras is not None:
+                        extras.update({str(k): plain(v) for k, v in obj.items() if k != w and not _holds_tensor(v)})
                     obj = obj[w]
                     break
             else:
@@ -407,3 +541,6 @@ class Converter:
     # (config, head_file) -> (config, head_state, head_rules, provenance): a classifier head file the family knows
     # (DINOv2's hub `*_linear[4]_head.pth`), attached with `--linear-head`
     attach_linear_head: Callable | None = None
+    # (config, weight, bias) -> (config, head_state, head_rules): a fine-tuned classifier stored in the file itself
+    # (transformers' `*ForImageClassification` `classifier.*`), kept as the family's head
+    attach_classifier_head: Callable | None = None

@@ -1,34 +1,40 @@
-"""Converting a checkpoint: an official PyTorch / transformers / open_clip file (or folder) -> a converted folder
-(`medjax.pretrained`: params.safetensors + medjax.json).
+"""Checkpoint conversion (`python -m converters CHECKPOINT OUTPUT_DIR --model NAME`): official PyTorch /
+transformers / open_clip files, and fine-tuned models with their trained head, -> medjax Flax parameters.
 
-The key-table engine lives in `medjax.conversion`; each family declares its tables, formats, config reader and
-variants in its package's `convert.py`, and the registry (`medjax.models`) attaches them to the family's `Family`.
-`convert` is the same for all of them; `python -m converters` is its command line.
+Each backbone family's package declares its key tables, formats, config reader and variants in `convert.py`
+(`medjax/models/vit/convert.py`, ...), beside its model; `convert` is the same for all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
-from medjax import models, pretrained
-from medjax.conversion import CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint, sha256
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax.conversion import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
+                             sha256)
+from medjax import finetuned, models, pretrained
+from medjax.models import VARIANTS
 from medjax.tree import flatten_variables
 
 CONVERTER_VERSION = "1"
-# family name -> its medjax.conversion.Converter (key tables, formats, config reader)
+# family name -> its medjax.conversion.Converter (key tables, formats, config reader), from the one registry
 CONVERTERS = {f.name: f.converter for f in models.FAMILIES.values() if f.converter is not None}
 
 __all__ = ["convert", "CheckpointError", "ConversionError", "CONVERTERS", "CONVERTER_VERSION"]
 
 
 def _resolve_model(model: str, config: dict | None) -> tuple[str, dict | None]:
-    if model in models.VARIANTS:
-        family, kwargs = models.VARIANTS[model]
+    if model in VARIANTS:
+        family, kwargs = VARIANTS[model]
         return family, {**kwargs, **(config or {})}
     if model in CONVERTERS:
         return model, config
-    raise CheckpointError(f"unknown --model {model!r}; known variants: {', '.join(sorted(models.VARIANTS))}; "
+    raise CheckpointError(f"unknown --model {model!r}; known variants: {', '.join(sorted(VARIANTS))}; "
                           f"or a family name ({', '.join(sorted(CONVERTERS))}) with --config")
 
 
@@ -56,6 +62,31 @@ def _read_json(path: str) -> dict:
     return cfg
 
 
+def _fit_stem_channels(config, renamed: dict, rules) -> object:
+    """A fine-tuned grayscale model's 1-channel stem (the study's CheXpert / CBIS-DDSM runs): the architecture takes
+    one input channel when the checkpoint's stem convolution does."""
+    stem = models.family(config.family).stem
+    if not stem or getattr(config, "in_chans", None) != 3:
+        return config
+    for rule in rules:
+        if rule.target != stem:
+            continue
+        pattern = rule.source_regex()
+        for key, value in renamed.items():
+            if pattern.fullmatch(key) and np.ndim(value) == 4 and np.shape(value)[1] == 1:
+                return dataclasses.replace(config, in_chans=1)
+    return config
+
+
+def _pooled_width(config) -> int:
+    """The width of the backbone's `linear_head_input` (what a trained linear head takes)."""
+    model = models.build_backbone(config)
+    h, w = config.image_size
+    dummy = jax.ShapeDtypeStruct((1, h, w, config.in_chans), jnp.float32)
+    out = jax.eval_shape(lambda x: model.init_with_output(jax.random.key(0), x)[0], dummy)
+    return int(out["linear_head_input"].shape[-1])
+
+
 def convert(checkpoint: str, output_dir: str, model: str, config_path: str | None = None, **options) -> dict:
     """Convert `checkpoint` for `model` (a variant or family name) into `output_dir`; returns the metadata.
 
@@ -65,12 +96,14 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
     """
     family_name, kwargs = _resolve_model(model, _read_json(config_path) if config_path else None)
     family = CONVERTERS[family_name]
-    state = read_state_dict(checkpoint, ema=bool(options.get("ema")))
+    extras: dict = {}
+    state = read_state_dict(checkpoint, ema=bool(options.get("ema")), extras=extras)
+    state, head = finetuned.split_head(state, family_name, checkpoint)
     fmt = _detect_format(family, state.keys(), checkpoint)
     if kwargs is None:
         if not fmt.hf:
             raise CheckpointError(f"--model {family_name} needs --config CONFIG.json (the upstream constructor's "
-                                  f"keyword arguments) or a known variant name: {', '.join(sorted(models.VARIANTS))}")
+                                  f"keyword arguments) or a known variant name: {', '.join(sorted(VARIANTS))}")
         folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(os.path.abspath(checkpoint))
         config_path = os.path.join(folder, "config.json")  # as from_pretrained reads it
         kwargs = _read_json(config_path)
@@ -88,6 +121,15 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
     if not renamed:
         raise CheckpointError(f"{checkpoint}: no keys under {fmt.select_prefix!r}")
     rules, head_source = fmt.rules, None
+    config = _fit_stem_channels(config, renamed, rules)
+    if head is not None and head["kind"] == "lc":  # transformers' classifier = the hub linear head, one layer
+        attach = family.attach_classifier_head
+        if attach is None or options.get("linear_head"):
+            raise CheckpointError(f"{checkpoint}: a transformers classifier ({head['keys']}) on a {family_name} "
+                                  "backbone is not read" + (" together with --linear-head" if attach else ""))
+        config, head_state, head_rules = attach(config, head["weight"], head["bias"])
+        renamed.update(head_state)
+        rules = list(rules) + list(head_rules)
     if options.get("linear_head"):
         attach = family.attach_linear_head
         if attach is None:
@@ -111,7 +153,20 @@ def convert(checkpoint: str, output_dir: str, model: str, config_path: str | Non
         "converter_version": CONVERTER_VERSION,
         "num_params": models.count_params(variables["params"]),
     }
+    if head is not None:
+        metadata[finetuned.TRAINED_HEAD_KEY] = {"kind": head["kind"], "layout": head["layout"], "keys": head["keys"],
+                                                "num_classes": int(head["weight"].shape[0])}
     try:
+        if head is not None and head["kind"] == "linear":
+            expected_in = _pooled_width(config)
+            if head["weight"].shape[1] != expected_in:
+                raise CheckpointError(f"{checkpoint}: the trained head {head['keys']} takes "
+                                      f"{head['weight'].shape[1]} features, the backbone's pooled feature has "
+                                      f"{expected_in}")
+            facts, tensors = finetuned.export_facts(family_name, head, config.in_chans,
+                                                    finetuned.study_facts(extras), checkpoint)
+            metadata[finetuned.EXPORT_KEY] = facts
+            finetuned.write_head(output_dir, tensors)
         pretrained.save(output_dir, variables, metadata)
     except pretrained.PretrainedError as e:
         raise CheckpointError(str(e)) from e

@@ -28,7 +28,7 @@ import numpy as np
 
 from medjax import outputs
 from medjax import predict as predict_lib
-from medjax.errors import UserError
+from medjax.errors import UserError, cli_main
 from medjax.predict import PredictError
 
 METHODS = ("attention", "gradcam", "occlusion")
@@ -427,6 +427,7 @@ def peek_class_names(source: str) -> list | None:
         return None
 
 
+@cli_main
 def main(argv=None) -> int:
     from medjax import pretrained
     from medjax.data import DataError

@@ -24,15 +24,17 @@ Exports a run's best model (or re-exports an exported folder) for other programs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
 
 from medjax import outputs
 from medjax import predict as predict_lib
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write, cli_main
 from medjax.predict import EXPORT_KEY, HEAD_FILE, PredictError
 
 FORMATS = ("safetensors", "stablehlo")
@@ -183,11 +185,67 @@ def export_stablehlo(model: predict_lib.FineTuned, output: str, platforms: tuple
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(data)
-    os.replace(path + ".tmp", path)
 
 
+def is_export(folder: str) -> bool:
+    """True for a folder medjax.export wrote (either format)."""
+    meta, facts_path = os.path.join(folder, "medjax.json"), os.path.join(folder, FACTS_FILE)
+    for path in (meta, facts_path):
+        try:
+            with open(path) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and (EXPORT_KEY in info or "call" in info and "run_config" in info):
+            return True
+    return False
+
+
+def check_output(output: str, overwrite: bool) -> None:
+    """An export never replaces what it did not write: --output must be new, empty, or (with --overwrite) an earlier
+    export."""
+    if not os.path.isdir(output) or not os.listdir(output):
+        return
+    if not is_export(output):
+        raise PredictError(f"--output {output}: not empty and not a medjax export; export writes a new or empty "
+                           "folder and never replaces files it did not write; choose another --output")
+    if not overwrite:
+        raise PredictError(f"--output {output}: holds an earlier export; pass --overwrite to replace it (the old "
+                           "export is kept until the new one is complete), or choose another --output")
+
+
+@contextlib.contextmanager
+def staging(output: str):
+    """A temporary folder beside `output` to export into, moved onto `output` when the block succeeds: the old
+    export is replaced only by a complete new one (a full disk or a kill leaves the old one; a kill between the two
+    renames leaves it as `.NAME.old-PID` beside it). On failure the temporary folder is removed."""
+    output = os.path.abspath(output)
+    parent, base = os.path.split(output)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.export-{os.getpid()}")
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        yield tmp
+        if os.path.isdir(output) and os.listdir(output):
+            os.rename(output, old)
+        elif os.path.isdir(output):
+            os.rmdir(output)
+        try:
+            os.rename(tmp, output)
+        except OSError:
+            if os.path.isdir(old):
+                os.rename(old, output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@cli_main
 def main(argv=None) -> int:
     from medjax import pretrained
     from medjax.data import DataError
@@ -198,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--format", default="safetensors", choices=FORMATS)
     p.add_argument("--platforms", default="cpu,cuda,tpu",
                    help="stablehlo: comma-separated platforms the serialized function runs on")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export at --output (atomically: it survives a failed export)")
     args = p.parse_args(argv)
     platforms = tuple(x.strip() for x in args.platforms.split(",") if x.strip())
     if not platforms or any(x not in ("cpu", "cuda", "rocm", "tpu") for x in platforms):
@@ -206,13 +266,15 @@ def main(argv=None) -> int:
         p.error(f"--output {args.output}: exists and is not a folder")
     try:
         outputs.check_folder(args.output)
+        check_output(args.output, args.overwrite)
         predict_lib.say(f"loading the model from {args.workdir} ...")
         model = predict_lib.load_model(args.workdir)
         predict_lib.say(f"writing the {args.format} export to {args.output} ...")
-        if args.format == "safetensors":
-            export_safetensors(model, args.output)
-        else:
-            export_stablehlo(model, args.output, platforms)
+        with staging(args.output) as tmp:
+            if args.format == "safetensors":
+                export_safetensors(model, tmp)
+            else:
+                export_stablehlo(model, tmp, platforms)
     except (UserError, PredictError, pretrained.PretrainedError, DataError, OSError) as e:
         print(predict_lib.error_line(e), file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
     python -m medjax.grid run --filter model=dinov2_b,head=linear [--dry-run] [--workdir-root runs] [-- --config.x=y]
     python -m medjax.grid cell model=dinov2_b,dataset=chexpert,head=linear,freeze=frozen --workdir DIR
     python -m medjax.grid probe model=resnet152,dataset=chexpert,head=probe,freeze=frozen --workdir DIR
+    python -m medjax.grid fetch [--filter model=dinov2_b] [--weights-dir DIR]
 
 `list` prints one cell per line with its study and config argument. `run` runs each selected cell, one after the
 other, in `{workdir-root}/{model}/{dataset}/{head}_{freeze}`: `python -m medjax.main` for trained cells, `python -m
@@ -17,6 +18,10 @@ Before a cell runs, its identity is written to `grid_cell.json` in its work dire
 medjax.report` reads); `cell` writes that file alone, for runs started another way (the launch scripts). A filter is
 `key=pattern[|pattern...]` items joined by commas; patterns are shell-style (`dinov2_*`), keys are model, dataset,
 head, freeze and study (mansoori, glioma, radiology).
+
+`fetch` downloads, verifies and converts the official weights the selected cells need (`medjax.weights`: the
+registry names behind the cells' folders, the DeiT-B body for attention cells), says their total size first, and
+links each cached folder into the cells' `weights_dir` (`{weights_dir}/{folder}`) where nothing is there yet.
 
 `probe` runs the linear-probe protocol (medjax.protocols: frozen features cached in the work directory, the head
 grid trained at once, selection on validation, retrain on train + val, test once) for one cell and writes
@@ -43,6 +48,7 @@ import numpy as np
 
 from medjax import bootstrap, data, metrics, schema, studies
 from medjax.data import fake
+from medjax.errors import cli_main
 from medjax.protocols import features, linear_probe
 
 CELL_FILE = "grid_cell.json"
@@ -157,7 +163,7 @@ def run_probe(config, workdir: str, log=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     if config.fake_data and not os.path.exists(config.data_root):
         log(f"writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}")
-        fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
+        fake.write_once(config.dataset, config.data_root, config.fake_data, seed=config.seed)
     ds = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
                           **schema.data_options(config))
     missing = [s for s in ("train", "val", "test") if s not in ds.splits]
@@ -287,6 +293,52 @@ def _failed(workdir: str) -> bool:
         return False
 
 
+def cell_weights(grid, cells: list[dict]) -> dict[str, str]:
+    """{folder under weights_dir: registry name} of what the cells read (the DeiT-B body for attention heads)."""
+    from medjax.weights import registry
+
+    folders = {}
+    for cell in cells:
+        model = grid.model_info(cell["model"])
+        folders[model.folder] = registry.name_for(model.folder)
+        if cell["head"] == "attention" and cell.get("study", "mansoori") == "mansoori":
+            folders[grid.DEIT_VARIANT] = registry.name_for(grid.DEIT_VARIANT)
+    return folders
+
+
+def fetch_cells(grid, cells: list[dict], weights_dir: str | None) -> int:
+    from medjax.errors import UserError
+    from medjax.weights import fetch as weights
+    from medjax.weights import registry
+
+    folders = cell_weights(grid, cells)
+    unknown = sorted(f for f, n in folders.items() if n is None)
+    if unknown:
+        print(f"error: no official source is registered for {', '.join(unknown)}; convert those by hand "
+              "(python -m converters CHECKPOINT DIR --model VARIANT)", file=sys.stderr)
+        return 2
+    names = sorted(set(folders.values()))
+    todo = [n for n in names if weights.cached(n) is None]
+    total = sum(registry.get(n).size for n in todo)
+    print(f"{len(cells)} cells need {len(names)} checkpoints; {len(todo)} to fetch, about {total / 1e9:,.2f} GB",
+          flush=True)
+    target = weights_dir if weights_dir is not None else str(grid.get_config(grid.cell_arg(cells[0])).weights_dir) \
+        if cells else None
+    try:
+        for folder, name in folders.items():
+            path = weights.fetch(name)
+            link = os.path.join(target, folder) if target else None
+            if link and not os.path.lexists(link):
+                os.makedirs(target, exist_ok=True)
+                os.symlink(path, link)
+            print(link if link else path)
+    except (UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.grid", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,6 +361,10 @@ def main(argv=None) -> int:
     p_cell = sub.add_parser("cell", help=f"write {CELL_FILE} for one cell into its work directory")
     p_cell.add_argument("arg", help="the config argument, e.g. model=dinov2_b,dataset=chexpert,head=linear,freeze=full")
     p_cell.add_argument("--workdir", required=True)
+
+    p_fetch = sub.add_parser("fetch", help="fetch the official weights the selected cells need (total size first)")
+    p_fetch.add_argument("--filter", help="key=pattern[|pattern],... (default: every cell)")
+    p_fetch.add_argument("--weights-dir", help="link the converted folders here (default: the grid's weights_dir)")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = []
@@ -346,6 +402,8 @@ def main(argv=None) -> int:
         return 0
 
     chosen = select(grid.cells(), parse_filter(args.filter, axes))
+    if args.command == "fetch":
+        return fetch_cells(grid, chosen, args.weights_dir)
     if args.command == "list":
         for cell in chosen:
             print(f"{cell.get('study', ''):<9} {cell['model']:<13} {cell['dataset']:<20} {cell['head']:<9} "

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from medjax import pretrained, rundir, schema, train
 from medjax.convert import convert
 from medjax.data import fake
-from medjax.errors import UserError
+from medjax.errors import UserError, cli_main
 
 config_flags.DEFINE_config_file("config", None, "a recipe: a name (demo, dinov2_chexpert, grid:CELL, ...) or a file "
                                 "(configs/demo.py, /path/to/my_recipe.py[:ARG])", lock_config=True)
@@ -95,6 +95,19 @@ def _flag_error(argv, e) -> str:
     return f"{type(e).__name__}: {text}" if not isinstance(e, flags.Error) else text
 
 
+def check_workdir(workdir: str) -> None:
+    """The work directory must be a folder this process can write (created if missing), before anything is read."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir}: exists and is not a folder; expected a folder for the run")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror or e}); expected a writable folder") \
+            from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir}: not writable by this user; expected a writable folder")
+
+
 def prepare(config, workdir: str):
     """Things a config may ask for on first use: synthetic data (under the work directory when data_root is unset,
     so that two runs never share it), a bundled checkpoint to convert."""
@@ -102,7 +115,7 @@ def prepare(config, workdir: str):
         config.data_root = os.path.join(workdir, "data", config.dataset)
     if config.fake_data and not os.path.exists(config.data_root):
         print(f"Writing {config.fake_data} synthetic {config.dataset} images to {config.data_root}", flush=True)
-        fake.write(config.dataset, config.data_root, config.fake_data, seed=config.seed)
+        fake.write_once(config.dataset, config.data_root, config.fake_data, seed=config.seed)  # a kill leaves none
     if not os.path.exists(config.data_root):
         raise UserError(f"data_root {config.data_root!r} does not exist. Point --config.data_root at the "
                         f"{config.dataset} folder in its public layout (docs: Data), or write a synthetic one "
@@ -114,8 +127,13 @@ def prepare(config, workdir: str):
             print(f"Converting {source.checkpoint} ({source.model}) into {target}", flush=True)
             convert(source.checkpoint, target, source.model, source.config or None)
         config.model.pretrained = target
+    elif config.model.pretrained:  # a registry name: fetched (or found in the cache) before anything starts
+        from medjax.weights import fetch as weights
+
+        config.model.pretrained = weights.resolve(config.model.pretrained)
 
 
+@cli_main
 def main(argv):
     del argv
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO; keep the console for the summary
@@ -125,6 +143,7 @@ def main(argv):
     fresh = not os.path.exists(workdir)  # a refused first start leaves no folder behind
     try:
         schema.validate(config)
+        check_workdir(FLAGS.workdir)
         train.check_config(config)
         if FLAGS.distributed:
             jax.distributed.initialize()

@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from medjax import schema
-from medjax.errors import UserError
-from medjax import outputs
+from medjax import outputs, schema
+from medjax.errors import UserError, atomic_write, cli_main
 from medjax import thresholds as operating_points
 
 EXPORT_KEY = "export"  # medjax.json of an exported folder: the run's facts under this key
@@ -309,14 +308,13 @@ def image_records(paths: list[str], model: FineTuned) -> list:
     """Records (without labels) for image files and folders (searched recursively, sorted) given on the command
     line."""
     from medjax.data import Record
-    from medjax.data.records import IMAGE_EXTENSIONS
+    from medjax.data.records import IMAGE_EXTENSIONS, walk_images
 
     none = tuple([0] * len(model.class_names)) if model.task == "multilabel" else 0
     out = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, _, files in os.walk(p, followlinks=True) for f in files
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = walk_images(p)  # each real file once: symlink loops and links to a file already listed are cut
             if not found:
                 raise PredictError(f"{p}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
             out += [Record(f, none, origin=f) for f in found]
@@ -352,6 +350,12 @@ def csv_records(path: str, class_names: list, task: str) -> tuple[list, bool, li
             records.append(Record(value if os.path.isabs(value) else os.path.join(base, value), label,
                                   origin=origin))
             shown.append(value)
+        labelled_at: dict = {}
+        for r in records if has_labels else ():  # the same image with two labels would score both
+            other = labelled_at.setdefault(os.path.normpath(r.path), r)
+            if other.label != r.label:
+                raise PredictError(f"{r.origin}: image {r.path} is listed again with another label than at "
+                                   f"{other.origin}; expected one label per image")
     except DataError as e:
         raise PredictError(str(e)) from None
     return records, bool(has_labels), shown
@@ -474,31 +478,17 @@ def evaluate(model: FineTuned, probs: np.ndarray, labels) -> dict:
 
 def write_csv(path: str, header: list, rows: list) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w", newline="") as f:  # a full disk leaves neither a half file nor a temporary one
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
 def write_json(path: str, value) -> None:
     """`value` as JSON, written beside `path` and renamed into place (NaN written as null: strict JSON)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(_strict(value), f, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(_strict(value), f, indent=1, allow_nan=False)
 
 
 def _strict(value):
@@ -586,6 +576,7 @@ def error_line(e: BaseException) -> str:
     return "error: " + " ".join(text.split())
 
 
+@cli_main
 def main(argv=None) -> int:
     from medjax import pretrained
     from medjax.data import DataError

@@ -29,7 +29,6 @@ sets) ends with one `error:` line naming the file and exit status 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import math
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write, cli_main
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
 from medjax import outputs
@@ -733,17 +732,11 @@ def _compare_main(argv) -> int:
 def _write_text(path: str, text: str) -> None:
     """`text` written beside `path` and renamed into place: an interrupted write never leaves half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
+@cli_main
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -16,6 +16,8 @@ import difflib
 import importlib.util
 import json
 import os
+import math
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -35,6 +37,29 @@ ALLOWED = {
     "optim.schedule": ("reference", "cosine", "constant"),
     "selection_metric": ("", "roc_auc", "mean_auc", "balanced_accuracy", "quadratic_kappa", "accuracy", "map"),
 }
+
+# Numeric fields and their allowed ranges, (low, high, bounds): bounds "[]" includes both ends, "()" neither, "[)",
+# "(]"; None: no bound. `validate` checks them at start-up, before anything is written; a field missing here has no
+# numeric range. Fields that may be unset (None) are checked only when set.
+INF = None
+RANGES = {
+    "image_size": (1, INF, "[]"), "seed": (0, INF, "[]"), "fake_data": (0, INF, "[]"),
+    "bootstrap.resamples": (0, INF, "[]"), "bootstrap.confidence": (0, 1, "()"), "bootstrap.seed": (0, INF, "[]"),
+    "model.mlp_hidden": (1, INF, "[]"), "model.unfreeze_from_block": (0, INF, "[]"),
+    "model.lora.rank": (1, INF, "[]"), "model.lora.alpha": (0, INF, "()"),
+    "model.attention_head.width": (1, INF, "[]"), "model.attention_head.depth": (1, INF, "[]"),
+    "model.attention_head.num_heads": (1, INF, "[]"), "model.attention_head.grid": (1, INF, "[]"),
+    "optim.lr": (0, INF, "[]"), "optim.weight_decay": (0, INF, "[]"), "optim.b1": (0, 1, "[)"),
+    "optim.b2": (0, 1, "[)"), "optim.eps": (0, INF, "()"), "optim.clip": (0, INF, "[]"),
+    "optim.warmup_steps": (0, INF, "[]"), "optim.warmup_epochs": (0, INF, "[]"), "optim.end_lr": (0, INF, "[]"),
+    "optim.layer_decay": (0, INF, "()"),
+    "batch_size": (1, INF, "[]"), "epochs": (0, INF, "[]"), "total_steps": (0, INF, "[]"),
+    "eval_every": (0, INF, "[]"), "checkpoint_every": (0, INF, "[]"), "log_every": (1, INF, "[]"),
+    "mesh.data": (-1, INF, "[]"), "mesh.fsdp": (-1, INF, "[]"),  # -1 (the rest) or a positive size; 0 is refused
+    "worker_count": (0, INF, "[]"), "prefetch": (0, INF, "[]"),
+    "debug_sigkill_at_step": (0, INF, "[]"),
+}
+SHARDING_TACTICS = ("fsdp", "replicate")
 
 
 def data_option_fields() -> dict:
@@ -193,20 +218,83 @@ def _dotted_fields(config, prefix="") -> list[str]:
     return out
 
 
+def _value(config, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _range_text(low, high, bounds: str) -> str:
+    if high is None:
+        return f"a number {'>=' if bounds[0] == '[' else '>'} {low}"
+    return f"a number in {bounds[0]}{low}, {high}{bounds[1]}"
+
+
+def check_range(dotted: str, value, low, high, bounds: str = "[]") -> None:
+    """ConfigError unless `value` is a number within (low, high, bounds) (RANGES' notation)."""
+    expected = _range_text(low, high, bounds)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"config field {dotted}={value!r}: expected {expected}")
+    ok = ((low is None or (value >= low if bounds[0] == "[" else value > low))
+          and (high is None or (value <= high if bounds[1] == "]" else value < high)))
+    if not ok or (dotted.startswith("mesh.") and value == 0):
+        raise ConfigError(f"config field {dotted}={value!r}: expected "
+                          + ("-1 (the devices the other axis leaves) or a positive size" if dotted.startswith("mesh.")
+                             else expected))
+
+
 def validate(config) -> None:
-    """Values outside a field's allowed set, and data options the chosen dataset does not take, raise ConfigError."""
+    """Values outside a field's allowed set or range, bad sharding rules, an image size the model cannot take, and
+    data options the chosen dataset does not take raise ConfigError (one line naming the field and what is
+    expected)."""
     for dotted, allowed in ALLOWED.items():
-        node = config
-        for part in dotted.split("."):
-            node = node[part]
+        node = _value(config, dotted)
         if node not in allowed:
             raise ConfigError(f"config field {dotted}={node!r} is not allowed; allowed values: {', '.join(allowed)}")
+    for dotted, (low, high, bounds) in RANGES.items():
+        value = _value(config, dotted)
+        if value is not None:
+            check_range(dotted, value, low, high, bounds)
+    if config.mesh.data == -1 and config.mesh.fsdp == -1:
+        raise ConfigError("config fields mesh.data and mesh.fsdp are both -1; at most one axis takes the rest")
+    for i, rule in enumerate(config.sharding_rules):
+        if not isinstance(rule, (tuple, list)) or len(rule) != 2 or rule[1] not in SHARDING_TACTICS:
+            raise ConfigError(f"config field sharding_rules[{i}]={rule!r}: expected a (regex, tactic) pair with tactic "
+                              f"one of {', '.join(SHARDING_TACTICS)}")
+        try:
+            re.compile(rule[0])
+        except (re.error, TypeError) as e:
+            raise ConfigError(f"config field sharding_rules[{i}]: regex {rule[0]!r} does not compile ({e})") from None
+    _check_image_size(config)
     fields = data_option_fields()
     for name in config.data_options.keys():
         value = config.data_options[name]
         if value is not None and config.dataset not in fields[name][1]:
             raise ConfigError(f"config field data_options.{name} does not apply to dataset {config.dataset!r}; it "
                               f"is an option of {', '.join(fields[name][1])}")
+
+
+def _check_image_size(config) -> None:
+    """image_size must be at least the backbone's patch (or stem stride): from model.architecture, or the converted
+    folder's medjax.json when it is readable (a missing folder is reported later, where it is loaded)."""
+    arch = config.model.architecture
+    for path, key in ((os.path.join(config.model.pretrained, "medjax.json") if config.model.pretrained else "",
+                       "architecture"), (config.model.convert_from.config, None)):
+        if arch is None and path:
+            try:
+                with open(path) as f:
+                    arch = json.load(f)
+                arch = arch.get(key) if key else arch
+            except (OSError, ValueError, AttributeError):
+                arch = None
+    if not isinstance(arch, dict):
+        return
+    patch = arch.get("patch_size") or arch.get("patch_stride")
+    patch = max(patch) if isinstance(patch, (list, tuple)) and patch else patch
+    if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0 and config.image_size < patch:
+        raise ConfigError(f"config field image_size={config.image_size}: the model's patches are {patch} px; expected "
+                          f"at least {patch}, a multiple of {patch} (e.g. {patch * max(1, 224 // patch)})")
 
 
 def data_options(config) -> dict:

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medjax.rules import RuleError, compile_rules, first_match
 from medjax.tree import flatten, unflatten
+from medjax.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -25,7 +26,8 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
     if fsdp == -1:
         fsdp = n // data
     if data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not cover the {n} devices")
+        raise UserError(f"config fields mesh.data={data} x mesh.fsdp={fsdp} do not cover the {n} devices; expected "
+                        f"a product of {n} (or -1 on one axis: the devices the other leaves)")
     devices = np.asarray(jax.devices()).reshape(data, fsdp)
     return Mesh(devices, BATCH_AXES)
 

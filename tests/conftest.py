@@ -5,6 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from medjax.models.fixtures import perturb_  # noqa: F401 (the tests import it from here)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 PARITY_TOL = 2e-5
@@ -24,7 +26,8 @@ def run_cli(*args, check=True):
 
 def convert_and_embed(tmp_path, family, checkpoint, model, config, *extra):
     """A fixture through the CLIs as a user runs them: `python -m converters` then `python -m medjax.embed` on its
-    images. Returns (the embed outputs, the fixture's expected.npz, the converter's stdout)."""
+    images (`checkpoint` relative to the fixture's folder, or a path). Returns (the embed outputs, the fixture's
+    expected.npz, the converter's stdout)."""
     out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
     proc = run_cli("converters", fixture_path(family, checkpoint), str(out_dir), "--model", model, "--config", config,
                    *extra)
@@ -33,8 +36,8 @@ def convert_and_embed(tmp_path, family, checkpoint, model, config, *extra):
     return np.load(out_npz), np.load(fixture_path(family, "expected.npz")), proc.stdout
 
 
-def assert_fixture_outputs(got, expected, family, skip=()) -> list:
-    """Every expected array but `skip` matches the embed output within PARITY_TOL (a fixture's debug_NAME may be an
+def assert_fixture_outputs(got, expected, family, skip=(), tol=PARITY_TOL) -> list:
+    """Every expected array but `skip` matches the embed output within `tol` (a fixture's debug_NAME may be an
     upstream output medjax exposes as NAME, e.g. x_norm_regtokens); returns the keys compared."""
     compared = []
     for key in expected.files:
@@ -43,7 +46,7 @@ def assert_fixture_outputs(got, expected, family, skip=()) -> list:
         name = key if key in got.files else key.removeprefix("debug_")
         assert name in got.files, f"{key} missing from medjax.embed output ({got.files})"
         diff = max_abs(got[name], expected[key])
-        assert diff <= PARITY_TOL, f"{family}/{key}: max abs diff {diff:.3g}"
+        assert diff <= tol, f"{family}/{key}: max abs diff {diff:.3g}"
         compared.append(key)
     return compared
 
@@ -66,22 +69,6 @@ def train_two_steps(eng, size: int) -> tuple[dict, set]:
         assert bool(metrics["finite"])
     after = flatten(jax.device_get(state.params))
     return before, {k for k in before if not np.array_equal(before[k], after[k])}
-
-
-def perturb_(model, seed=0):
-    """Move every parameter and float buffer of a torch model away from its init (LayerScale 1.0, zero biases...)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            std = 0.5 / np.sqrt(t[0].numel()) if (name.endswith("weight") and t.ndim >= 2) else 0.1
-            if any(s in name for s in ("cls_token", "position_embedding", "register_tokens", "mask_token")):
-                std = 0.5
-            t.add_(torch.randn(t.shape, generator=gen) * std)
-    return model
 
 
 def max_abs(a, b):

@@ -72,7 +72,7 @@ def _torch(x):
 def models_tokens(params_dir, images):
     from medjax import models
 
-    config, params_vars, _ = pretrained.load(params_dir)
+    config, params_vars, _ = models.load_pretrained(params_dir)
 
     params = params_vars["params"]
     return np.asarray(models.build_backbone(config).apply({"params": params}, jnp.asarray(images))["attention_head_input"])

@@ -278,7 +278,7 @@ def test_whole_model_train_mode_matches_torch(name, tmp_path, matmul_f32):
     if folder == "vgg":  # the fixture VGG has no BatchNorm: train mode differs only by dropout
         model.classifier[2].p = model.classifier[5].p = 0.0
     converters.convert(fixture_path(folder, ckpt), str(tmp_path / "p"), folder, fixture_path(folder, config))
-    mj_config, variables, _ = pretrained.load(str(tmp_path / "p"))
+    mj_config, variables, _ = models.load_pretrained(str(tmp_path / "p"))
     if folder == "vgg":
         import dataclasses
 
@@ -295,7 +295,7 @@ def test_whole_model_train_mode_matches_torch(name, tmp_path, matmul_f32):
     # torch's updated statistics, renamed by the converter's key table
     torch.save(model.state_dict(), tmp_path / "trained.pth")
     converters.convert(str(tmp_path / "trained.pth"), str(tmp_path / "t"), folder, fixture_path(folder, config))
-    torch_stats = pretrained.flatten(pretrained.load(str(tmp_path / "t"))[1].get("batch_stats", {}))
+    torch_stats = pretrained.flatten(models.load_pretrained(str(tmp_path / "t"))[1].get("batch_stats", {}))
     assert sorted(torch_stats) == sorted(flat)
     for path, value in flat.items():
         assert max_abs(value, torch_stats[path]) <= 1e-5, path

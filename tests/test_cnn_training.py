@@ -18,7 +18,7 @@ import converters
 from cnn_reference import resnet
 from conftest import perturb_
 from medjax.schema import make
-from medjax import engine, optim, pretrained
+from medjax import engine, models, optim, pretrained
 
 STEPS, BATCH, CLASSES, LR, WARMUP, SIZE = 4, 6, 3, 0.05, 2, 32
 ARCH = {"block": "Bottleneck", "layers": [1, 1, 1, 1], "width_per_group": 8, "num_classes": 10}
@@ -86,7 +86,7 @@ def test_resnet_full_fine_tuning_matches_pytorch(converted):
     model.fc.reset_parameters()  # unused by the linear head; its value does not matter for the comparison
     torch.save(model.state_dict(), f"{params_dir}_after.pth")
     converters.convert(f"{params_dir}_after.pth", f"{params_dir}_after", "resnet", f"{params_dir}/../config.json")
-    _, expected, _ = pretrained.load(f"{params_dir}_after")
+    _, expected, _ = models.load_pretrained(f"{params_dir}_after")
     got = {"params": jax.device_get(state.params)["backbone"],
            "batch_stats": jax.device_get(state.model_state)["batch_stats"]["backbone"]}
     checked = 0

@@ -335,6 +335,7 @@ def test_a_record_that_is_not_the_metadata_s_is_never_fed_with_its_label(small, 
     meta = json.load(open(meta_path))
     rows = meta["splits"]["val"]
     rows[0], rows[1] = rows[1], rows[0]  # metadata that does not match the ArrayRecord files
+    meta[prepared.DIGEST_KEY] = prepared.metadata_digest(meta)  # re-signed: the loader's own guard is the point
     json.dump(meta, open(meta_path, "w"))
     ds = data.get_dataset("aptos2019", root)
     batch = next(data.make_loader(ds, "val", batch_size=4, image_size=16, train=False, shard_index=0, shard_count=1))

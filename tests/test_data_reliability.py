@@ -98,12 +98,15 @@ def test_dataset_readers_refuse_paths_leaving_the_root(tmp_path, outside):
 def test_symlinked_folder_inside_the_root_stays_allowed(tmp_path):
     store = tmp_path / "store"
     _png(str(store / "a.png"))
+    _png(str(store / "b.png"))
     root = str(tmp_path / "root")
     os.makedirs(root)
     os.symlink(store, os.path.join(root, "images"))
-    _own_csv(root, [["images/a.png", "x"], ["./images/a.png", "y"]])
-    ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0, check_images="decode")
-    assert [r.path for r in ds.splits["train"]] == [os.path.join(root, "images", "a.png")] * 2  # not resolved
+    _own_csv(root, [["images/a.png", "x"], ["./images/b.png", "y"]])
+    # the link leads outside the root: allowed with allow_outside_root only (issue 23; tests/test_hardening.py)
+    ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0, check_images="decode",
+                          allow_outside_root=True)
+    assert [r.path for r in ds.splits["train"]] == [os.path.join(root, "images", n) for n in ("a.png", "b.png")]
 
 
 # ------------------------------------------------------------------------------------------ item 8: clear errors
@@ -299,5 +302,5 @@ def test_folder_reader_follows_symlinked_subfolders_once(tmp_path):
     _png(str(root / "cats" / "a.png"))
     os.symlink(store, root / "cats" / "more")  # a symlinked folder inside the root
     os.symlink(root / "cats", store / "loop")  # and a loop back
-    ds = data.get_dataset("folder", str(root), val_fraction=0.0, test_fraction=0.0)
+    ds = data.get_dataset("folder", str(root), val_fraction=0.0, test_fraction=0.0, allow_outside_root=True)
     assert sorted(os.path.relpath(r.path, root) for r in ds.splits["train"]) == ["cats/a.png", "cats/more/b.png"]

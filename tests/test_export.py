@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from medjax import predict, pretrained
+from medjax import models, predict, pretrained
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 RUNS = {"vit": ["--config=configs/demo.py"],
@@ -84,7 +84,7 @@ def test_safetensors_export_gives_the_best_models_outputs(runs, name, tmp_path):
     folder = tmp_path / "export"
     proc = _cli("medjax.export", "--workdir", workdir, "--output", folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config, variables, meta = pretrained.load(str(folder))  # a converted folder: digests and shapes checked
+    config, variables, meta = models.load_pretrained(str(folder))  # a converted folder: digests and shapes checked
     assert config.in_chans == 1 and meta["export"]["class_names"][0] == "No Finding"
     assert ("batch_stats" in variables) == (name == "resnet_batch_stats")
     run = predict.load_model(str(workdir))

@@ -101,7 +101,7 @@ def hf_models(tmp_path_factory):
 
 
 def _medjax(params_dir, images):
-    config, params_vars, _ = pretrained.load(params_dir)
+    config, params_vars, _ = models.load_pretrained(params_dir)
     params = params_vars["params"]
     apply = jax.jit(models.build_backbone(config).apply)
     with jax.default_matmul_precision("float32"):
@@ -155,8 +155,8 @@ def test_transformers_sam2model_file(hf_models, tmp_path):
     sam.save_pretrained(tmp_path / "sam2")
     meta = converters.convert(str(tmp_path / "sam2"), str(tmp_path / "jx"), "sam2_hiera")
     assert meta["source"]["format"] == "sam2_transformers" and meta["source"]["ignored_keys_outside_prefix"] > 0
-    ours = pretrained.flatten(pretrained.load(str(tmp_path / "jx"))[1]["params"])
-    reference = pretrained.flatten(pretrained.load(params_dir)[1]["params"])
+    ours = pretrained.flatten(models.load_pretrained(str(tmp_path / "jx"))[1]["params"])
+    reference = pretrained.flatten(models.load_pretrained(params_dir)[1]["params"])
     assert ours.keys() == reference.keys()
     assert all(np.array_equal(ours[k], reference[k]) for k in ours)
 

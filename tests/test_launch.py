@@ -182,3 +182,13 @@ def test_slurm_job_gives_jax_the_coordinator_on_the_first_node(tmp_path):
     port = 1234 % 4096 + 61440
     assert srun == (f"srun gpu07:{port} 0,1 MEDJAX_DATA=/shared/data --ntasks-per-node=1 --kill-on-bad-exit=1 "
                     f"python -m medjax.main --config={CONFIG} --workdir={workdir} --distributed")
+
+
+def test_recipes_by_name_launch_as_their_files(tmp_path):
+    slurm = _sbatch_of(_sh(SLURM, "--config", "grid:model=mae_b,dataset=chexpert", "--nodes", "1", "--workdir",
+                           str(tmp_path / "runs"), "--dry-run").stdout)
+    assert "--config=configs/grid.py:model=mae_b,dataset=chexpert" in slurm and "medjax.grid cell" in slurm
+    tpu = _sh(TPU, "--name", "t", "--config", "demo", "--dry-run").stdout
+    assert "--config=configs/demo.py" in tpu
+    proc = _sh(TPU, "--name", "t", "--config", "dmeo", "--dry-run", check=False)
+    assert proc.returncode == 2 and "recipe dmeo not found" in proc.stderr

@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-import converters
 from medjax import schema
 from conftest import ROOT
 from medjax import grid as grid_cli, models, report
@@ -62,8 +61,8 @@ def test_folders_are_the_converters_variants(key):
     m = grid.model_info(key)
     if m.family not in models.FAMILIES:
         pytest.skip(f"the {m.family} family is not registered in this checkout")
-    family, kwargs = converters.VARIANTS[m.variant]
-    config = converters.FAMILIES[family].parse_config(kwargs)
+    family, kwargs = models.VARIANTS[m.variant]
+    config = models.FAMILIES[family].converter.parse_config(kwargs)
     assert family == config.family == m.family
     assert round(models.count_params(models.param_shapes(config)) / 1e6, 2) == m.params_m, key
 

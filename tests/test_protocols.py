@@ -11,7 +11,7 @@ import pytest
 
 import converters
 from conftest import fixture_path, run_cli
-from medjax import models, pretrained
+from medjax import models
 from medjax.data import Record, fake, get_dataset
 from medjax.protocols import features, few_shot, knn, linear_probe
 from medjax.protocols.__main__ import main as cli_main
@@ -39,7 +39,7 @@ def test_last_blocks_cls_is_the_normed_cls_of_each_block(dino_dir, matmul_f32):
     model cut after block 0, through the final norm."""
     import dataclasses
 
-    config, params_vars, _ = pretrained.load(dino_dir)
+    config, params_vars, _ = models.load_pretrained(dino_dir)
 
     params = params_vars["params"]
     images = jnp.asarray(np.random.default_rng(0).standard_normal((3, 56, 56, 3)), jnp.float32)

@@ -15,7 +15,7 @@ import pytest
 import converters
 from conftest import ROOT, fixture_path
 from medjax.schema import make
-from medjax import classifier, engine, models, pretrained
+from medjax import classifier, engine, models
 from medjax.models.vit import ViTConfig
 from medjax.pretrained import flatten, unflatten
 from medjax import peft
@@ -25,7 +25,7 @@ from medjax import peft
 def classifier_and_params(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dino"))
     converters.convert(fixture_path("dinov2", "checkpoint.pth"), out, "dinov2", fixture_path("dinov2", "config.json"))
-    config, backbone_vars, _ = pretrained.load(out)
+    config, backbone_vars, _ = models.load_pretrained(out)
     backbone = backbone_vars["params"]
     # classifier.build_classifier's tree, assembled without its jitted init (seconds on 2 CPU cores)
     head = {"kernel": np.random.default_rng(0).standard_normal((48, 3)).astype(np.float32) * 0.1,
@@ -158,7 +158,7 @@ def test_peft_through_the_trainer_keeps_base_weights_and_writes_metrics(tmp_path
     metrics = json.load(open(tmp_path / "run" / f"peft_{method}" / "metrics.json"))
     assert metrics["test"] == result["test"] and metrics["best_step"] is not None
     _, state = _checkpoint_state(tmp_path / "run" / f"peft_{method}")
-    base = flatten(pretrained.load(dino_dir)[1]["params"])
+    base = flatten(models.load_pretrained(dino_dir)[1]["params"])
     base["patch_embed/kernel"] = base["patch_embed/kernel"][:, :, 0:1]  # grayscale data: the red filter (the default)
     trained = flatten(state["params"]["backbone"])
     for path, value in base.items():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import converters
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli, train_two_steps
+from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
+                      train_two_steps)
 from medjax import models, pretrained
 from medjax.models.sam import convert as sam
 
@@ -27,18 +28,12 @@ def test_fixture_parity_through_clis(tmp_path, layout):
         torch.save({k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")},
                    tmp_path / "encoder.pth")
         checkpoint = str(tmp_path / "encoder.pth")
-    out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
-    run_cli("converters", checkpoint, str(out_dir), "--model", "sam_vit", "--config",
-            fixture_path("sam_vit", "config.json"))
-    run_cli("medjax.embed", "--params", str(out_dir), "--images", fixture_path("sam_vit", "images.npy"),
-            "--output", str(out_npz))
-    got, expected = np.load(out_npz), np.load(fixture_path("sam_vit", "expected.npz"))
-    for key in expected.files:
-        diff = max_abs(got[key], expected[key])
-        assert diff <= PARITY_TOL, f"{key}: max abs diff {diff:.3g}"
+    got, expected, _ = convert_and_embed(tmp_path, "sam_vit", checkpoint, "sam_vit",
+                                         fixture_path("sam_vit", "config.json"))
+    assert_fixture_outputs(got, expected, "sam_vit")
     assert max_abs(got["linear_head_input"], expected["pooled"]) <= PARITY_TOL
     assert max_abs(got["attention_head_input"], expected["trunk_tokens"].reshape(2, 16, 48)) <= PARITY_TOL
-    meta = pretrained.read_metadata(str(out_dir))
+    meta = pretrained.read_metadata(str(tmp_path / "params"))  # where convert_and_embed converts
     assert meta["source"]["format"] == ("sam_official" if layout == "whole_sam" else "sam_image_encoder")
     state = torch.load(fixture_path("sam_vit", "checkpoint.pth"), weights_only=True)
     assert meta["num_params"] == sum(v.numel() for k, v in state.items() if k.startswith("image_encoder."))
@@ -71,7 +66,7 @@ def _convert_and_run(model, tmp_path, images, name="sam"):
     model.eval()
     model.save_pretrained(tmp_path / name)
     meta = converters.convert(str(tmp_path / name), str(tmp_path / f"{name}_jx"), "sam_vit")
-    config, variables, _ = pretrained.load(str(tmp_path / f"{name}_jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / f"{name}_jx"))
     with jax.default_matmul_precision("float32"):
         out = models.build_backbone(config).apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
     return meta, config, {k: np.asarray(v) for k, v in out.items()}
@@ -236,7 +231,7 @@ def test_full_width_vit_l_at_1024(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     del model
     converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "sam_vit")
-    config, variables, _ = pretrained.load(str(tmp_path / "jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     with jax.default_matmul_precision("float32"):
         out = jax.jit(models.build_backbone(config).apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
     assert max_abs(out["trunk_tokens"], trunk.numpy()) <= 1e-4

@@ -33,7 +33,7 @@ def _images(batch, height, width, seed=0):
 
 
 def _medjax(params_dir, images):
-    config, variables, _ = pretrained.load(params_dir)
+    config, variables, _ = models.load_pretrained(params_dir)
     with jax.default_matmul_precision("float32"):
         out = jax.jit(models.build_backbone(config).apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
     return config, variables, {k: np.asarray(v) for k, v in out.items()}
@@ -92,7 +92,7 @@ def test_position_table_resize_is_transformers_interpolate_pos_encoding(tmp_path
 
     model, path = _tiny_model(tmp_path, seed=2)
     converters.convert(path, str(tmp_path / "jx"), "siglip")
-    config, variables, _ = pretrained.load(str(tmp_path / "jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     for h, w in ((64, 64), (24, 48)):
         embeddings = torch.zeros(1, (h // 8) * (w // 8), 48)
         with torch.no_grad():
@@ -145,8 +145,8 @@ SIZES = {  # variant -> upstream vision tower parameters (transformers' SiglipVi
 
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_variant_parameter_counts_equal_upstream(name):
-    family, kwargs = converters.VARIANTS[name]
-    config = converters.FAMILIES[family].parse_config(kwargs)
+    family, kwargs = models.VARIANTS[name]
+    config = models.FAMILIES[family].converter.parse_config(kwargs)
     with torch.device("meta"):
         hf = transformers.SiglipVisionModel(transformers.SiglipConfig(**kwargs).vision_config)
     assert models.count_params(models.param_shapes(config)) == sum(p.numel() for p in hf.parameters()) == SIZES[name]
@@ -190,7 +190,7 @@ def test_unsupported_configs_are_refused_by_name(change, named):
 
 
 def test_family_facts():
-    config = siglip.parse_config(converters.VARIANTS["siglip2_base_patch16_224"][1])
+    config = siglip.parse_config(models.VARIANTS["siglip2_base_patch16_224"][1])
     family = models.family("siglip")
     patterns = family.layer_patterns(config)
     paths = list(pretrained.flatten(models.param_shapes(config)))
@@ -215,7 +215,7 @@ def fixture_dir(tmp_path_factory):
 def test_protocol_taps_are_the_pooled_output_and_the_token_mean(fixture_dir, matmul_f32):
     """No CLS token: the protocols' "CLS" is the attention-pooling head's output, `patch_mean` the mean of the
     post-layernormed tokens (both from the upstream outputs of the fixture)."""
-    config, variables, _ = pretrained.load(fixture_dir)
+    config, variables, _ = models.load_pretrained(fixture_dir)
     images = np.load(fixture_path("siglip", "images.npy")).transpose(0, 2, 3, 1)
     taps = jax.jit(models.family("siglip").feature_fn(config, 1))(variables, jnp.asarray(images))
     expected = np.load(fixture_path("siglip", "expected.npz"))
@@ -289,7 +289,7 @@ def test_gradcam_reads_the_token_grid(fixture_dir, matmul_f32):
     from medjax import classifier, explain
     from medjax.models.siglip.model import MapHead
 
-    config, variables, _ = pretrained.load(fixture_dir)
+    config, variables, _ = models.load_pretrained(fixture_dir)
     rng = np.random.default_rng(0)
     head = {"kernel": rng.standard_normal((48, 3)).astype(np.float32), "bias": np.zeros(3, np.float32)}
     model = classifier.Classifier(config, 3)
@@ -323,7 +323,7 @@ def test_run_export_predict_and_explain_through_the_clis(tmp_path):
             "--config.model.convert_from.model=siglip",
             f"--config.model.convert_from.config={fixture_path('siglip', 'config.json')}")
     run_cli("medjax.export", "--workdir", str(workdir), "--output", str(folder))
-    config, _, _ = pretrained.load(str(folder))
+    config, _, _ = models.load_pretrained(str(folder))
     assert config.family == "siglip" and config.in_chans == 1
     run_cli("medjax.predict", "--workdir", str(folder), "--dataset", "chexpert", "--root", str(data_root),
             "--output", str(tmp_path / "preds.csv"), "--metrics", str(tmp_path / "m.json"), "--no-progress")
@@ -344,12 +344,12 @@ def test_full_size_siglip2_base_random(tmp_path):
     """SigLIP 2-B/16's tower (google/siglip2-base-patch16-224's vision_config: the SiglipVisionConfig defaults) with
     perturbed random weights, at 224 px and at 256x192, against transformers (1e-4)."""
     torch.manual_seed(0)
-    _, kwargs = converters.VARIANTS["siglip2_base_patch16_224"]
+    _, kwargs = models.VARIANTS["siglip2_base_patch16_224"]
     model = perturb_(transformers.SiglipVisionModel(transformers.SiglipConfig(**kwargs).vision_config), seed=1)
     model.eval().save_pretrained(tmp_path / "hf")
     meta = converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "siglip2_base_patch16_224")
     assert meta["num_params"] == SIZES["siglip2_base_patch16_224"]
-    config, variables, _ = pretrained.load(str(tmp_path / "jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     apply = jax.jit(models.build_backbone(config).apply)
     for h, w in ((224, 224), (256, 192)):  # the stored size, then a non-square one (the table resized)
         images = _images(1, h, w, seed=h)

@@ -96,7 +96,7 @@ def test_converted_folder_round_trips_every_collection(tmp_path):
     variables = jax.tree_util.tree_map(lambda x: np.asarray(x) + rng.standard_normal(x.shape).astype(np.float32),
                                        dict(variables))
     pretrained.save(str(tmp_path / "bb"), variables, {"family": "resnet", "architecture": config.to_dict()})
-    _, loaded, meta = pretrained.load(str(tmp_path / "bb"))
+    _, loaded, meta = models.load_pretrained(str(tmp_path / "bb"))
     assert set(loaded) == {"params", "batch_stats"} and len(meta["digests"]) == len(pretrained.flatten_variables(variables))
     assert _same(loaded, variables) and pretrained.flatten_variables(loaded).keys() == pretrained.flatten_variables(variables).keys()
     # a damaged tensor is named, not loaded
@@ -105,10 +105,10 @@ def test_converted_folder_round_trips_every_collection(tmp_path):
     data[-7] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(pretrained.PretrainedError, match="differ from the digests"):
-        pretrained.load(str(tmp_path / "bb"))
+        models.load_pretrained(str(tmp_path / "bb"))
     path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
     with pytest.raises(pretrained.PretrainedError, match="damaged or truncated"):
-        pretrained.load(str(tmp_path / "bb"))
+        models.load_pretrained(str(tmp_path / "bb"))
 
 
 # ------------------------------------------------------------------------------------------------ save-path windows

@@ -10,7 +10,7 @@ import torch
 import converters
 from conftest import perturb_
 from medjax.schema import make
-from medjax import engine, optim, pretrained
+from medjax import engine, models, optim, pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,7 +78,7 @@ def test_ten_steps_match_pytorch(tmp_path, freeze):
     # final parameters: the trained PyTorch backbone converted again, tensor by tensor
     model.save_pretrained(tmp_path / "hf_after")
     converters.convert(str(tmp_path / "hf_after"), str(tmp_path / "jx_after"), "dinov2")
-    _, expected_backbone_vars, _ = pretrained.load(str(tmp_path / "jx_after"))
+    _, expected_backbone_vars, _ = models.load_pretrained(str(tmp_path / "jx_after"))
     expected_backbone = expected_backbone_vars["params"]
     expected = {"backbone": expected_backbone,
                 "head": {"kernel": head.weight.detach().numpy().T, "bias": head.bias.detach().numpy()}}

@@ -1,7 +1,6 @@
 """Parity against transformers' PyTorch models built from small random configs with perturbed weights, saved with
 `save_pretrained` and converted from those files."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import torch
 
 import converters
 from conftest import PARITY_TOL, max_abs, perturb_
-from medjax import models, pretrained
+from medjax import models
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,7 +22,7 @@ def _save(model, path):
 
 
 def _medjax(params_dir, images):
-    config, params_vars, _ = pretrained.load(params_dir)
+    config, params_vars, _ = models.load_pretrained(params_dir)
     params = params_vars["params"]
     with jax.default_matmul_precision("float32"):
         out = models.build_backbone(config).apply({"params": params}, jnp.asarray(images.transpose(0, 2, 3, 1)))
@@ -232,7 +231,7 @@ def test_cli_with_explicit_transformers_config(tmp_path):
     proc = run_cli("converters", f"{hf}/model.safetensors", str(tmp_path / "jx"), "--model", "mae",
                    "--config", f"{hf}/config.json")
     assert '"format": "mae_transformers"' in proc.stdout
-    _, params_vars, meta = pretrained.load(str(tmp_path / "jx"))
+    _, params_vars, meta = models.load_pretrained(str(tmp_path / "jx"))
     params = params_vars["params"]
     assert meta["source"]["config"] == "config.json" and params["pos_embed"].shape == (1, 5, 32)
 

@@ -9,7 +9,7 @@ import torch
 import converters
 from medjax.models.vit import convert as vit
 from conftest import fixture_path, max_abs
-from medjax import conversion, models, pretrained
+from medjax import conversion, models
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,7 +114,7 @@ def test_load_time_pos_embed_resize(tmp_path, family, antialias):
         name, key = "checkpoint.pth", "pos_embed"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     converters.convert(fixture_path(family, name), str(tmp_path / "out"), family, str(tmp_path / "cfg.json"))
-    _, params_vars, _ = pretrained.load(str(tmp_path / "out"))
+    _, params_vars, _ = models.load_pretrained(str(tmp_path / "out"))
     params = params_vars["params"]
     state = conversion.read_state_dict(fixture_path(family, name))
     pos = torch.from_numpy(state[key]).reshape(1, 17, -1)
@@ -130,7 +130,7 @@ def test_fixed_grid_families_reject_other_input_sizes(tmp_path):
 
     converters.convert(fixture_path("mae", "checkpoint.pth"), str(tmp_path / "out"), "mae",
                        fixture_path("mae", "config.json"))
-    config, params_vars, _ = pretrained.load(str(tmp_path / "out"))
+    config, params_vars, _ = models.load_pretrained(str(tmp_path / "out"))
     params = params_vars["params"]
     with pytest.raises(ValueError, match="convert the checkpoint again with `img_size`"):
         models.build_backbone(config).apply({"params": params}, jnp.zeros((1, 96, 96, 3)))

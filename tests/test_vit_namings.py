@@ -18,7 +18,7 @@ import converters
 from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
                       run_cli, train_two_steps)
 from medjax.conversion import CheckpointError
-from medjax import conversion, models, pretrained
+from medjax import conversion, models
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +57,7 @@ def test_fixture_linear_head_is_stored_with_its_provenance(tmp_path):
     meta = converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "jx"), "dinov2",
                               fixture_path("dinov2_lc", "config.json"),
                               linear_head=fixture_path("dinov2_lc", "linear_head.pth"))
-    config, variables, saved = pretrained.load(str(tmp_path / "jx"))
+    config, variables, saved = models.load_pretrained(str(tmp_path / "jx"))
     head = torch.load(fixture_path("dinov2_lc", "linear_head.pth"), weights_only=True)
     np.testing.assert_array_equal(variables["params"]["lc_head"]["kernel"], head["weight"].numpy().T)
     np.testing.assert_array_equal(variables["params"]["lc_head"]["bias"], head["bias"].numpy())
@@ -81,7 +81,7 @@ def _images(batch, height, width, seed=0):
 
 
 def _medjax(params_dir, images):
-    config, variables, _ = pretrained.load(params_dir)
+    config, variables, _ = models.load_pretrained(params_dir)
     with jax.default_matmul_precision("float32"):
         out = models.build_backbone(config).apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
     return config, variables, {k: np.asarray(v) for k, v in out.items()}
@@ -165,7 +165,7 @@ def test_transformers_vit_taps_are_the_unnormed_hidden_states(tmp_path):
     torch.manual_seed(0)
     model = perturb_(transformers.ViTModel(transformers.ViTConfig(**VIT_KW)), seed=4)
     converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
-    config, variables, _ = pretrained.load(str(tmp_path / "jx"))
+    config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     images = _images(2, 40, 40, seed=2)
     with torch.no_grad():
         hidden = [h.numpy() for h in model(torch.from_numpy(images), output_hidden_states=True).hidden_states]

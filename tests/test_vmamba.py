@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import converters
-from conftest import fixture_path, max_abs, run_cli
+from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
 from converters import CheckpointError, ConversionError
 from medjax.models import VARIANTS
 from medjax.models.vmamba.convert import vssm_config
@@ -62,16 +62,10 @@ def test_cross_scan_orders_and_merge_on_a_non_square_map():
 
 
 def test_fixture_parity_through_clis(tmp_path):
-    out_dir, out_npz = tmp_path / "params", tmp_path / "out.npz"
-    proc = run_cli("converters", CKPT, str(out_dir), "--model", "vmamba", "--config", CFG)
+    got, expected, stdout = convert_and_embed(tmp_path, "vmamba", CKPT, "vmamba", CFG)
     # the fixture holds 458,138 parameters including classifier.head (128 -> 10), which is ignored on purpose
-    assert json.loads(proc.stdout)["num_params"] == 458_138 - (128 * 10 + 10)
-    run_cli("medjax.embed", "--params", str(out_dir), "--images", fixture_path("vmamba", "images.npy"),
-            "--output", str(out_npz))
-    got, expected = np.load(out_npz), np.load(fixture_path("vmamba", "expected.npz"))
-    for key in expected.files:
-        diff = max_abs(got[key], expected[key])
-        assert diff <= TOL, f"vmamba/{key}: max abs diff {diff:.3g}"
+    assert json.loads(stdout)["num_params"] == 458_138 - (128 * 10 + 10)
+    assert_fixture_outputs(got, expected, "vmamba", tol=TOL)
     assert max_abs(got["linear_head_input"], got["pooled_feature"]) == 0
     assert got["attention_head_input"].shape == (2, 9, 128)
     assert max_abs(got["attention_head_input"].mean(axis=1), got["pooled_feature"]) <= 1e-6
@@ -237,13 +231,12 @@ def test_channels_last_norm_layer_is_the_same_network():
 
 
 def test_ema_weights_are_taken_with_ema(tmp_path):
-    from medjax import pretrained
 
     ckpt = torch.load(CKPT, weights_only=True)
     ema = {k: v + 1.0 for k, v in ckpt["model"].items()}
     torch.save({"model": ckpt["model"], "model_ema": ema, "epoch": 3}, tmp_path / "both.pth")
     converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "vmamba", CFG, ema=True)
-    _, params_vars, _ = pretrained.load(str(tmp_path / "ema"))
+    _, params_vars, _ = models.load_pretrained(str(tmp_path / "ema"))
     params = params_vars["params"]
     expected = ema["layers.1.blocks.0.op.A_logs"].numpy()
     assert max_abs(params["layers_1"]["blocks_0"]["op"]["A_logs"], expected) == 0

@@ -58,7 +58,8 @@ COMMON_OPTIONS = {
                                "'exists' or 'none'; cached in the work directory"),
     "skip_bad_images": (False, "leave missing or unreadable images out (listed in the split file and metrics) "
                                "instead of stopping at start-up"),
-    "allow_outside_root": (False, "accept image paths that are absolute or contain '..' (refused by default)"),
+    "allow_outside_root": (False, ("accept image paths that are absolute or contain '..', or symlinks leading out "
+                                   "of the root (refused by default)")),
     "jpeg_draft": (True, "decode a JPEG at least twice the resize target at 1/2, 1/4 or 1/8 scale in the DCT "
                          "(Pillow draft): several times cheaper, within a few grey levels of a full decode "
                          "(docs/data.md)"),
@@ -112,7 +113,8 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     `Dataset.skipped` (logged, and in the split file). An image that cannot be read later, while loading, never
     stops a run: it becomes a mask=False row and is listed too. `Dataset.skipped_images` has them all.
     allow_outside_root: accept image paths in data files that are absolute or hold '..' (refused by default: they
-    would read outside the dataset root). Symlinked folders inside the root are always allowed.
+    would read outside the dataset root), and symlinks inside the root that lead out of it (refused by default;
+    symlinks that stay inside the root are always allowed).
     jpeg_draft: the loader decodes a JPEG of at least twice its resize target at a reduced DCT scale (`decode`).
     A prepared root: check_images 'exists' / 'verify' check its ArrayRecord files (present / size and SHA-256 as
     written), 'decode' also decodes every stored image.

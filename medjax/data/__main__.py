@@ -24,6 +24,7 @@ import sys
 
 from medjax import data
 from medjax.data import bench, fake, prepare
+from medjax.errors import cli_main, error_line
 
 
 def _value(text: str):
@@ -33,6 +34,7 @@ def _value(text: str):
         return text
 
 
+@cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            print(f"error: {e.filename or args.root}: cannot write ({e.strerror or e})", file=sys.stderr)
+            print(error_line(e), file=sys.stderr)
             return 2
         return 0
     options = {}
@@ -116,8 +118,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            print(f"error: {e.filename or args.output}: cannot write ({e.strerror or e}); run the same command "
-                  "again to resume", file=sys.stderr)
+            print(f"{error_line(e)}; run the same command again to resume", file=sys.stderr)
             return 2
         print(json.dumps(summary))
         return 0

@@ -25,6 +25,7 @@ from PIL import Image
 
 from medjax.data.records import Record
 from medjax.data.transforms import decode, is_pillow_image
+from medjax.errors import atomic_write
 
 log = logging.getLogger(__name__)
 LEVELS = ("none", "exists", "verify", "decode")
@@ -83,10 +84,8 @@ def _load_cache(cache_path: str | None, level: str) -> dict[str, str]:
 
 def _save_cache(cache_path: str, level: str, good: dict[str, str]) -> None:
     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-    tmp = f"{cache_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(cache_path) as f:
         json.dump({"version": CACHE_VERSION, "level": level, "good": good}, f, separators=(",", ":"))
-    os.replace(tmp, cache_path)
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_lines, require_dir,
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, list_entries, require_dir,
                                  take_options)
 from medjax.data.splits import check_disjoint
 
@@ -51,11 +51,7 @@ def read(root: str, **options) -> Dataset:
         if not os.path.exists(path):
             continue
         records = []
-        for n, line in enumerate(read_lines(path, "a list of DDSM image file names"), 1):
-            name = line.strip()
-            if not name:
-                continue
-            origin = f"{path} line {n}"
+        for name, origin in list_entries(path, "a list of DDSM image file names"):
             case = _CASE.search(os.path.basename(name))
             records.append(Record(join_under(os.path.join(root, "ddsm_raw"), name, origin, "the listed image"),
                                   label_of(name, num_classes, origin), case.group(1) if case else None, origin))

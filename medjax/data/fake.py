@@ -527,17 +527,44 @@ WRITERS = {"chexpert": write_chexpert, "ddsm": write_ddsm, "cbis_ddsm": write_cb
            "csv": write_csv_dataset, "folder": write_folder, "volumes": write_volumes}
 
 
-def write(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:
-    """Writes `num` synthetic images of dataset `name` in its public layout under `root`; returns a summary."""
+def _write_into(name: str, root: str, num: int, seed: int, size: int) -> dict:
     if name not in WRITERS:
         raise DataError(f"no fake writer for {name!r}; known: {', '.join(WRITERS)}")
     if num < 1:
         raise DataError(f"num must be positive, got {num}")
+    os.makedirs(root, exist_ok=True)
+    try:
+        images = WRITERS[name](root, num, np.random.default_rng(seed), size)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        shown = os.path.join(os.path.dirname(root), os.path.basename(root).split(".tmp-")[0].lstrip("."))
+        raise OSError(e.errno, e.strerror or str(e), shown) from e  # Pillow's writes name no file
+    return {"dataset": name, "root": os.path.abspath(root), "images": images, "seed": seed, "size": size}
+
+
+def write(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:
+    """Writes `num` synthetic images of dataset `name` in its public layout under `root`; returns a summary.
+
+    `root` must be new or an empty folder: a dataset (or anything else) already there is never overwritten. The
+    files are written into a temporary folder beside `root` and renamed onto it when complete, so a killed or failed
+    write leaves no half dataset at `root`."""
+    root = os.path.abspath(os.path.expanduser(root))
     if os.path.exists(root) and not os.path.isdir(root):
         raise DataError(f"{root}: is a file; expected a folder to write the synthetic {name} dataset into")
-    os.makedirs(root, exist_ok=True)
-    images = WRITERS[name](root, num, np.random.default_rng(seed), size)
-    return {"dataset": name, "root": os.path.abspath(root), "images": images, "seed": seed, "size": size}
+    if os.path.isdir(root) and os.listdir(root):
+        held = sorted(os.listdir(root))
+        raise DataError(f"{root}: not empty ({', '.join(held[:5])}{' ...' if len(held) > 5 else ''}); the synthetic "
+                        f"{name} dataset is written into a new or empty folder only, never over existing files")
+    parent, base = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        summary = _write_into(name, tmp, num, seed, size)
+        os.rename(tmp, root)  # onto an absent or empty folder: atomic
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**summary, "root": root}
 
 
 def write_once(name: str, root: str, num: int, seed: int = 0, size: int = 64) -> dict:
@@ -571,7 +598,7 @@ def write_once(name: str, root: str, num: int, seed: int = 0, size: int = 64) ->
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        summary = write(name, tmp, num, seed, size)
+        summary = _write_into(name, tmp, num, seed, size)
         summary["root"] = root
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"asked": want, "summary": summary}, f)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 
 from medjax.data.records import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, Dataset, Record,
-                                 fill_splits, join_under, read_csv, require_dir, take_options)
+                                 fill_splits, join_under, merge_duplicates, read_csv, require_dir, take_options,
+                                 walk_images)
 from medjax.data.splits import check_disjoint, split_by_group
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -127,23 +128,18 @@ def read_csv_dataset(root: str, **options) -> Dataset:
                               origin))
     if not records:
         raise DataError(f"{csv_path}: no rows")
+    records, split_of, repeated = merge_duplicates(records, split_of if split_column else None)
     options = {**o, "multilabel": multilabel}
-    return _finish("csv", root, "multilabel" if multilabel else "multiclass", names, channels, mean, std,
-                   target_metric, records, split_of if split_column else None, seed,
-                   {"val": val_fraction, "test": test_fraction}, options)
+    dataset = _finish("csv", root, "multilabel" if multilabel else "multiclass", names, channels, mean, std,
+                      target_metric, records, split_of, seed, {"val": val_fraction, "test": test_fraction},
+                      options)
+    dataset.excluded.extend(repeated)
+    return dataset
 
 
 def _images_under(folder: str) -> list[str]:
-    """Image files below `folder`, following symlinked sub-folders (a common layout) but never one twice (loops)."""
-    out, seen = [], set()
-    for d, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(d)
-        if real in seen:
-            dirs[:] = []
-            continue
-        seen.add(real)
-        out.extend(os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(out)
+    """Image files below `folder`, following symlinked sub-folders (a common layout) but each real file once."""
+    return walk_images(folder)
 
 
 def read_folder(root: str, **options) -> Dataset:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, read_csv, read_lines, require_dir,
+from medjax.data.records import (DataError, Dataset, Record, fill_splits, read_csv, list_entries, require_dir,
                                  take_options)
 from medjax.data.splits import check_disjoint, split_by_group
 
@@ -75,16 +75,11 @@ def labels_of(cell: str, origin: str, no_finding_class: bool) -> tuple[int, ...]
 
 def _read_list(path: str) -> list[tuple[str, str]]:
     """(image name, origin) per non-empty line of an official list."""
-    out = []
-    for n, line in enumerate(read_lines(path, "the official list of image file names"), 1):
-        name = line.strip()
-        if not name:
-            continue
-        origin = f"{path} line {n}"
+    entries = list_entries(path, "the official list of image file names")
+    for name, origin in entries:
         if not _NAME.match(name):
             raise DataError(f"{origin}: {name!r} is not an image file name (NNNNNNNN_NNN.png) without folders")
-        out.append((name, origin))
-    return out
+    return entries
 
 
 def _val_last(records: list[Record], val_images: int) -> dict[str, list[Record]]:

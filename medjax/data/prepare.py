@@ -37,10 +37,13 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 
 from medjax.data import prepared
-from medjax.data.records import DataError, Dataset, leaves_root
+from medjax.data.records import DataError, Dataset, check_inside_root, leaves_root
+from medjax.data.records import allow_outside_root as allowing_outside_root
+from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
 log = logging.getLogger(__name__)
@@ -106,11 +109,21 @@ def convert_chunk(chunk_path: str, paths: list[str], channels: int, max_size: in
             reason = "file not found" if isinstance(e, FileNotFoundError) else \
                 f"cannot decode ({type(e).__name__}: {e})"
             out.append((False, reason, None, None))
-    tmp = f"{chunk_path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(chunk_path, "wb") as f:
         pickle.dump(out, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, chunk_path)
     return sum(not ok for ok, *_ in out)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker's initializer: the worker exits when its parent is gone (a killed prepare leaves no worker
+    converting on, holding memory): a daemon thread polls the parent pid twice a second."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="medjax-prepare-parent-watch").start()
 
 
 def _read_chunk(path: str) -> list:
@@ -210,6 +223,9 @@ def _check_output(output: str, raw_root: str, request: dict) -> dict | None:
     out, raw = os.path.normpath(output), os.path.normpath(raw_root)
     if out == raw or os.path.commonpath([out, raw]) == out:
         raise DataError(f"--output {output} holds the raw dataset {raw_root}; choose a folder outside it")
+    if os.path.commonpath([out, raw]) == raw:  # a folder reader would take it for a class, a walk for more images
+        raise DataError(f"--output {output} is inside the raw dataset {raw_root}; readers would take the prepared "
+                        "files for part of the dataset; choose a folder outside it")
     if prepared.is_prepared(output):
         meta = prepared.read_metadata(output)
         done = {k: meta.get(k) for k in ("dataset", "options")}
@@ -227,6 +243,46 @@ def _check_output(output: str, raw_root: str, request: dict) -> dict | None:
             raise DataError(f"--output {output}: not empty ({', '.join(others[:5])}{' ...' if len(others) > 5 else ''})"
                             "; expected a new or empty folder, or one a killed prepare left")
     return None
+
+
+def _raw_records(name: str, raw_root: str, options: dict, allow_outside_root: bool) -> Dataset:
+    """The raw dataset's records as its reader lists them (no image check, no statistics): what a prepare stores."""
+    from medjax import data
+
+    with allowing_outside_root(allow_outside_root):
+        dataset = data.READERS[name](raw_root, **options)
+        check_inside_root(dataset)
+    return dataset
+
+
+def source_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 over the raw records (split, stored path, label, patient) and each image file's size and modification
+    time: it changes when rows are added, removed or relabelled or an image file is replaced."""
+    h = hashlib.sha256()
+    for split, records in sorted(dataset.splits.items()):
+        for r in records:
+            h.update(json.dumps([split, _stored_path(dataset, r.path), _label_json(r.label), r.patient,
+                                 _stamp(r.path)]).encode())
+    return h.hexdigest()
+
+
+def _check_fresh(meta: dict, name: str, raw_root: str, output: str, options: dict, allow_outside_root: bool) -> None:
+    """A finished prepare at `output` is refused as stale when the raw source changed since (records added,
+    removed, relabelled, or image files modified): the copy is never rewritten under a run that may use it."""
+    dataset = _raw_records(name, raw_root, options, allow_outside_root)
+    if meta["source"].get("fingerprint") == source_fingerprint(dataset):
+        return
+    old = {row[0]: (split, json.dumps(row[1])) for split, rows in meta["splits"].items() for row in rows}
+    old.update({row[0]: None for row in meta.get("skipped", [])})
+    new = {_stored_path(dataset, r.path): (split, json.dumps(_label_json(r.label)))
+           for split, records in dataset.splits.items() for r in records}
+    added, removed = len(set(new) - set(old)), len(set(old) - set(new))
+    changed = sum(1 for k in set(new) & set(old) if old[k] is not None and old[k] != new[k])
+    what = ", ".join(f"{n} {w}" for n, w in ((added, "record(s) added"), (removed, "removed"),
+                                            (changed, "relabelled or moved to another split")) if n)
+    raise DataError(f"{output}: a stale prepared copy: the raw dataset {raw_root} changed since it was prepared "
+                    f"({what or 'image files modified (size or modification time)'}); prepare into a new --output, "
+                    "or delete this folder and prepare again")
 
 
 def _summary(meta: dict, output: str, written: bool, seconds: float) -> dict:
@@ -265,6 +321,7 @@ def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MA
     request = _request(name, take_options(data._READERS[name][1], options, name), max_size, image_format, quality)
     done = _check_output(output, raw_root, request)
     if done is not None:
+        _check_fresh(done, name, raw_root, output, options, allow_outside_root)
         log.info("%s already holds this prepared dataset", output)
         return _summary(done, output, False, time.perf_counter() - start)
     created = not os.path.exists(output)
@@ -323,7 +380,8 @@ def _convert_all(dataset: Dataset, items: list, partial: str, request: dict, wor
             import concurrent.futures
 
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as pool:
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx,
+                                                        initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(convert_chunk, *a): k for k, a in zip(todo, args)}
                 for future in concurrent.futures.as_completed(futures):
                     future.result()
@@ -411,7 +469,8 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
         "options": request["options"],
         "image": {"max_size": request["max_size"], "format": request["format"], "quality": request["quality"],
                   "resize": "shorter side to max_size if larger, Pillow bilinear (antialiased), aspect kept"},
-        "source": {"root": raw_root, "bytes": source_bytes},
+        "source": {"root": raw_root, "bytes": source_bytes,
+                   "fingerprint": source_fingerprint(_raw_records(name, raw_root, options, allow_outside_root))},
         "tfds": {"builder_dir": builder_dir, "files": files},
         "bytes": sum(f["bytes"] for f in files.values()),
         "digest": digest,
@@ -420,8 +479,10 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
         "skipped": [[rel(p), o, why] for p, o, why in skipped],
         "excluded": [[rel(p), o, why] for p, o, why in dataset.excluded],
     }
+    meta = json.loads(json.dumps(meta))
+    meta[prepared.DIGEST_KEY] = prepared.metadata_digest(meta)  # any later edit of the records is refused on open
     tmp = os.path.join(partial, prepared.METADATA + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(tmp, "w") as f:
         json.dump(meta, f, separators=(",", ":"))
     _maybe_kill("metadata")
     os.replace(tmp, os.path.join(output, prepared.METADATA))

@@ -24,6 +24,7 @@ import os
 import threading
 
 from medjax.data.records import DataError, Dataset, Record, leaves_root, take_options
+from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,12 @@ METADATA = "medjax_prepared.json"
 FORMAT = "medjax-prepared"
 VERSION = 1
 BUILDER_NAME = "medjax_prepared"
+DIGEST_KEY = "metadata_digest"  # SHA-256 of the metadata without this key, checked on open
+
+
+def metadata_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def is_prepared(root: str) -> bool:
@@ -51,6 +58,10 @@ def read_metadata(root: str) -> dict:
     if meta.get("version") != VERSION:
         raise DataError(f"{path}: prepared dataset format version {meta.get('version')!r}; this medjax reads "
                         f"version {VERSION}: prepare the dataset again")
+    if meta.get(DIGEST_KEY) != metadata_digest(meta):
+        raise DataError(f"{path}: edited or damaged: its content (records, labels, splits, files) no longer matches "
+                        f"the {DIGEST_KEY} written with it; a prepared dataset's records are fixed when it is "
+                        "prepared: prepare the dataset again (with the labels changed in the raw files)")
     return meta
 
 
@@ -175,10 +186,8 @@ def check_files(meta: dict, root: str, level: str, workdir: str | None) -> None:
             good[rel] = stamp
     if cache_path and good and good != cached:
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_write(cache_path) as f:
             json.dump(good, f)
-        os.replace(tmp, cache_path)
 
 
 def _decode_all(dataset: Dataset) -> list[tuple[Record, str]]:

@@ -146,12 +146,14 @@ def join_under(root: str, value: str, origin: str, field: str) -> str:
     """`root` joined with a relative path read from a data file (`field` of `origin`, for the message).
 
     Windows separators are accepted. Refuses an absolute path or a '..' segment, which would read outside the
-    dataset root, unless allow_outside_root is on. Symlinks are not resolved: a symlinked folder inside the root
-    is part of the root.
+    dataset root, unless allow_outside_root is on. Symlinks are judged later, by `check_inside_root`: one that
+    leads out of the root is refused unless allow_outside_root is on.
     """
     value = value.strip()
     if not value:
         raise DataError(f"{origin}: {field} is empty; expected an image path relative to the dataset root {root}")
+    if "\x00" in value:
+        raise DataError(f"{origin}: {field} {value!r} holds a NUL byte; expected an image path")
     if leaves_root(value):
         if not _ALLOW_OUTSIDE_ROOT.get():
             raise DataError(f"{origin}: {field} {value!r} leaves the dataset root {root}; expected a path inside it "
@@ -162,20 +164,92 @@ def join_under(root: str, value: str, origin: str, field: str) -> str:
 
 
 def check_inside_root(dataset: "Dataset") -> None:
-    """Every record's path must lie inside dataset.root, judged on the path itself (symlinks are not resolved),
-    unless allow_outside_root is on: the last guard behind the readers' join_under."""
+    """Every record's path must lie inside dataset.root, judged on the path itself and, for a path that is or lies
+    under a symlink, on where the link leads, unless allow_outside_root is on: the last guard behind the readers'
+    join_under. Symlinks that stay inside the root are fine."""
     if _ALLOW_OUTSIDE_ROOT.get() or not dataset.root:
         return
     root = os.path.normpath(dataset.root)
+    real_root = os.path.realpath(root)
+    resolver = _Resolver(root, real_root)
     for records in dataset.splits.values():
         for r in records:
             path = os.path.normpath(r.path)
-            if os.path.commonpath([root, path]) != root:
+            if not _under(path, root):
                 raise DataError(f"{r.origin}: image {r.path} is outside the dataset root {root}; pass the data "
                                 "option allow_outside_root=True to allow it")
+            real = resolver.real(path)
+            if not _under(real, real_root):
+                raise DataError(f"{r.origin}: image {r.path} leads through a symlink to {real}, outside the dataset "
+                                f"root {root}; pass the data option allow_outside_root=True to allow such links")
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _Resolver:
+    """realpath() of paths under a root with one lstat per path component not seen before (folders cached); only
+    symlinks are resolved: about one more stat per image (20,000 CheXpert-like records: 1.0 s on a loaded shared
+    2-core machine where one lstat took 20 us)."""
+
+    def __init__(self, root: str, real_root: str):
+        self.dirs = {root: real_root}
+
+    def real(self, path: str) -> str:
+        parent, name = os.path.split(path)
+        if parent not in self.dirs:
+            self.dirs[parent] = self.real(parent)
+        full = os.path.join(self.dirs[parent], name)
+        return os.path.realpath(full) if os.path.islink(full) else full
+
+
+def walk_images(folder: str) -> list[str]:
+    """Image files below `folder`, sorted, following symlinked sub-folders but walking each real folder once (loops
+    cut) and listing each real file once (the first path in sorted order)."""
+    out, seen_dirs, seen_files = [], set(), set()
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        real = os.path.realpath(d)
+        if real in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        out.extend(os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    kept = []
+    for path in sorted(out):
+        real = os.path.realpath(path)
+        if real not in seen_files:
+            seen_files.add(real)
+            kept.append(path)
+    return kept
+
+
+def merge_duplicates(records: list, split_of: list | None = None):
+    """(records, split_of, excluded): a path listed twice with the same label (and patient, split) is kept once and
+    the repeat listed in `excluded`; with another label, patient or split it is a DataError naming both rows."""
+    first: dict[str, int] = {}
+    keep, keep_split, excluded = [], [], []
+    for i, r in enumerate(records):
+        key = os.path.normpath(r.path)
+        split = split_of[i] if split_of is not None else None
+        if key in first:
+            j = first[key]
+            other, other_split = records[j], split_of[j] if split_of is not None else None
+            if (other.label, other.patient, other_split) != (r.label, r.patient, split):
+                raise DataError(f"{r.origin}: image {r.path} is listed again with another label, patient or split "
+                                f"than at {other.origin}; expected each image once")
+            excluded.append((r.path, r.origin, f"listed again (first at {other.origin}); used once"))
+            continue
+        first[key] = i
+        keep.append(r)
+        keep_split.append(split)
+    return keep, (keep_split if split_of is not None else None), excluded
 
 
 Options = dict  # {option: (default, one-line help)}: what a reader declares, in one place
+# Numeric ranges of the options several readers share, [low, high) (None: no bound); take_options checks them.
+OPTION_RANGES = {"seed": (0, None), "val_fraction": (0, 1), "test_fraction": (0, 1)}
 
 
 def take_options(declared: Options, given: dict, dataset: str) -> dict:
@@ -196,6 +270,11 @@ def take_options(declared: Options, given: dict, dataset: str) -> dict:
             if not ok:
                 raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected {kind.__name__} "
                                 f"(default {default!r})")
+        if name in OPTION_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = OPTION_RANGES[name]
+            if value < low or (high is not None and value >= high):
+                raise DataError(f"dataset {dataset!r} option {name}={value!r}: expected a number >= {low}"
+                                + (f" and < {high}" if high is not None else ""))
         out[name] = value
     return out
 
@@ -237,6 +316,9 @@ def read_csv(path: str, required: Sequence[str] = (), what: str = "",
             rows = 0
             for row in reader:
                 line = reader.line_num
+                nul = next((k for k, v in row.items() if "\x00" in (v or "") or "\x00" in (k or "")), False)
+                if nul is not False:
+                    raise DataError(f"{path} line {line}: column {nul!r} holds a NUL byte; expected text")
                 if not any((v or "").strip() for k, v in row.items() if k is not None):
                     continue  # a blank line (csv yields those with trailing commas as empty rows)
                 rows += 1
@@ -263,6 +345,11 @@ def read_lines(path: str, what: str) -> list[str]:
             from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e}); expected {what}") from None
+
+
+def list_entries(path: str, what: str) -> list[tuple[str, str]]:
+    """(entry, origin 'PATH line N') per non-empty line of a list file (an official split list)."""
+    return [(line.strip(), f"{path} line {n}") for n, line in enumerate(read_lines(path, what), 1) if line.strip()]
 
 
 def fill_splits(dataset: Dataset, order: Sequence[str] = ("train", "val", "test")) -> Dataset:

@@ -18,6 +18,7 @@ import numpy as np
 
 from medjax.data.records import Dataset
 from medjax.data.transforms import decode, eval_transform
+from medjax.errors import atomic_write
 
 log = logging.getLogger(__name__)
 MAX_IMAGES = 1000
@@ -73,9 +74,7 @@ def compute(dataset: Dataset, workdir: str | None = None) -> tuple[tuple[float, 
     mean_t, std_t = tuple(round(float(v), 4) for v in mean), tuple(round(max(float(v), 1e-3), 4) for v in std)
     if cache:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
+        with atomic_write(cache) as f:
             json.dump({"key": key.hexdigest(), "mean": mean_t, "std": std_t, "source": source}, f)
-        os.replace(tmp, cache)
     log.info("%s statistics: mean %s std %s (%s)", dataset.name, mean_t, std_t, source)
     return mean_t, std_t, source

@@ -15,7 +15,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from medjax import pretrained
 from medjax.models.family import Family
+from medjax.tree import flatten_variables
 
 # A new family is a folder and one entry here.
 PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam", "siglip")
@@ -67,3 +69,21 @@ def param_shapes(config) -> dict:
 
 def count_params(tree) -> int:
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _architecture(family: str, arch, meta_path: str):
+    """A converted folder's metadata read by its family: (config, expected variable shapes), checked against the
+    family's declared fields and ranges before anything is allocated."""
+    if family not in FAMILIES:
+        raise pretrained.PretrainedError(f"{meta_path}: family {family!r} is not one of {', '.join(sorted(FAMILIES))}")
+    pretrained.check_architecture(meta_path, FAMILIES[family].config, arch)
+    try:
+        config = config_from_dict(family, arch)
+    except (KeyError, TypeError, ValueError) as e:
+        raise pretrained.PretrainedError(f"{meta_path}: cannot read the architecture: {e}") from e
+    return config, flatten_variables(variable_shapes(config))
+
+
+def load_pretrained(params_dir: str):
+    """(config, variables, metadata) of a converted backbone folder (`medjax.pretrained`), verified."""
+    return pretrained.read(params_dir, _architecture)

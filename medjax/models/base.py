@@ -16,3 +16,8 @@ class ConfigMixin:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+    def check_family(self, family: str) -> None:
+        """A config of another family (a converted folder's `family` field edited) is refused by name."""
+        if self.family != family:
+            raise ValueError(f"{type(self).__name__}.family must be {family!r}, got {self.family!r}")

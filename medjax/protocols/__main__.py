@@ -16,6 +16,7 @@ import sys
 import numpy as np
 
 from medjax import schema
+from medjax.errors import cli_main
 
 DEFAULTS = schema.study_config()  # every default below is the schema's declared one
 PROBE = DEFAULTS.probe
@@ -110,7 +111,7 @@ def run(args) -> dict:
         from medjax.data import fake
 
         _log(f"writing {args.fake_data} synthetic {args.dataset} images to {args.root}")
-        fake.write(args.dataset, args.root, args.fake_data, seed=args.seed)
+        fake.write_once(args.dataset, args.root, args.fake_data, seed=args.seed)
     os.makedirs(args.workdir, exist_ok=True)
     ds = data.get_dataset(args.dataset, args.root, workdir=args.workdir, seed=args.seed, **dict(args.data_option))
     head = {"protocol": args.command, "dataset": ds.name, "task": ds.task, "params": os.path.abspath(args.params),
@@ -193,6 +194,7 @@ def _peft(args) -> dict:
     return out
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:

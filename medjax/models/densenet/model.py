@@ -33,8 +33,7 @@ class DenseNetConfig(ConfigMixin):
     img_size: int = 224  # the nominal input size (the network takes any size)
 
     def __post_init__(self):
-        if self.family != FAMILY:
-            raise ValueError(f"DenseNetConfig.family must be {FAMILY!r}, got {self.family!r}")
+        self.check_family(FAMILY)
         object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
         if not self.block_config or min(self.block_config) < 1:
             raise ValueError(f"DenseNetConfig.block_config must be positive layer counts, got {self.block_config}")

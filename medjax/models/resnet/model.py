@@ -35,8 +35,7 @@ class ResNetConfig(ConfigMixin):
     img_size: int = 224  # the nominal input size (the network takes any size)
 
     def __post_init__(self):
-        if self.family != FAMILY:
-            raise ValueError(f"ResNetConfig.family must be {FAMILY!r}, got {self.family!r}")
+        self.check_family(FAMILY)
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
         object.__setattr__(self, "replace_stride_with_dilation",
                            tuple(bool(d) for d in self.replace_stride_with_dilation))

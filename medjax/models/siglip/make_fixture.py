@@ -22,20 +22,7 @@ import sys
 
 import numpy as np
 
-
-def perturb(model, seed: int) -> None:
-    """Move every floating parameter and buffer away from its init, in the model's own order, from one generator."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            std = 0.5 / np.sqrt(t[0].numel()) if (name.endswith("weight") and t.ndim >= 2) else 0.1
-            if "position_embedding" in name:
-                std = 0.5
-            t.add_(torch.randn(t.shape, generator=gen) * std)
+from medjax.models.fixtures import perturb_
 
 
 def make(out: str, seed: int = 5300, size: int = 32, batch: int = 2, width: int = 48, depth: int = 2, heads: int = 3,
@@ -49,7 +36,7 @@ def make(out: str, seed: int = 5300, size: int = 32, batch: int = 2, width: int 
         image_size=size, hidden_act=act, vision_use_head=use_head, attn_implementation="sdpa")
     torch.manual_seed(seed)
     model = transformers.SiglipVisionModel(config).eval()
-    perturb(model, seed + 1)
+    perturb_(model, seed + 1)
     images = torch.randn((batch, 3, size, size), generator=torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
         o = model(pixel_values=images)

@@ -20,6 +20,7 @@ from typing import Literal
 import jax.numpy as jnp
 from flax import linen as nn
 
+from medjax.models.base import ConfigMixin
 from medjax.models.layers import Attention, dense, head_major_attention, image_shape, layer_norm
 from medjax.resize import resize_bicubic
 
@@ -27,7 +28,7 @@ FAMILY = "siglip"
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipConfig:
+class SiglipConfig(ConfigMixin):
     family: Literal["siglip"]
     width: int  # hidden_size
     depth: int  # num_hidden_layers
@@ -41,8 +42,7 @@ class SiglipConfig:
     use_head: bool = True  # vision_use_head: the attention-pooling head
 
     def __post_init__(self):
-        if self.family != FAMILY:
-            raise ValueError(f"SiglipConfig.family must be {FAMILY!r}, got {self.family!r}")
+        self.check_family(FAMILY)
         object.__setattr__(self, "pos_grid", tuple(int(g) for g in self.pos_grid))
         if self.pos_grid[0] != self.pos_grid[1]:
             raise ValueError(f"SiglipConfig: the position table is square (image_size // patch_size per side), got "
@@ -56,17 +56,6 @@ class SiglipConfig:
     def image_size(self) -> tuple[int, int]:
         """The input size at which the stored position table is used as is."""
         return self.pos_grid[0] * self.patch_size, self.pos_grid[1] * self.patch_size
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SiglipConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SiglipConfig: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 def activation(config: SiglipConfig):

@@ -35,8 +35,7 @@ class VGGConfig(ConfigMixin):
     img_size: int = 224  # the nominal input size (the network takes any size of at least 2^(number of 'M'))
 
     def __post_init__(self):
-        if self.family != FAMILY:
-            raise ValueError(f"VGGConfig.family must be {FAMILY!r}, got {self.family!r}")
+        self.check_family(FAMILY)
         cfg = tuple(v if v == "M" else int(v) for v in self.cfg)
         object.__setattr__(self, "cfg", cfg)
         if not any(v != "M" for v in cfg) or any(v != "M" and v < 1 for v in cfg):

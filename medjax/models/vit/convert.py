@@ -659,8 +659,21 @@ def attach_linear_head(config: ViTConfig, path: str) -> tuple[ViTConfig, dict, l
     return config, {"lc_head.weight": weight, "lc_head.bias": bias}, LINEAR_HEAD_RULES, source
 
 
+def attach_classifier_head(config: ViTConfig, weight: np.ndarray, bias: np.ndarray) -> tuple[ViTConfig, dict, list]:
+    """transformers' `Dinov2[WithRegisters]ForImageClassification` classifier (an nn.Linear on cat(CLS, mean of the
+    patch tokens)) is the hub linear head with one layer: stored as `lc_head` (lc_layers 1), run as `lc_logits`."""
+    if config.family != "dinov2":
+        raise CheckpointError(f"a transformers classifier head goes with a dinov2 backbone, not {config.family}")
+    if weight.ndim != 2 or weight.shape[1] != 2 * config.width:
+        raise CheckpointError(f"classifier.weight {tuple(weight.shape)}: a Dinov2ForImageClassification head takes "
+                              f"2 * {config.width} features (CLS and the patch mean)")
+    config = dataclasses.replace(config, lc_layers=1, lc_classes=int(weight.shape[0]))
+    return config, {"lc_head.weight": weight, "lc_head.bias": bias}, LINEAR_HEAD_RULES
+
+
 CONVERTERS = [
     Converter(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
-              IGNORED_KEYS_DOC[name], _ADJUST.get(name), attach_linear_head if name == "dinov2" else None)
+              IGNORED_KEYS_DOC[name], _ADJUST.get(name), attach_linear_head if name == "dinov2" else None,
+              attach_classifier_head if name == "dinov2" else None)
     for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2", "hf_vit", "hf_clip", "biomedclip")
 ]
