@@ -109,8 +109,8 @@ def measure(make_iter, batches: int) -> dict:
 
 def bench_dataset(name: str, base: str, num: int, batches: int, workers: int, prepare_workers: int) -> dict:
     import torch
-
     from data_pipeline import torch_loader
+
     from medjax import data
     from medjax.data import prepare, transforms
 

@@ -102,8 +102,8 @@ def run_medjax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from medjax.schema import make
     from medjax import engine, models, sharding
+    from medjax.schema import make
 
     config = backbone_config(args.model, args.image_size)
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32

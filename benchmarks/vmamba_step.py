@@ -38,10 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args(argv)
 
-    from medjax.schema import make
-    from medjax.models import VARIANTS
     from medjax import classifier, engine, models
+    from medjax.models import VARIANTS
     from medjax.models.vmamba.convert import vssm_config
+    from medjax.schema import make
 
     chunk = None if args.scan_chunk.lower() == "none" else int(args.scan_chunk)
     config = dataclasses.replace(vssm_config(VARIANTS[args.variant][1]), scan_chunk=chunk, img_size=args.size)

@@ -9,8 +9,8 @@ whole table (three CNNs and DINOv2 S/B/L on four datasets, frozen and full) is i
 `python -m medjax.grid list --filter study=glioma`.
 """
 
-from medjax.studies import glioma_protocol
 from medjax.schema import study_config
+from medjax.studies import glioma_protocol
 
 
 def get_config():

@@ -14,5 +14,4 @@ from __future__ import annotations
 
 from medjax.convert import CONVERTER_VERSION, CONVERTERS, CheckpointError, ConversionError, convert
 
-
 __all__ = ["convert", "CheckpointError", "ConversionError", "CONVERTER_VERSION", "CONVERTERS"]

@@ -69,17 +69,20 @@ def _fetch(argv) -> int:
     parser.add_argument("--from-file", action="append", default=[], metavar="PATH",
                         help="a file of NAME downloaded by hand (repeat for a source of several files): checked and "
                              "converted like a download; needs a single NAME")
+    parser.add_argument("--url", metavar="URL",
+                        help="download NAME's checkpoint from this address instead of the registry's: the link a "
+                             "publisher sends once its licence is accepted (DINOv3); needs a single NAME")
     parser.add_argument("--keep-download", action="store_true", help="keep the downloaded file(s) in the cache")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
-    if args.from_file and len(args.names) != 1:
-        print("error: --from-file goes with a single NAME", file=sys.stderr)
+    if (args.from_file or args.url) and len(args.names) != 1:
+        print(f"error: {'--from-file' if args.from_file else '--url'} goes with a single NAME", file=sys.stderr)
         return 2
     folders = []
     try:
         for name in args.names:
             folders.append(weights.fetch(name, from_files=args.from_file, keep_download=args.keep_download,
-                                         quiet=args.quiet))
+                                         quiet=args.quiet, url=args.url))
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,8 +30,8 @@ import os
 
 import numpy as np
 
-from medjax.errors import UserError
 from medjax import metrics as metrics_lib
+from medjax.errors import UserError
 
 PREDICTIONS_FILE = "test_predictions.npz"
 # Top-level numbers of a metrics dict that are counts or settings, not metrics.

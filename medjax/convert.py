@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.conversion import (CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint,
-                             sha256)
 from medjax import finetuned, models, pretrained
+from medjax.conversion import CheckpointError, ConversionError, apply_rules, read_state_dict, resolve_checkpoint, sha256
 from medjax.models import VARIANTS
 from medjax.tree import flatten_variables
 

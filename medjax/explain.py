@@ -47,7 +47,8 @@ def _family(model):
 def attention_matrices(model, variables, images) -> tuple[list, list]:
     """(backbone, head) lists of every `layers.Attention` call's attention probabilities averaged over heads,
     (B, T, T) float32, in the order the model runs them. Read from the call's input and its own qkv parameters (the
-    math of `layers.Attention`: fused qkv rows q, k, v, head-major inside each; softmax(q k^T / sqrt(d)))."""
+    math of `layers.Attention`: fused qkv rows q, k, v, head-major inside each; softmax(q k^T / sqrt(d))), or from
+    the module's `attention_probabilities(*args)` where it has one (an attention with its own math, e.g. RoPE)."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -58,7 +59,11 @@ def attention_matrices(model, variables, images) -> tuple[list, list]:
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if isinstance(module, Attention) and context.method_name == "__call__":
+        if hasattr(module, "attention_probabilities") and context.method_name == "__call__":
+            # a family's own attention (e.g. DINOv3's, with RoPE) states its probabilities for the same arguments
+            probs = module.attention_probabilities(*args, **kwargs).astype(jnp.float32)
+            found[module.path[0]].append(probs)
+        elif isinstance(module, Attention) and context.method_name == "__call__":
             x = args[0].astype(jnp.float32)
             qkv_params = module.variables["params"]["qkv"]
             qkv = jnp.dot(x, qkv_params["kernel"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)

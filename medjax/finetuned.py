@@ -26,9 +26,9 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from medjax.conversion import CheckpointError
+from medjax.data import aptos2019, chexpert, ddsm, isic2019
 from medjax.pretrained import PretrainedError
 from medjax.tree import tensor_digest
-from medjax.data import aptos2019, chexpert, ddsm, isic2019
 
 HEAD_FILE = "head.safetensors"  # as medjax.export names it
 EXPORT_KEY = "export"

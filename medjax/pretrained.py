@@ -22,8 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from medjax import outputs
 from medjax.errors import UserError, atomic_write
-from medjax.tree import (file_sha256, flatten, flatten_variables, tensor_digest, unflatten,  # noqa: F401
-                         unflatten_variables)
+from medjax.tree import file_sha256, flatten, flatten_variables, tensor_digest, unflatten, unflatten_variables  # noqa: F401
 
 PARAMS_FILE = "params.safetensors"
 METADATA_FILE = "medjax.json"

@@ -38,10 +38,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from medjax.errors import UserError, atomic_write, cli_main
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
 from medjax import outputs
+from medjax.errors import UserError, atomic_write, cli_main
 from medjax.pretrained import METADATA_FILE
 
 METRICS_FILE, CELL_FILE, CONFIG_FILE = "metrics.json", "grid_cell.json", "config.json"

@@ -12,8 +12,8 @@ def main(mesh_data: int, mesh_fsdp: int, process_id: int = 0, num_processes: int
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"localhost:{port}", num_processes, process_id)
-    from medjax.schema import make
     from medjax import engine, sharding
+    from medjax.schema import make
 
     arch = {"family": "dinov2", "width": 128, "depth": 2, "num_heads": 4, "patch_size": 8, "pos_grid": [4, 4],
             "mlp_hidden": 256, "layerscale": True}

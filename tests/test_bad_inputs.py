@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_path, run_cli
 
 import converters
 from converters import CheckpointError, ConversionError
-from conftest import fixture_path, run_cli
 
 DINO_CKPT, DINO_CFG = fixture_path("dinov2", "checkpoint.pth"), fixture_path("dinov2", "config.json")
 
@@ -94,8 +94,8 @@ def test_truncated_file(tmp_path, name):
 def test_missing_file_unknown_model_and_bad_config(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         _convert(tmp_path / "nope.pth", tmp_path)
-    with pytest.raises(CheckpointError, match="unknown --model 'dinov3'.*dinov2_vitb14"):
-        _convert(DINO_CKPT, tmp_path, "dinov3")
+    with pytest.raises(CheckpointError, match="unknown --model 'dinov4'.*dinov2_vitb14"):
+        _convert(DINO_CKPT, tmp_path, "dinov4")
     with pytest.raises(CheckpointError, match="needs --config"):
         _convert(DINO_CKPT, tmp_path, "dinov2", None)
     (tmp_path / "bad.json").write_text("{not json")

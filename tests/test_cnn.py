@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import converters
 from cnn_reference import VGG, DenseNet, legacy_densenet_keys, resnet
 from conftest import PARITY_TOL, convert_and_embed, fixture_path, max_abs, perturb_, run_cli
+
+import converters
 from converters import CheckpointError, ConversionError
 from medjax import embed, models, pretrained
 from medjax.models import cnn

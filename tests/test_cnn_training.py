@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-
-import converters
 from cnn_reference import resnet
 from conftest import perturb_
-from medjax.schema import make
+
+import converters
 from medjax import engine, models, optim, pretrained
+from medjax.schema import make
 
 STEPS, BATCH, CLASSES, LR, WARMUP, SIZE = 4, 6, 3, 0.05, 2, 32
 ARCH = {"block": "Bottleneck", "layers": [1, 1, 1, 1], "width_per_group": 8, "num_classes": 10}
@@ -176,6 +176,7 @@ def test_mlp_head_on_dinov2_lc_reads_the_imagenet_logits(tmp_path):
     """The glioma study's model: dinov2_*_lc (backbone + its ImageNet linear classifier) -> Linear(1000, 256) -> ReLU
     -> Linear(256, C); checked against the same composition on the fixture's recorded lc_logits."""
     from conftest import fixture_path
+
     from medjax import classifier
 
     converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "lc"), "dinov2",

@@ -6,8 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from medjax import data
 from medjax.data import DataError, fake
 

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from conftest import ROOT, run_cli
 from medjax import data
 from medjax.data import fake, prepare, prepared, transforms
 

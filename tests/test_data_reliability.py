@@ -8,9 +8,9 @@ import os
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from medjax import data
 from medjax.data import DataError, fake
 

@@ -10,16 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from flax import linen as nn
 
-from conftest import ROOT
-from medjax.schema import make
 from medjax import models, rules
 from medjax.models.hiera import HieraConfig
 from medjax.models.layers import BatchNorm, frozen_norms
 from medjax.models.vit import ViTConfig
 from medjax.models.vmamba import VMambaConfig
 from medjax.pretrained import flatten
+from medjax.schema import make
 
 VMAMBA = VMambaConfig(dims=(8, 16, 32, 64), depths=(1, 2, 2, 1), img_size=64)
 

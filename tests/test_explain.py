@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.schema import make
 from medjax import classifier, engine, explain, sharding
+from medjax.schema import make
 
 TINY_VIT = dict(family="dinov2", width=32, depth=3, num_heads=4, patch_size=4, pos_grid=(8, 8), mlp_hidden=64,
                 layerscale=True)

@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from medjax import models, predict, pretrained
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
@@ -77,8 +77,8 @@ def _backbone_outputs(classifier_model, variables, images):
 def test_safetensors_export_gives_the_best_models_outputs(runs, name, tmp_path):
     import jax
 
-    from medjax.schema import make
     from medjax import engine
+    from medjax.schema import make
 
     workdir, data_root = runs(name)
     folder = tmp_path / "export"

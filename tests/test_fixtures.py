@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
 
 CASES = [  # (fixture, checkpoint file, --model)
@@ -33,12 +32,13 @@ def test_fixture_parity_through_clis(tmp_path, family, checkpoint, model):
 
 def test_dinov2_fixture_interpolated_pos_embed(matmul_f32):
     """The run-time pos-embed resize (7x7 grid -> 4x4, offset 0.1 scale factor) equals upstream's."""
+    import json
+
     import jax.numpy as jnp
 
-    from medjax.models.vit import convert as vit
     from medjax.conversion import read_state_dict
+    from medjax.models.vit import convert as vit
     from medjax.models.vit import interpolate_pos_embed
-    import json
 
     with open(fixture_path("dinov2", "config.json")) as f:
         config = vit.dinov2_config(json.load(f))

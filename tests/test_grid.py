@@ -7,12 +7,12 @@ import os
 
 import pytest
 from absl import flags
+from conftest import ROOT, run_cli
 from ml_collections import config_flags
 
 import converters
-from medjax import models, schema
-from conftest import ROOT, run_cli
-from medjax import data, grid as grid_cli, report
+from medjax import data, models, report, schema
+from medjax import grid as grid_cli
 
 GRID_PATH = os.path.join(ROOT, "configs", "grid.py")
 grid = grid_cli.load_grid(GRID_PATH)
@@ -317,8 +317,8 @@ def test_probe_cells_run_the_linear_probe_protocol(tmp_path):
     """`grid run` dispatches a head=probe cell to `python -m medjax.grid probe`, which writes metrics.json and the
     test predictions with patient-resampled intervals (the Figshare slices carry patient ids)."""
     import numpy as np
-
     from conftest import fixture_path
+
     from medjax import bootstrap, metrics
     from medjax.protocols import linear_probe
 

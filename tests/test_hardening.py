@@ -16,14 +16,13 @@ import uuid
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from medjax import schema
-from conftest import ROOT, run_cli
-from medjax import errors, export, main as main_lib, models, predict, pretrained
+from medjax import data, errors, export, models, predict, pretrained, schema
+from medjax import main as main_lib
 from medjax.data import DataError, fake, prepare, prepared
 from medjax.data import __main__ as data_cli
-from medjax import data
 
 
 def _png(path, value=100, size=(12, 10)):

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
 
 import converters
 from converters import CheckpointError, ConversionError
-from medjax.models import VARIANTS
-from medjax.models.hiera import convert as hiera
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
 from medjax import models, pretrained
+from medjax.models import VARIANTS
 from medjax.models.hiera import block_plan, input_size_problem
+from medjax.models.hiera import convert as hiera
 
 transformers = pytest.importorskip("transformers")
 

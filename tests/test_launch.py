@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 TPU = os.path.join(ROOT, "launch", "tpu_vm.sh")

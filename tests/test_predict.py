@@ -10,8 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from medjax import metrics, predict, thresholds
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fixture_path, run_cli
 
 import converters
-from conftest import fixture_path, run_cli
 from medjax import models
 from medjax.data import Record, fake, get_dataset
 from medjax.protocols import features, few_shot, knn, linear_probe

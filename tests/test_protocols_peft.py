@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT, fixture_path
 
 import converters
-from conftest import ROOT, fixture_path
-from medjax.schema import make
-from medjax import classifier, engine, models
+from medjax import classifier, engine, models, peft
 from medjax.models.vit import ViTConfig
 from medjax.pretrained import flatten, unflatten
-from medjax import peft
+from medjax.schema import make
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    PARITY_TOL,
+    assert_fixture_outputs,
+    convert_and_embed,
+    fixture_path,
+    max_abs,
+    perturb_,
+    train_two_steps,
+)
 
 import converters
-from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
-                      train_two_steps)
 from medjax import models, pretrained
 from medjax.models.sam import convert as sam
 
@@ -193,8 +200,8 @@ def test_trains_in_the_engine(sam_dir, head, freeze):
     """The converted SAM encoder in the trainer's one build path (medjax.engine.build): grayscale data (the stem
     reduced to one channel), both heads, frozen / partial (from block 1) / full; two steps update exactly the
     trainable parameters."""
-    from medjax.schema import make
     from medjax import engine
+    from medjax.schema import make
 
     cfg = make({"model.family": "sam_vit", "model.pretrained": sam_dir, "model.head": head, "model.freeze": freeze,
                 "model.unfreeze_from_block": 1, "image_size": 64, "compute_dtype": "float32", "optim.lr": 1e-2,

@@ -3,14 +3,14 @@ field of its own; recipes resolve by name; no module of the library imports the 
 command line's --help is complete and exits 0."""
 
 import ast
-import re
 import os
+import re
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from medjax import schema, studies
 
 DECLARED = set(schema._dotted_fields(schema.study_config()))

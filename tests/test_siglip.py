@@ -14,10 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    PARITY_TOL,
+    assert_fixture_outputs,
+    convert_and_embed,
+    fixture_path,
+    max_abs,
+    perturb_,
+    run_cli,
+    train_two_steps,
+)
 
 import converters
-from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
-                      run_cli, train_two_steps)
 from medjax import models, pretrained
 from medjax.conversion import CheckpointError, ConversionError
 from medjax.models.siglip import convert as siglip

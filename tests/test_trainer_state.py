@@ -11,8 +11,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from medjax import models, pretrained
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]

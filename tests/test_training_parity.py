@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_
 
 import converters
-from conftest import perturb_
-from medjax.schema import make
 from medjax import engine, models, optim, pretrained
+from medjax.schema import make
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_TOL, max_abs, perturb_
 
 import converters
-from conftest import PARITY_TOL, max_abs, perturb_
 from medjax import models
 
 transformers = pytest.importorskip("transformers")

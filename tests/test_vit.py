@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fixture_path, max_abs
 
 import converters
-from medjax.models.vit import convert as vit
-from conftest import fixture_path, max_abs
 from medjax import conversion, models
+from medjax.models.vit import convert as vit
 
 transformers = pytest.importorskip("transformers")
 
@@ -156,8 +156,8 @@ def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
     import jax.numpy as jnp
 
     from medjax.conversion import apply_rules
-    from medjax.models.vit.convert import COCA_RULES
     from medjax.models.layers import AttentionalPooler
+    from medjax.models.vit.convert import COCA_RULES
     from medjax.pretrained import flatten
 
     torch.manual_seed(0)

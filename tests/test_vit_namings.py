@@ -13,12 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    PARITY_TOL,
+    assert_fixture_outputs,
+    convert_and_embed,
+    fixture_path,
+    max_abs,
+    perturb_,
+    run_cli,
+    train_two_steps,
+)
 
 import converters
-from conftest import (PARITY_TOL, assert_fixture_outputs, convert_and_embed, fixture_path, max_abs, perturb_,
-                      run_cli, train_two_steps)
-from medjax.conversion import CheckpointError
 from medjax import conversion, models
+from medjax.conversion import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 
@@ -363,8 +371,8 @@ def test_linear_head_refusals(tmp_path):
 def test_trains_in_the_engine(tmp_path, family, checkpoint, freeze):
     """A converted fixture in the trainer's build path (medjax.engine.build) with grayscale data: two steps train the
     head and the blocks the freeze setting selects (partial: from block 1)."""
-    from medjax.schema import make
     from medjax import engine
+    from medjax.schema import make
 
     converters.convert(fixture_path(family, checkpoint), str(tmp_path / "jx"), family,
                        fixture_path(family, "config.json"))

@@ -8,15 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
+from vmamba_reference import selective_scan_ref
 
 import converters
-from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
 from converters import CheckpointError, ConversionError
-from medjax.models import VARIANTS
-from medjax.models.vmamba.convert import vssm_config
 from medjax import models
-from medjax.models import vmamba
-from vmamba_reference import selective_scan_ref
+from medjax.models import VARIANTS, vmamba
+from medjax.models.vmamba.convert import vssm_config
 
 CKPT, CFG = fixture_path("vmamba", "checkpoint.pth"), fixture_path("vmamba", "config.json")
 TOL = 1e-4  # the bar; measured: pooled_feature 1.2e-6, last_stage_feature_map 7.2e-6

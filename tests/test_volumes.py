@@ -154,9 +154,9 @@ def test_volume_features_are_the_mean_of_the_slices_embedded_one_by_one(root, tm
     """Batches of 4 slices straddle the volumes (3, 2, 3, 5 and 4 slices); every volume's feature must equal the mean
     of its slices' features computed alone (batch of one)."""
     import jax
+    from conftest import fixture_path
 
     import converters
-    from conftest import fixture_path
     from medjax.protocols import features
 
     params = str(tmp_path / "dino")
@@ -225,10 +225,10 @@ def test_fine_tuning_on_volumes_averages_the_slices_logits(tmp_path):
     import jax
     from PIL import Image
 
-    from medjax.schema import make
     from medjax import classifier, train
     from medjax.data import fake
     from medjax.data.transforms import eval_transform
+    from medjax.schema import make
 
     root = str(tmp_path / "vol")
     fake.write("volumes", root, 18, seed=5, size=24)

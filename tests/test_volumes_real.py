@@ -8,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from medjax.data import DataError, volumes
 from medjax.data.transforms import decode
 

@@ -18,13 +18,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import PARITY_TOL, ROOT, fixture_path, perturb_
 from safetensors.numpy import load_file
 
-from conftest import PARITY_TOL, ROOT, fixture_path, perturb_
 from medjax import embed as embed_lib
 from medjax import models, pretrained
-from medjax.convert import convert
 from medjax.conversion import CheckpointError
+from medjax.convert import convert
 from medjax.weights import fetch as weights
 from medjax.weights import registry
 
@@ -561,3 +561,22 @@ def test_other_training_checkpoints_name_the_key_holding_the_weights(tmp_path):
     torch.save({"net": state, "epoch": 3, "optimizer": {"state": {}}}, tmp_path / "train.pth")
     with pytest.raises(CheckpointError, match=r"its weights look to be under 'net' \(35 tensors\)"):
         convert(str(tmp_path / "train.pth"), str(tmp_path / "out"), "dinov2", DINO_CFG)
+
+
+def test_a_user_given_url_replaces_the_registry_address(env, capsys, tmp_path):
+    """Licence-gated files (DINOv3): the link the publisher sends is given with --url; the file is checked against
+    the registry's digest and converted like the official one."""
+    from converters.__main__ import main
+
+    mirror, source, data = env
+    signed = "https://download.example.org/dinov3/after-licence/tiny.pth"
+    mirror.files = {_mirror_path(signed): data}  # the registry's own address is gone
+    assert main(["fetch", source.name, "--quiet", "--url", signed]) == 0
+    folder = capsys.readouterr().out.strip().splitlines()[-1]
+    direct = tmp_path / "direct"
+    convert(DINO_CKPT, str(direct), "dinov2", DINO_CFG)
+    _same_folder(folder, str(direct))
+    assert main(["fetch", source.name, "test_other", "--url", signed]) == 2
+    assert "--url goes with a single NAME" in capsys.readouterr().err
+    with pytest.raises(weights.WeightsError, match="not an http"):
+        weights.fetch(source.name, url="file:///etc/passwd")

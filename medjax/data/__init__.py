@@ -21,9 +21,24 @@ import logging
 import os
 from typing import Callable
 
-from medjax.data import (aptos2019, brain_tumor_figshare, cbis_ddsm, checks, chest_xray_pneumonia, chexpert, ddsm,
-                         generic, ham10000, ichallenge_amd, isic2018, isic2019, nih_chestxray14, prepared,
-                         statistics, volumes)
+from medjax.data import (
+    aptos2019,
+    brain_tumor_figshare,
+    cbis_ddsm,
+    checks,
+    chest_xray_pneumonia,
+    chexpert,
+    ddsm,
+    generic,
+    ham10000,
+    ichallenge_amd,
+    isic2018,
+    isic2019,
+    nih_chestxray14,
+    prepared,
+    statistics,
+    volumes,
+)
 from medjax.data.records import DataError, Dataset, Record, check_inside_root, fill_splits
 from medjax.data.records import allow_outside_root as _allow_outside_root
 from medjax.data.splits import write_split_file

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
-                                 take_options)
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir, take_options
 from medjax.data.splits import split_by_group
 
 CLASS_NAMES = ["No DR", "Mild", "Moderate", "Severe", "Proliferative DR"]

@@ -19,8 +19,7 @@ from __future__ import annotations
 import logging
 import os
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
-                                 take_options)
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir, take_options
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["benign", "malignant"]

@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
-                                 take_options)
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir, take_options
 from medjax.data.splits import check_disjoint, split_by_group
 
 CLASS_NAMES = ["No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",

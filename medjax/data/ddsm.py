@@ -13,8 +13,16 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, list_entries, require_dir,
-                                 take_options)
+from medjax.data.records import (
+    DataError,
+    Dataset,
+    Record,
+    fill_splits,
+    join_under,
+    list_entries,
+    require_dir,
+    take_options,
+)
 from medjax.data.splits import check_disjoint
 
 MEAN, STD = (0.286,), (0.267,)

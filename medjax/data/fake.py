@@ -95,7 +95,8 @@ def _save_png16(img: np.ndarray, path: str):
 
 def save_dicom(img: np.ndarray, path: str, patient_id: str = "P_00000"):
     """A 16-bit MONOCHROME2 uncompressed DICOM, as the CBIS-DDSM full mammograms are."""
-    from pydicom.dataset import FileMetaDataset, Dataset as DicomDataset
+    from pydicom.dataset import Dataset as DicomDataset
+    from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     arr = np.clip(np.rint(img[..., 0] * 257), 0, 65535).astype(np.uint16)
@@ -496,7 +497,8 @@ def write_volumes(root, num, rng, size):
 
 def _save_ct_slice(hu: np.ndarray, path: str, patient_id: str, position: int):
     """One CT slice: 16-bit stored values with RescaleSlope 1 / RescaleIntercept -1024, positioned along z."""
-    from pydicom.dataset import FileMetaDataset, Dataset as DicomDataset
+    from pydicom.dataset import Dataset as DicomDataset
+    from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     arr = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16)

@@ -15,9 +15,21 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError, Dataset, Record,
-                                 fill_splits, join_under, merge_duplicates, read_csv, require_dir, take_options,
-                                 walk_images)
+from medjax.data.records import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    Dataset,
+    Record,
+    fill_splits,
+    join_under,
+    merge_duplicates,
+    read_csv,
+    require_dir,
+    take_options,
+    walk_images,
+)
 from medjax.data.splits import check_disjoint, split_by_group
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import os
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir,
-                                 take_options)
+from medjax.data.records import DataError, Dataset, Record, fill_splits, join_under, read_csv, require_dir, take_options
 from medjax.data.splits import split_by_group
 
 CLASS_NAMES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC"]

@@ -18,8 +18,16 @@ from __future__ import annotations
 import os
 import re
 
-from medjax.data.records import (DataError, Dataset, Record, fill_splits, read_csv, list_entries, require_dir,
-                                 take_options)
+from medjax.data.records import (
+    DataError,
+    Dataset,
+    Record,
+    fill_splits,
+    list_entries,
+    read_csv,
+    require_dir,
+    take_options,
+)
 from medjax.data.splits import check_disjoint, split_by_group
 
 FINDINGS = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",

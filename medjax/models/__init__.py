@@ -20,7 +20,7 @@ from medjax.models.family import Family
 from medjax.tree import flatten_variables
 
 # A new family is a folder and one entry here.
-PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam", "siglip")
+PACKAGES = ("vit", "hiera", "vmamba", "resnet", "densenet", "vgg", "sam", "dinov3", "dinov3_convnext", "siglip")
 
 
 

@@ -169,9 +169,7 @@ def peft_config(args):
 
 def _peft(args) -> dict:
     """LoRA / BitFit through the main trainer (checkpoints and exact resume in WORKDIR/peft_<method>, metrics.json)."""
-    from medjax import schema
-    from medjax import models, train
-    from medjax import peft
+    from medjax import models, peft, schema, train
 
     config = peft_config(args)
     schema.validate(config)

@@ -274,10 +274,15 @@ def _match_files(source: Source, given: list[str]) -> dict[File, str]:
     return out
 
 
-def fetch(name: str, *, from_files: list[str] | None = None, keep_download: bool = False, quiet: bool = False) -> str:
+def fetch(name: str, *, from_files: list[str] | None = None, keep_download: bool = False, quiet: bool = False,
+          url: str | None = None) -> str:
     """The converted folder of the registry name `name`: from the cache, else downloaded (or taken from
-    `from_files`), verified, converted and cached. Returns the folder's path."""
+    `from_files`), verified, converted and cached. Returns the folder's path. `url`: download the checkpoint from this
+    address instead of the registry's (the download link a publisher sends after its licence is accepted, e.g.
+    DINOv3's); the file is checked and converted like the official one."""
     source = get(name)
+    if url is not None and not url.startswith(("https://", "http://")):
+        raise WeightsError(f"{name}: --url {url!r} is not an http(s) address")
     folder = cached(name)
     if folder and not from_files:
         return folder
@@ -292,14 +297,15 @@ def fetch(name: str, *, from_files: list[str] | None = None, keep_download: bool
             path = given[file]
         else:
             path = os.path.join(download_dir(name), file.filename)
+            address = url if url is not None and file is source.checkpoint else file.url
             if not os.path.exists(path):
                 if not quiet:
-                    print(f"{name}: downloading {file.url} (about {file.size / 1e6:,.0f} MB)", file=sys.stderr)
-                download(file.url, path, quiet=quiet)
+                    print(f"{name}: downloading {address} (about {file.size / 1e6:,.0f} MB)", file=sys.stderr)
+                download(address, path, quiet=quiet)
         digest, published = verify(path, file, name) if file not in given else _verify_given(path, file, name)
         local[file] = path
         records.append({"url": file.url, "fetched_from": "--from-file " + os.path.abspath(path) if file in given
-                        else mirrored(file.url), "revision": source.revision, "bytes": os.path.getsize(path),
+                        else mirrored(address), "revision": source.revision, "bytes": os.path.getsize(path),
                         "sha256": digest, "published_digest": published, "role": file.role})
     folder = _convert_into_cache(source, local, records)
     if not keep_download:

@@ -4,8 +4,18 @@
 
 from __future__ import annotations
 
-from medjax.conversion import (CheckpointError, Converter, Format, Rule, check_keys, conv_rules,
-                             dense_rules, norm_rules, pair, transformers_vision_config)
+from medjax.conversion import (
+    CheckpointError,
+    Converter,
+    Format,
+    Rule,
+    check_keys,
+    conv_rules,
+    dense_rules,
+    norm_rules,
+    pair,
+    transformers_vision_config,
+)
 from medjax.models.hiera.model import FAMILY, HieraConfig
 
 # ------------------------------------------------------------------------------------------------ key tables

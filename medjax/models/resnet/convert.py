@@ -7,8 +7,17 @@ with the default momentum never reads it.
 
 from __future__ import annotations
 
-from medjax.conversion import (INERT_KEYS, CheckpointError, Converter, Format, Rule, check_keys, conv_rules,
-                             dense_rules, norm_rules)
+from medjax.conversion import (
+    INERT_KEYS,
+    CheckpointError,
+    Converter,
+    Format,
+    Rule,
+    check_keys,
+    conv_rules,
+    dense_rules,
+    norm_rules,
+)
 from medjax.models.resnet.model import FAMILY, ResNetConfig
 
 

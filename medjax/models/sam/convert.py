@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import re
 
-from medjax.conversion import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, norm_rules,
-                             transformers_vision_config)
+from medjax.conversion import (
+    CheckpointError,
+    Converter,
+    Format,
+    Rule,
+    check_keys,
+    conv,
+    dense_rules,
+    norm_rules,
+    transformers_vision_config,
+)
 from medjax.models.sam.model import FAMILY, SamViTConfig
 
 # ------------------------------------------------------------------------------------------------ key tables

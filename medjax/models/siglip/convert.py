@@ -5,8 +5,19 @@ skipped."""
 
 from __future__ import annotations
 
-from medjax.conversion import (CheckpointError, Converter, Format, Rule, conv, dense_rules, linear, norm_rules, pair,
-                               reshape, transformers_vision_config)
+from medjax.conversion import (
+    CheckpointError,
+    Converter,
+    Format,
+    Rule,
+    conv,
+    dense_rules,
+    linear,
+    norm_rules,
+    pair,
+    reshape,
+    transformers_vision_config,
+)
 from medjax.models.siglip.model import FAMILY, SiglipConfig
 
 # ------------------------------------------------------------------------------------------------ key tables

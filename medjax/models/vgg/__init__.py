@@ -6,7 +6,6 @@ from medjax.models.vgg.model import *  # noqa: F401,F403 (the package is the mod
 from medjax.models.vgg.model import FAMILY, VGG, VGGConfig, layers, lora_targets
 
 
-
 def gradcam_layer(config: VGGConfig) -> str:
     """The last convolution (its BatchNorm in the -BN variants), before the last ReLU and max-pool."""
     return f"features_{[i for i, kind, _ in config.layout() if kind in ('conv', 'bn')][-1]}"

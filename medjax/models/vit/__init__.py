@@ -6,8 +6,17 @@ import dataclasses
 
 from medjax.models.family import Family
 from medjax.models.vit.model import *  # noqa: F401,F403 (the package is the model's namespace)
-from medjax.models.vit.model import (NAMES, ViTConfig, VisionTransformer, layers, lora_targets, max_taps,
-                                     stack_blocks, taps, unstack_blocks)
+from medjax.models.vit.model import (
+    NAMES,
+    VisionTransformer,
+    ViTConfig,
+    layers,
+    lora_targets,
+    max_taps,
+    stack_blocks,
+    taps,
+    unstack_blocks,
+)
 
 
 def execution(config: ViTConfig, variables, remat: bool, scan: bool):

@@ -10,8 +10,22 @@ import re
 
 import numpy as np
 
-from medjax.conversion import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules,
-                             linear, norm_rules, pair, read_state_dict, reshape, sha256, transformers_vision_config)
+from medjax.conversion import (
+    CheckpointError,
+    Converter,
+    Format,
+    Rule,
+    check_keys,
+    conv,
+    dense_rules,
+    linear,
+    norm_rules,
+    pair,
+    read_state_dict,
+    reshape,
+    sha256,
+    transformers_vision_config,
+)
 from medjax.models.layers import swiglu_hidden
 from medjax.models.vit.model import ViTConfig
 

@@ -17,8 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from medjax.models.layers import (Attention, AttentionalPooler, LayerScale, Mlp, QuickGeluMlp, SwiGLU, dense,
-                                  image_shape, layer_norm, rms_norm)
+from medjax.models.layers import (
+    Attention,
+    AttentionalPooler,
+    LayerScale,
+    Mlp,
+    QuickGeluMlp,
+    SwiGLU,
+    dense,
+    image_shape,
+    layer_norm,
+    rms_norm,
+)
 from medjax.resize import resize_bicubic
 
 NAMES = ("dinov2", "mae", "deit", "clip", "aimv2", "coca", "hf_vit", "hf_clip", "biomedclip")
