@@ -10,7 +10,11 @@
 `list` prints one cell per line with its study and config argument. `run` runs each selected cell, one after the
 other, in `{workdir-root}/{model}/{dataset}/{head}_{freeze}`: `python -m medjax.main` for trained cells, `python -m
 medjax.grid probe` for the radiology study's linear probes (head `probe`); a cell whose work directory already
-holds metrics.json is skipped, an unfinished one resumes from its checkpoint (a probe from its cached features).
+holds metrics.json is skipped (unless its grid_cell.json marks it failed), an unfinished one resumes from its
+checkpoint (a probe from its cached features). Each cell runs in its own process group: SIGTERM / Ctrl-C to the grid
+go to the cell's run, which saves and stops, then the grid stops with one line (exit 143 / 130); if the grid dies,
+the cell's run gets SIGTERM. A cell that fails is marked `"status": "failed"` in its grid_cell.json and run again
+by the next `grid run`.
 Before a cell runs, its identity is written to `grid_cell.json` in its work directory (what `python -m
 medjax.report` reads); `cell` writes that file alone, for runs started another way (the launch scripts). A filter is
 `key=pattern[|pattern...]` items joined by commas; patterns are shell-style (`dinov2_*`), keys are model, dataset,
@@ -30,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
 import fnmatch
 import importlib.util
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +55,16 @@ from medjax.protocols import features, linear_probe
 CELL_FILE = "grid_cell.json"
 METRICS_FILE = "metrics.json"
 DEFAULT_GRID = "configs/grid.py"
+INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a cell's run stopped by a signal (saved, resumable)
+
+
+class GridInterrupted(Exception):
+    """`grid run` was stopped by SIGTERM / SIGINT while a cell ran; the cell's run saved and stopped with it."""
+
+    def __init__(self, signum: int, arg: str):
+        self.signum, self.arg = signum, arg
+        super().__init__(f"grid run stopped ({signal.Signals(signum).name}) during cell {arg}; its run saved its step "
+                         "and stopped; run the same command to resume")
 
 
 def load_grid(path: str | None = None):
@@ -98,11 +114,12 @@ def main_command(grid_path: str, arg: str, workdir: str, overrides=(), distribut
     return cmd + (["--distributed"] if distributed else [])
 
 
-def write_cell_file(workdir: str, config, command=None) -> str:
-    """`grid_cell.json` in the work directory: the cell, its config argument and the full config (JSON)."""
+def write_cell_file(workdir: str, config, command=None, status: dict | None = None) -> str:
+    """`grid_cell.json` in the work directory: the cell, its config argument and the full config (JSON); `status`
+    ({'status': 'failed', 'returncode': N}) marks a cell whose run failed."""
     os.makedirs(workdir, exist_ok=True)
     record = {"cell": config.grid_cell.to_dict(), "config": json.loads(config.to_json_best_effort()),
-              "command": command}
+              "command": command, **(status or {})}
     path = os.path.join(workdir, CELL_FILE)
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # every host of a pod may write it to a shared folder
     with open(tmp, "w") as f:
@@ -193,8 +210,42 @@ def _json_default(x):
     raise TypeError(f"not JSON-serialisable: {type(x)}")
 
 
+def _die_with_parent():  # in the cell's process before exec: SIGTERM when the grid dies, even by SIGKILL (Linux)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_cell_process(cmd: list) -> subprocess.CompletedProcess:
+    """Runs a cell's command in its own process group (its run and the run's data workers): SIGTERM / SIGINT to the
+    grid are forwarded to the group, so the run saves and stops, and the group gets SIGTERM if the grid dies."""
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {n: signal.signal(n, forward) for n in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = proc.wait()
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
+        if proc.poll() is None:  # an exception in the grid itself: the cell goes with it
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+    result = subprocess.CompletedProcess(cmd, returncode)
+    result.signal = received[0] if received else None
+    return result
+
+
 def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_run=False, distributed=False,
-              runner=subprocess.run, out=sys.stdout) -> int:
+              runner=run_cell_process, out=sys.stdout) -> int:
     """Runs (or prints) `python -m medjax.main` (a probe cell: `medjax.grid probe`) for each cell in turn; returns
     the number of failed cells. With `distributed` (every host runs this loop) probe cells are left out: the probe
     runs on one host, so run them without --distributed."""
@@ -203,7 +254,7 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
         arg = grid.cell_arg(cell)
         workdir = cell_workdir(workdir_root, cell)
         shown = main_command(grid_path, arg, workdir, overrides, distributed)
-        if os.path.exists(os.path.join(workdir, METRICS_FILE)):
+        if os.path.exists(os.path.join(workdir, METRICS_FILE)) and not _failed(workdir):
             skipped += 1
             print(f"# [{i}/{len(cells)}] skip {arg}: {workdir}/{METRICS_FILE} exists", file=out)
             continue
@@ -216,10 +267,15 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
             print(shlex.join(shown), file=out)
             continue
         print(f"# [{i}/{len(cells)}] {shlex.join(shown)}", file=out, flush=True)
-        write_cell_file(workdir, apply_overrides(grid.get_config(arg), overrides), shown)
+        config = apply_overrides(grid.get_config(arg), overrides)
+        write_cell_file(workdir, config, shown)
         proc = runner(main_command(grid_path, arg, workdir, overrides, distributed, python=sys.executable))
+        stopped = getattr(proc, "signal", None) or (proc.returncode - 128 if proc.returncode in INTERRUPTED else None)
+        if stopped:  # the run saved and stopped: resumable, neither done nor failed
+            raise GridInterrupted(stopped, arg)
         if proc.returncode != 0:
             failed.append(arg)
+            write_cell_file(workdir, config, shown, {"status": "failed", "returncode": proc.returncode})
             print(f"# [{i}/{len(cells)}] FAILED ({proc.returncode}): {arg}", file=out, flush=True)
     todo = len(cells) - skipped - single_host
     verb = "would run" if dry_run else "ran"
@@ -227,6 +283,15 @@ def run_cells(grid, cells, workdir_root: str, grid_path: str, overrides=(), dry_
           + (f", {single_host} probe cell(s) left for a single-host run" if single_host else "")
           + (f", {len(failed)} failed: {' '.join(failed)}" if failed else ""), file=out)
     return len(failed)
+
+
+def _failed(workdir: str) -> bool:
+    """The cell's last run failed (grid_cell.json says so): its metrics.json, if any, is no result to skip on."""
+    try:
+        with open(os.path.join(workdir, CELL_FILE)) as f:
+            return json.load(f).get("status") == "failed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cell_weights(grid, cells: list[dict]) -> dict[str, str]:
@@ -359,8 +424,15 @@ def main(argv=None) -> int:
         return 0
     if not args.filter and not args.all:
         parser.error("run: give --filter (e.g. --filter model=dinov2_b,dataset=chexpert) or --all")
-    return 1 if run_cells(grid, chosen, args.workdir_root, args.grid, overrides, args.dry_run,
-                          args.distributed) else 0
+    try:
+        return 1 if run_cells(grid, chosen, args.workdir_root, args.grid, overrides, args.dry_run,
+                              args.distributed) else 0
+    except GridInterrupted as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # between cells: nothing was running
+        print("grid run interrupted between cells; run the same command to go on", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

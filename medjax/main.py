@@ -4,12 +4,15 @@ Fine-tunes a backbone on a dataset as the config says, resuming from DIR if it h
 hosts, pass --distributed (or run under a launcher that sets the JAX coordinator environment).
 
 User errors (bad config, data, weights, work directory) end with one `error:` line and exit status 2; a non-finite
-loss ends with exit status 3.
+loss ends with exit status 3. SIGTERM / Ctrl-C save a checkpoint at the current step and end with one line, exit
+status 143 / 130 (docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 
 import jax
@@ -76,17 +79,33 @@ def main(argv):
     if not FLAGS["verbosity"].present:  # orbax and grain log every save at INFO; keep the console for the summary
         logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
+    workdir = FLAGS.workdir
+    fresh = not os.path.exists(workdir)  # a refused first start leaves no folder behind
     try:
         schema.validate(config)
         check_workdir(FLAGS.workdir)
+        train.check_config(config)
         if FLAGS.distributed:
             jax.distributed.initialize()
-        prepare(config, FLAGS.workdir)
-        result = train.Trainer(config, FLAGS.workdir).run()
+        with rundir.locked(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+            prepare(config, workdir)
+            result = train.Trainer(config, workdir).run()
+    except train.Stopped as e:  # SIGTERM / Ctrl-C: the step finished and was saved
+        print(e, file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one
+        print("interrupted: stopped at once; the run resumes from its last complete checkpoint (run the same "
+              "command)", file=sys.stderr)
+        return 130
     except train.NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except rundir.WorkdirBusy as e:  # another process's folder: nothing of it is touched
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except UserError as e:
+        if fresh and not os.path.exists(rundir.path(workdir, rundir.RUN_CONFIG)) and jax.process_index() == 0:
+            shutil.rmtree(workdir, ignore_errors=True)
         print(f"error: {str(e).strip()}", file=sys.stderr)
         return 2
     print(f"metrics written to {rundir.path(FLAGS.workdir, rundir.METRICS)}")

@@ -167,11 +167,14 @@ def _best_step(workdir: str) -> int:
     if os.path.isdir(root):
         with ocp.CheckpointManager(root, item_handlers={"progress": ocp.JsonCheckpointHandler()}) as manager:
             latest = manager.latest_step()
-            if latest is not None:
-                progress = manager.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-                step = progress["progress"]["best"]["step"]
-                if step is not None:
-                    return int(step)
+            try:
+                progress = manager.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore())) \
+                    if latest is not None else None
+            except Exception:  # noqa: BLE001 - a damaged checkpoint: the finished run's metrics.json names the best
+                progress = None
+            step = progress["progress"]["best"]["step"] if progress else None
+            if step is not None:
+                return int(step)
     path = os.path.join(workdir, "metrics.json")
     if os.path.isfile(path):
         step = _read_json(path, "the run's metrics").get("best_step")
@@ -192,8 +195,21 @@ def _build(config, num_classes: int, channels: int, task: str, mesh=None):
 
 
 def load_run(workdir: str, mesh=None) -> FineTuned:
+    """A run's best model, verified against its digests, read under the work directory's shared lock: refused (one
+    line) while a trainer writes the run (`medjax.rundir.reading`)."""
+    from medjax import rundir
+
+    try:
+        with rundir.reading(workdir):
+            return _load_run(workdir, mesh)
+    except rundir.WorkdirBusy as e:
+        raise PredictError(str(e)) from None
+
+
+def _load_run(workdir: str, mesh=None) -> FineTuned:
     import jax
-    import orbax.checkpoint as ocp
+
+    from medjax import checkpoint
 
     flat = _read_json(os.path.join(workdir, "run_config.json"), "the config of a run started by medjax.main")
     config = config_from_flat(flat, os.path.join(workdir, "run_config.json"))
@@ -216,8 +232,10 @@ def load_run(workdir: str, mesh=None) -> FineTuned:
     e = _build(config, len(class_names), len(mean), task, mesh)
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       e.variables_of(e.state), e.variables_sharding)
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(best_dir, abstract)
+    try:
+        variables = checkpoint.restore_best(best_dir, abstract)
+    except checkpoint.DamagedCheckpoint as err:
+        raise PredictError(f"{err}; train the run again (or restore the folder from a copy)") from None
     metrics_path = os.path.join(workdir, "metrics.json")
     target = _read_json(metrics_path, "")["target_metric"] if os.path.isfile(metrics_path) else None
     return FineTuned(workdir, config, e, variables, class_names, task, len(mean), mean, std,

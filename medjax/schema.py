@@ -163,6 +163,7 @@ def study_config():
     c.progress_bar = True  # tqdm progress bar on process 0
     c.debug_sigkill_at_step = 0  # tests only: SIGKILL the run after this step (a preemption at a known point)
     c.debug_sigkill_at = ""  # tests only: SIGKILL at a named point of the save path (see medjax.train)
+    c.debug_signal_at_step = 0  # tests only: SIGTERM the run after this step (a preemption it saves and resumes from)
 
     # The benchmark grid (medjax.studies; `--config=grid:CELL`): where its converted backbones and datasets live, and
     # the cell a run belongs to (recorded for the report).

@@ -3,32 +3,41 @@
 Everything a run needs to resume lives in its work directory, and is committed together:
 - `checkpoints/<step>/`: one orbax checkpoint holding the train state (parameters, every other variable collection
   such as BatchNorm statistics, optimizer state, step, RNG), the input iterator (per process) and the run's progress
-  (best step and value, validation history) as one item each, written to a temporary folder and renamed into place,
-  so a kill at any moment leaves the previous complete checkpoint;
-- `best/step_<N>/`: the best model by the validation target metric (every variable collection), written before the
-  checkpoint that names it; older best models are removed only after that checkpoint is committed, so at every
-  moment the checkpoint's best step has a complete model on disk;
+  (best step and value, validation history) as one item each, with the SHA-256 of every state array in its metadata
+  (`medjax.checkpoint`), written to a temporary folder and renamed into place, so a kill at any moment leaves the
+  previous complete checkpoint; a restore checks the digests and falls back to the previous checkpoint, saying so;
+- `best/step_<N>/`: the best model by the validation target metric (every variable collection, with digests),
+  written before the checkpoint that names it; a best model is removed only once no kept checkpoint names it, so at
+  every moment each checkpoint's best step has a complete model on disk;
 - `run_config.json`: the config the run started with; a restart with a config that changes the run's meaning is
   refused, naming the fields;
-- `metrics.json` and TensorBoard event files (`tensorboard/`).
+- `splits/`: the run's data, frozen when it starts: a restart over changed data (images added, removed, relabelled
+  or moved between splits) is refused, naming what changed;
+- `metrics.json` and TensorBoard event files (`tensorboard/`); `failed.json` for a run that ended without a result.
+
+The trainer holds the work directory's lock (`medjax.rundir`) from start to end. SIGTERM and SIGINT (Ctrl-C) finish
+the current step, save a checkpoint at it and raise `Stopped` (medjax.main: one line, exit 143 / 130); a second
+Ctrl-C stops at once. Nothing is written to the work directory before every start-up check has passed (the data is
+read into a staging folder and its split files committed with the recorded config).
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import math
 import os
 import shutil
 import signal
+import tempfile
+import threading
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from medjax import bootstrap, engine, metrics, schema, sharding, thresholds
+from medjax import bootstrap, checkpoint, engine, metrics, rundir, schema, sharding, thresholds
 from medjax.errors import UserError
 
 
@@ -40,12 +49,34 @@ class RunError(UserError):
     """The run cannot start as configured (work directory, batch size, splits); the message says what to change."""
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT stopped the run after a step; `saved` says whether a checkpoint stands at `step`."""
+
+    def __init__(self, signum: int, step: int, saved: bool):
+        self.signum, self.step, self.saved = signum, step, saved
+        super().__init__(f"stopped at step {step}, saved; run the same command to resume" if saved else
+                         f"stopped before training step {step + 1}; nothing new to save; run the same command to "
+                         "resume")
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum  # 143 for SIGTERM, 130 for SIGINT, as a shell reports a process the signal ended
+
+
+def check_config(config) -> None:
+    """The trainer's own fields, before anything is written."""
+    keep = config.keep_checkpoints
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise RunError(f"keep_checkpoints={keep!r}: must be an integer >= 1 (the checkpoints a stopped run resumes "
+                       "from; the best model is kept apart)")
+
+
 # Config fields that may change between a run and its restart: they do not alter what is computed.
 RESTART_SAFE = ("log_every", "progress_bar", "prefetch", "worker_count", "keep_checkpoints", "debug_sigkill_at_step",
-                "epochs", "total_steps", "mesh", "sharding_rules", "eval_every", "checkpoint_every",
-                "debug_sigkill_at", "data_options.check_images", "data_root", "model.pretrained", "model.convert_from.checkpoint",
-                "model.convert_from.config", "model.attention_head.deit_params", "weights_dir", "data_dir",
-                "grid_cell.arg", "thresholds", "bootstrap")
+                "debug_signal_at_step", "epochs", "total_steps", "mesh", "sharding_rules", "eval_every",
+                "checkpoint_every", "debug_sigkill_at", "data_options.check_images", "data_root", "model.pretrained",
+                "model.convert_from.checkpoint", "model.convert_from.config", "model.attention_head.deit_params",
+                "weights_dir", "data_dir", "grid_cell.arg", "thresholds", "bootstrap")
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -55,18 +86,38 @@ class Trainer:
     """Builds data, model, optimizer, shardings and checkpointing from a config; `run()` trains and evaluates."""
 
     def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        check_config(config)
+        thresholds.parse_rule(config.thresholds)  # a bad operating-point rule stops at start-up
+        self._locked = jax.process_index() == 0
+        if self._locked:
+            rundir.lock(workdir)  # one writer per work directory; re-entrant (medjax.main holds it already)
+        self._stop, self._handlers = None, {}
+        self._stage = None
+        try:
+            self._install_signal_handlers()
+            self._start(config, workdir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, config, workdir: str):
         import orbax.checkpoint as ocp
 
         from medjax import data
 
-        self.config, self.workdir = config, workdir
-        thresholds.parse_rule(config.thresholds)  # a bad operating-point rule stops at start-up
-        os.makedirs(workdir, exist_ok=True)
         self._check_restart()
         self._phase(f"Reading {config.dataset} from {config.data_root}")
-        self.dataset = data.get_dataset(config.dataset, config.data_root, workdir=workdir, seed=config.seed,
+        # the split files and caches go to a staging folder, committed to WORKDIR/splits once every check passed
+        self._stage = tempfile.mkdtemp(prefix="medjax-start-")
+        if os.path.isdir(rundir.path(workdir, rundir.SPLITS)):
+            shutil.copytree(rundir.path(workdir, rundir.SPLITS), os.path.join(self._stage, rundir.SPLITS))
+        self.dataset = data.get_dataset(config.dataset, config.data_root, workdir=self._stage, seed=config.seed,
                                         **schema.data_options(config))
         d = self.dataset
+        if getattr(d, "failure_log", None):
+            d.failure_log = rundir.path(workdir, rundir.SPLITS, os.path.basename(d.failure_log))
+        self._check_frozen_splits()
         self._check_splits()
         self.selection_metric = config.selection_metric or d.target_metric
         try:
@@ -91,6 +142,7 @@ class Trainer:
         self.eval_every = config.eval_every or self.steps_per_epoch
         self.checkpoint_every = config.checkpoint_every or self.eval_every
 
+        self._check_length()
         self._phase(f"Building {config.model.family or 'the'} model and its sharded train step on {mesh.size} "
                     "device(s)")
         self.engine = engine.build(config, num_classes=len(d.class_names), channels=d.channels, task=d.task,
@@ -107,10 +159,49 @@ class Trainer:
                            "progress": ocp.JsonCheckpointHandler()})
         self.best = {"step": None, "value": None, "metrics": None}
         self.history: list[dict] = []
+        self._best_of: dict[int, int | None] = {}  # checkpoint step -> the best step it names
+        self._iter_states: dict[int, dict] = {}  # step -> the input iterator's state after that step's batch
         self._restore()
+        self._commit_splits()
         self._record_config()
         if jax.process_index() == 0:
             print(engine.summary_table(e, self.state), flush=True)
+
+    def close(self):
+        """Releases the work directory's lock and the signal handlers (run() does it when it ends)."""
+        if self._stage:
+            shutil.rmtree(self._stage, ignore_errors=True)
+            self._stage = None
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+        if self._locked:
+            self._locked = False
+            rundir.unlock(self.workdir)
+
+    # -------------------------------------------------------------------------------------------- stopping
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self._stop is None:
+            self._stop = signum  # the loop finishes its step, saves and stops
+        elif signum == signal.SIGINT:  # a second Ctrl-C: at once (the last complete checkpoint stands)
+            raise KeyboardInterrupt
+        # a repeated SIGTERM changes nothing: the save is under way
+
+    def _stopping(self) -> int | None:
+        """The signal that stops the run, agreed by every process (a flag reduced over the processes each step)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self._stop or 0))
+            return int(np.max(flags)) or None
+        return self._stop
 
     def _phase(self, message: str):
         if jax.process_index() == 0:
@@ -145,6 +236,57 @@ class Trainer:
                                  for k in changed[:8])
                 raise RunError(f"{self.workdir} holds a run started with another config ({diff}); restart it with "
                                "its own config, or use a new --workdir")
+
+    def _split_files(self) -> tuple[str, str]:
+        """(the recorded split file in WORKDIR/splits, the one this start wrote to its staging folder)."""
+        name = f"{self.dataset.name}.json"
+        return rundir.path(self.workdir, rundir.SPLITS, name), os.path.join(self._stage, rundir.SPLITS, name)
+
+    def _check_frozen_splits(self):
+        """A restart of a recorded run must see the data it started with: every image in the same split with the
+        same label. Anything else (rows added, removed, relabelled, moved) is refused, naming what changed."""
+        recorded, now = self._split_files()
+        if not (os.path.exists(rundir.path(self.workdir, rundir.RUN_CONFIG)) and os.path.exists(recorded)):
+            return
+        with open(recorded) as f_old, open(now) as f_new:
+            try:
+                old = json.load(f_old)
+            except ValueError:
+                raise RunError(f"{recorded}: not valid JSON; the run's frozen splits are damaged; use a new "
+                               "--workdir") from None
+            new = json.load(f_new)
+        if old.get("splits") == new.get("splits") and old.get("class_names") == new.get("class_names"):
+            return
+        changes = describe_split_changes(old, new)
+        raise RunError(f"the data at {self.config.data_root} changed since the run in {self.workdir} started "
+                       f"({'; '.join(changes)}; recorded in {recorded}); a run's splits are frozen when it starts: "
+                       "restore the data as it was, or train on the new data in a new --workdir")
+
+    def _commit_splits(self):
+        """Every start-up check has passed: the staged split files and caches go to WORKDIR/splits (each atomic)."""
+        staged = os.path.join(self._stage, rundir.SPLITS)
+        target = rundir.path(self.workdir, rundir.SPLITS)
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(staged)) if os.path.isdir(staged) else ():
+            src, dst = os.path.join(staged, name), os.path.join(target, name)
+            if os.path.isfile(src) and name != os.path.basename(self.dataset.failure_log or ""):
+                tmp = f"{dst}.tmp{os.getpid()}"
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+        if getattr(self.dataset, "split_file", None):
+            self.dataset.split_file = os.path.join(target, os.path.basename(self.dataset.split_file))
+        shutil.rmtree(self._stage, ignore_errors=True)
+        self._stage = None
+
+    def _check_length(self, trained: int | None = None):
+        """A run is never shortened: its checkpoints (and metrics) describe the steps it trained."""
+        if trained is None:
+            root = rundir.path(self.workdir, rundir.CHECKPOINTS)
+            trained = max((int(n) for n in os.listdir(root) if n.isdigit()), default=0) if os.path.isdir(root) else 0
+        if trained > self.total_steps:
+            raise RunError(f"{self.workdir} holds a run trained to step {trained}, past the {self.total_steps} steps "
+                           "configured now; a run cannot be shortened (its metrics would describe a longer run): "
+                           "restart it with its own length (epochs / total_steps), or use a new --workdir")
 
     def _record_config(self):
         path = os.path.join(self.workdir, "run_config.json")
@@ -182,20 +324,62 @@ class Trainer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
     def _restore(self):
+        """Resumes from the latest checkpoint whose arrays match their digests; a damaged or unreadable one is set
+        aside (renamed `damaged-<step>`) and the previous one used, each said in one line. A partial save (a kill
+        while writing) left only orbax's temporary folder, which is named and ignored."""
+        root = rundir.path(self.workdir, rundir.CHECKPOINTS)
+        partial = sorted(n for n in os.listdir(root) if ".orbax-checkpoint-tmp" in n) if os.path.isdir(root) else []
+        for name in partial:
+            self._phase(f"warning: {root}/{name}: a checkpoint the run did not finish writing (stopped while "
+                        "saving); ignored")
+        steps = sorted(self.ckpt.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            try:
+                restored = self._restore_step(step)
+            except checkpoint.DamagedCheckpoint as e:
+                damaged.append(step)
+                older = [s for s in steps if s < step]
+                self._phase(f"warning: {e}; " + (f"falling back to the checkpoint of step {older[0]}" if older
+                                                  else "no older checkpoint"))
+                continue
+            break
+        else:
+            if damaged:
+                raise RunError(f"{root}: every checkpoint is damaged (steps {', '.join(map(str, damaged))}); move "
+                               "them away to start the run over from step 1, or use a new --workdir")
+            if partial:
+                self._phase("no complete checkpoint stands: the run starts again from step 1")
+            return
+        if damaged and jax.process_index() == 0:  # kept for inspection, out of orbax's way
+            for s in damaged:
+                os.replace(os.path.join(root, str(s)), os.path.join(root, f"damaged-{s}"))
+        if damaged:
+            self.ckpt.reload()
+        self.state = restored["state"]
+        self.best, self.history = restored["progress"]["best"], restored["progress"]["history"]
+        self._check_length(int(jax.device_get(self.state.step)))
+        logging.info("resumed from %s at step %d", self.workdir, step)
+        print(f"Resumed from {self.workdir} at step {step}" + (f" (the checkpoint of step {damaged[0]} is damaged)"
+                                                              if damaged else ""))
+
+    def _restore_step(self, step: int) -> dict:
         import grain
         import orbax.checkpoint as ocp
 
-        step = self.ckpt.latest_step()
-        if step is None:
-            return
+        where = rundir.path(self.workdir, rundir.CHECKPOINTS, str(step))
         self._phase(f"Restoring the checkpoint of step {step}")
-        restored = self.ckpt.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(self._abstract(self.state, self.engine.state_sharding)),
-            data=grain.checkpoint.CheckpointRestore(self.train_iter), progress=ocp.args.JsonRestore()))
-        self.state = restored["state"]
-        self.best, self.history = restored["progress"]["best"], restored["progress"]["history"]
-        logging.info("resumed from %s at step %d", self.workdir, step)
-        print(f"Resumed from {self.workdir} at step {step}")
+        try:
+            recorded = checkpoint.recorded_digests(self.ckpt.metadata(step))
+            restored = self.ckpt.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(self._abstract(self.state, self.engine.state_sharding)),
+                data=grain.checkpoint.CheckpointRestore(self.train_iter), progress=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint's files is damage to report
+            raise checkpoint.DamagedCheckpoint(f"{where}: cannot be read ({type(e).__name__}: "
+                                               f"{' '.join(str(e).split())[:300]})") from None
+        checkpoint.check(restored["state"], recorded, where)
+        self._best_of[step] = restored["progress"]["best"]["step"]
+        return restored
 
     def _save(self, step: int):
         import grain
@@ -203,38 +387,46 @@ class Trainer:
 
         self.ckpt.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(self.train_iter),
-            progress=ocp.args.JsonSave({"best": self.best, "history": self.history})), force=True)
+            progress=ocp.args.JsonSave({"best": self.best, "history": self.history})), force=True,
+            custom_metadata={rundir.DIGESTS_KEY: checkpoint.digests(self.state)})
         self.ckpt.wait_until_finished()
+        self._best_of[step] = self.best["step"]
         self._debug_kill("after_checkpoint")
         if jax.process_index() == 0:
             self._prune_best()
 
     def _best_dir(self, step: int) -> str:
-        return os.path.abspath(os.path.join(self.workdir, "best", f"step_{step}"))
+        return rundir.best_dir(self.workdir, step)
 
     def _save_best(self, step: int):
-        import orbax.checkpoint as ocp
-
-        with ocp.StandardCheckpointer() as ckptr:  # orbax writes a temporary folder and renames it when complete
-            ckptr.save(self._best_dir(step), self.engine.variables_of(self.state), force=True)
-            ckptr.wait_until_finished()
+        # orbax writes a temporary folder and renames it when complete, the arrays' digests inside
+        checkpoint.save_best(self._best_dir(step), self.engine.variables_of(self.state))
         thresholds.save_for_best(self._best_dir(step), self.config.thresholds, self.dataset, *self.last_eval, step)
         self._debug_kill("after_best")
 
     def _prune_best(self):
-        """Remove best models other than the one the committed checkpoint names (and unfinished writes)."""
-        root = os.path.join(self.workdir, "best")
-        keep = f"step_{self.best['step']}"
+        """Remove best models that no kept checkpoint names (and unfinished writes)."""
+        root = rundir.path(self.workdir, rundir.BEST)
+        kept = set(self.ckpt.all_steps())
+        for s in kept - set(self._best_of):  # kept checkpoints of an earlier start
+            self._best_of[s] = self.ckpt.restore(s, args=self._progress_only())["progress"]["best"]["step"]
+        keep = {f"step_{b}" for s, b in self._best_of.items() if s in kept} | {f"step_{self.best['step']}"}
         for name in os.listdir(root) if os.path.isdir(root) else ():
-            if name != keep:
+            if name not in keep:
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
-    def _load_best(self):
+    @staticmethod
+    def _progress_only():
         import orbax.checkpoint as ocp
 
+        return ocp.args.Composite(progress=ocp.args.JsonRestore())
+
+    def _load_best(self):
         abstract = self._abstract(self.engine.variables_of(self.state), self.engine.variables_sharding)
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(self._best_dir(self.best["step"]), abstract)
+        try:
+            return checkpoint.restore_best(self._best_dir(self.best["step"]), abstract)
+        except checkpoint.DamagedCheckpoint as e:
+            raise RunError(f"{e}; the best model cannot be tested") from None
 
     def _debug_kill(self, point: str):
         if self.config.debug_sigkill_at == point:  # tests: a kill in an exact window of the save path
@@ -267,11 +459,29 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- training
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _check_finite(self, host: list, step: int):
+        if not all(bool(o["finite"]) for o in host):
+            bad = next(o for o in host if not bool(o["finite"]))
+            last = self.ckpt.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(bad['loss'])}) or gradient norm ({float(bad['grad_norm'])}) at or "
+                f"before step {step}: the update was not applied and training stopped. The last good "
+                f"checkpoint is step {last} in {self.workdir}/checkpoints. Lower optim.lr or use "
+                "compute_dtype='float32'.")
+
+    def _run(self) -> dict:
         from tqdm import tqdm
 
         c = self.config
-        writer = _tensorboard(self.workdir)
         start = int(jax.device_get(self.state.step))
+        if self._stopping():
+            raise Stopped(self._stopping(), start, saved=False)
+        writer = _tensorboard(self.workdir)
         if start < self.total_steps:
             self._phase(f"Training steps {start + 1}..{self.total_steps} ({self.steps_per_epoch} per epoch); the "
                         "first step compiles")
@@ -294,14 +504,7 @@ class Trainer:
                     or step % self.checkpoint_every == 0:  # nothing is saved before its losses are checked
                 host = jax.device_get(pending)
                 pending = []
-                if not all(bool(o["finite"]) for o in host):
-                    bad = next(o for o in host if not bool(o["finite"]))
-                    last = self.ckpt.latest_step()
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(bad['loss'])}) or gradient norm ({float(bad['grad_norm'])}) at or "
-                        f"before step {step}: the update was not applied and training stopped. The last good "
-                        f"checkpoint is step {last} in {self.workdir}/checkpoints. Lower optim.lr or use "
-                        "compute_dtype='float32'.")
+                self._check_finite(host, step)
                 loss = float(host[-1]["loss"])
                 window.append((time.perf_counter(), (step - start - 1) * c.batch_size))
                 (t0, n0), (t1, n1) = window[0], window[-1]
@@ -324,16 +527,36 @@ class Trainer:
                 window.append((time.perf_counter(), (step - start - 1) * c.batch_size))
             if step == c.debug_sigkill_at_step:  # tests: a preemption at a known point
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step == c.debug_signal_at_step:  # tests: a SIGTERM at a known step
+                os.kill(os.getpid(), signal.SIGTERM)
+            stop = self._stopping()
+            if stop and step < self.total_steps:
+                bar.close()
+                self._check_finite(jax.device_get(pending), step)
+                if self.ckpt.latest_step() != step:
+                    self.train_iter.set_state(self._iter_states[step])  # the input position after this step
+                    self._save(step)
+                if writer:
+                    writer.close()
+                raise Stopped(stop, step, saved=True)
         bar.close()
         return self._finish(writer)
 
     def _prefetch(self, step: int):
         """Device batches for the steps from `step` up to the next checkpoint, `prefetch` transferred ahead. Reading
-        stops at the checkpoint, so the saved input iterator is exactly at the step saved with it."""
+        stops at the checkpoint, so the saved input iterator is exactly at the step saved with it; the iterator's
+        state after each batch is kept, so a stop between checkpoints saves the position of its step."""
         end = next(s for s in range(step, self.total_steps + 1)
                    if s % self.eval_every == 0 or s % self.checkpoint_every == 0 or s == self.total_steps)
-        return sharding.prefetch_to_device(itertools.islice(self.train_iter, end - step + 1), self.mesh,
-                                           self.config.prefetch)
+        self._iter_states = {}
+
+        def read():
+            for s in range(step, end + 1):
+                batch = next(self.train_iter)
+                self._iter_states[s] = self.train_iter.get_state()
+                yield batch
+
+        return sharding.prefetch_to_device(read(), self.mesh, self.config.prefetch)
 
     def _validate(self, step: int, writer, bar):
         val = self.evaluate(self.engine.variables_of(self.state), "val")
@@ -358,10 +581,12 @@ class Trainer:
                   "val": self.best["metrics"], "history": self.history, "steps": self.total_steps,
                   "steps_per_epoch": self.steps_per_epoch, "skipped_images": d.skipped_images}
         if self.best["step"] is None:  # every validation left the target metric undefined (e.g. NaN probabilities)
+            # not metrics.json: its presence marks a run done (the grid skips it, the report lists it)
+            failed = rundir.path(self.workdir, rundir.FAILED)
             if jax.process_index() == 0:
-                _write_json(os.path.join(self.workdir, "metrics.json"), result)
+                _write_json(failed, result)
             raise RunError(f"no validation of {d.name} defined {self.selection_metric}, so no best model was chosen "
-                           f"and nothing was tested; the history is in {self.workdir}/metrics.json")
+                           f"and nothing was tested; the history is in {failed}")
         if "test" in d.splits:
             test = self.evaluate(self._load_best(), "test")
             result["test"] = test
@@ -378,7 +603,27 @@ class Trainer:
             writer.close()
         if jax.process_index() == 0:
             _write_json(os.path.join(self.workdir, "metrics.json"), result)
+            if os.path.exists(rundir.path(self.workdir, rundir.FAILED)):
+                os.remove(rundir.path(self.workdir, rundir.FAILED))
         return result
+
+
+def describe_split_changes(old: dict, new: dict) -> list[str]:
+    """What changed between two split files (`medjax.data.splits.write_split_file`): images added, removed,
+    relabelled, moved to another split, class names; each with its first example."""
+    def index(content):
+        return {str(image): (split, json.dumps(label)) for split, rows in (content.get("splits") or {}).items()
+                for image, label, *_ in rows}
+
+    a, b = index(old), index(new)
+    kinds = [("added", sorted(set(b) - set(a))), ("removed", sorted(set(a) - set(b))),
+             ("relabelled", sorted(k for k in set(a) & set(b) if a[k][1] != b[k][1])),
+             ("moved to another split",
+              sorted(k for k in set(a) & set(b) if a[k][1] == b[k][1] and a[k][0] != b[k][0]))]
+    out = [f"{len(paths)} image(s) {what} (first: {paths[0]})" for what, paths in kinds if paths]
+    if old.get("class_names") != new.get("class_names"):
+        out.insert(0, f"class names {old.get('class_names')} -> {new.get('class_names')}")
+    return out or ["the records' order changed"]
 
 
 def _grain_handler():
