@@ -46,8 +46,9 @@ def models_to_run(dry: bool) -> list[str]:
 
 def backbone(name: str, dry: bool):
     """The ViT config of a MODELS entry at 224 px (tiny in a dry run)."""
-    from medjax import models
     from train_step import backbone_config
+
+    from medjax import models
 
     if dry:
         return models.config_from_dict("dinov2", dict(TINY))
@@ -89,8 +90,8 @@ def section_env(args) -> dict:
 
 def model_flops_per_image(name: str, dry: bool) -> float:
     """The full fine-tuning step's FLOPs per image, as medjax.plan counts them (XLA attention, unrolled, on CPU)."""
-    from medjax.schema import make
     from medjax import plan
+    from medjax.schema import make
 
     config = backbone(name, dry)
     run = make({"dataset": "aptos2019", "model.family": config.family, "model.architecture": config.to_dict(),
@@ -101,8 +102,8 @@ def model_flops_per_image(name: str, dry: bool) -> float:
 def section_medjax(args) -> dict:
     """Every model with cuDNN attention on, then off, through benchmarks/train_step.py's medjax runner."""
     import jax
-
     import train_step
+
     from medjax.models import layers
 
     cudnn = layers.use_cudnn_attention
@@ -141,7 +142,6 @@ def pytorch_step(name: str, dry: bool) -> dict:
     """transformers' model of the same shape: autocast bf16, fused AdamW, clipping; median step time."""
     import numpy as np
     import torch
-
     import train_step
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,6 +187,7 @@ def pytorch_step(name: str, dry: bool) -> dict:
 def section_input(args) -> dict:
     """Real-size APTOS PNGs (data_prepared's synthetic fundus images), prepared at 256 px, read by the CLI bench."""
     import data_prepared
+
     from medjax.data import prepare
 
     base = os.path.join(args.out, "input")

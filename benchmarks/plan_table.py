@@ -23,8 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from medjax.schema import make  # noqa: E402
 from medjax import plan  # noqa: E402
+from medjax.schema import make  # noqa: E402
 
 # key: (table name, converter variant, image size)
 MODELS = {

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from medjax.errors import UserError
 from medjax import finetuned, models, pretrained
+from medjax.errors import UserError
 from medjax.models.layers import layer_norm
 from medjax.models.vit import ViTConfig, apply_blocks, interpolate_pos_embed
 from medjax.weights import fetch as weights
@@ -48,7 +48,8 @@ class AttentionHead(nn.Module):
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c.width))
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + c.pos_grid[0] * c.pos_grid[1], c.width))
         pos = interpolate_pos_embed(c, pos, (side, side), (side * c.patch_size, side * c.patch_size))
-        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, c.width)), x], axis=1) + pos.astype(x.dtype)
+        cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, 1, c.width))
+        x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)
         x = apply_blocks(c, x, self.dtype)
         x = layer_norm(c.norm_eps, "norm", self.dtype)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x[:, 0])

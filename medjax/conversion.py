@@ -253,7 +253,8 @@ def _flatten_tensors(obj, path: str) -> dict[str, np.ndarray]:
     import torch
 
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (a mapping of names to tensors), got "
+                              f"{type(obj).__name__}")
     out, bad = {}, []
     for k, v in obj.items():
         if isinstance(v, torch.Tensor):
@@ -282,7 +283,8 @@ def resolve_checkpoint(path: str) -> list[str]:
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(path, s) for s in shards]
-    for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+    for name in ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin",
+                 "open_clip_pytorch_model.bin"):
         if os.path.exists(os.path.join(path, name)):
             return [os.path.join(path, name)]
     raise CheckpointError(f"{path}: a folder without model.safetensors, its index, or pytorch_model.bin")

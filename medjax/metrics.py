@@ -229,7 +229,8 @@ def multiclass_metrics(probs, labels, class_names) -> dict:
 
     zero_division = {
         key: v
-        for key, v in (("precision", names(predicted == 0)), ("recall", names(support == 0)), ("f1", names(support + predicted == 0)))
+        for key, v in (("precision", names(predicted == 0)), ("recall", names(support == 0)),
+                       ("f1", names(support + predicted == 0)))
         if v
     }
 
@@ -323,9 +324,11 @@ def multilabel_metrics(probs, labels, class_names, threshold=0.5) -> dict:
         auc_per_class[name] = binary_roc_auc(y, probs[:, c])
         ap_per_class[name] = binary_average_precision(y, probs[:, c])
         if n_pos == 0:
-            undefined_classes[name] = "no positive label in this split: ROC-AUC and AP undefined, left out of mean_auc and map"
+            undefined_classes[name] = ("no positive label in this split: ROC-AUC and AP undefined, left out of "
+                                       "mean_auc and map")
         elif n_pos == n:
-            undefined_classes[name] = "no negative label in this split: ROC-AUC undefined, left out of mean_auc (AP is defined)"
+            undefined_classes[name] = ("no negative label in this split: ROC-AUC undefined, left out of mean_auc "
+                                       "(AP is defined)")
 
     aucs = [v for v in auc_per_class.values() if v is not None]
     aps = [v for v in ap_per_class.values() if v is not None]
@@ -349,7 +352,8 @@ def multilabel_metrics(probs, labels, class_names, threshold=0.5) -> dict:
         if np.any(mask)
     }
     per_class = {
-        name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]), "support": int(support[c])}
+        name: {"precision": float(precision[c]), "recall": float(recall[c]), "f1": float(f1[c]),
+               "support": int(support[c])}
         for c, name in enumerate(class_names)
     }
 

@@ -22,7 +22,8 @@ def make_schedule(cfg, total_steps: int, warmup_steps: int):
     if cfg.schedule == "reference":
         return reference_schedule(cfg.lr, warmup_steps)
     if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(1e-8, cfg.lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1),
+        return optax.warmup_cosine_decay_schedule(1e-8, cfg.lr, max(warmup_steps, 1),
+                                                  max(total_steps, warmup_steps + 1),
                                                   end_value=cfg.end_lr)
     if cfg.schedule == "constant":
         return optax.constant_schedule(cfg.lr)

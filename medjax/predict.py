@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from medjax import outputs, schema
-from medjax.errors import UserError, atomic_write, cli_main
 from medjax import thresholds as operating_points
+from medjax.errors import UserError, atomic_write, cli_main
 
 EXPORT_KEY = "export"  # medjax.json of an exported folder: the run's facts under this key
 HEAD_FILE = "head.safetensors"
@@ -110,8 +110,7 @@ class FineTuned:
         unrolled (`blocks_<i>`) and not rematerialised. The outputs are the same; export and explain use it."""
         import jax
 
-        from medjax import models
-        from medjax import peft
+        from medjax import models, peft
 
         model = self.engine.model
         variables = jax.tree_util.tree_map(np.asarray, jax.device_get(self.variables))

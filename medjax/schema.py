@@ -15,8 +15,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
-import os
 import math
+import os
 import re
 
 import ml_collections

@@ -9,11 +9,12 @@ from typing import Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from medjax.errors import UserError
 from medjax.rules import RuleError, compile_rules, first_match
 from medjax.tree import flatten, unflatten
-from medjax.errors import UserError
 
 BATCH_AXES = ("data", "fsdp")
 

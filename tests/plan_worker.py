@@ -8,8 +8,8 @@ import sys
 import jax
 import numpy as np
 
-from medjax.schema import make
 from medjax import engine, plan, sharding
+from medjax.schema import make
 
 ARCH = {"family": "dinov2", "width": 64, "depth": 2, "num_heads": 4, "patch_size": 8, "pos_grid": [4, 4],
         "mlp_hidden": 128, "layerscale": True}

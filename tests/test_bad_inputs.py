@@ -151,8 +151,8 @@ def test_ema_selection(tmp_path):
     state = _dino_state()
     noisy = {k: v + 1.0 for k, v in state.items()}
     torch.save({"model": noisy, "model_ema": state}, tmp_path / "both.pth")
-    plain = converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "plain"), "dinov2", DINO_CFG)
-    ema = converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "dinov2", DINO_CFG, ema=True)
+    converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "plain"), "dinov2", DINO_CFG)
+    converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "dinov2", DINO_CFG, ema=True)
     from medjax import models
 
     norm_bias = state["norm.bias"].numpy()
@@ -242,7 +242,8 @@ def test_damaged_or_wrong_files_are_named_not_converted(tmp_path):
         data[start + 17 + k] ^= 0x5A
     (tmp_path / "bad.pth").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"fails its CRC-32 check") as info:
-        converters.convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "dinov2", fixture_path("dinov2", "config.json"))
+        converters.convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "dinov2", fixture_path("dinov2",
+                                                                                                    "config.json"))
     assert member.filename in str(info.value) and not (tmp_path / "out").exists()
     (tmp_path / "labels.csv").write_text("image,label\na.png,1\n")
     (tmp_path / "img.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 64)

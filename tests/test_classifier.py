@@ -24,7 +24,8 @@ def _dino_cfg(**kw):
 @pytest.fixture(scope="module")
 def dino_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("dino")
-    converters.convert(fixture_path("dinov2", "checkpoint.pth"), str(out), "dinov2", fixture_path("dinov2", "config.json"))
+    converters.convert(fixture_path("dinov2", "checkpoint.pth"), str(out), "dinov2", fixture_path("dinov2",
+                                                                                                  "config.json"))
     return str(out)
 
 
@@ -75,7 +76,8 @@ def models_tokens(params_dir, images):
     config, params_vars, _ = models.load_pretrained(params_dir)
 
     params = params_vars["params"]
-    return np.asarray(models.build_backbone(config).apply({"params": params}, jnp.asarray(images))["attention_head_input"])
+    return np.asarray(models.build_backbone(config).apply({"params": params},
+                                                          jnp.asarray(images))["attention_head_input"])
 
 
 @pytest.mark.parametrize("mode", ["red", "sum"])

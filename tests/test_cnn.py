@@ -274,7 +274,7 @@ def test_whole_model_train_mode_matches_torch(name, tmp_path, matmul_f32):
     rate 0 here): outputs and every updated statistic match torch's train mode."""
     folder, ckpt, config = FIXTURES[name]
     model = _reference_from_fixture(name)
-    cfg = _fixture_config(name)
+    _fixture_config(name)
     if folder == "vgg":  # the fixture VGG has no BatchNorm: train mode differs only by dropout
         model.classifier[2].p = model.classifier[5].p = 0.0
     converters.convert(fixture_path(folder, ckpt), str(tmp_path / "p"), folder, fixture_path(folder, config))

@@ -137,7 +137,8 @@ def test_frozen_batchnorm_uses_and_keeps_its_statistics():
     with frozen_norms({"bn"}):
         out, updates = jax.jit(lambda v, x: module.apply(v, x, train=True, mutable=["batch_stats"]))(net.variables, x)
     for k in ("mean", "var"):
-        assert np.array_equal(np.asarray(updates["batch_stats"]["bn"][k]), np.asarray(net.variables["batch_stats"]["bn"][k]))
+        assert np.array_equal(np.asarray(updates["batch_stats"]["bn"][k]),
+                              np.asarray(net.variables["batch_stats"]["bn"][k]))
     net.torch.eval()  # a frozen BatchNorm normalises with the stored statistics, as torch in eval mode
     ref = net.torch(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
     assert np.abs(np.asarray(out) - ref).max() <= 1e-6

@@ -73,7 +73,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, data_root):
     assert len(leaves_a) == len(leaves_b)
     for a, b in zip(leaves_a, leaves_b):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert json.load(open(tmp_path / "a" / "metrics.json"))["test"] == json.load(open(tmp_path / "b" / "metrics.json"))["test"]
+    a_test, b_test = (json.load(open(tmp_path / run / "metrics.json"))["test"] for run in ("a", "b"))
+    assert a_test == b_test
 
 
 def test_missing_data_and_weights_say_what_to_run(tmp_path):

@@ -126,7 +126,8 @@ def test_multiclass_missing_class(seed):
         for b in present[i + 1 :]:
             mask = (labels == a) | (labels == b)
             pairs.append(
-                (sk_m.roc_auc_score(labels[mask] == a, probs[mask, a]) + sk_m.roc_auc_score(labels[mask] == b, probs[mask, b])) / 2
+                (sk_m.roc_auc_score(labels[mask] == a, probs[mask, a]) + sk_m.roc_auc_score(labels[mask] == b,
+                                                                                            probs[mask, b])) / 2
             )
     close(m["roc_auc"], float(np.mean(pairs)))
 

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 # The FLOPs test's ViT: width D, depth L, MLP M, P x P patches of a S x S image (T = (S/P)^2 + 1 tokens with the CLS)

@@ -201,4 +201,5 @@ def test_killed_lora_run_resumes_bitwise(tmp_path, dino_dir):
     assert step_a == step_b
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-    assert json.load(open(tmp_path / "a" / "metrics.json"))["test"] == json.load(open(tmp_path / "b" / "metrics.json"))["test"]
+    a_test, b_test = (json.load(open(tmp_path / run / "metrics.json"))["test"] for run in ("a", "b"))
+    assert a_test == b_test

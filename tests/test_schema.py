@@ -64,7 +64,8 @@ def test_no_library_module_imports_the_recipes_or_the_converter_cli():
             for node in ast.walk(ast.parse(open(path).read(), path)):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                          else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-                offenders += [f"{path}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("configs", "converters")]
+                offenders += [f"{path}:{node.lineno} {n}" for n in names if n.split(".")[0] in ("configs",
+                                                                                                "converters")]
     assert not offenders, offenders
 
 

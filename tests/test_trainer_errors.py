@@ -78,7 +78,8 @@ def test_missing_weights_name_the_variant_the_config_expects(tmp_path):
 def test_converter_output_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "out").write_text("not a folder")
     proc = subprocess.run([sys.executable, "-m", "converters", fixture_path("dinov2", "checkpoint.pth"),
-                           str(tmp_path / "out"), "--model", "dinov2", "--config", fixture_path("dinov2", "config.json")],
+                           str(tmp_path / "out"), "--model", "dinov2", "--config", fixture_path("dinov2",
+                                                                                                "config.json")],
                           cwd=ROOT, capture_output=True, text=True)
     _one_error_line(proc, "exists and is not a folder")
     assert (tmp_path / "out").read_text() == "not a folder"

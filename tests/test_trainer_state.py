@@ -64,7 +64,8 @@ def test_batchnorm_run_resumes_bitwise_after_sigkill_and_onto_8_devices(tmp_path
     assert state_a["model_state"]["batch_stats"] and _same(state_a["model_state"], state_b["model_state"])
     stats = state_a["model_state"]["batch_stats"]["backbone"]["bn1"]
     assert not np.allclose(np.asarray(stats["var"]), 1.0)  # trained: the running statistics moved
-    assert json.load(open(tmp_path / "a" / "metrics.json"))["test"] == json.load(open(tmp_path / "b" / "metrics.json"))["test"]
+    a_test, b_test = (json.load(open(tmp_path / run / "metrics.json"))["test"] for run in ("a", "b"))
+    assert a_test == b_test
     more = _main("tests/bn_demo.py", tmp_path / "a", data_root, *extra, "--config.epochs=3", "--config.mesh.data=1",
                  "--config.mesh.fsdp=8", devices=8)
     assert more.returncode == 0 and "Resumed from" in more.stdout, more.stderr[-3000:]
@@ -97,8 +98,10 @@ def test_converted_folder_round_trips_every_collection(tmp_path):
                                        dict(variables))
     pretrained.save(str(tmp_path / "bb"), variables, {"family": "resnet", "architecture": config.to_dict()})
     _, loaded, meta = models.load_pretrained(str(tmp_path / "bb"))
-    assert set(loaded) == {"params", "batch_stats"} and len(meta["digests"]) == len(pretrained.flatten_variables(variables))
-    assert _same(loaded, variables) and pretrained.flatten_variables(loaded).keys() == pretrained.flatten_variables(variables).keys()
+    assert set(loaded) == {"params", "batch_stats"}
+    assert len(meta["digests"]) == len(pretrained.flatten_variables(variables))
+    assert _same(loaded, variables)
+    assert pretrained.flatten_variables(loaded).keys() == pretrained.flatten_variables(variables).keys()
     # a damaged tensor is named, not loaded
     path = tmp_path / "bb" / pretrained.PARAMS_FILE
     data = bytearray(path.read_bytes())
@@ -141,7 +144,8 @@ def test_restart_with_another_config_is_refused_naming_the_fields(tmp_path, data
                   "--config.checkpoint_every=2", "--config.eval_every=2", "--config.batch_size=16", "--config.seed=1")
     assert again.returncode == 2
     lines = [line for line in again.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "batch_size: 8 -> 16" in lines[0] and "seed" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "batch_size: 8 -> 16" in lines[0] and "seed" in lines[0]
     assert (tmp_path / "run" / "metrics.json").read_bytes() == metrics  # nothing rewritten
     harmless = _main("configs/demo.py", tmp_path / "run", data_root, "--config.total_steps=2",
                      "--config.checkpoint_every=2", "--config.eval_every=2", "--config.log_every=1")

@@ -144,10 +144,12 @@ def test_metadata(tmp_path):
     assert saved["source"]["file"] == "checkpoint.pth" and saved["source"]["format"] == "deit_official"
     import hashlib
 
-    assert saved["source"]["sha256"] == hashlib.sha256(open(fixture_path("deit", "checkpoint.pth"), "rb").read()).hexdigest()
+    assert saved["source"]["sha256"] == hashlib.sha256(open(fixture_path("deit", "checkpoint.pth"),
+                                                            "rb").read()).hexdigest()
     assert saved["converter_version"] == converters.CONVERTER_VERSION
     state = conversion.read_state_dict(fixture_path("deit", "checkpoint.pth"))
-    assert meta["num_params"] == saved["num_params"] == sum(v.size for k, v in state.items() if not k.startswith("head."))
+    assert meta["num_params"] == saved["num_params"] == sum(v.size for k,
+                                                            v in state.items() if not k.startswith("head."))
 
 
 def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
@@ -162,7 +164,8 @@ def test_coca_fused_pooler_matches_torch_multihead_attention(matmul_f32):
 
     torch.manual_seed(0)
     dim, heads, queries = 32, 8, 6
-    mha, ln_q, ln_k = torch.nn.MultiheadAttention(dim, heads, batch_first=True), torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+    mha, ln_q, ln_k = torch.nn.MultiheadAttention(dim, heads,
+                                                  batch_first=True), torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
     query = torch.randn(queries, dim)
     state = {f"attn_pool.attn.{k}": v for k, v in mha.state_dict().items()}
     state |= {f"attn_pool.ln_q.{k}": v for k, v in ln_q.state_dict().items()}

@@ -25,8 +25,10 @@ def _to_seq_first(u, delta, A, B, C, D, bias, k_dirs):
     """Upstream selective_scan_fn layouts -> medjax's sequence-first ones."""
     batch, kd, length = u.shape
     d = kd // k_dirs
-    seq = lambda t: jnp.asarray(t.reshape(batch, k_dirs, -1, length).transpose(3, 0, 1, 2))
-    seq_bc = lambda t: jnp.asarray(t.transpose(3, 0, 1, 2))
+    def seq(t):
+        return jnp.asarray(t.reshape(batch, k_dirs, -1, length).transpose(3, 0, 1, 2))
+    def seq_bc(t):
+        return jnp.asarray(t.transpose(3, 0, 1, 2))
     return (seq(u), seq(delta), jnp.asarray(A.reshape(k_dirs, d, -1)), seq_bc(B), seq_bc(C),
             jnp.asarray(D.reshape(k_dirs, d)), jnp.asarray(bias.reshape(k_dirs, d)))
 
@@ -98,7 +100,8 @@ def test_selective_scan_custom_vjp_equals_autodiff(chunk):
                                          rng.normal(size=(L, b, K, N)), rng.normal(size=(L, b, K, N)),
                                          rng.normal(size=(K, D)), rng.normal(0, 0.5, size=(K, D)))]
         w = jnp.asarray(rng.normal(size=(L, b, K, D)))
-        grad = lambda f: jax.jit(jax.grad(lambda *a: (w * f(*a) ** 2).sum(), argnums=tuple(range(7))))
+        def grad(f):
+            return jax.jit(jax.grad(lambda *a: (w * f(*a) ** 2).sum(), argnums=tuple(range(7))))
         ours = grad(lambda *a: vmamba.selective_scan(*a, chunk=chunk))(*args)
         ref = grad(_sequential_selective_scan)(*args)
         for name, x, y in zip(("u", "delta", "A", "B", "C", "D", "delta_bias"), ours, ref):

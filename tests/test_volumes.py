@@ -208,7 +208,8 @@ def test_fake_volumes_in_every_form_read_back_in_slice_order(tmp_path):
             assert vol.ndim == 3 and vol.shape[1:] == (24, 24) and 6 <= len(vol) <= 10
             if form == "dicom":
                 files = sorted(os.listdir(r.path))
-                by_z = sorted(files, key=lambda f: float(pydicom.dcmread(os.path.join(r.path, f)).ImagePositionPatient[2]))
+                by_z = sorted(files, key=lambda f: float(pydicom.dcmread(os.path.join(r.path,
+                                                                                      f)).ImagePositionPatient[2]))
                 assert by_z != files  # the file names are shuffled ...
                 stored = [pydicom.dcmread(os.path.join(r.path, f)).pixel_array.astype(np.float64) for f in by_z]
                 order = np.argsort([np.corrcoef(vol[0].ravel(), s.ravel())[0, 1] for s in stored])[::-1]

@@ -28,7 +28,7 @@ def selective_scan_ref(u, delta, A, B, C, D, delta_bias):
     Bc, Cc = B[:, k_of], C[:, k_of]  # (batch, K*Dm, N, L)
     h = np.zeros((batch, kd, n_state))
     y = np.empty((batch, kd, length))
-    for l in range(length):
-        h = np.exp(delta[:, :, l, None] * A) * h + (delta[:, :, l] * u[:, :, l])[..., None] * Bc[..., l]
-        y[:, :, l] = (h * Cc[..., l]).sum(-1) + D * u[:, :, l]
+    for t in range(length):
+        h = np.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * Bc[..., t]
+        y[:, :, t] = (h * Cc[..., t]).sum(-1) + D * u[:, :, t]
     return y

@@ -92,7 +92,8 @@ class Family:
         """fn(variables, images) -> {'cls': (B, n, D), 'patch_mean': (B, D)} for the frozen-feature protocols."""
         available = self.max_taps(config)
         if not 1 <= num_blocks <= available:
-            raise ValueError(f"{config.family}: {num_blocks} last blocks requested, this backbone offers 1..{available}")
+            raise ValueError(f"{config.family}: {num_blocks} last blocks requested, this backbone offers "
+                             f"1..{available}")
         if self.taps is not None and available > 1:
             return self.taps(config, num_blocks, dtype)
         return generic_taps(self.module(config, dtype))

@@ -68,7 +68,8 @@ class SplitFeatures:
 
 
 def blocks_available(config) -> int:
-    """How many "last blocks" a backbone offers (its family's contract: the depth for a ViT with a CLS token, else 1)."""
+    """How many "last blocks" a backbone offers (its family's contract: the depth for a ViT with a CLS token, else
+    1)."""
     return models.family(config.family).max_taps(config)
 
 

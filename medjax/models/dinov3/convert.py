@@ -14,8 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from medjax.conversion import (CheckpointError, Converter, Format, Rule, check_keys, conv, dense_rules, linear,
-                               norm_rules, transformers_vision_config)
+from medjax.conversion import (
+    CheckpointError,
+    Converter,
+    Format,
+    Rule,
+    check_keys,
+    conv,
+    dense_rules,
+    linear,
+    norm_rules,
+    transformers_vision_config,
+)
 from medjax.models.dinov3.model import ACTIVATIONS, FAMILY, DINOv3Config
 
 # ------------------------------------------------------------------------------------------------ key tables

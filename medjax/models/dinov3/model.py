@@ -28,8 +28,16 @@ import numpy as np
 from flax import linen as nn
 
 from medjax.models.base import ConfigMixin
-from medjax.models.layers import (LayerScale, cudnn_attention, dense, gelu, head_major_attention, image_shape,
-                                  layer_norm, use_cudnn_attention)
+from medjax.models.layers import (
+    LayerScale,
+    cudnn_attention,
+    dense,
+    gelu,
+    head_major_attention,
+    image_shape,
+    layer_norm,
+    use_cudnn_attention,
+)
 
 FAMILY = "dinov3"
 ACTIVATIONS = {"gelu": gelu, "silu": nn.silu, "swish": nn.silu, "relu": nn.relu,

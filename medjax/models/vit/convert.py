@@ -340,7 +340,8 @@ def open_clip_config(cfg: dict, family: str = "clip") -> ViTConfig:
                    "no_ln_pre": v.get("no_ln_pre", False), "final_ln_after_pool": v.get("final_ln_after_pool", False),
                    "pool_type not 'tok'": v.get("pool_type", "tok") != "tok",
                    "pos_embed_type not 'learnable'": v.get("pos_embed_type", "learnable") != "learnable",
-                   "timm_model_name": bool(v.get("timm_model_name")), "layers as a list": isinstance(v.get("layers"), list)}
+                   "timm_model_name": bool(v.get("timm_model_name")),
+                   "layers as a list": isinstance(v.get("layers"), list)}
     bad = [k for k, on in unsupported.items() if on]
     if bad:
         raise CheckpointError(f"open_clip config: unsupported options {bad} (medjax's CLIP tower is the standard "
@@ -349,10 +350,12 @@ def open_clip_config(cfg: dict, family: str = "clip") -> ViTConfig:
     return ViTConfig(
         width=width, depth=v.get("layers", 12), num_heads=width // v.get("head_width", 64),
         patch_size=patch, pos_grid=_grid(v.get("image_size", 224), patch),
-        mlp_hidden=int(width * v.get("mlp_ratio", 4.0)), patch_bias=False, layerscale=v.get("ls_init_value") is not None,
+        mlp_hidden=int(width * v.get("mlp_ratio", 4.0)), patch_bias=False,
+        layerscale=v.get("ls_init_value") is not None,
         norm_eps=1e-5, ln_pre=True, proj_dim=cfg["embed_dim"], family=family,
         act="quick_gelu" if cfg.get("quick_gelu", False) else "gelu",
-        attn_pool_queries=v.get("attn_pooler_queries", 256) if coca else 0, attn_pool_heads=v.get("attn_pooler_heads", 8))
+        attn_pool_queries=v.get("attn_pooler_queries", 256) if coca else 0,
+        attn_pool_heads=v.get("attn_pooler_heads", 8))
 
 
 _AIM_KW = {"img_size", "patch_size", "embed_dim", "mlp_hidden_dim", "num_blocks", "num_heads", "num_channels",

@@ -243,8 +243,8 @@ def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], i
     if config.pos_resize in ("none", "truncate"):
         raise ValueError(
             f"{config.family} input of {image_hw[0]}x{image_hw[1]} px gives a {grid[0]}x{grid[1]} patch grid, but the "
-            f"pos-embed is stored for {stored[0]}x{stored[1]} ({config.image_size[0]}x{config.image_size[1]} px) and this "
-            "family does not resize it at run time; convert the checkpoint again with `img_size` set in --config "
+            f"pos-embed is stored for {stored[0]}x{stored[1]} ({config.image_size[0]}x{config.image_size[1]} px) and "
+            "this family does not resize it at run time; convert the checkpoint again with `img_size` set in --config "
             "(`image_size` in an open_clip vision_cfg; `timm_model_kwargs.img_size` for BiomedCLIP)")
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     patch_pos = patch_pos.reshape(1, stored[0], stored[1], -1).astype(jnp.float32)

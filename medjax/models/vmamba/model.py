@@ -259,7 +259,8 @@ class SS2D(nn.Module):
             x = DepthwiseConv(self.d_conv, self.conv_bias, self.dtype, name="conv2d")(x)
         x = nn.silu(x)
 
-        uniform = lambda scale: (lambda key, shape, dt=jnp.float32: jax.random.uniform(key, shape, dt, -scale, scale))
+        def uniform(scale):
+            return (lambda key, shape, dt=jnp.float32: jax.random.uniform(key, shape, dt, -scale, scale))
         x_proj_weight = self.param("x_proj_weight", uniform(D ** -0.5), (K, R + 2 * N, D))
         dt_projs_weight = self.param("dt_projs_weight", uniform(R ** -0.5), (K, D, R))
         dt_projs_bias = self.param("dt_projs_bias", _dt_bias_init, (K, D))
