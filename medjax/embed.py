@@ -10,17 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from medjax import finetuned, models
 from medjax.errors import cli_main
 
 
 def embed(params_dir: str, images: np.ndarray, batch_size: int = 32, precision: str = "float32") -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from medjax import finetuned, models
-
     config, variables, meta = models.load_pretrained(params_dir)
     if images.ndim != 4 or images.shape[1] != config.in_chans:
         raise ValueError(f"images must be NCHW with {config.in_chans} channels, got shape {images.shape}")

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import classifier, models, optim, rules, sharding
+from medjax import classifier, models, optim, peft, rules, sharding
 from medjax.models.layers import frozen_norms
 from medjax.pretrained import flatten
 
@@ -134,8 +134,6 @@ def build(config, *, num_classes: int, channels: int, task: str, total_steps: in
     abstract=True (`python -m medjax.plan`): the same steps, but `state` is a tree of jax.ShapeDtypeStructs carrying
     their shardings: no weights are read and nothing is allocated, so the steps can be lowered and compiled ahead of
     time, also for devices that are not attached (a TPU topology)."""
-    from medjax import peft
-
     m = config.model
     dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
     model, variables = classifier.build_classifier(m, num_classes, channels, config.image_size,

@@ -24,11 +24,18 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
 
-from medjax import outputs
+from medjax import engine, models, outputs, pretrained
 from medjax import predict as predict_lib
+from medjax.data import DataError
 from medjax.errors import UserError, cli_main
+from medjax.models.layers import Attention
 from medjax.predict import PredictError
 
 METHODS = ("attention", "gradcam", "occlusion")
@@ -39,8 +46,6 @@ INDEX_FILE = "explanations.csv"  # in the output folder: which PNG explains whic
 
 
 def _family(model):
-    from medjax import models
-
     return models.family(model.backbone.family)
 
 
@@ -49,12 +54,6 @@ def attention_matrices(model, variables, images) -> tuple[list, list]:
     (B, T, T) float32, in the order the model runs them. Read from the call's input and its own qkv parameters (the
     math of `layers.Attention`: fused qkv rows q, k, v, head-major inside each; softmax(q k^T / sqrt(d))), or from
     the module's `attention_probabilities(*args)` where it has one (an attention with its own math, e.g. RoPE)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
-    from medjax.models.layers import Attention
-
     found = {"backbone": [], "head": []}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -84,8 +83,6 @@ def attention_matrices(model, variables, images) -> tuple[list, list]:
 
 def rollout(attentions: list):
     """R = A'_L ... A'_1 with A' = (A + I) / 2, rows renormalised; attentions (B, T, T) in block order."""
-    import jax.numpy as jnp
-
     eye = jnp.eye(attentions[0].shape[-1], dtype=jnp.float32)
     result = jnp.broadcast_to(eye, attentions[0].shape)
     for a in attentions:
@@ -143,10 +140,6 @@ def _gradcam_target(model) -> tuple[tuple, int | None]:
 
 def gradcam(model, variables, images, classes):
     """(B, h, w) Grad-CAM of class `classes[b]` (logit) on the family's last feature map, at its resolution."""
-    import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
-
     target, index = _gradcam_target(model)
 
     def forward(delta):
@@ -194,11 +187,6 @@ def occlusion_windows(size: int, window: int, stride: int) -> list[int]:
 def occlusion(model, variables, images, classes, task: str, window: int | None = None, stride: int | None = None,
               batch_size: int = 64):
     """(B, S, S) occlusion sensitivity of class `classes[b]`'s probability (see the module docstring)."""
-    import jax
-    import jax.numpy as jnp
-
-    from medjax import engine
-
     size = images.shape[1]
     window = window or max(size // 7, 1)
     stride = stride or max(window // 2, 1)
@@ -222,8 +210,6 @@ def occlusion(model, variables, images, classes, task: str, window: int | None =
 
 def make_explainer(method: str, model, task: str):
     """jit(fn(variables, images, classes) -> (B, h, w) maps at the method's own resolution)."""
-    import jax
-
     fns = {"attention": lambda v, x, c: attention_rollout(model, v, x),
            "gradcam": lambda v, x, c: gradcam(model, v, x, c),
            "occlusion": lambda v, x, c: occlusion(model, v, x, c, task)}
@@ -237,9 +223,6 @@ def make_explainer(method: str, model, task: str):
 
 def upsample(heat: np.ndarray, size: int) -> np.ndarray:
     """A (h, w) map -> (size, size), bilinear over the cells' centres (half-pixel, as PIL and torch)."""
-    import jax
-    import jax.numpy as jnp
-
     return np.asarray(jax.image.resize(jnp.asarray(heat, jnp.float32), (size, size), "linear", antialias=False))
 
 
@@ -250,9 +233,6 @@ def render(image01: np.ndarray, heat: np.ndarray, lines: list[str], title: str, 
            scale_label: str = "map value"):
     """A PIL image: the image, the heat map (min-max normalised) over it with its colour scale (a bar from the map's
     minimum at the bottom to its maximum at the top, both values written beside it), and a text column."""
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw, ImageFont
-
     size = image01.shape[0]
     scale = scale or max(1, -(-224 // size))
     gray = image01[..., 0] if image01.shape[-1] == 1 else None
@@ -342,9 +322,6 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     """Writes one PNG per readable image into `output`, named and titled by the image's path relative to its root
     (`relative[i]`, see `relative_paths`; default: relative to the images' common folder), and `explanations.csv`
     (PNG, image, method, explained class and its probability); returns (written paths, failures)."""
-    import jax
-    import jax.numpy as jnp
-
     classifier, variables = model.plain()
     method = method or _family(classifier).explain_method(classifier.backbone)
     if class_name is not None and class_name not in model.class_names:
@@ -355,8 +332,6 @@ def explain_files(model: predict_lib.FineTuned, records, output: str, method: st
     names = png_names(relative)
     loader, failures = model.loader(records, batch_size, "explain")
     mean, std = (np.asarray(s, np.float32) for s in model.normalization_stats())
-    from medjax import engine
-
     probability = jax.jit(engine.make_eval_step(classifier, model.task))
     explainer = make_explainer(method, classifier, model.task)
     os.makedirs(output, exist_ok=True)
@@ -394,8 +369,6 @@ def peek_backbone(source: str):
     """(family, backbone config) of the model at `source` (a run's work directory or an exported folder), read from
     its metadata alone (no weights read, nothing built), so that a --method the family cannot run is refused before
     the model loads; None when it cannot be told so cheaply (the full load then reports any problem)."""
-    from medjax import models, pretrained
-
     try:
         if os.path.isfile(os.path.join(source, "run_config.json")):
             flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
@@ -418,8 +391,6 @@ def peek_backbone(source: str):
 def peek_class_names(source: str) -> list | None:
     """The model's class names from the run's split file or the exported folder's metadata (no model loaded), or None
     when they cannot be read so (the full load then reports the problem)."""
-    from medjax import pretrained
-
     try:
         if os.path.isfile(os.path.join(source, "run_config.json")):
             flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
@@ -434,9 +405,6 @@ def peek_class_names(source: str) -> list | None:
 
 @cli_main
 def main(argv=None) -> int:
-    from medjax import pretrained
-    from medjax.data import DataError
-
     p = predict_lib.CliParser(prog="python -m medjax.explain", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--workdir", required=True, help="a run's work directory, or a folder of medjax.export")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")

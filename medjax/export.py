@@ -30,10 +30,14 @@ import os
 import shutil
 import sys
 
+import jax
 import numpy as np
+from safetensors.numpy import save_file
 
-from medjax import outputs
+from medjax import engine, outputs, pretrained
 from medjax import predict as predict_lib
+from medjax.data import DataError
+from medjax.data.transforms import resize_size
 from medjax.errors import UserError, atomic_write, cli_main
 from medjax.predict import EXPORT_KEY, HEAD_FILE, PredictError
 
@@ -44,8 +48,6 @@ README_FILE = "README.md"  # beside a StableHLO export: how to call it and its i
 
 def facts(model: predict_lib.FineTuned) -> dict:
     """What a reader needs beside the weights: the run's config and its data facts."""
-    from medjax import pretrained
-
     if os.path.isfile(os.path.join(model.source, "run_config.json")):
         with open(os.path.join(model.source, "run_config.json")) as f:
             run_config = json.load(f)
@@ -60,8 +62,6 @@ def facts(model: predict_lib.FineTuned) -> dict:
 def preprocessing(model: predict_lib.FineTuned) -> dict:
     """What turns an image file into the model's input, in the order it is done (the run's eval transform,
     `medjax.data.transforms.eval_transform` then the normalisation): every number a reader needs to redo it."""
-    from medjax.data.transforms import resize_size
-
     mean, std = model.normalization_stats()
     size, resized = model.image_size, resize_size(model.image_size)
     square = model.config.resize == "square"
@@ -120,8 +120,6 @@ The same facts are in `{FACTS_FILE}` under `input` (`resize`, `resize_mode`, `re
 
 
 def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
-    from medjax import pretrained
-
     classifier, variables = model.plain()
     backbone = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
     head = {c: v["head"] for c, v in variables.items() if "head" in v}
@@ -130,8 +128,6 @@ def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
     info["head"] = {"kind": classifier.head, "num_classes": classifier.num_classes}
     info["head_digests"] = {k: pretrained.tensor_digest(v) for k, v in sorted(flat_head.items())}
     config = classifier.backbone
-    from safetensors.numpy import save_file
-
     os.makedirs(output, exist_ok=True)
     tmp = os.path.join(output, HEAD_FILE + ".tmp")
     save_file(flat_head, tmp)
@@ -149,8 +145,6 @@ def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
 def inference_function(model: predict_lib.FineTuned):
     """(fn(weights, images) -> probabilities, weights): `weights` flat {name: array} as pretrained.flatten_variables
     names them, so that a reader passes the safetensors dict as it loads it."""
-    from medjax import engine, pretrained
-
     classifier, variables = model.plain()
     eval_step = engine.make_eval_step(classifier, model.task)
     weights = {k: np.ascontiguousarray(v) for k, v in pretrained.flatten_variables(variables).items()}
@@ -158,9 +152,6 @@ def inference_function(model: predict_lib.FineTuned):
 
 
 def export_stablehlo(model: predict_lib.FineTuned, output: str, platforms: tuple[str, ...]) -> str:
-    import jax
-    from safetensors.numpy import save_file
-
     fn, weights = inference_function(model)
     (batch,) = jax.export.symbolic_shape("batch")
     size = model.image_size
@@ -247,9 +238,6 @@ def staging(output: str):
 
 @cli_main
 def main(argv=None) -> int:
-    from medjax import pretrained
-    from medjax.data import DataError
-
     p = predict_lib.CliParser(prog="python -m medjax.export", description=__doc__.split("\n\n")[1].replace("\n", " "))
     p.add_argument("--workdir", required=True, help="a run's work directory (or an exported folder)")
     p.add_argument("--output", required=True, help="the folder to write")

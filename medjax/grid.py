@@ -49,8 +49,10 @@ import numpy as np
 
 from medjax import bootstrap, data, metrics, schema, studies
 from medjax.data import fake
-from medjax.errors import cli_main
+from medjax.errors import UserError, cli_main
 from medjax.protocols import features, linear_probe
+from medjax.weights import fetch as weights
+from medjax.weights import registry
 
 CELL_FILE = "grid_cell.json"
 METRICS_FILE = "metrics.json"
@@ -296,8 +298,6 @@ def _failed(workdir: str) -> bool:
 
 def cell_weights(grid, cells: list[dict]) -> dict[str, str]:
     """{folder under weights_dir: registry name} of what the cells read (the DeiT-B body for attention heads)."""
-    from medjax.weights import registry
-
     folders = {}
     for cell in cells:
         model = grid.model_info(cell["model"])
@@ -308,10 +308,6 @@ def cell_weights(grid, cells: list[dict]) -> dict[str, str]:
 
 
 def fetch_cells(grid, cells: list[dict], weights_dir: str | None) -> int:
-    from medjax.errors import UserError
-    from medjax.weights import fetch as weights
-    from medjax.weights import registry
-
     folders = cell_weights(grid, cells)
     unknown = sorted(f for f, n in folders.items() if n is None)
     if unknown:

@@ -23,6 +23,7 @@ from medjax import cli, pretrained, rundir, schema, train
 from medjax.convert import convert
 from medjax.data import fake
 from medjax.errors import UserError, cli_main
+from medjax.weights import fetch as weights
 
 config_flags.DEFINE_config_file("config", None, cli.RECIPE_HELP, lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics.json and TensorBoard logs go")
@@ -68,8 +69,6 @@ def prepare(config, workdir: str):
             convert(source.checkpoint, target, source.model, source.config or None)
         config.model.pretrained = target
     elif config.model.pretrained:  # a registry name: fetched (or found in the cache) before anything starts
-        from medjax.weights import fetch as weights
-
         config.model.pretrained = weights.resolve(config.model.pretrained)
 
 

@@ -35,10 +35,32 @@ import os
 import sys
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+from tqdm import tqdm
 
-from medjax import outputs, schema
+from medjax import (
+    checkpoint,
+    classifier,
+    data,
+    engine,
+    metrics,
+    models,
+    outputs,
+    peft,
+    pretrained,
+    rules,
+    rundir,
+    schema,
+    sharding,
+)
 from medjax import thresholds as operating_points
+from medjax.data import DataError, Record, checks
+from medjax.data.pipeline import BACKBONE_STATS
+from medjax.data.records import IMAGE_EXTENSIONS, read_csv, walk_images
 from medjax.errors import UserError, atomic_write, cli_main
 
 EXPORT_KEY = "export"  # medjax.json of an exported folder: the run's facts under this key
@@ -81,8 +103,6 @@ class FineTuned:
         return (self.mean, self.std) if n == "dataset" else n
 
     def normalization_stats(self) -> tuple[tuple, tuple]:
-        from medjax.data.pipeline import BACKBONE_STATS
-
         n = self.config.normalization
         if n == "dataset":
             return tuple(self.mean), tuple(self.std)
@@ -96,8 +116,6 @@ class FineTuned:
         """(batches, failures): `records` with the run's eval transform (its resize and normalisation), in order, the
         last batch padded (mask False); `failures` fills with (path, origin, reason) of unreadable images as the
         batches are read."""
-        from medjax import data
-
         dataset = data.Dataset(name, self.task, list(self.class_names), self.channels, "", tuple(self.mean),
                                tuple(self.std), {name: list(records)})
         batches = data.make_loader(dataset, name, batch_size=batch_size, image_size=self.image_size, train=False,
@@ -108,10 +126,6 @@ class FineTuned:
     def plain(self):
         """(Classifier, host variables) without execution wrappers: LoRA adapters merged into their kernels, ViT blocks
         unrolled (`blocks_<i>`) and not rematerialised. The outputs are the same; export and explain use it."""
-        import jax
-
-        from medjax import models, peft
-
         model = self.engine.model
         variables = jax.tree_util.tree_map(np.asarray, jax.device_get(self.variables))
         variables = {c: dict(v) for c, v in variables.items()}
@@ -160,8 +174,6 @@ def _read_json(path: str, what: str) -> dict:
 def _best_step(workdir: str) -> int:
     """The best step the latest committed checkpoint names (a finished run's metrics.json agrees; a run extended
     after it finished may have moved on), else metrics.json's."""
-    import orbax.checkpoint as ocp
-
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
     if os.path.isdir(root):
         with ocp.CheckpointManager(root, item_handlers={"progress": ocp.JsonCheckpointHandler()}) as manager:
@@ -184,8 +196,6 @@ def _best_step(workdir: str) -> int:
 
 
 def _build(config, num_classes: int, channels: int, task: str, mesh=None):
-    from medjax import classifier, engine, rules, sharding
-
     mesh = mesh or sharding.make_mesh(-1, 1)
     try:
         return engine.build(config, num_classes=num_classes, channels=channels, task=task, total_steps=1, mesh=mesh)
@@ -196,8 +206,6 @@ def _build(config, num_classes: int, channels: int, task: str, mesh=None):
 def load_run(workdir: str, mesh=None) -> FineTuned:
     """A run's best model, verified against its digests, read under the work directory's shared lock: refused (one
     line) while a trainer writes the run (`medjax.rundir.reading`)."""
-    from medjax import rundir
-
     try:
         with rundir.reading(workdir):
             return _load_run(workdir, mesh)
@@ -206,10 +214,6 @@ def load_run(workdir: str, mesh=None) -> FineTuned:
 
 
 def _load_run(workdir: str, mesh=None) -> FineTuned:
-    import jax
-
-    from medjax import checkpoint
-
     flat = _read_json(os.path.join(workdir, "run_config.json"), "the config of a run started by medjax.main")
     config = config_from_flat(flat, os.path.join(workdir, "run_config.json"))
     moved = os.path.join(workdir, "backbone")
@@ -243,12 +247,6 @@ def _load_run(workdir: str, mesh=None) -> FineTuned:
 
 def load_exported(folder: str, mesh=None) -> FineTuned:
     """A folder of `medjax.export --format safetensors`: the backbone as a converted folder plus the head."""
-    import jax
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    from medjax import pretrained
-
     meta = pretrained.read_metadata(folder)
     facts = meta.get(EXPORT_KEY)
     if not isinstance(facts, dict):
@@ -290,8 +288,6 @@ def load_exported(folder: str, mesh=None) -> FineTuned:
 
 def load_model(source: str, mesh=None) -> FineTuned:
     """A run's work directory (run_config.json) or an exported folder (medjax.json with a head)."""
-    from medjax import pretrained
-
     if os.path.isfile(os.path.join(source, "run_config.json")):
         return load_run(source, mesh)
     if os.path.isfile(os.path.join(source, pretrained.METADATA_FILE)):
@@ -306,9 +302,6 @@ def load_model(source: str, mesh=None) -> FineTuned:
 def image_records(paths: list[str], model: FineTuned) -> list:
     """Records (without labels) for image files and folders (searched recursively, sorted) given on the command
     line."""
-    from medjax.data import Record
-    from medjax.data.records import IMAGE_EXTENSIONS, walk_images
-
     none = tuple([0] * len(model.class_names)) if model.task == "multilabel" else 0
     out = []
     for p in paths:
@@ -325,9 +318,6 @@ def image_records(paths: list[str], model: FineTuned) -> list:
 def csv_records(path: str, class_names: list, task: str) -> tuple[list, bool, list]:
     """(records, has labels, the paths as the CSV writes them) from a CSV with `path` and optional labels (see the
     module docstring)."""
-    from medjax.data import DataError, Record
-    from medjax.data.records import read_csv
-
     multilabel = task == "multilabel"
     records, has_labels, shown = [], None, []
     base = os.path.dirname(os.path.abspath(path))
@@ -384,8 +374,6 @@ def _csv_label(row, per_class, class_names, multilabel, origin):
 
 def dataset_records(model: FineTuned, name: str, root: str, split: str) -> tuple[list, Any]:
     """The records of a dataset split, read with the run's split rule and options when it is the run's dataset."""
-    from medjax import data
-
     options = {k: v for k, v in schema.data_options(model.config).items()
                if k not in ("check_images", "skip_bad_images")} if name == model.config.dataset else {}
     try:
@@ -407,11 +395,6 @@ def predict(model: FineTuned, records: list, *, batch_size: int | None = None, t
             progress: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
     """(probabilities (N, K) float32 with N = len(records), readable (N,) bool, failures [(path, origin, reason)]).
     Rows of unreadable images are NaN. The batches go through the run's jitted eval step, sharded over the mesh."""
-    import jax
-    from tqdm import tqdm
-
-    from medjax import sharding
-
     if jax.process_count() > 1:
         raise PredictError("predict runs on one host (all of its devices); start it without jax.distributed")
     if tta not in TTA_VIEWS:
@@ -465,8 +448,6 @@ def predictions_table(model: FineTuned, paths: list, probs: np.ndarray, labels=N
 
 def evaluate(model: FineTuned, probs: np.ndarray, labels) -> dict:
     """medjax.metrics on the predictions, plus, multi-label, the metrics at the model's operating points."""
-    from medjax import metrics
-
     result = metrics.compute_metrics(model.task, np.asarray(probs, np.float64), labels, model.class_names)
     result["num_examples"] = int(len(labels))
     if model.task == "multilabel":
@@ -528,8 +509,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_strict(records, channels: int) -> None:
-    from medjax.data import checks
-
     bad = checks.find_bad_images(records, "decode", channels).bad
     if bad:
         listed = "; ".join(f"{r.path}: {why}" for r, why in bad[:5])
@@ -577,9 +556,6 @@ def error_line(e: BaseException) -> str:
 
 @cli_main
 def main(argv=None) -> int:
-    from medjax import pretrained
-    from medjax.data import DataError
-
     args = parser().parse_args(argv)
     if args.dataset and not args.root:
         parser().error("--dataset needs --root (the dataset folder)")
@@ -630,8 +606,6 @@ def main(argv=None) -> int:
         if labels is not None and len(labels):
             result = evaluate(model, probs[keep], labels)
             if model.target_metric:
-                from medjax import metrics
-
                 print(f"{model.target_metric}: {metrics.target_metric(model.target_metric, result)}")
             if args.metrics:
                 write_json(args.metrics, result)

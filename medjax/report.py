@@ -36,7 +36,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import matplotlib
+import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
@@ -510,12 +515,7 @@ def plot_dataset(runs: list[Run], dataset: str, title: str, path: str) -> dict:
     without a grid cell too, with the parameter count of their converted backbone). The point labels are moved
     apart where they would overlap, the legend sits outside the axes. Returns {'labels': [(text, (x0, y0, x1, y1))]
     in figure pixels, 'left_out': runs without a parameter count}."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     fig, ax = plt.subplots(figsize=(8.5, 4.8), dpi=120)
     labels = []
     sx, sy, names = [], [], []
@@ -573,9 +573,6 @@ def _spread_labels(fig, ax, labels, step: float = 3.0, tries: int = 40) -> list:
     moved up or down in steps of `step` points, so that its box overlaps no label placed before it, no point marker,
     and stays inside the axes. A label moved away from its point gets a thin leader line. Returns
     [(text, (x0, y0, x1, y1))] of the final boxes in figure pixels."""
-    from matplotlib.text import Text
-    from matplotlib.transforms import Bbox
-
     def text_box(ann):  # the text alone (an Annotation's own extent includes its leader line)
         ann.update_positions(renderer)
         return Text.get_window_extent(ann, renderer)

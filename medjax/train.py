@@ -33,11 +33,16 @@ import tempfile
 import threading
 import time
 
+import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
-from medjax import bootstrap, checkpoint, engine, metrics, rundir, schema, sharding, thresholds
+from medjax import bootstrap, checkpoint, data, engine, metrics, rundir, schema, sharding, thresholds
 from medjax.errors import UserError
 
 
@@ -102,10 +107,6 @@ class Trainer:
             raise
 
     def _start(self, config, workdir: str):
-        import orbax.checkpoint as ocp
-
-        from medjax import data
-
         self._check_restart()
         self._phase(f"Reading {config.dataset} from {config.data_root}")
         # the split files and caches go to a staging folder, committed to WORKDIR/splits once every check passed
@@ -197,8 +198,6 @@ class Trainer:
     def _stopping(self) -> int | None:
         """The signal that stops the run, agreed by every process (a flag reduced over the processes each step)."""
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             flags = multihost_utils.process_allgather(np.int32(self._stop or 0))
             return int(np.max(flags)) or None
         return self._stop
@@ -208,8 +207,6 @@ class Trainer:
             print(message, flush=True)
 
     def _loader(self, split: str, train: bool):
-        from medjax import data
-
         c = self.config
         return data.make_loader(self.dataset, split, batch_size=self.local_batch, image_size=c.image_size,
                                 train=train, seed=c.seed, normalization=c.normalization, worker_count=c.worker_count,
@@ -364,9 +361,6 @@ class Trainer:
                                                               if damaged else ""))
 
     def _restore_step(self, step: int) -> dict:
-        import grain
-        import orbax.checkpoint as ocp
-
         where = rundir.path(self.workdir, rundir.CHECKPOINTS, str(step))
         self._phase(f"Restoring the checkpoint of step {step}")
         try:
@@ -382,9 +376,6 @@ class Trainer:
         return restored
 
     def _save(self, step: int):
-        import grain
-        import orbax.checkpoint as ocp
-
         self.ckpt.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.state), data=grain.checkpoint.CheckpointSave(self.train_iter),
             progress=ocp.args.JsonSave({"best": self.best, "history": self.history})), force=True,
@@ -417,8 +408,6 @@ class Trainer:
 
     @staticmethod
     def _progress_only():
-        import orbax.checkpoint as ocp
-
         return ocp.args.Composite(progress=ocp.args.JsonRestore())
 
     def _load_best(self):
@@ -436,8 +425,6 @@ class Trainer:
 
     def evaluate(self, variables, split: str) -> dict:
         """Every example of the split, in order: the loader pads the last batch and marks the padding."""
-        from jax.experimental import multihost_utils
-
         probs, labels = [], []
         for batch in self._loader(split, train=False):
             mask = np.asarray(batch["mask"])
@@ -475,8 +462,6 @@ class Trainer:
                 "compute_dtype='float32'.")
 
     def _run(self) -> dict:
-        from tqdm import tqdm
-
         c = self.config
         start = int(jax.device_get(self.state.step))
         if self._stopping():
@@ -627,16 +612,12 @@ def describe_split_changes(old: dict, new: dict) -> list[str]:
 
 
 def _grain_handler():
-    import grain
-
     return grain.checkpoint.CheckpointHandler()
 
 
 def _tensorboard(workdir: str):
     if jax.process_index() != 0:
         return None
-    from tensorboardX import SummaryWriter
-
     return SummaryWriter(os.path.join(workdir, "tensorboard"))
 
 

@@ -16,10 +16,16 @@ import os
 import shutil
 import uuid
 
+import h5py
+import nibabel
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset as DicomDataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from medjax.data import aptos2019, cbis_ddsm, chexpert, isic2019
+from medjax.data import aptos2019, cbis_ddsm, chexpert, ham10000, isic2018, isic2019
+from medjax.data import nih_chestxray14 as nih
 from medjax.data.records import DataError
 
 log = logging.getLogger(__name__)
@@ -95,10 +101,6 @@ def _save_png16(img: np.ndarray, path: str):
 
 def save_dicom(img: np.ndarray, path: str, patient_id: str = "P_00000"):
     """A 16-bit MONOCHROME2 uncompressed DICOM, as the CBIS-DDSM full mammograms are."""
-    from pydicom.dataset import Dataset as DicomDataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     arr = np.clip(np.rint(img[..., 0] * 257), 0, 65535).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture, as CBIS-DDSM's files
@@ -285,8 +287,6 @@ def write_nih_chestxray14(root, num, rng, size):
     """Data_Entry_2017.csv with NIH's exact header (including the split `OriginalImage[Width,Height]` columns and the
     trailing comma), train_val_list.txt / test_list.txt (about 20% of the patients in test) and grayscale PNGs
     NNNNNNNN_NNN.png spread over images_001/images/, images_002/images/ (the Kaggle layout)."""
-    from medjax.data import nih_chestxray14 as nih
-
     rows, lists, patient = [], {"train_val": [], "test": []}, 0
     while len(rows) < num:
         patient += 1
@@ -333,8 +333,6 @@ def write_chest_xray_pneumonia(root, num, rng, size):
 def write_ham10000(root, num, rng, size):
     """HAM10000_metadata.csv (lesion_id, image_id, dx, dx_type, age, sex, localization; lesions of 1-3 images) and
     RGB JPEGs ISIC_NNNNNNN.jpg split over HAM10000_images_part_1/ and HAM10000_images_part_2/."""
-    from medjax.data import ham10000
-
     rows, lesion, image = [], 0, 24306
     while len(rows) < num:
         lesion += 1
@@ -356,8 +354,6 @@ def write_isic2018(root, num, rng, size):
     """ISIC2018_Task3_{Training,Validation,Test}_GroundTruth/<same>.csv (image + one-hot 1.0/0.0 over MEL, NV, BCC,
     AKIEC, BKL, DF, VASC) with ISIC2018_Task3_*_Input/ISIC_NNNNNNN.jpg (plus the archives' LICENSE.txt), about
     80/10/10, and ISIC2018_Task3_Training_LesionGroupings.csv."""
-    from medjax.data import isic2018
-
     sets = {"Training": [], "Validation": [], "Test": []}
     groupings, lesion = [], 0
     for i, k in enumerate(_labels(rng, num, len(isic2018.CLASS_NAMES))):
@@ -395,8 +391,6 @@ def write_brain_tumor_figshare(root, num, rng, size):
     """<N>.mat MATLAB v7.3 files (HDF5 with MATLAB's 512-byte header) spread over brainTumorDataPublic_1-K folders:
     struct cjdata with image (int16, stored transposed as MATLAB does), label (1-3), PID (uint16 character codes),
     tumorBorder and tumorMask; patients of 1-4 slices; cvind.mat with a fold 1-5 per slice (by patient)."""
-    import h5py
-
     per_folder = max(1, -(-num // 4))
     folds, n, patient = [], 0, 0
     while n < num:
@@ -461,8 +455,6 @@ def write_volumes(root, num, rng, size):
     bright ball in the middle slices), in the three forms the reader takes, in turn: a folder of PNG slices named
     slice1..slice10 (natural order), a folder of CT DICOM slices in Hounsfield units whose file names are shuffled
     (the order comes from ImagePositionPatient), and a NIfTI file."""
-    import nibabel
-
     labels = _labels(rng, num, 2)
     rows = []
     for i in range(num):
@@ -497,10 +489,6 @@ def write_volumes(root, num, rng, size):
 
 def _save_ct_slice(hu: np.ndarray, path: str, patient_id: str, position: int):
     """One CT slice: 16-bit stored values with RescaleSlope 1 / RescaleIntercept -1024, positioned along z."""
-    from pydicom.dataset import Dataset as DicomDataset
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     arr = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT image storage

@@ -24,6 +24,7 @@ that holds something else) is one DataError, and nothing of this run is left beh
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -40,9 +41,15 @@ import sys
 import threading
 import time
 
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from medjax import data
 from medjax.data import prepared
-from medjax.data.records import DataError, Dataset, check_inside_root, leaves_root
+from medjax.data.records import DataError, Dataset, check_inside_root, leaves_root, take_options
 from medjax.data.records import allow_outside_root as allowing_outside_root
+from medjax.data.transforms import decode
 from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
@@ -79,10 +86,6 @@ def stored_size(width: int, height: int, max_size: int) -> tuple[int, int]:
 
 def convert_image(path: str, channels: int, max_size: int, image_format: str, quality: int):
     """One image -> (encoded bytes, stored (w, h), original (w, h))."""
-    from PIL import Image
-
-    from medjax.data.transforms import decode
-
     img = decode(path, channels)  # a full decode: the stored image is the quality path
     original = img.size
     size = stored_size(*original, max_size)
@@ -158,7 +161,6 @@ def _request(name: str, options: dict, max_size: int, image_format: str, quality
 
 
 def _builder_class():
-    import numpy as np
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import utils as tfds_utils
 
@@ -247,8 +249,6 @@ def _check_output(output: str, raw_root: str, request: dict) -> dict | None:
 
 def _raw_records(name: str, raw_root: str, options: dict, allow_outside_root: bool) -> Dataset:
     """The raw dataset's records as its reader lists them (no image check, no statistics): what a prepare stores."""
-    from medjax import data
-
     with allowing_outside_root(allow_outside_root):
         dataset = data.READERS[name](raw_root, **options)
         check_inside_root(dataset)
@@ -300,8 +300,6 @@ def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MA
     {'dataset', 'output', 'written' (False: it was already there), 'images' per split, 'skipped', 'bytes' (the
     ArrayRecord files), 'source_bytes' (the raw images), 'ratio', 'digest', 'seconds'}. Raises DataError on bad
     input, leaving nothing of this run behind."""
-    from medjax import data
-
     start = time.perf_counter()
     if name not in data.READERS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(data.READERS)}")
@@ -316,8 +314,6 @@ def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MA
     output = os.path.abspath(os.path.expanduser(output))
     if prepared.is_prepared(raw_root):
         raise DataError(f"--root {raw_root} is itself a prepared dataset; prepare from the raw files")
-    from medjax.data.records import take_options
-
     request = _request(name, take_options(data._READERS[name][1], options, name), max_size, image_format, quality)
     done = _check_output(output, raw_root, request)
     if done is not None:
@@ -341,8 +337,6 @@ def _convert_all(dataset: Dataset, items: list, partial: str, request: dict, wor
                  progress: bool | None) -> list[str]:
     """Stage 1: converts every item into chunk files under partial/chunks (missing chunks only); returns their
     paths in order."""
-    from tqdm import tqdm
-
     chunks_dir = os.path.join(partial, "chunks")
     fingerprint = hashlib.sha256(json.dumps(
         [request, chunk_size, [[s, _stored_path(dataset, r.path), _label_json(r.label), r.patient, _stamp(r.path)]
@@ -377,8 +371,6 @@ def _convert_all(dataset: Dataset, items: list, partial: str, request: dict, wor
                 done += 1
                 _maybe_kill("chunk", done)
         else:
-            import concurrent.futures
-
             ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
             with concurrent.futures.ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx,
                                                         initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
@@ -393,8 +385,6 @@ def _convert_all(dataset: Dataset, items: list, partial: str, request: dict, wor
 
 def _prepare(name, raw_root, output, partial, request, options, skip_bad_images, allow_outside_root, workers,
              chunk_size, progress) -> dict:
-    from medjax import data
-
     dataset = data.get_dataset(name, raw_root, workdir=partial, check_images="exists",
                                skip_bad_images=skip_bad_images, allow_outside_root=allow_outside_root, **options)
     items = [(split, i, r) for split, records in dataset.splits.items() for i, r in enumerate(records)]

@@ -24,6 +24,7 @@ import os
 import threading
 
 from medjax.data.records import DataError, Dataset, Record, leaves_root, take_options
+from medjax.data.transforms import decode_bytes
 from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
@@ -135,8 +136,6 @@ class PreparedImages:
 
     def read(self, record: Record):
         """The record's stored image; raises if the stored record is another image (files not from this prepare)."""
-        from medjax.data.transforms import decode_bytes
-
         example = self.example(record)
         stored, expected = example["path"].decode(), os.path.relpath(record.path, self.root).replace(os.sep, "/")
         if stored != expected:

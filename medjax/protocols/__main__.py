@@ -15,8 +15,11 @@ import sys
 
 import numpy as np
 
-from medjax import schema
+from medjax import data, metrics, models, peft, schema, train
+from medjax.data import fake
 from medjax.errors import cli_main
+from medjax.protocols import features, few_shot, knn, linear_probe
+from medjax.schema import study_config
 
 DEFAULTS = schema.study_config()  # every default below is the schema's declared one
 PROBE = DEFAULTS.probe
@@ -104,12 +107,7 @@ def _jsonable(x):
 
 
 def run(args) -> dict:
-    from medjax import data
-    from medjax.protocols import features, few_shot, knn, linear_probe
-
     if args.fake_data and not os.path.exists(args.root):
-        from medjax.data import fake
-
         _log(f"writing {args.fake_data} synthetic {args.dataset} images to {args.root}")
         fake.write_once(args.dataset, args.root, args.fake_data, seed=args.seed)
     os.makedirs(args.workdir, exist_ok=True)
@@ -151,8 +149,6 @@ def run(args) -> dict:
 def peft_config(args):
     """The trainer config of the peft protocol: the study's AdamW (decay on ndim > 1, clipping 1.0), one warm-up
     epoch then cosine to 0, train transforms, validation every epoch, the best model tested once."""
-    from medjax.schema import study_config
-
     c = study_config()
     c.dataset, c.data_root, c.seed = args.dataset, args.root, args.seed
     for key, value in args.data_option:
@@ -169,8 +165,6 @@ def peft_config(args):
 
 def _peft(args) -> dict:
     """LoRA / BitFit through the main trainer (checkpoints and exact resume in WORKDIR/peft_<method>, metrics.json)."""
-    from medjax import models, peft, schema, train
-
     config = peft_config(args)
     schema.validate(config)
     workdir = os.path.join(args.workdir, f"peft_{args.method}")
@@ -186,8 +180,6 @@ def _peft(args) -> dict:
     if args.method == "lora":
         out |= {"rank": args.rank, "alpha": args.alpha}
     if "test" in result:
-        from medjax import metrics
-
         out |= {"test": result["test"], "test_target": metrics.target_metric(result["target_metric"], result["test"])}
     return out
 
