@@ -70,6 +70,8 @@ def prepare(config, workdir: str):
         config.model.pretrained = target
     elif config.model.pretrained:  # a registry name: fetched (or found in the cache) before anything starts
         config.model.pretrained = weights.resolve(config.model.pretrained)
+    if config.model.attention_head.deit_params:  # the attention head's DeiT-B body, likewise
+        config.model.attention_head.deit_params = weights.resolve(config.model.attention_head.deit_params)
 
 
 @cli_main

@@ -580,3 +580,14 @@ def test_a_user_given_url_replaces_the_registry_address(env, capsys, tmp_path):
     assert "--url goes with a single NAME" in capsys.readouterr().err
     with pytest.raises(weights.WeightsError, match="not an http"):
         weights.fetch(source.name, url="file:///etc/passwd")
+
+
+def test_a_grid_folder_never_converted_is_fetched_by_its_registry_name(env, tmp_path, capsys):
+    """`{weights_dir}/{folder}` of a grid cell that nobody converted by hand: the folder's registry name is fetched
+    (weights_dir is optional); an existing path and an unknown missing path stay as they are."""
+    _, source, _ = env
+    missing = str(tmp_path / "nowhere" / source.name)
+    assert weights.resolve(missing) == weights.cache_dir(source.name)
+    assert f"using the official weights {source.name}" in capsys.readouterr().err
+    assert weights.resolve(str(tmp_path)) == str(tmp_path)
+    assert weights.resolve(str(tmp_path / "not_a_registry_folder")) == str(tmp_path / "not_a_registry_folder")

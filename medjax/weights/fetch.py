@@ -34,7 +34,7 @@ import medjax
 from medjax import pretrained
 from medjax.convert import convert
 from medjax.errors import UserError
-from medjax.weights.registry import File, Source, get, is_name
+from medjax.weights.registry import File, Source, get, is_name, name_for
 
 PROVENANCE_FILE = "provenance.json"
 CHUNK = 1 << 20
@@ -361,8 +361,15 @@ def provenance(name: str) -> dict | None:
 
 
 def resolve(value: str) -> str:
-    """A `model.pretrained` value: a registry name becomes its cached folder (fetched on first use); anything else
-    is returned as it is (a path)."""
+    """A `model.pretrained` value: a registry name becomes its cached folder (fetched on first use); so does a path
+    that does not exist and ends in a registry folder name (a grid cell's `{weights_dir}/{folder}` when the folder was
+    never converted by hand: `weights_dir` is optional); anything else is returned as it is (a path)."""
     if is_name(value) and not os.path.exists(value):
         return fetch(value)
+    if value and not os.path.exists(value):
+        name = name_for(os.path.basename(os.path.normpath(value)))
+        if name is not None:
+            print(f"{value} does not exist: using the official weights {name} (fetched once into the cache)",
+                  file=sys.stderr, flush=True)
+            return fetch(name)
     return value
