@@ -62,6 +62,7 @@ def prepare(config, workdir: str):
                         f"{config.dataset} folder in its public layout (docs: Data), or write a synthetic one "
                         f"with `python -m medjax.data fake --dataset {config.dataset} --root DIR --num N`.")
     source = config.model.convert_from
+    grid = bool(config.grid_cell.arg)  # a grid cell: a never-converted {weights_dir}/{folder} is fetched by its name
     if source.checkpoint and not config.model.pretrained:
         target = os.path.join(workdir, "backbone")
         if not os.path.exists(os.path.join(target, pretrained.METADATA_FILE)):
@@ -69,9 +70,10 @@ def prepare(config, workdir: str):
             convert(source.checkpoint, target, source.model, source.config or None)
         config.model.pretrained = target
     elif config.model.pretrained:  # a registry name: fetched (or found in the cache) before anything starts
-        config.model.pretrained = weights.resolve(config.model.pretrained)
+        config.model.pretrained = weights.resolve(config.model.pretrained, grid_folder=grid)
     if config.model.attention_head.deit_params:  # the attention head's DeiT-B body, likewise
-        config.model.attention_head.deit_params = weights.resolve(config.model.attention_head.deit_params)
+        config.model.attention_head.deit_params = weights.resolve(config.model.attention_head.deit_params,
+                                                                  grid_folder=grid)
 
 
 @cli_main

@@ -489,15 +489,20 @@ def render(p: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ command line
 
-config_flags.DEFINE_config_file("config", None, cli.RECIPE_HELP, lock_config=True)
-flags.DEFINE_string("topology", None, "TPU topology (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...) or h100:N / a100:N")
-flags.DEFINE_string("backbone", None, "a converter variant name (dinov2_vitg14, ...) instead of model.pretrained")
-flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the step time (fraction of the chip's peak bf16 rate)")
-flags.DEFINE_bool("suggest", True, "when it does not fit: find the largest batch and the changes that fit")
-flags.DEFINE_bool("eval", True, "also compile the eval step")
-flags.DEFINE_integer("classes", None, "classes of a dataset the plan does not know (csv / folder)")
-flags.DEFINE_integer("channels", None, "image channels of a dataset the plan does not know")
-flags.DEFINE_enum("task", None, ["multiclass", "multilabel"], "task of a dataset the plan does not know")
+def _define_flags():
+    """The command line's flags, defined when it runs (not on import: `medjax.main` defines `--config` too)."""
+    config_flags.DEFINE_config_file("config", None, cli.RECIPE_HELP, lock_config=True)
+    flags.DEFINE_string("topology", None,
+                        "TPU topology (v5e:2x4, v4:2x2x1, v5p:2x2x1, v6e:2x4, ...) or h100:N / a100:N")
+    flags.DEFINE_string("backbone", None, "a converter variant name (dinov2_vitg14, ...) instead of model.pretrained")
+    flags.DEFINE_float("mfu", 0.4, "model FLOPs utilisation for the step time (fraction of the chip's peak bf16 rate)")
+    flags.DEFINE_bool("suggest", True, "when it does not fit: find the largest batch and the changes that fit")
+    flags.DEFINE_bool("eval", True, "also compile the eval step")
+    flags.DEFINE_integer("classes", None, "classes of a dataset the plan does not know (csv / folder)")
+    flags.DEFINE_integer("channels", None, "image channels of a dataset the plan does not know")
+    flags.DEFINE_enum("task", None, ["multiclass", "multilabel"], "task of a dataset the plan does not know")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -541,6 +546,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=_parse_flags)
 
 

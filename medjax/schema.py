@@ -386,8 +386,9 @@ def recipe_path(spec: str) -> str:
     if os.path.isfile(path):
         return spec
     name = os.path.basename(path)[:-3] if path.endswith(".py") else path
-    if os.sep in name or "/" in name or not name:
-        raise ConfigError(f"--config={spec}: no such recipe file")
+    if os.sep in name or "/" in name or not name or (os.path.isabs(path) or path.startswith(".")):
+        raise ConfigError(f"--config={spec}: {path}: file not found; expected a config file (a recipe file, or a "
+                          f"recipe name: {', '.join(recipe_names())})")
     candidate = os.path.join(recipes_dir(), name + ".py")
     if not os.path.isfile(candidate) or name.startswith("_"):
         close = difflib.get_close_matches(name, recipe_names(), n=1)

@@ -20,9 +20,10 @@ import torch
 from conftest import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 
 import converters
-from converters import VARIANTS, CheckpointError, ConversionError
+from converters import CheckpointError, ConversionError
 from medjax import classifier, engine, explain, models, rules
 from medjax.errors import UserError
+from medjax.models import VARIANTS
 from medjax.models.dinov3 import DINOv3Config
 from medjax.models.dinov3.convert import swiglu_hidden
 from medjax.models.dinov3_convnext import DINOv3ConvNextConfig

@@ -587,7 +587,9 @@ def test_a_grid_folder_never_converted_is_fetched_by_its_registry_name(env, tmp_
     (weights_dir is optional); an existing path and an unknown missing path stay as they are."""
     _, source, _ = env
     missing = str(tmp_path / "nowhere" / source.name)
-    assert weights.resolve(missing) == weights.cache_dir(source.name)
+    assert weights.resolve(missing) == missing  # outside the grid a missing path stays the user's error
+    assert weights.resolve(missing, grid_folder=True) == weights.cache_dir(source.name)
     assert f"using the official weights {source.name}" in capsys.readouterr().err
-    assert weights.resolve(str(tmp_path)) == str(tmp_path)
-    assert weights.resolve(str(tmp_path / "not_a_registry_folder")) == str(tmp_path / "not_a_registry_folder")
+    assert weights.resolve(str(tmp_path), grid_folder=True) == str(tmp_path)
+    other = str(tmp_path / "not_a_registry_folder")
+    assert weights.resolve(other, grid_folder=True) == other

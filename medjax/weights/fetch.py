@@ -360,13 +360,13 @@ def provenance(name: str) -> dict | None:
         return json.load(f)
 
 
-def resolve(value: str) -> str:
-    """A `model.pretrained` value: a registry name becomes its cached folder (fetched on first use); so does a path
-    that does not exist and ends in a registry folder name (a grid cell's `{weights_dir}/{folder}` when the folder was
-    never converted by hand: `weights_dir` is optional); anything else is returned as it is (a path)."""
+def resolve(value: str, grid_folder: bool = False) -> str:
+    """A `model.pretrained` value: a registry name becomes its cached folder (fetched on first use); with
+    `grid_folder` (a grid cell's `{weights_dir}/{folder}`), so does a path that does not exist and ends in a registry
+    folder name, so that `weights_dir` is optional; anything else is returned as it is (a path)."""
     if is_name(value) and not os.path.exists(value):
         return fetch(value)
-    if value and not os.path.exists(value):
+    if grid_folder and value and not os.path.exists(value):
         name = name_for(os.path.basename(os.path.normpath(value)))
         if name is not None:
             print(f"{value} does not exist: using the official weights {name} (fetched once into the cache)",

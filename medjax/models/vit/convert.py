@@ -690,7 +690,6 @@ def attach_classifier_head(config: ViTConfig, weight: np.ndarray, bias: np.ndarr
 
 CONVERTERS = [
     Converter(name, [f for f in FORMATS if f.family == name], lambda kw, name=name: parse_config(name, kw),
-              IGNORED_KEYS_DOC[name], _ADJUST.get(name), attach_linear_head if name == "dinov2" else None,
-              attach_classifier_head if name == "dinov2" else None)
+              IGNORED_KEYS_DOC[name], _ADJUST.get(name), attach_linear_head, attach_classifier_head)
     for name in ("dinov2", "mae", "deit", "clip", "coca", "aimv2", "hf_vit", "hf_clip", "biomedclip")
 ]
