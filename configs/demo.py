@@ -1,4 +1,4 @@
-"""The embedded default: trains end to end with nothing downloaded, in about 12 s on 2 CPU cores.
+"""The embedded default: trains end to end with nothing downloaded, in about 18 s on 2 quiet CPU cores.
 
 Synthetic CheXpert-layout data (written on first use under WORKDIR/data) and the bundled tiny DINOv2 (official
 torch.hub format, random perturbed weights; converted on first use) with a linear head, fully fine-tuned at 56 px.
