@@ -84,6 +84,17 @@ def torch_hub_digest(filename: str) -> str | None:
     return tail if len(tail) >= 8 and all(c in "0123456789abcdef" for c in tail) else None
 
 
+TORCHVISION_URL = "https://download.pytorch.org/models"
+
+
+def torchvision(name: str, filename: str, mb: float) -> Source:
+    """A torchvision ImageNet model (`*_Weights.IMAGENET1K_V1`): its file on download.pytorch.org, the start of whose
+    SHA-256 its name carries (torch.hub `check_hash`), converted with the variant of the same name."""
+    address = f"{TORCHVISION_URL}/{filename}"
+    return Source(name, name, (url(address, mb, torch_hub_digest(address)),), "BSD-3-Clause",
+                  note=f"torchvision {name}, IMAGENET1K_V1")
+
+
 def _collect() -> dict[str, Source]:
     out: dict[str, Source] = {}
     for pkg in models.PACKAGES:

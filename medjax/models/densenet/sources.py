@@ -1,16 +1,7 @@
 """torchvision's ImageNet DenseNets (`DenseNet*_Weights.IMAGENET1K_V1`), URLs from `torchvision/models/densenet.py`;
 the file-name hash is the start of the SHA-256. Sizes: the enums' `_file_size` (MiB)."""
 
-from medjax.weights.registry import Source, torch_hub_digest, url
-
-_BASE = "https://download.pytorch.org/models"
-
-
-def _tv(name: str, filename: str, mb: float) -> Source:
-    address = f"{_BASE}/{filename}"
-    return Source(name, name, (url(address, mb, torch_hub_digest(address)),), "BSD-3-Clause",
-                  note=f"torchvision {name}, IMAGENET1K_V1")
-
+from medjax.weights.registry import torchvision as _tv
 
 SOURCES = [
     _tv("densenet121", "densenet121-a639ec97.pth", 30.845),

@@ -2,16 +2,7 @@
 studies), URLs from `torchvision/models/resnet.py`; the 8 hex digits of each file name are the start of its SHA-256
 (torch.hub `check_hash`). Sizes: the enums' `_file_size` (MiB)."""
 
-from medjax.weights.registry import Source, torch_hub_digest, url
-
-_BASE = "https://download.pytorch.org/models"
-
-
-def _tv(name: str, filename: str, mb: float) -> Source:
-    address = f"{_BASE}/{filename}"
-    return Source(name, name, (url(address, mb, torch_hub_digest(address)),), "BSD-3-Clause",
-                  note=f"torchvision {name}, IMAGENET1K_V1")
-
+from medjax.weights.registry import torchvision as _tv
 
 SOURCES = [
     _tv("resnet50", "resnet50-0676ba61.pth", 97.781),
