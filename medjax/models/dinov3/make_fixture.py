@@ -45,6 +45,13 @@ def make(out: str, gated: bool, seed: int, height: int, width: int) -> None:
     kwargs = dict(GATED if gated else PLAIN, image_size=height)
     torch.manual_seed(seed)
     model = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**kwargs, attn_implementation="sdpa"))
+    save(model, out, "dinov3", "transformers.DINOv3ViTModel(config)", seed, height, width,
+         {"attn_implementation": "sdpa", "note": "gated (SwiGLU) MLP" if gated else "plain MLP"})
+
+
+def save(model, out: str, family: str, entry: str, seed: int, height: int, width: int, notes: dict | None = None):
+    """Perturb the upstream model (seed + 1), run it on seeded images (seed + 2) and write the fixture folder:
+    save_pretrained's files, images.npy, expected.npz and config.json with the fixture's provenance."""
     perturb(model, seed + 1)
     model.eval()
     images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(seed + 2))
@@ -58,13 +65,12 @@ def make(out: str, gated: bool, seed: int, height: int, width: int) -> None:
     path = os.path.join(out, "config.json")
     with open(path) as f:
         config = json.load(f)
-    config.update({"family": "dinov3", "format": "transformers",
-                   "upstream": {"entry": "transformers.DINOv3ViTModel(config)", "package": "transformers",
+    config.update({"family": family, "format": "transformers",
+                   "upstream": {"entry": entry, "package": "transformers",
                                 "version": transformers.__version__, "torch": torch.__version__},
                    "fixture": {"seed": seed, "perturb_seed": seed + 1, "image_seed": seed + 2,
                                "images_shape": [2, 3, height, width], "call": "o = model(pixel_values=images)",
-                               "outputs": ["last_hidden_state", "pooler_output"], "attn_implementation": "sdpa",
-                               "note": "gated (SwiGLU) MLP" if gated else "plain MLP"}})
+                               "outputs": ["last_hidden_state", "pooler_output"], **(notes or {})}})
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 

@@ -12,15 +12,12 @@ torch and transformers; not run in CI.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-import numpy as np
 import torch
 import transformers
 
-from medjax.models.dinov3.make_fixture import perturb
+from medjax.models.dinov3.make_fixture import save
 
 TINY = dict(hidden_sizes=[16, 24, 32, 40], depths=[1, 1, 2, 1])
 
@@ -28,27 +25,7 @@ TINY = dict(hidden_sizes=[16, 24, 32, 40], depths=[1, 1, 2, 1])
 def make(out: str, seed: int, height: int, width: int) -> None:
     torch.manual_seed(seed)
     model = transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**TINY))
-    perturb(model, seed + 1)
-    model.eval()
-    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(seed + 2))
-    with torch.no_grad():
-        o = model(pixel_values=images)
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    np.save(os.path.join(out, "images.npy"), images.numpy())
-    np.savez(os.path.join(out, "expected.npz"), last_hidden_state=o.last_hidden_state.numpy(),
-             pooler_output=o.pooler_output.numpy())
-    path = os.path.join(out, "config.json")
-    with open(path) as f:
-        config = json.load(f)
-    config.update({"family": "dinov3_convnext", "format": "transformers",
-                   "upstream": {"entry": "transformers.DINOv3ConvNextModel(config)", "package": "transformers",
-                                "version": transformers.__version__, "torch": torch.__version__},
-                   "fixture": {"seed": seed, "perturb_seed": seed + 1, "image_seed": seed + 2,
-                               "images_shape": [2, 3, height, width], "call": "o = model(pixel_values=images)",
-                               "outputs": ["last_hidden_state", "pooler_output"]}})
-    with open(path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    save(model, out, "dinov3_convnext", "transformers.DINOv3ConvNextModel(config)", seed, height, width)
 
 
 def main(argv=None) -> int:
