@@ -57,11 +57,11 @@ def scores(model, result: dict) -> dict:
 
 
 def measure(dataset: str, seed: int, num: int, epochs: int, folder: str) -> dict:
-    from medjax import predict
+    from medjax import predict, trained
 
     workdir = os.path.join(folder, f"{dataset}_{seed}")
     train(dataset, seed, num, epochs, workdir)
-    model = predict.load_model(workdir)
+    model = trained.load_model(workdir)
     records, _ = predict.dataset_records(model, dataset, os.path.join(workdir, "data", dataset), "test")
     labels = np.asarray([r.label for r in records])
     row = {"dataset": dataset, "seed": seed, "test_images": len(records), "best_step": model.best_step}

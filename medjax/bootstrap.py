@@ -31,9 +31,10 @@ import os
 import numpy as np
 
 from medjax import metrics as metrics_lib
+from medjax import rundir
 from medjax.errors import UserError
 
-PREDICTIONS_FILE = "test_predictions.npz"
+PREDICTIONS_FILE = rundir.TEST_PREDICTIONS
 # Top-level numbers of a metrics dict that are counts or settings, not metrics.
 NOT_METRICS = frozenset({"num_samples", "num_examples", "threshold", "num_auc_classes", "num_ap_classes"})
 

@@ -31,12 +31,12 @@ from flax import linen as nn
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from medjax import engine, models, outputs, pretrained
+from medjax import engine, models, outputs, pretrained, rundir, trained
 from medjax import predict as predict_lib
 from medjax.data import DataError
 from medjax.errors import UserError, cli_main
 from medjax.models.layers import Attention
-from medjax.predict import PredictError
+from medjax.trained import PredictError
 
 METHODS = ("attention", "gradcam", "occlusion")
 INDEX_FILE = "explanations.csv"  # in the output folder: which PNG explains which image
@@ -316,7 +316,7 @@ def png_names(relative: list[str]) -> list[str]:
     return out
 
 
-def explain_files(model: predict_lib.FineTuned, records, output: str, method: str | None = None,
+def explain_files(model: trained.FineTuned, records, output: str, method: str | None = None,
                   class_name: str | None = None, batch_size: int = 8, top: int = 3,
                   relative: list[str] | None = None) -> tuple[list, list]:
     """Writes one PNG per readable image into `output`, named and titled by the image's path relative to its root
@@ -370,9 +370,9 @@ def peek_backbone(source: str):
     its metadata alone (no weights read, nothing built), so that a --method the family cannot run is refused before
     the model loads; None when it cannot be told so cheaply (the full load then reports any problem)."""
     try:
-        if os.path.isfile(os.path.join(source, "run_config.json")):
-            flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
-            folders = [flat.get("model.pretrained") or "", os.path.join(source, "backbone")]
+        if trained.is_run(source):
+            flat = trained.run_config(source)
+            folders = [flat.get("model.pretrained") or "", rundir.path(source, rundir.BACKBONE)]
             folder = next((f for f in folders if f and os.path.isfile(os.path.join(f, pretrained.METADATA_FILE))),
                           None)
             if folder is None:
@@ -392,13 +392,7 @@ def peek_class_names(source: str) -> list | None:
     """The model's class names from the run's split file or the exported folder's metadata (no model loaded), or None
     when they cannot be read so (the full load then reports the problem)."""
     try:
-        if os.path.isfile(os.path.join(source, "run_config.json")):
-            flat = predict_lib._read_json(os.path.join(source, "run_config.json"), "the config of a run")
-            split = predict_lib._read_json(os.path.join(source, "splits", f"{flat['dataset']}.json"), "a split file")
-            names = split["class_names"]
-        else:
-            names = pretrained.read_metadata(source)[predict_lib.EXPORT_KEY]["class_names"]
-        return [str(n) for n in names] if isinstance(names, list) else None
+        return trained.class_names(source)
     except (UserError, OSError, KeyError, TypeError):
         return None
 
@@ -432,7 +426,7 @@ def main(argv=None) -> int:
         if names and args.class_name not in names:
             raise PredictError(f"--class {args.class_name!r} is not a class of the model ({', '.join(names)})")
         predict_lib.say(f"loading the model from {args.workdir} ...")
-        model = predict_lib.load_model(args.workdir)
+        model = trained.load_model(args.workdir)
         records, roots = [], []
         for path in args.images:
             found = predict_lib.image_records([path], model)

@@ -34,32 +34,29 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
-from medjax import engine, outputs, pretrained
+from medjax import engine, outputs, pretrained, trained
 from medjax import predict as predict_lib
 from medjax.data import DataError
 from medjax.data.transforms import resize_size
 from medjax.errors import UserError, atomic_write, cli_main
-from medjax.predict import EXPORT_KEY, HEAD_FILE, PredictError
+from medjax.finetuned import EXPORT_KEY, HEAD_FILE
+from medjax.trained import PredictError
 
 FORMATS = ("safetensors", "stablehlo")
 STABLEHLO_FILE, WEIGHTS_FILE, FACTS_FILE = "model.stablehlo", "weights.safetensors", "model.json"
 README_FILE = "README.md"  # beside a StableHLO export: how to call it and its input's preprocessing
 
 
-def facts(model: predict_lib.FineTuned) -> dict:
+def facts(model: trained.FineTuned) -> dict:
     """What a reader needs beside the weights: the run's config and its data facts."""
-    if os.path.isfile(os.path.join(model.source, "run_config.json")):
-        with open(os.path.join(model.source, "run_config.json")) as f:
-            run_config = json.load(f)
-    else:
-        run_config = pretrained.read_metadata(model.source)[EXPORT_KEY]["run_config"]
-    return {"source": os.path.abspath(model.source), "best_step": model.best_step, "run_config": run_config,
+    return {"source": os.path.abspath(model.source), "best_step": model.best_step,
+            "run_config": trained.run_config(model.source),
             "class_names": list(model.class_names), "task": model.task, "channels": model.channels,
             "mean": list(model.mean), "std": list(model.std), "target_metric": model.target_metric,
             "thresholds": model.thresholds, "input": preprocessing(model)}
 
 
-def preprocessing(model: predict_lib.FineTuned) -> dict:
+def preprocessing(model: trained.FineTuned) -> dict:
     """What turns an image file into the model's input, in the order it is done (the run's eval transform,
     `medjax.data.transforms.eval_transform` then the normalisation): every number a reader needs to redo it."""
     mean, std = model.normalization_stats()
@@ -119,7 +116,7 @@ The same facts are in `{FACTS_FILE}` under `input` (`resize`, `resize_mode`, `re
 """
 
 
-def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
+def export_safetensors(model: trained.FineTuned, output: str) -> str:
     classifier, variables = model.plain()
     backbone = {c: v["backbone"] for c, v in variables.items() if "backbone" in v}
     head = {c: v["head"] for c, v in variables.items() if "head" in v}
@@ -142,7 +139,7 @@ def export_safetensors(model: predict_lib.FineTuned, output: str) -> str:
     return output
 
 
-def inference_function(model: predict_lib.FineTuned):
+def inference_function(model: trained.FineTuned):
     """(fn(weights, images) -> probabilities, weights): `weights` flat {name: array} as pretrained.flatten_variables
     names them, so that a reader passes the safetensors dict as it loads it."""
     classifier, variables = model.plain()
@@ -151,7 +148,7 @@ def inference_function(model: predict_lib.FineTuned):
     return (lambda w, images: eval_step(pretrained.unflatten_variables(w), images)), weights
 
 
-def export_stablehlo(model: predict_lib.FineTuned, output: str, platforms: tuple[str, ...]) -> str:
+def export_stablehlo(model: trained.FineTuned, output: str, platforms: tuple[str, ...]) -> str:
     fn, weights = inference_function(model)
     (batch,) = jax.export.symbolic_shape("batch")
     size = model.image_size
@@ -256,7 +253,7 @@ def main(argv=None) -> int:
         outputs.check_folder(args.output)
         check_output(args.output, args.overwrite)
         predict_lib.say(f"loading the model from {args.workdir} ...")
-        model = predict_lib.load_model(args.workdir)
+        model = trained.load_model(args.workdir)
         predict_lib.say(f"writing the {args.format} export to {args.output} ...")
         with staging(args.output) as tmp:
             if args.format == "safetensors":

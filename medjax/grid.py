@@ -47,15 +47,15 @@ import sys
 
 import numpy as np
 
-from medjax import bootstrap, data, metrics, schema, studies
+from medjax import bootstrap, data, metrics, rundir, schema, studies
 from medjax.data import fake
-from medjax.errors import UserError, cli_main
+from medjax.errors import UserError, atomic_write, cli_main
 from medjax.protocols import features, linear_probe
 from medjax.weights import fetch as weights
 from medjax.weights import registry
 
 CELL_FILE = "grid_cell.json"
-METRICS_FILE = "metrics.json"
+METRICS_FILE = rundir.METRICS
 DEFAULT_GRID = "configs/grid.py"
 INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a cell's run stopped by a signal (saved, resumable)
 
@@ -178,29 +178,21 @@ def run_probe(config, workdir: str, log=None) -> dict:
                                            image_size=config.image_size, num_blocks=max(p.blocks),
                                            batch_size=p.extract_batch_size, normalization=config.normalization,
                                            grayscale=config.model.grayscale, worker_count=config.worker_count, log=log)
-    heads, skipped = linear_probe.head_grid(p.blocks, p.avgpool, p.lrs, max_blocks=info["num_blocks"])
-    r = linear_probe.linear_probe(feats["train"], feats["val"], feats["test"], task=ds.task,
-                                  class_names=ds.class_names, target_metric=ds.target_metric, heads=heads,
-                                  epochs=p.epochs, batch_size=p.batch_size, seed=p.seed)
-    final = r.pop("head_params")
+    r, probs = linear_probe.run(feats, workdir, task=ds.task, class_names=ds.class_names,
+                                target_metric=ds.target_metric, max_blocks=info["num_blocks"], blocks=p.blocks,
+                                avgpool=p.avgpool, lrs=p.lrs, epochs=p.epochs, batch_size=p.batch_size, seed=p.seed,
+                                log=log)
     test = feats["test"]
-    probs = linear_probe.predict_heads(final, linear_probe.full_input(test), ds.task)[0]
-    head_file = os.path.join(workdir, "probe_head.npz")
-    with open(head_file + ".tmp", "wb") as f:
-        np.savez(f, **{k: np.asarray(v) for k, v in final.items()})
-    os.replace(head_file + ".tmp", head_file)
     result = {"dataset": ds.name, "task": ds.task, "target_metric": ds.target_metric,
               "selection_metric": ds.target_metric, "protocol": "linear_probe", "selected": r["selected"],
-              "grid": r["grid"], "skipped_heads": skipped, "retrained_on": r["retrained_on"],
+              "grid": r["grid"], "skipped_heads": r["skipped_heads"], "retrained_on": r["retrained_on"],
               "val": {**r["val"], "num_examples": len(feats["val"])},
               "test": {**r["test"], "num_examples": len(test)},
-              "features": {k: v for k, v in info.items() if k != "files"}, "head_file": "probe_head.npz",
+              "features": {k: v for k, v in info.items() if k != "files"}, "head_file": r["head_file"],
               "skipped_images": ds.skipped_images}
     result["test_bootstrap"] = bootstrap.finish_test(config, ds, probs, test.labels, workdir)
-    path = os.path.join(workdir, METRICS_FILE)
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(os.path.join(workdir, METRICS_FILE), "w") as f:
         json.dump(result, f, indent=2, default=_json_default)
-    os.replace(path + ".tmp", path)
     return result
 
 

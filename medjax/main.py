@@ -64,7 +64,7 @@ def prepare(config, workdir: str):
     source = config.model.convert_from
     grid = bool(config.grid_cell.arg)  # a grid cell: a never-converted {weights_dir}/{folder} is fetched by its name
     if source.checkpoint and not config.model.pretrained:
-        target = os.path.join(workdir, "backbone")
+        target = rundir.path(workdir, rundir.BACKBONE)
         if not os.path.exists(os.path.join(target, pretrained.METADATA_FILE)):
             print(f"Converting {source.checkpoint} ({source.model}) into {target}", flush=True)
             convert(source.checkpoint, target, source.model, source.config or None)

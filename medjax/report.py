@@ -45,11 +45,11 @@ from matplotlib.transforms import Bbox
 
 from medjax import bootstrap as bootstrap_lib
 from medjax import metrics as metrics_lib
-from medjax import outputs
+from medjax import outputs, rundir
 from medjax.errors import UserError, atomic_write, cli_main
 from medjax.pretrained import METADATA_FILE
 
-METRICS_FILE, CELL_FILE, CONFIG_FILE = "metrics.json", "grid_cell.json", "config.json"
+METRICS_FILE, CELL_FILE, CONFIG_FILE = rundir.METRICS, "grid_cell.json", "config.json"
 
 # The study's datasets in its table's column order: (dataset, column title, target metric)
 COLUMNS = [
@@ -159,7 +159,7 @@ def find_metrics(paths) -> list[str]:
             found.append(p)
         elif os.path.isdir(p):
             for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "best", "tensorboard"))
+                dirs[:] = sorted(d for d in dirs if d not in (rundir.CHECKPOINTS, rundir.BEST, rundir.TENSORBOARD))
                 if METRICS_FILE in files:
                     found.append(os.path.join(root, METRICS_FILE))
         else:
@@ -223,13 +223,13 @@ def run_params_m(run_dir: str) -> float | None:
     run's own `backbone/` copy); None when neither is there (e.g. a randomly initialised architecture)."""
     candidates = []
     try:
-        with open(os.path.join(run_dir, "run_config.json")) as f:
+        with open(rundir.path(run_dir, rundir.RUN_CONFIG)) as f:
             flat = json.load(f)
         if isinstance(flat, dict) and isinstance(flat.get("model.pretrained"), str) and flat["model.pretrained"]:
             candidates.append(flat["model.pretrained"])
     except (OSError, ValueError):
         pass
-    candidates.append(os.path.join(run_dir, "backbone"))
+    candidates.append(rundir.path(run_dir, rundir.BACKBONE))
     for folder in candidates:
         try:
             with open(os.path.join(folder, METADATA_FILE)) as f:

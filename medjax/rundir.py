@@ -8,6 +8,7 @@
       best/step_N/             the best model by the validation metric, with its arrays' digests
       splits/                  the frozen train/val/test record lists (the run's data, checked on every restart)
       test_predictions.npz     the best model's test-split probabilities
+      backbone/                a converted backbone kept with the run (a moved run folder finds it here)
       tensorboard/             event files
       medjax.lock              the trainer's exclusive lock (fcntl.flock; the kernel releases it when the process
                                ends, however it ends); it holds the trainer's pid and command
@@ -39,6 +40,7 @@ BEST = "best"
 SPLITS = "splits"
 TEST_PREDICTIONS = "test_predictions.npz"
 TENSORBOARD = "tensorboard"
+BACKBONE = "backbone"
 LOCK = "medjax.lock"
 DIGESTS_KEY = "medjax_digests"  # the key of the per-array SHA-256 digests in an orbax step's custom metadata
 
@@ -53,6 +55,11 @@ class WorkdirBusy(WorkdirError):
 
 def path(workdir: str, *names: str) -> str:
     return os.path.join(workdir, *names)
+
+
+def split_file(workdir: str, dataset: str, suffix: str = "json") -> str:
+    """`splits/<dataset>.<suffix>`: the frozen split (`json`) and its caches (`checked.json`, `statistics.json`...)."""
+    return path(workdir, SPLITS, f"{dataset}.{suffix}")
 
 
 def best_dir(workdir: str, step: int) -> str:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from medjax import models
 from medjax.schema import study_config
 
 # model key: (name in the study's table, converter variant = folder under weights_dir, family,
@@ -148,7 +149,6 @@ RADIOLOGY_DATASETS = {
     "chexpert": ("CheXpert-v1.0-small", {"uncertain": "zeros", "frontal_only": True}),
     "brain_tumor_figshare": ("brain-tumor-figshare", {}),
 }
-CNN_FAMILIES = ("resnet", "densenet", "vgg")  # probed on their pooled feature alone (n_last_blocks 1, no avgpool)
 
 STUDIES = {  # study key -> its title in the report
     "mansoori": "Mansoori et al. (the reference study)",
@@ -277,7 +277,7 @@ def _radiology_study(c, cell, model):
     _data(c, folder, data_options)
     c.image_size = model.image_size
     c.normalization = "imagenet"
-    if model.family in CNN_FAMILIES:  # the pooled feature alone: one "block", no patch mean
+    if models.family(model.family).probe_pooled_only:  # the pooled feature alone: one "block", no patch mean
         c.probe.blocks, c.probe.avgpool = (1,), (False,)
 
 

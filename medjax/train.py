@@ -154,7 +154,7 @@ class Trainer:
         self.train_iter = iter(self._loader("train", train=True))
 
         self.ckpt = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(workdir, "checkpoints")),
+            os.path.abspath(rundir.path(workdir, rundir.CHECKPOINTS)),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": _grain_handler(),
                            "progress": ocp.JsonCheckpointHandler()})
@@ -217,7 +217,7 @@ class Trainer:
     def _check_restart(self):
         """A restart must not change what the run computes (the config is recorded by `_record_config` once a start
         has passed every check, so a start refused for bad input records nothing)."""
-        path = os.path.join(self.workdir, "run_config.json")
+        path = rundir.path(self.workdir, rundir.RUN_CONFIG)
         now = schema.flatten(self.config)
         if os.path.exists(path):
             with open(path) as f:
@@ -286,7 +286,7 @@ class Trainer:
                            "restart it with its own length (epochs / total_steps), or use a new --workdir")
 
     def _record_config(self):
-        path = os.path.join(self.workdir, "run_config.json")
+        path = rundir.path(self.workdir, rundir.RUN_CONFIG)
         if jax.process_index() == 0 and not os.path.exists(path):
             _write_json(path, schema.flatten(self.config))
 
@@ -587,7 +587,7 @@ class Trainer:
         if writer:
             writer.close()
         if jax.process_index() == 0:
-            _write_json(os.path.join(self.workdir, "metrics.json"), result)
+            _write_json(rundir.path(self.workdir, rundir.METRICS), result)
             if os.path.exists(rundir.path(self.workdir, rundir.FAILED)):
                 os.remove(rundir.path(self.workdir, rundir.FAILED))
         return result
@@ -618,7 +618,7 @@ def _grain_handler():
 def _tensorboard(workdir: str):
     if jax.process_index() != 0:
         return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    return SummaryWriter(rundir.path(workdir, rundir.TENSORBOARD))
 
 
 def _write_json(path: str, obj):

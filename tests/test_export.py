@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from medjax import models, predict, pretrained
+from medjax import models, predict, pretrained, trained
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 RUNS = {"vit": ["--config=configs/demo.py"],
@@ -87,7 +87,7 @@ def test_safetensors_export_gives_the_best_models_outputs(runs, name, tmp_path):
     config, variables, meta = models.load_pretrained(str(folder))  # a converted folder: digests and shapes checked
     assert config.in_chans == 1 and meta["export"]["class_names"][0] == "No Finding"
     assert ("batch_stats" in variables) == (name == "resnet_batch_stats")
-    run = predict.load_model(str(workdir))
+    run = trained.load_model(str(workdir))
     names = run.class_names
 
     # predict reads the folder as it reads the run
@@ -109,7 +109,7 @@ def test_safetensors_export_gives_the_best_models_outputs(runs, name, tmp_path):
         assert np.abs(embedded[key] - expected[key]).max() <= 1e-5, key
     from safetensors.numpy import load_file
 
-    head = load_file(folder / predict.HEAD_FILE)
+    head = load_file(folder / trained.HEAD_FILE)
     logits = embedded["linear_head_input"].astype(np.float64) @ head["kernel"] + head["bias"]
     assert np.abs(1 / (1 + np.exp(-logits)) - p_run).max() <= 1e-5
 
@@ -164,7 +164,7 @@ def test_stablehlo_export_runs_without_medjax_and_matches_predict(runs, tmp_path
     facts = json.load(open(folder / "model.json"))
     assert facts["input"]["size"] == 56 and facts["input"]["mean"] == [0.503] and facts["platforms"] == \
         ["cpu", "cuda", "tpu"]
-    run = predict.load_model(str(workdir))
+    run = trained.load_model(str(workdir))
     np.save(tmp_path / "images.npy", _test_images(run, data_root))
     expected = _probs(_predict(workdir, data_root, tmp_path / "preds.csv"), run.class_names)
     script = tmp_path / "reload.py"
@@ -191,7 +191,7 @@ def test_export_errors_are_one_line(runs, tmp_path):
     assert proc.returncode == 2 and "--platforms" in proc.stderr
     # a damaged head is named
     assert _cli("medjax.export", "--workdir", workdir, "--output", tmp_path / "z").returncode == 0
-    head = tmp_path / "z" / predict.HEAD_FILE
+    head = tmp_path / "z" / trained.HEAD_FILE
     from safetensors.numpy import load_file, save_file
 
     tensors = load_file(head)

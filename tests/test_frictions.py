@@ -20,7 +20,7 @@ from matplotlib import colormaps
 from PIL import Image
 from safetensors.numpy import load_file
 
-from medjax import explain, export, predict, pretrained, report
+from medjax import explain, export, predict, pretrained, report, trained
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module", autouse=True)
 def one_load(run):
     """The commands below load the run's model once between them (a model load is most of their time)."""
-    loaded, load = {}, predict.load_model
+    loaded, load = {}, trained.load_model
 
     def cached(source, mesh=None):
         key = os.path.abspath(source)
@@ -47,7 +47,7 @@ def one_load(run):
         return loaded[key]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(predict, "load_model", cached)
+        patch.setattr(trained, "load_model", cached)
         yield
 
 
@@ -134,7 +134,7 @@ def test_explain_names_pngs_by_the_relative_path_with_a_title_and_a_colour_bar(r
 def test_cheap_arguments_are_refused_before_the_model_loads(run, tmp_path, monkeypatch, capsys):
     workdir, data_root = run
     image = str(sorted((data_root / "valid").rglob("*.jpg"))[0])
-    monkeypatch.setattr(predict, "load_model", _no_model)
+    monkeypatch.setattr(trained, "load_model", _no_model)
     a_file = tmp_path / "a_file.txt"
     a_file.write_text("x")
     code = explain.main(["--workdir", str(workdir), "--images", image, "--output", str(tmp_path / "g"),

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
-from medjax import data, errors, export, models, predict, pretrained, schema
+from medjax import data, errors, export, models, predict, pretrained, schema, trained
 from medjax import main as main_lib
 from medjax.data import DataError, fake, prepare, prepared
 from medjax.data import __main__ as data_cli
@@ -92,7 +92,7 @@ def test_export_refuses_a_folder_it_did_not_write_and_replaces_an_export_only_at
     old = tmp_path / "old"
     old.mkdir()
     (old / "medjax.json").write_text(json.dumps({export.EXPORT_KEY: {"run_config": {}}}))
-    with pytest.raises(predict.PredictError, match="holds an earlier export; pass --overwrite"):
+    with pytest.raises(trained.PredictError, match="holds an earlier export; pass --overwrite"):
         export.check_output(str(old), overwrite=False)
     export.check_output(str(old), overwrite=True)
     with pytest.raises(OSError):  # a re-export that fails (a full disk) leaves the old export as it was
@@ -413,7 +413,7 @@ def test_an_image_listed_twice_with_two_labels_is_refused_and_an_identical_repea
         ("a.png", f"listed again (first at {os.path.join(root, 'labels.csv')} line 2); used once")]
     rows = tmp_path / "p.csv"
     rows.write_text("path,label\nown/a.png,x\nown/a.png,y\n")
-    with pytest.raises(predict.PredictError, match="listed again with another label"):
+    with pytest.raises(trained.PredictError, match="listed again with another label"):
         predict.csv_records(str(rows), ["x", "y"], "multiclass")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from medjax import metrics, predict, thresholds
+from medjax import metrics, predict, thresholds, trained
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 
@@ -143,7 +143,7 @@ def test_tta_flips_average_the_flipped_views(run):
     from medjax import data
 
     workdir, data_root = run
-    model = predict.load_model(str(workdir))
+    model = trained.load_model(str(workdir))
     out, _ = _predict(run, "--tta", "flips")
     _, got, _, _ = _read(out, model.class_names)
     records, _ = predict.dataset_records(model, "chexpert", str(data_root), "test")

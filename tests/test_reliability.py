@@ -18,7 +18,7 @@ from conftest import ROOT
 from test_trainer_state import _same, _state
 
 from medjax import grid as grid_cli
-from medjax import predict, rundir, train
+from medjax import predict, rundir, train, trained
 
 # 10 steps of 8 images (9 per epoch); a validation at 5 and 10, checkpoints at 4, 5, 8, 10 (2 kept)
 RUN = {"fake_data": 96, "batch_size": 8, "progress_bar": False, "total_steps": 10, "checkpoint_every": 4,
@@ -193,9 +193,9 @@ def test_one_writer_per_work_directory(runs, tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(rundir.WorkdirBusy, match=f"pid {holder.pid} "):
             train.Trainer(_config(runs.data_root, run / "backbone"), str(run))
-        with pytest.raises(predict.PredictError, match=f"{run}: the run is being written by a trainer, pid "
+        with pytest.raises(trained.PredictError, match=f"{run}: the run is being written by a trainer, pid "
                                                       f"{holder.pid} "):
-            predict.load_run(str(run))
+            trained.load_run(str(run))
     finally:
         holder.kill()  # SIGKILL: the kernel releases the lock
         holder.wait()

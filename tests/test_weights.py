@@ -22,7 +22,7 @@ from conftest import PARITY_TOL, ROOT, fixture_path, perturb_
 from safetensors.numpy import load_file
 
 from medjax import embed as embed_lib
-from medjax import models, pretrained
+from medjax import models, pretrained, trained
 from medjax.conversion import CheckpointError
 from medjax.convert import convert
 from medjax.weights import fetch as weights
@@ -481,7 +481,7 @@ def test_imported_study_model_predicts_and_a_run_starts_from_its_head(tmp_path):
     for i in range(3):
         paths.append(str(tmp_path / f"img{i}.png"))
         Image.fromarray(rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(paths[-1])
-    model = predict.load_model(folder)
+    model = trained.load_model(folder)
     with predict_config(model, image_size=56):
         records = predict.image_records(paths, model)
         probs, readable, failures = predict.predict(model, records, batch_size=4)

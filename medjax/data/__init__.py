@@ -21,6 +21,7 @@ import logging
 import os
 from typing import Callable
 
+from medjax import rundir
 from medjax.data import (
     aptos2019,
     brain_tumor_figshare,
@@ -90,7 +91,7 @@ def _check_images(dataset: Dataset, level: str, workdir: str | None) -> Callable
     DataError naming all of them (up to MAX_LISTED), or with skip_bad_images are left out and listed in
     `dataset.skipped`. Returns the function that writes the check cache, to call once the dataset is accepted."""
     records = [r for recs in dataset.splits.values() for r in recs]
-    cache = os.path.join(workdir, "splits", f"{dataset.name}.checked.json") if workdir else None
+    cache = rundir.split_file(workdir, dataset.name, "checked.json") if workdir else None
     result = checks.find_bad_images(records, level, dataset.channels, root=dataset.root, cache_path=cache)
     if result.bad and not dataset.skip_bad_images:
         listed = "; ".join(f"{r.path} ({r.origin}): {why}" for r, why in result.bad[:MAX_LISTED])
@@ -171,7 +172,7 @@ def get_dataset(name: str, root: str, *, workdir: str | None = None, skip_bad_im
     if workdir:
         dataset.split_file = write_split_file(dataset, workdir)
         save_check_cache()
-        dataset.failure_log = os.path.join(workdir, "splits", f"{dataset.name}.skipped_while_loading.jsonl")
+        dataset.failure_log = rundir.split_file(workdir, dataset.name, "skipped_while_loading.jsonl")
     return dataset
 
 

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 
+from medjax import rundir
 from medjax.data.records import DataError, Dataset, Record, leaves_root, take_options
 from medjax.data.transforms import decode_bytes
 from medjax.errors import atomic_write
@@ -159,7 +160,7 @@ def check_files(meta: dict, root: str, level: str, workdir: str | None) -> None:
     if level == "none":
         return
     files = meta["tfds"]["files"]
-    cache_path = os.path.join(workdir, "splits", f"{meta['dataset']}.prepared_checked.json") if workdir else None
+    cache_path = rundir.split_file(workdir, meta["dataset"], "prepared_checked.json") if workdir else None
     cached = {}
     if cache_path and os.path.isfile(cache_path):
         try:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from medjax import rundir
 from medjax.data.records import DataError, Dataset, Record
 
 SPLIT_FILE_VERSION = 1
@@ -71,9 +72,8 @@ def check_disjoint(splits: dict[str, list[Record]], what: str) -> None:
 def write_split_file(dataset: Dataset, workdir: str) -> str:
     """Writes `<workdir>/splits/<dataset>.json`: options, class names, and per split [image, label, patient] with
     image paths relative to the dataset root, plus the skipped and excluded images with reasons."""
-    folder = os.path.join(workdir, "splits")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{dataset.name}.json")
+    path = rundir.split_file(workdir, dataset.name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
 
     def rel(p):
         return os.path.relpath(p, dataset.root) if dataset.root else p

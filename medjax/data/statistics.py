@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from medjax import rundir
 from medjax.data.records import Dataset
 from medjax.data.transforms import decode, eval_transform
 from medjax.errors import atomic_write
@@ -52,7 +53,7 @@ def compute(dataset: Dataset, workdir: str | None = None) -> tuple[tuple[float, 
             key.update(f"{os.path.relpath(p, dataset.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         except OSError:
             key.update(f"{p}:missing\n".encode())
-    cache = os.path.join(workdir, "splits", f"{dataset.name}.statistics.json") if workdir else None
+    cache = rundir.split_file(workdir, dataset.name, "statistics.json") if workdir else None
     if cache and os.path.isfile(cache):
         try:
             with open(cache) as f:

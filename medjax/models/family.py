@@ -49,6 +49,9 @@ class Family:
     # generic taps, n = 1 with `linear_head_input` as the "CLS" and the mean of `attention_head_input` tokens.
     max_taps: Callable[[Any], int] = lambda config: 1  # noqa: E731
     taps: Callable | None = None
+    # The radiology study's linear probe reads the pooled feature alone (one "block", no patch mean): a CNN's pooled
+    # feature already is the global mean of its last feature map.
+    probe_pooled_only: bool = False
     # How the blocks run (`model.remat`, `model.scan`): (config, variables or None, remat, scan) -> (config,
     # variables), e.g. the ViT family stacks its converted blocks for a scanned model. None: the family has no such
     # options, and asking for one is an error.

@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from medjax import data, metrics, models, peft, schema, train
+from medjax import data, metrics, models, peft, rundir, schema, train
 from medjax.data import fake
-from medjax.errors import cli_main
+from medjax.errors import atomic_write, cli_main
 from medjax.protocols import features, few_shot, knn, linear_probe
 from medjax.schema import study_config
 
@@ -129,18 +129,15 @@ def run(args) -> dict:
     if args.command == "knn":
         return head | knn.knn_protocol(feats["train"], {"val": feats["val"], "test": feats["test"]}, k=args.k,
                                        temperature=args.temperature, **common)
+    if args.command == "probe":
+        r, _ = linear_probe.run(feats, args.workdir, max_blocks=info["num_blocks"], blocks=args.blocks,
+                                avgpool=(False, True), lrs=args.lrs, epochs=args.epochs, batch_size=args.batch_size,
+                                seed=args.probe_seed, retrain=not args.no_retrain, log=_log, **common)
+        return head | r | {"head_file": os.path.join(args.workdir, r["head_file"])}
     heads, skipped = linear_probe.head_grid(args.blocks, (False, True), args.lrs, max_blocks=info["num_blocks"])
     head["skipped_heads"] = skipped
     if skipped:
         _log(f"skipped {len(skipped)} head(s) needing more than the backbone's {info['num_blocks']} block(s)")
-    if args.command == "probe":
-        r = linear_probe.linear_probe(feats["train"], feats["val"], feats["test"], heads=heads, epochs=args.epochs,
-                                      batch_size=args.batch_size, seed=args.probe_seed, retrain=not args.no_retrain,
-                                      **common)
-        final = r.pop("head_params")
-        path = os.path.join(args.workdir, "probe_head.npz")
-        np.savez(path, **final)
-        return head | r | {"head_file": path}
     return head | few_shot.few_shot(feats["train"], feats["val"], feats["test"], ds.splits["train"],
                                     shots=args.shots, seeds=args.seeds, heads=heads, epochs=args.epochs,
                                     batch_size=args.batch_size, **common)
@@ -176,7 +173,7 @@ def _peft(args) -> dict:
            "total_params": models.count_params(params), "epochs": args.epochs, "lr": args.lr,
            "best_epoch": result["best_step"] / result["steps_per_epoch"], "history": result["history"],
            "val": result["val"], "target_metric": result["target_metric"], "workdir": workdir,
-           "metrics_file": os.path.join(workdir, "metrics.json")}
+           "metrics_file": rundir.path(workdir, rundir.METRICS)}
     if args.method == "lora":
         out |= {"rank": args.rank, "alpha": args.alpha}
     if "test" in result:
@@ -192,8 +189,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:  # DataError, ConfigError, RunError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    path = os.path.join(args.workdir, f"{args.command}.json")
-    with open(path, "w") as f:
+    with atomic_write(os.path.join(args.workdir, f"{args.command}.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result))
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,11 @@ import numpy as np
 import optax
 
 from medjax import metrics, schema
+from medjax.errors import atomic_write
 
 _PROBE = schema.study_config().probe  # the recipe's declared defaults
 BLOCKS, AVGPOOL, LRS = tuple(_PROBE.blocks), tuple(_PROBE.avgpool), tuple(_PROBE.lrs)
+HEAD_FILE = "probe_head.npz"  # the final head, written into the work directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,3 +242,24 @@ def linear_probe(train, val, test, *, task: str, class_names, target_metric: str
         result |= {"num_test": len(test), "test": test_m, "test_target": test_v}
     result["head_params"] = final
     return result
+
+
+def run(feats: dict, workdir: str, *, task: str, class_names, target_metric: str, max_blocks: int, blocks=BLOCKS,
+        avgpool=AVGPOOL, lrs=LRS, epochs: int = 10, batch_size: int = 128, seed: int = 0, retrain: bool = True,
+        log=None) -> tuple[dict, np.ndarray]:
+    """The linear-probe protocol on cached features (`feats`: SplitFeatures of train, val and test), the one flow of
+    `python -m medjax.protocols probe` and the grid's probe cells: the head grid (heads needing more than the
+    backbone's `max_blocks` blocks skipped, and said), selection on val, the chosen head retrained on train + val,
+    tested once. The final head is written atomically to `workdir/probe_head.npz`. Returns (the result without the
+    head's arrays, with `skipped_heads` and `head_file`; the final head's test probabilities)."""
+    heads, skipped = head_grid(blocks, avgpool, lrs, max_blocks=max_blocks)
+    if skipped and log:
+        log(f"skipped {len(skipped)} head(s) needing more than the backbone's {max_blocks} block(s)")
+    result = linear_probe(feats["train"], feats["val"], feats["test"], task=task, class_names=class_names,
+                          target_metric=target_metric, heads=heads, epochs=epochs, batch_size=batch_size, seed=seed,
+                          retrain=retrain)
+    final = result.pop("head_params")
+    probs = predict_heads(final, full_input(feats["test"]), task)[0]
+    with atomic_write(os.path.join(workdir, HEAD_FILE), "wb") as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in final.items()})
+    return result | {"skipped_heads": skipped, "head_file": HEAD_FILE}, probs

@@ -6,4 +6,5 @@ from medjax.models.densenet.model import FAMILY, DenseNet, DenseNetConfig, layer
 from medjax.models.family import Family
 
 FAMILIES = [Family(FAMILY, DenseNetConfig, DenseNet, layers=layers, stem="conv0/kernel", lora_targets=lora_targets,
+                   probe_pooled_only=True,
                    gradcam_layer=lambda c: "norm5")]  # the final BatchNorm (its ReLU'd output is pooled)

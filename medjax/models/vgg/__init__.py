@@ -12,4 +12,4 @@ def gradcam_layer(config: VGGConfig) -> str:
 
 
 FAMILIES = [Family(FAMILY, VGGConfig, VGG, layers=layers, stem="features_0/kernel", lora_targets=lora_targets,
-                   gradcam_layer=gradcam_layer)]
+                   probe_pooled_only=True, gradcam_layer=gradcam_layer)]
