@@ -103,3 +103,14 @@ def write_json(path: str, obj, sort_keys: bool = False) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
+
+
+def torchvision_shim() -> None:
+    """Declare torchvision's `nms` / `qnms` operators so that a CUDA build of torchvision (PyPI's) imports on a
+    CPU-only torch; timm and open_clip import torchvision, the fixtures run none of its operators."""
+    import torch  # the caller's dependency, as above
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    torchvision_shim.library = lib  # the declarations live as long as the library object

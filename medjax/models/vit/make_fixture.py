@@ -52,7 +52,14 @@ import safetensors.torch
 import torch
 import transformers
 
-from medjax.models.fixtures import import_upstream, perturb_state_dict_, seeded_images, versions, write_json
+from medjax.models.fixtures import (
+    import_upstream,
+    perturb_state_dict_,
+    seeded_images,
+    torchvision_shim,
+    versions,
+    write_json,
+)
 
 DINOV2_COMMIT = "b8931f7bf91576930313be2c6d6af376033b35f0"
 MAE_COMMIT = "efb2a8062c206524e35e47d04501ed4f544c0ae8"
@@ -568,15 +575,6 @@ FIXTURES = {"dinov2": dinov2, "dinov2_lc": dinov2_lc, "mae": mae, "deit": deit, 
             "biomedclip": biomedclip, "aimv2": aimv2, "hf_vit": hf_vit, "hf_clip": hf_clip}
 NEEDS_CHECKOUT = ("dinov2", "dinov2_lc", "aimv2")
 ONEDNN_AVX2 = ("dinov2_lc", "hf_vit", "biomedclip")  # made where oneDNN ran AVX2 kernels (see the docstring)
-
-
-def torchvision_shim() -> None:
-    """Declare torchvision's `nms` / `qnms` operators so that a CUDA build of torchvision imports on CPU-only torch
-    (timm and open_clip import it; none of its operators runs here)."""
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    torchvision_shim.lib = lib  # the declarations live as long as the library object
 
 
 def main(argv=None) -> int:
