@@ -13,6 +13,8 @@ import sys
 
 import numpy as np
 
+from medjax.errors import UserError
+
 # learned tokens and tables whose initial values are zeros or tiny: moved with a larger step
 _TOKENS = ("cls_token", "position_embedding", "register_tokens", "mask_token")
 
@@ -83,9 +85,13 @@ def import_upstream(checkout: str | None, module: str):
     when `checkout` is None. Fixture scripts take the upstream code's location at run time, so they import it here."""
     if checkout is not None:
         if not os.path.isdir(checkout):
-            raise SystemExit(f"error: upstream checkout {checkout!r} is not a directory")
+            raise UserError(f"upstream checkout {checkout!r}: not a directory")
         sys.path.insert(0, os.path.abspath(checkout))
-    return importlib.import_module(module)
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        where = f"the checkout {checkout!r}" if checkout is not None else "the installed packages"
+        raise UserError(f"upstream module {module!r} does not import from {where}: {e}") from e
 
 
 def versions(*packages: str) -> dict:

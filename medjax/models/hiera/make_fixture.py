@@ -34,6 +34,7 @@ import sys
 import numpy as np
 import torch
 
+from medjax.errors import cli_main
 from medjax.models.fixtures import import_upstream, seeded_images, versions, write_json
 
 COMMIT = "2b90b9f5ceec907a1c18123530e92e794ad901a4"
@@ -131,6 +132,7 @@ def make(out: str, upstream: str, seed: int = 101) -> None:
     write_json(os.path.join(out, "config.json"), config)
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.models.hiera.make_fixture", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -52,6 +52,7 @@ import safetensors.torch
 import torch
 import transformers
 
+from medjax.errors import UserError, cli_main
 from medjax.models.fixtures import (
     import_upstream,
     perturb_state_dict_,
@@ -451,7 +452,7 @@ def aimv2(out: str, upstream: str, seed: int = 1600) -> None:
     model.safetensors, and the same weights in transformers' `Aimv2VisionModel` naming (`save_pretrained`) in
     hf_native/."""
     if not os.path.isdir(os.path.join(upstream, "aim-v2")):
-        raise SystemExit(f"error: {upstream!r} is not an apple/ml-aim checkout (no aim-v2/ folder)")
+        raise UserError(f"{upstream!r} is not an apple/ml-aim checkout (no aim-v2/ folder)")
     import_upstream(os.path.join(upstream, "aim-v1"), "aim.v1")
     models = import_upstream(os.path.join(upstream, "aim-v2"), "aim.v2.torch.models")
     model = _build(seed, lambda: models.AIMv2VisionEncoder(**AIMV2_KWARGS))
@@ -577,6 +578,7 @@ NEEDS_CHECKOUT = ("dinov2", "dinov2_lc", "aimv2")
 ONEDNN_AVX2 = ("dinov2_lc", "hf_vit", "biomedclip")  # made where oneDNN ran AVX2 kernels (see the docstring)
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.models.vit.make_fixture", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -40,6 +40,7 @@ import sys
 import numpy as np
 import torch
 
+from medjax.errors import UserError, cli_main
 from medjax.models.fixtures import import_upstream, seeded_images, torchvision_shim, versions, write_json
 
 COMMIT = "2ed52ead062a51a64521ed3871d52914bf532876"
@@ -87,7 +88,7 @@ def cpu_device_shim():
 def make(out: str, upstream: str, seed: int = 303) -> None:
     classification = os.path.join(upstream, "classification")
     if not os.path.isdir(os.path.join(classification, "models")):
-        raise SystemExit(f"error: {upstream!r} is not a VMamba checkout (no classification/models/ folder)")
+        raise UserError(f"{upstream!r} is not a VMamba checkout (no classification/models/ folder)")
     vmamba = import_upstream(classification, "models.vmamba")
     torch.manual_seed(seed)
     model = vmamba.VSSM(**CONFIG)
@@ -124,6 +125,7 @@ def make(out: str, upstream: str, seed: int = 303) -> None:
     write_json(os.path.join(out, "config.json"), config)
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m medjax.models.vmamba.make_fixture", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
