@@ -4,7 +4,16 @@ norm cannot hide a porting bug. torch is imported by the caller (a test or a fix
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+
 import numpy as np
+
+from medjax.errors import UserError
 
 # learned tokens and tables whose initial values are zeros or tiny: moved with a larger step
 _TOKENS = ("cls_token", "position_embedding", "register_tokens", "mask_token")
@@ -25,3 +34,89 @@ def perturb_(model, seed: int = 0):
                 std = 0.5
             t.add_(torch.randn(t.shape, generator=gen) * std)
     return model
+
+
+# the shared fixtures' "embedding-like" tensors (tests/fixtures/*/README.md, "Perturbation"): std 0.5
+_EMBEDDINGS = ("cls_token", "pos_embed", "register_tokens", "mask_token", "class_embedding", "positional_embedding",
+               "position_embeddings", "position_embedding.weight", "word_embeddings.weight",
+               "token_type_embeddings.weight")
+
+
+def perturb_state_dict_(model, seed: int):
+    """The recipe the shared upstream fixtures state in their README ("Perturbation"): after the upstream constructor's
+    own init, every floating tensor of `model.state_dict()` (parameters and persistent buffers, in state_dict order)
+    gets zero-mean Gaussian noise from one `torch.Generator().manual_seed(seed)`: std 0.5 for embedding-like tensors
+    (`_EMBEDDINGS`, open_clip's attentional-pooler `query`), 0.5 / sqrt(shape[0]) for open_clip's right-multiplied
+    `proj` matrix (x @ proj), 0.5 / sqrt(fan_in) for weight matrices and kernels (names ending in `weight`, ndim >= 2,
+    fan_in = numel / shape[0]), 0.1 for every other tensor. BatchNorm statistics: running_mean += N(0, 0.1),
+    running_var *= exp(N(0, 0.2)). Integer buffers are left as they are."""
+    import torch  # the caller's dependency (tests, fixture scripts); medjax itself does not need torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=gen)
+            if name.endswith("running_var"):
+                t.mul_(torch.exp(noise * 0.2))
+                continue
+            if any(s in name for s in _EMBEDDINGS) or name.endswith("attn_pool.query"):
+                std = 0.5
+            elif name.rsplit(".", 1)[-1] == "proj" and t.ndim == 2:
+                std = 0.5 / np.sqrt(t.shape[0])
+            elif name.endswith("weight") and t.ndim >= 2:
+                std = 0.5 / np.sqrt(t.numel() / t.shape[0])
+            else:
+                std = 0.1
+            t.add_(noise * std)
+    return model
+
+
+def seeded_images(shape, seed: int):
+    """The fixtures' input: float32 NCHW `torch.randn(shape)` from `torch.Generator().manual_seed(seed)`."""
+    import torch  # the caller's dependency, as above
+
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def import_upstream(checkout: str | None, module: str):
+    """Import `module` from an upstream checkout (a directory put first on sys.path), or from the installed packages
+    when `checkout` is None. Fixture scripts take the upstream code's location at run time, so they import it here."""
+    if checkout is not None:
+        if not os.path.isdir(checkout):
+            raise UserError(f"upstream checkout {checkout!r}: not a directory")
+        sys.path.insert(0, os.path.abspath(checkout))
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        where = f"the checkout {checkout!r}" if checkout is not None else "the installed packages"
+        raise UserError(f"upstream module {module!r} does not import from {where}: {e}") from e
+
+
+def versions(*packages: str) -> dict:
+    """Python, numpy, torch and the named distributions' versions (those installed), for a fixture's provenance."""
+    out = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("torch", *packages):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json(path: str, obj, sort_keys: bool = False) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=sort_keys)
+        f.write("\n")
+
+
+def torchvision_shim() -> None:
+    """Declare torchvision's `nms` / `qnms` operators so that a CUDA build of torchvision (PyPI's) imports on a
+    CPU-only torch; timm and open_clip import torchvision, the fixtures run none of its operators."""
+    import torch  # the caller's dependency, as above
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    torchvision_shim.library = lib  # the declarations live as long as the library object
