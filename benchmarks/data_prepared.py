@@ -42,6 +42,7 @@ TEMPLATES = 8
 
 
 def _template(name: str, k: int, path: str) -> None:
+    from _fundus import fundus
     from PIL import Image
 
     from medjax.data import fake
@@ -51,11 +52,11 @@ def _template(name: str, k: int, path: str) -> None:
     if name == "cbis_ddsm":
         fake.save_dicom(fake.mammogram(rng, h, w, 1 + k % 2), path)
         return
-    img = np.clip(np.rint(fake.class_image(rng, h, w, 3, k % 5, 5)), 0, 255).astype(np.uint8)
     if name == "aptos2019":
-        Image.fromarray(img).save(path, format="PNG")
-    else:
-        Image.fromarray(img).save(path, format="JPEG", quality=95)
+        Image.fromarray(fundus(rng, h, w)).save(path, format="PNG")
+        return
+    img = np.clip(np.rint(fake.class_image(rng, h, w, 3, k % 5, 5)), 0, 255).astype(np.uint8)
+    Image.fromarray(img).save(path, format="JPEG", quality=95)
 
 
 def write_real_size(name: str, root: str, num: int) -> str:
