@@ -11,8 +11,8 @@
 describe prints {"dataset": NAME, "splits": {"train": {"images": N, "labels": {CLASS: COUNT}, "patients": N or
 null}, "val": ..., "test": ...}} to stdout (label counts are positives per class for multi-label sets); skipped
 images (with --skip-bad-images) are reported on stderr. prepare prints a JSON summary (images per split, bytes,
-the storage ratio to the raw images, the records' digest); bench prints `images/s: X` and `cpu ms/image: Y`. Bad
-input exits 2 with one `error:` line naming the file and row.
+the storage ratio to the raw images, the records' digest); bench prints `images/s: X`, `cpu ms/image: Y`, `images/s
+per core: 1000 / Y` and the load average. Bad input exits 2 with one `error:` line naming the file and row.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ def main(argv=None) -> int:
         print(f"images/s: {result['images_per_s']:.1f}")
         print(f"cpu ms/image: {result['cpu_ms_per_image']:.2f}")
         print(f"images/s per core: {result['images_per_s_per_core']:.1f}")
+        print(f"load average (1 min): {result['load_average_1min']:.2f} on {os.cpu_count()} cores")
         if args.json:
             print(json.dumps(result))
         return 0
