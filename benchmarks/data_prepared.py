@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ACCELERATOR = 1500  # images/s
 SIZES = {"aptos2019": (2136, 3216), "isic2019": (2136, 3216), "cbis_ddsm": (4000, 2500)}  # (height, width)
 TEMPLATES = 8
+MARKER = ".real_size.json"  # in a real-size dataset folder: what was written
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,7 +70,7 @@ def write_real_size(name: str, root: str, num: int) -> str:
     from medjax import data
     from medjax.data import fake
 
-    marker = os.path.join(root, ".real_size.json")
+    marker = os.path.join(root, MARKER)
     want = {"dataset": name, "num": num, "size": SIZES[name], "templates": TEMPLATES,
             "generator": "fundus" if name == "aptos2019" else "class_image"}
     if os.path.isfile(marker) and json.load(open(marker)) == want:
@@ -144,8 +145,9 @@ def bench_dataset(name: str, base: str, num: int, batches: int, batch_size: int,
         formats = {"v1_png": (old, "png"), **formats}
     for side, (checkout, fmt) in formats.items():
         out = os.path.join(base, f"{name}_prepared_{side}")
-        if not os.path.exists(os.path.join(out, "medjax_prepared.json")):
-            shutil.rmtree(out, ignore_errors=True)
+        meta = os.path.join(out, "medjax_prepared.json")
+        if not os.path.exists(meta) or os.path.getmtime(meta) < os.path.getmtime(os.path.join(raw_root, MARKER)):
+            shutil.rmtree(out, ignore_errors=True)  # unfinished, or prepared from images written over since
         start = time.perf_counter()
         summaries[side] = _cli(checkout, "prepare", "--dataset", name, "--root", raw_root, "--output", out,
                                "--format", fmt, "--workers", str(prepare_workers))

@@ -376,6 +376,8 @@ def test_bench_cli_prints_rate_and_cpu_per_image(small):
                        "--batch-size", "4", "--image-size", "32", "--warmup", "1")
         values = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
         assert float(values["images/s"]) > 0 and float(values["cpu ms/image"]) > 0
+        assert float(values["images/s per core"]) == pytest.approx(1000 / float(values["cpu ms/image"]), rel=0.01)
+        assert values["load average (1 min)"].endswith(f"on {os.cpu_count()} cores")
         assert ("prepared" in proc.stdout) == (root == small["aptos2019"][1])
 
 
