@@ -154,6 +154,14 @@ def test_stored_size_is_the_loader_resize_unless_the_image_is_smaller():
     assert prepare.stored_size(1000, 100, 256) == (256, 256)  # fewer pixels, though one side grows
 
 
+def test_a_raw_record_of_the_wrong_length_is_refused_not_reshaped():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # height 2, width 3, RGB
+    np.testing.assert_array_equal(np.asarray(prepared.raw_image(pixels.tobytes(), 3, 2, 3)), pixels)
+    np.testing.assert_array_equal(np.asarray(prepared.raw_image(pixels[..., 0].tobytes(), 3, 2, 1)), pixels[..., 0])
+    with pytest.raises(ValueError, match=r"holds 17 bytes, 3 x 2 x 3 = 18 expected; prepare the dataset again"):
+        prepared.raw_image(pixels.tobytes()[:-1], 3, 2, 3)
+
+
 def test_an_older_prepared_folder_is_refused_with_one_line(small, tmp_path):
     root = str(tmp_path / "v1")
     shutil.copytree(small["aptos2019"][1], root)
