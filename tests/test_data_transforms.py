@@ -145,6 +145,28 @@ def test_normalize():
     np.testing.assert_allclose(out[0, 0], [-1.0, 3.0, 0.2], rtol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_normalize_tables_give_the_arithmetic_values_bit_for_bit(channels):
+    """The per-channel tables of Normalize hold float32(x) * scale + offset: the same float32 numbers as the cast and
+    two passes it replaced, for every uint8 value, on flipped views and on a batch; and (x / 255 - mean) / std in
+    float64 within float32 rounding."""
+    rng = np.random.default_rng(3)
+    mean, std = tuple(rng.uniform(0.1, 0.6, channels)), tuple(rng.uniform(0.05, 0.3, channels))
+    norm = transforms.Normalize(mean, std)
+    values = np.arange(256, dtype=np.uint8)
+    image = np.stack([np.roll(values, 7 * c) for c in range(channels)], -1).reshape(16, 16, channels)
+    for x in (image, image[::-1, ::-1], np.stack([image, image[::-1]])):
+        got = norm.map({"image": x})["image"]
+        scale = np.float32(1) / (np.float32(255) * np.asarray(std, np.float32))
+        offset = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+        before = x.astype(np.float32)
+        before *= scale.astype(np.float32)
+        before += offset.astype(np.float32)
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, before)
+        np.testing.assert_allclose(got, (x / 255.0 - np.asarray(mean)) / np.asarray(std), rtol=1e-5, atol=1e-5)
+
+
 def test_shorter_side_resize_is_torchvisions_resize_then_center_crop():
     """resize='shorter' is torchvision's Resize(256) (shorter side 256, longer int(256 * long / short)) then
     CenterCrop(224) (top/left int(round((size - 224) / 2))), as the glioma study transforms; sizes worked out by hand

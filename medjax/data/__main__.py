@@ -3,16 +3,16 @@
   fake      --dataset NAME --root DIR --num N [--seed S] [--size PX]   write a synthetic dataset in the public layout
   describe  --dataset NAME --root DIR [--option KEY=VALUE ...]         print the splits as read, as JSON
   options   [--dataset NAME]                                           the data options: default and help, as JSON
-  prepare   --dataset NAME --root RAW --output DIR [--max-size PX] [--format png|jpeg] [--workers N]
-            decode every image once, store it small as a TFDS ArrayRecord dataset (`medjax.data.prepare`);
-            DIR is then a dataset root for every command, the trainer and the protocols
+  prepare   --dataset NAME --root RAW --output DIR [--max-size PX] [--resize square|shorter] [--format raw|png|jpeg]
+            [--workers N]   decode every image once, store it at the training size as a TFDS ArrayRecord dataset
+            (`medjax.data.prepare`); DIR is then a dataset root for every command, the trainer and the protocols
   bench     --dataset NAME --root DIR [--batches N] [--workers W]     train-loader throughput, raw or prepared root
 
 describe prints {"dataset": NAME, "splits": {"train": {"images": N, "labels": {CLASS: COUNT}, "patients": N or
 null}, "val": ..., "test": ...}} to stdout (label counts are positives per class for multi-label sets); skipped
 images (with --skip-bad-images) are reported on stderr. prepare prints a JSON summary (images per split, bytes,
-the storage ratio to the raw images, the records' digest); bench prints `images/s: X` and `cpu ms/image: Y`. Bad
-input exits 2 with one `error:` line naming the file and row.
+the storage ratio to the raw images, the records' digest); bench prints `images/s: X`, `cpu ms/image: Y`, `images/s
+per core: 1000 / Y` and the load average. Bad input exits 2 with one `error:` line naming the file and row.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 
 from medjax import data
 from medjax.data import bench, fake, prepare
+from medjax.data.transforms import RESIZE_MODES
 from medjax.errors import cli_main, error_line
 
 
@@ -61,9 +62,13 @@ def main(argv=None) -> int:
     p.add_argument("--root", required=True, help="the dataset in its public layout")
     p.add_argument("--output", required=True, help="a new (or empty) folder: the prepared dataset root")
     p.add_argument("--max-size", type=int, default=prepare.DEFAULT_MAX_SIZE,
-                   help="shorter side of the stored images in pixels, never upscaled (default %(default)s: the "
-                        "reference resize before 224 px crops; use round(S * 256 / 224) for image_size S)")
-    p.add_argument("--format", choices=prepare.FORMATS, default="png", help="png (lossless, default) or jpeg")
+                   help="the loader's resize before the crop, in pixels (default %(default)s: image_size 224; use "
+                        "round(S * 256 / 224) for image_size S): images are stored resized as the loader resizes them")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="square",
+                   help="the run's config.resize: square (default, the study: S' x S') or shorter (aspect kept)")
+    p.add_argument("--format", choices=prepare.FORMATS, default="raw",
+                   help="raw (default: uint8 pixels, lossless, zstd-compressed, no decoding), png (lossless, "
+                        "smaller, decoded on reading) or jpeg")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (--format jpeg)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the reader's)")
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
         reader_options = {k: v for k, v in options.items() if k not in data.COMMON_OPTIONS}
         try:
             summary = prepare.prepare(args.dataset, args.root, args.output, max_size=args.max_size,
-                                      image_format=args.format, quality=args.quality, workers=args.workers,
+                                      resize=args.resize, image_format=args.format, quality=args.quality,
+                                      workers=args.workers,
                                       options=reader_options, skip_bad_images=args.skip_bad_images,
                                       allow_outside_root=args.allow_outside_root)
         except data.DataError as e:
@@ -136,6 +142,7 @@ def main(argv=None) -> int:
         print(f"images/s: {result['images_per_s']:.1f}")
         print(f"cpu ms/image: {result['cpu_ms_per_image']:.2f}")
         print(f"images/s per core: {result['images_per_s_per_core']:.1f}")
+        print(f"load average (1 min): {result['load_average_1min']:.2f} on {os.cpu_count()} cores")
         if args.json:
             print(json.dumps(result))
         return 0

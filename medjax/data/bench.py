@@ -33,8 +33,9 @@ def _cpu_seconds() -> float:
 
 def bench(name: str, root: str, *, batches: int = 50, workers: int = 0, batch_size: int = 32, image_size: int = 224,
           warmup: int = 3, seed: int = 0, check_images: str = "exists", **options) -> dict:
-    """{'dataset', 'root', 'prepared', 'images', 'workers', 'images_per_s', 'cpu_ms_per_image',
-    'images_per_s_per_core', 'seconds'} for `batches` train batches after `warmup` (see the module docstring)."""
+    """{'dataset', 'root', 'prepared', 'images', 'workers', 'batch_size', 'images_per_s', 'cpu_ms_per_image',
+    'images_per_s_per_core', 'seconds', 'load_average_1min'} for `batches` train batches after `warmup` (see the module
+    docstring; the load average says how busy the machine was: CPU time per image grows on a crowded one)."""
     ds = data.get_dataset(name, root, check_images=check_images, **options)
     loader = data.make_loader(ds, "train", batch_size=batch_size, image_size=image_size, train=True, seed=seed,
                               shard_index=0, shard_count=1, num_epochs=None, worker_count=workers)
@@ -47,5 +48,6 @@ def bench(name: str, root: str, *, batches: int = 50, workers: int = 0, batch_si
     seconds = time.perf_counter() - start
     cpu_ms = (_cpu_seconds() - cpu) * 1000 / images
     return {"dataset": name, "root": os.path.abspath(root), "prepared": ds.prepared is not None, "images": images,
-            "workers": workers, "images_per_s": images / seconds, "cpu_ms_per_image": cpu_ms,
-            "images_per_s_per_core": 1000 / cpu_ms if cpu_ms > 0 else float("inf"), "seconds": seconds}
+            "workers": workers, "batch_size": batch_size, "images_per_s": images / seconds, "cpu_ms_per_image": cpu_ms,
+            "images_per_s_per_core": 1000 / cpu_ms if cpu_ms > 0 else float("inf"), "seconds": seconds,
+            "load_average_1min": os.getloadavg()[0]}

@@ -147,10 +147,14 @@ def make_loader(dataset: Dataset, split: str, *, batch_size: int, image_size: in
     mean, std = normalization_stats(dataset, normalization)
     if dataset.prepared is not None:  # a prepared dataset: its stored images (`prepared.py`)
         images = dataset.prepared
-        if resize_size(image_size) > images.max_size:
-            log.warning("%s was prepared at %d px (shorter side); image_size %d resizes to %d px, so the stored "
-                        "images are upsampled: prepare again with --max-size %d", dataset.root, images.max_size,
-                        image_size, resize_size(image_size), resize_size(image_size))
+        if resize != images.resize:  # a square copy has lost the aspect ratio that resize='shorter' keeps
+            raise DataError(f"{dataset.root} was prepared for resize={images.resize!r}; this run asks for "
+                            f"resize={resize!r}: prepare again with --resize {resize} into another --output")
+        if resize_size(image_size) != images.max_size:
+            log.warning("%s was prepared for a %d px resize; image_size %d resizes to %d px, so the stored images are "
+                        "resized again and the batches differ from the raw files' (exact: prepare again with "
+                        "--max-size %d)", dataset.root, images.max_size, image_size, resize_size(image_size),
+                        resize_size(image_size))
     else:
         images = RawImages(dataset.channels, resize_size(image_size) if dataset.jpeg_draft else None)
     common = dict(channels=dataset.channels, num_classes=dataset.num_classes, multilabel=dataset.task == "multilabel",

@@ -1,18 +1,21 @@
-"""`python -m medjax.data prepare`: decode every image of a dataset once and store it small, as a TFDS dataset in
-ArrayRecord format that the loader reads with random access (`prepared.py` describes the folder).
+"""`python -m medjax.data prepare`: decode every image of a dataset once and store it at the training size, as a TFDS
+dataset in ArrayRecord format that the loader reads with random access (`prepared.py` describes the folder).
 
     prepare("aptos2019", "/data/aptos", "/data/aptos_prepared")
     data.get_dataset("aptos2019", "/data/aptos_prepared")  # then a dataset root like any other
 
-What is stored: each image decoded as the raw loader decodes it (`transforms.decode`: DICOM windowing, 16-bit
-scaling, the dataset's channels; JPEGs decoded in full), resized with Pillow's bilinear filter (antialiased, the
-filter of the reference resize) so that its shorter side is `max_size` when it is larger (never upscaled, aspect
-kept), and encoded losslessly as PNG (or JPEG at `quality`, 4:4:4). The splits, labels, patients and original paths
-are those the reader gives for the reader options used; statistics computed from the data are computed on the raw
-images. The loader then applies the same train/eval transforms to the stored image. Since the reference resize
-(to 256 x 256, aspect not kept) now starts from the stored image, a prepared batch differs from the raw one when an
-image was larger than `max_size`: by a fraction of a grey level on average (docs/data.md, "Prepared datasets"); images
-not larger than `max_size` are stored pixel for pixel and give identical batches.
+What is stored (format version 2): each image decoded as the raw loader decodes it (`transforms.decode`: DICOM
+windowing, 16-bit scaling, the dataset's channels; JPEGs decoded in full), then put through the loader's own first
+step, the resize before the crops (`transforms.resize_center_crop` without the crop): with `resize="square"` (the
+reference study) to `max_size` x `max_size` (aspect not kept), with `resize="shorter"` the shorter side to `max_size`
+(aspect kept, the longer side int(max_size * long / short)), Pillow's antialiased bilinear filter. `max_size` is the
+loader's resize target round(S * 256 / 224) for image_size S: 256 for 224 px (the crop margin is 16 px a side). An
+image with no more pixels than that output is stored as decoded. Either way, the loader's resize of the stored image
+gives the raw pipeline's pixels, so a prepared batch equals the raw batch bit for bit when the loader's image_size
+and resize are those prepared for (docs/data.md, "Prepared datasets"). The pixels are stored as a raw uint8 array
+(`format="raw"`, the default: row-major H x W x C bytes, compressed losslessly by ArrayRecord's zstd, no image
+decoder on reading), as PNG, or as JPEG at `quality` (4:4:4). The splits, labels, patients and original paths are
+those the reader gives for the reader options used; statistics computed from the data are computed on the raw images.
 
 Resumable and never half-visible: the work is done in `OUTPUT/.medjax_prepare_partial/`: images are converted in
 chunks of `CHUNK` records by `workers` processes, each chunk written atomically, so a restarted prepare (same
@@ -42,23 +45,26 @@ import threading
 import time
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from medjax import data
 from medjax.data import prepared
 from medjax.data.records import DataError, Dataset, check_inside_root, leaves_root, take_options
 from medjax.data.records import allow_outside_root as allowing_outside_root
-from medjax.data.transforms import decode
+from medjax.data.transforms import BILINEAR, RESIZE_MODES, decode, resize_output_size
 from medjax.errors import atomic_write
 from medjax.pretrained import file_sha256
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_SIZE = 256  # the reference resize before the 224 px crops: the largest any 224 px transform needs
-FORMATS = ("png", "jpeg")
+DEFAULT_MAX_SIZE = 256  # the reference resize before the 224 px crops (resize_size(224))
+FORMATS = ("raw", "png", "jpeg")  # raw: uint8 array bytes (ArrayRecord's zstd compresses them); no decode on reading
 PARTIAL = ".medjax_prepare_partial"
 CHUNK = 256
 MAX_LISTED = 20
+RULE = {"square": "the loader's resize: to max_size x max_size (aspect not kept), Pillow bilinear (antialiased), "
+                  "when that has fewer pixels than the image; else the image as decoded",
+        "shorter": "the loader's resize: the shorter side to max_size, the longer int(max_size * long / short) "
+                   "(aspect kept), Pillow bilinear (antialiased), when that has fewer pixels; else as decoded"}
 # Test hook: SIGKILL this process at a point of the work ("chunk:N", "example:N" or "metadata").
 KILL_ENV = "MEDJAX_PREPARE_SIGKILL_AT"
 
@@ -74,23 +80,22 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def stored_size(width: int, height: int, max_size: int) -> tuple[int, int]:
-    """(width, height) with the shorter side `max_size` if it is larger (aspect kept, never upscaled)."""
-    short = min(width, height)
-    if short <= max_size:
-        return width, height
-    scale = max_size / short
-    return ((max_size if width == short else max(1, round(width * scale))),
-            (max_size if height == short else max(1, round(height * scale))))
+def stored_size(width: int, height: int, max_size: int, resize: str = "square") -> tuple[int, int]:
+    """The stored (width, height): the loader's resize output for target `max_size` and mode `resize`
+    (`transforms.resize_output_size`), or the original size when that has no more pixels."""
+    out_w, out_h = resize_output_size(width, height, max_size, resize)
+    return (out_w, out_h) if out_w * out_h < width * height else (width, height)
 
 
-def convert_image(path: str, channels: int, max_size: int, image_format: str, quality: int):
-    """One image -> (encoded bytes, stored (w, h), original (w, h))."""
+def convert_image(path: str, channels: int, max_size: int, image_format: str, quality: int, resize: str = "square"):
+    """One image -> (stored bytes, stored (w, h), original (w, h))."""
     img = decode(path, channels)  # a full decode: the stored image is the quality path
     original = img.size
-    size = stored_size(*original, max_size)
+    size = stored_size(*original, max_size, resize)
     if size != original:
-        img = img.resize(size, Image.Resampling.BILINEAR)
+        img = img.resize(size, BILINEAR)  # the loader's own resize call: the same pixels
+    if image_format == "raw":
+        return np.asarray(img).tobytes(), size, original
     buf = io.BytesIO()
     if image_format == "png":
         img.save(buf, "PNG", compress_level=6)
@@ -100,13 +105,13 @@ def convert_image(path: str, channels: int, max_size: int, image_format: str, qu
 
 
 def convert_chunk(chunk_path: str, paths: list[str], channels: int, max_size: int, image_format: str,
-                  quality: int) -> int:
+                  quality: int, resize: str = "square") -> int:
     """Converts `paths` and writes [(ok, bytes or reason, size, original)] to chunk_path atomically; returns the
     number of images that could not be read."""
     out = []
     for path in paths:
         try:
-            data, size, original = convert_image(path, channels, max_size, image_format, quality)
+            data, size, original = convert_image(path, channels, max_size, image_format, quality, resize)
             out.append((True, data, size, original))
         except Exception as e:  # noqa: BLE001 - every decoder failure is reported with the file and row
             reason = "file not found" if isinstance(e, FileNotFoundError) else \
@@ -155,9 +160,9 @@ def _stamp(path: str) -> str:
         return "missing"
 
 
-def _request(name: str, options: dict, max_size: int, image_format: str, quality: int | None) -> dict:
-    return json.loads(json.dumps({"dataset": name, "options": options, "max_size": max_size, "format": image_format,
-                                  "quality": quality if image_format == "jpeg" else None}))
+def _request(name: str, options: dict, max_size: int, resize: str, image_format: str, quality: int | None) -> dict:
+    return json.loads(json.dumps({"dataset": name, "options": options, "max_size": max_size, "resize": resize,
+                                  "format": image_format, "quality": quality if image_format == "jpeg" else None}))
 
 
 def _builder_class():
@@ -192,8 +197,10 @@ def _builder_class():
             d = self._medjax
             label = (tfds.features.Tensor(shape=(d.num_classes,), dtype=np.uint8) if d.task == "multilabel"
                      else tfds.features.ClassLabel(names=list(d.class_names)))
+            image = (tfds.features.Tensor(shape=(), dtype=np.object_) if self._image_format == "raw"  # the bytes
+                     else tfds.features.Image(shape=(None, None, d.channels), encoding_format=self._image_format))
             features = tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, d.channels), encoding_format=self._image_format),
+                "image": image,
                 "label": label,
                 "patient": tfds.features.Text(),
                 "path": tfds.features.Text(),
@@ -231,7 +238,7 @@ def _check_output(output: str, raw_root: str, request: dict) -> dict | None:
     if prepared.is_prepared(output):
         meta = prepared.read_metadata(output)
         done = {k: meta.get(k) for k in ("dataset", "options")}
-        done.update({k: meta["image"].get(k) for k in ("max_size", "format", "quality")})
+        done.update({k: meta["image"].get(k) for k in ("max_size", "resize", "format", "quality")})
         if done == request:
             return meta
         diff = [f"{k}: {done.get(k)!r} there, {request[k]!r} asked" for k in request if done.get(k) != request[k]]
@@ -293,9 +300,10 @@ def _summary(meta: dict, output: str, written: bool, seconds: float) -> dict:
             "seconds": round(seconds, 1)}
 
 
-def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MAX_SIZE, image_format: str = "png",
-            quality: int = 95, workers: int = 1, options: dict | None = None, skip_bad_images: bool = False,
-            allow_outside_root: bool = False, chunk_size: int = CHUNK, progress: bool | None = None) -> dict:
+def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MAX_SIZE, resize: str = "square",
+            image_format: str = "raw", quality: int = 95, workers: int = 1, options: dict | None = None,
+            skip_bad_images: bool = False, allow_outside_root: bool = False, chunk_size: int = CHUNK,
+            progress: bool | None = None) -> dict:
     """Prepares dataset `name` read from `raw_root` into `output` (see the module docstring); returns a summary
     {'dataset', 'output', 'written' (False: it was already there), 'images' per split, 'skipped', 'bytes' (the
     ArrayRecord files), 'source_bytes' (the raw images), 'ratio', 'digest', 'seconds'}. Raises DataError on bad
@@ -307,6 +315,8 @@ def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MA
         raise DataError(f"--format {image_format!r}: expected one of {', '.join(FORMATS)}")
     if max_size < 1:
         raise DataError(f"--max-size {max_size}: expected a positive number of pixels")
+    if resize not in RESIZE_MODES:
+        raise DataError(f"--resize {resize!r}: expected one of {', '.join(RESIZE_MODES)}")
     if not 1 <= quality <= 100:
         raise DataError(f"--quality {quality}: expected 1-100")
     options = dict(options or {})
@@ -314,7 +324,8 @@ def prepare(name: str, raw_root: str, output: str, *, max_size: int = DEFAULT_MA
     output = os.path.abspath(os.path.expanduser(output))
     if prepared.is_prepared(raw_root):
         raise DataError(f"--root {raw_root} is itself a prepared dataset; prepare from the raw files")
-    request = _request(name, take_options(data._READERS[name][1], options, name), max_size, image_format, quality)
+    request = _request(name, take_options(data._READERS[name][1], options, name), max_size, resize, image_format,
+                       quality)
     done = _check_output(output, raw_root, request)
     if done is not None:
         _check_fresh(done, name, raw_root, output, options, allow_outside_root)
@@ -359,7 +370,7 @@ def _convert_all(dataset: Dataset, items: list, partial: str, request: dict, wor
     todo = [k for k, p in enumerate(paths) if not os.path.isfile(p)]
     size = lambda k: min(chunk_size, len(items) - k * chunk_size)  # noqa: E731
     args = [(paths[k], [r.path for _, _, r in items[k * chunk_size:(k + 1) * chunk_size]], dataset.channels,
-             request["max_size"], request["format"], request["quality"] or 95) for k in todo]
+             request["max_size"], request["format"], request["quality"] or 95, request["resize"]) for k in todo]
     bar = tqdm(total=len(items), initial=len(items) - sum(size(k) for k in todo), unit="img", file=sys.stderr,
                desc=f"prepare {dataset.name}", disable=None if progress is None else not progress)
     done = 0
@@ -430,8 +441,9 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
 
     builder_root = os.path.join(output, prepared.BUILDER_NAME)
     shutil.rmtree(builder_root, ignore_errors=True)  # a TFDS folder without metadata is from a killed run
-    description = (f"medjax prepared {name} from {raw_root}: images decoded as medjax decodes them, shorter side "
-                   f"resized to at most {request['max_size']} px (bilinear), stored as {request['format']}")
+    description = (f"medjax prepared {name} from {raw_root}: images decoded as medjax decodes them, resized as the "
+                   f"loader resizes them ({request['resize']}, {request['max_size']} px, bilinear) when that makes "
+                   f"them smaller, stored as {request['format']}")
     builder = _builder_class()(dataset=dataset, image_format=request["format"], description=description,
                                examples=examples, data_dir=output, file_format="array_record")
     tfds.disable_progress_bar()
@@ -457,8 +469,9 @@ def _prepare(name, raw_root, output, partial, request, options, skip_bad_images,
         "class_names": dataset.class_names, "channels": dataset.channels, "target_metric": dataset.target_metric,
         "statistics": {"mean": list(dataset.mean), "std": list(dataset.std), "source": dataset.statistics_source},
         "options": request["options"],
-        "image": {"max_size": request["max_size"], "format": request["format"], "quality": request["quality"],
-                  "resize": "shorter side to max_size if larger, Pillow bilinear (antialiased), aspect kept"},
+        "image": {"max_size": request["max_size"], "resize": request["resize"], "format": request["format"],
+                  "quality": request["quality"], "dtype": "uint8", "layout": "HWC" if dataset.channels > 1 else "HW",
+                  "rule": RULE[request["resize"]]},
         "source": {"root": raw_root, "bytes": source_bytes,
                    "fingerprint": source_fingerprint(_raw_records(name, raw_root, options, allow_outside_root))},
         "tfds": {"builder_dir": builder_dir, "files": files},

@@ -2,16 +2,20 @@
 dataset root is (`get_dataset(name, DIR)`, `config.data_root=DIR`), detected by its `medjax_prepared.json`.
 
 Layout of DIR:
-    medjax_prepared.json          what was prepared: dataset, reader options, classes, statistics, the records of
-                                  every split in order (original path relative to the raw root, label, patient,
-                                  origin, stored and original size), skipped and excluded images, the digest
+    medjax_prepared.json          what was prepared: dataset, reader options, classes, statistics, how the images
+                                  were stored (image: max_size, resize, format), the records of every split in order
+                                  (original path relative to the raw root, label, patient, origin, stored and original
+                                  size), skipped and excluded images, the digest
     medjax_prepared/1.0.0/        a TFDS dataset in ArrayRecord format, one TFDS split per medjax split, records in
-                                  split order: image (PNG or JPEG bytes), label, patient, path (relative, original)
+                                  split order: image (format raw: the uint8 pixels, row-major H x W x C bytes, the
+                                  shape in the metadata; png or jpeg: the encoded file), label, patient, path
 
-The images are read with random access through `tfds.builder_from_directory(...).as_data_source(split)` (the image
-bytes undecoded, `tfds.decode.SkipDecoding`) and decoded with Pillow; TensorFlow is never imported. The splits,
-labels and reader options are those of the prepare run: a run that asks for other reader options (another split
-seed, another label policy) is refused with the option named, since the records were fixed when preparing.
+The images are read with random access through `tfds.builder_from_directory(...).as_data_source(split)` (PNG/JPEG
+bytes undecoded, `tfds.decode.SkipDecoding`, then decoded with Pillow; raw bytes viewed as an array, no decoder);
+TensorFlow is never imported. The splits, labels and reader options are those of the prepare run: a run that asks
+for other reader options (another split seed, another label policy) is refused with the option named, since the
+records were fixed when preparing. Format version 1 (PNG or JPEG of the shorter side at 256 px, medjax before
+issue 24) is refused with one line saying to prepare again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ import logging
 import os
 import threading
 
+import numpy as np
+from PIL import Image
+
 from medjax import rundir
 from medjax.data.records import DataError, Dataset, Record, leaves_root, take_options
 from medjax.data.transforms import decode_bytes
@@ -32,7 +39,7 @@ from medjax.pretrained import file_sha256
 log = logging.getLogger(__name__)
 METADATA = "medjax_prepared.json"
 FORMAT = "medjax-prepared"
-VERSION = 1
+VERSION = 2  # 2: stored at the loader's resize (square or shorter), raw uint8 by default; 1: PNG/JPEG, shorter side
 BUILDER_NAME = "medjax_prepared"
 DIGEST_KEY = "metadata_digest"  # SHA-256 of the metadata without this key, checked on open
 
@@ -59,7 +66,8 @@ def read_metadata(root: str) -> dict:
         raise DataError(f"{path}: not a medjax prepared dataset's metadata (no \"format\": \"{FORMAT}\")")
     if meta.get("version") != VERSION:
         raise DataError(f"{path}: prepared dataset format version {meta.get('version')!r}; this medjax reads "
-                        f"version {VERSION}: prepare the dataset again")
+                        f"version {VERSION} (images stored at the training size, read without decoding): prepare the "
+                        "dataset again (python -m medjax.data prepare) into a new --output")
     if meta.get(DIGEST_KEY) != metadata_digest(meta):
         raise DataError(f"{path}: edited or damaged: its content (records, labels, splits, files) no longer matches "
                         f"the {DIGEST_KEY} written with it; a prepared dataset's records are fixed when it is "
@@ -103,13 +111,14 @@ def check_options(meta: dict, name: str, options: dict, declared: dict, root: st
 class PreparedImages:
     """Record -> 8-bit PIL image from a prepared dataset's ArrayRecord files, by the record's (split, index).
 
+    max_size, resize: the loader resize the images were stored for (`prepare.py`); image_format: raw, png or jpeg.
     The TFDS data sources open lazily in each process that reads (grain worker processes get a copy without them).
     """
 
-    def __init__(self, root: str, builder_dir: str, locations: dict[str, tuple[str, int]], channels: int,
-                 max_size: int):
+    def __init__(self, root: str, builder_dir: str, locations: dict[str, tuple[str, int, tuple[int, int]]],
+                 channels: int, max_size: int, resize: str = "square", image_format: str = "raw"):
         self.root, self.builder_dir, self.locations = root, builder_dir, locations
-        self.channels, self.max_size = channels, max_size
+        self.channels, self.max_size, self.resize, self.image_format = channels, max_size, resize, image_format
         self._sources: dict = {}
         self._lock = threading.Lock()
 
@@ -132,25 +141,37 @@ class PreparedImages:
         return src
 
     def example(self, record: Record) -> dict:
-        split, index = self.locations[record.path]
+        split, index, _ = self.locations[record.path]
         return self.source(split)[index]
 
     def read(self, record: Record):
         """The record's stored image; raises if the stored record is another image (files not from this prepare)."""
         example = self.example(record)
         stored, expected = example["path"].decode(), os.path.relpath(record.path, self.root).replace(os.sep, "/")
+        split, index, (width, height) = self.locations[record.path]
         if stored != expected:
-            split, index = self.locations[record.path]
             raise ValueError(f"record {index} of the prepared split {split!r} is {stored!r}, not {expected!r}: the "
                              f"ArrayRecord files do not match {METADATA}; prepare the dataset again")
-        return decode_bytes(example["image"], self.channels)
+        if self.image_format != "raw":
+            return decode_bytes(example["image"], self.channels)
+        return raw_image(example["image"], width, height, self.channels)
+
+
+def raw_image(data: bytes, width: int, height: int, channels: int) -> Image.Image:
+    """A stored raw image (row-major uint8 H x W x C bytes) as an 'L' or 'RGB' PIL image (one copy, no decoding)."""
+    if len(data) != width * height * channels:
+        raise ValueError(f"stored image holds {len(data)} bytes, {width} x {height} x {channels} = "
+                         f"{width * height * channels} expected; prepare the dataset again")
+    shape = (height, width, 3) if channels == 3 else (height, width)
+    return Image.fromarray(np.frombuffer(data, np.uint8).reshape(shape))  # uint8 (H, W, 3): RGB; (H, W): L
 
 
 def open_split(builder_path: str, split: str):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder_from_directory(builder_path)
-    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    encoded = isinstance(builder.info.features["image"], tfds.features.Image)  # png/jpeg; raw: plain bytes
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()} if encoded else None)
 
 
 def check_files(meta: dict, root: str, level: str, workdir: str | None) -> None:
@@ -225,10 +246,10 @@ def load(name: str, root: str, options: dict, declared: dict, *, check_images: s
     splits, locations = {}, {}
     for split, rows in meta["splits"].items():
         records = []
-        for index, (rel, label, patient, origin, *_sizes) in enumerate(rows):
+        for index, (rel, label, patient, origin, stored_size, _original) in enumerate(rows):
             record = Record(path_of(rel, origin), tuple(label) if multilabel else int(label), patient, origin)
             records.append(record)
-            locations.setdefault(record.path, (split, index))
+            locations.setdefault(record.path, (split, index, tuple(stored_size)))
         splits[split] = records
     stats = meta["statistics"]
     dataset = Dataset(meta["dataset"], meta["task"], list(meta["class_names"]), int(meta["channels"]),
@@ -237,7 +258,9 @@ def load(name: str, root: str, options: dict, declared: dict, *, check_images: s
                       skipped=[(path_of(rel, o), o, why) for rel, o, why in meta.get("skipped", [])],
                       excluded=[(path_of(rel, o), o, why) for rel, o, why in meta.get("excluded", [])])
     dataset.skip_bad_images = skip_bad_images
-    dataset.prepared = PreparedImages(root, builder_dir, locations, dataset.channels, int(meta["image"]["max_size"]))
+    image = meta["image"]
+    dataset.prepared = PreparedImages(root, builder_dir, locations, dataset.channels, int(image["max_size"]),
+                                      image["resize"], image["format"])
     check_files(meta, root, check_images, workdir)
     if check_images == "decode":
         bad = _decode_all(dataset)
