@@ -44,16 +44,9 @@ Options:
 EOF
 }
 
-# q WORD: WORD quoted for a shell, left bare when it needs no quotes (as Python's shlex.quote)
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-joinq() { local out="" w; for w in "$@"; do out+=" $(q "$w")"; done; printf '%s' "${out# }"; }
-
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CONFIG=""
-GRID=""
-WORKDIR=""
+# shellcheck source=launch/common.sh
+. "$REPO/launch/common.sh"
 NODES=2
 GPUS=8
 CPUS=32
@@ -64,18 +57,10 @@ TIME="24:00:00"
 JOB_NAME="medjax"
 PORT=""
 ENV_SETUP=""
-DATA_DIR=""
-WEIGHTS_DIR=""
-DRY_RUN=0
-OVERRIDES=()
-
-# shellcheck source=launch/common.sh
-. "$REPO/launch/common.sh"
 while [[ $# -gt 0 ]]; do
+  take_run_option "$@"
+  if [[ $TAKEN -gt 0 ]]; then shift "$TAKEN"; continue; fi
   case "$1" in
-    --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
-    --grid) need_value "$@"; GRID="$2"; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR="$2"; shift 2 ;;
     --nodes) need_value "$@"; NODES="$2"; shift 2 ;;
     --gpus-per-node) need_value "$@"; GPUS="$2"; shift 2 ;;
     --cpus-per-node) need_value "$@"; CPUS="$2"; shift 2 ;;
@@ -86,11 +71,6 @@ while [[ $# -gt 0 ]]; do
     --job-name) need_value "$@"; JOB_NAME="$2"; shift 2 ;;
     --port) need_value "$@"; PORT="$2"; shift 2 ;;
     --env-setup) need_value "$@"; ENV_SETUP="$2"; shift 2 ;;
-    --data-dir) need_value "$@"; DATA_DIR="$2"; shift 2 ;;
-    --weights-dir) need_value "$@"; WEIGHTS_DIR="$2"; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; OVERRIDES=("$@"); break ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

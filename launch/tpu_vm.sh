@@ -50,11 +50,6 @@ Options:
 EOF
 }
 
-# q WORD: WORD quoted for a shell, left bare when it needs no quotes (as Python's shlex.quote)
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then printf '%s' "$1"; else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-joinq() { local out="" w; for w in "$@"; do out+=" $(q "$w")"; done; printf '%s' "${out# }"; }
 # `+ command` (shell-quoted) on stdout, then the command unless --dry-run.
 run() {
   printf '+ %s\n' "$(joinq "$@")"
@@ -62,28 +57,22 @@ run() {
 }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=launch/common.sh
+. "$REPO/launch/common.sh"
 NAME="medjax-${USER:-user}"
 ZONE="us-central2-b"
 TYPE="v4-8"
 VERSION="tpu-ubuntu2204-base"
 PROJECT=""
 SPOT=0
-CONFIG=""
-GRID=""
-WORKDIR=""
 RESULTS="results"
-DATA_DIR=""
-WEIGHTS_DIR=""
 SETUP=""
 INSTALL=""
 WITH_CHECKPOINTS=0
 KEEP=0
-DRY_RUN=0
-OVERRIDES=()
-
-# shellcheck source=launch/common.sh
-. "$REPO/launch/common.sh"
 while [[ $# -gt 0 ]]; do
+  take_run_option "$@"
+  if [[ $TAKEN -gt 0 ]]; then shift "$TAKEN"; continue; fi
   case "$1" in
     --name) need_value "$@"; NAME="$2"; shift 2 ;;
     --zone) need_value "$@"; ZONE="$2"; shift 2 ;;
@@ -91,19 +80,11 @@ while [[ $# -gt 0 ]]; do
     --version) need_value "$@"; VERSION="$2"; shift 2 ;;
     --project) need_value "$@"; PROJECT="$2"; shift 2 ;;
     --spot) SPOT=1; shift ;;
-    --config) need_value "$@"; CONFIG="$2"; shift 2 ;;
-    --grid) need_value "$@"; GRID="$2"; shift 2 ;;
-    --workdir) need_value "$@"; WORKDIR="$2"; shift 2 ;;
     --results) need_value "$@"; RESULTS="$2"; shift 2 ;;
-    --data-dir) need_value "$@"; DATA_DIR="$2"; shift 2 ;;
-    --weights-dir) need_value "$@"; WEIGHTS_DIR="$2"; shift 2 ;;
     --setup) need_value "$@"; SETUP="$2"; shift 2 ;;
     --install) need_value "$@"; INSTALL="$2"; shift 2 ;;
     --with-checkpoints) WITH_CHECKPOINTS=1; shift ;;
     --keep) KEEP=1; shift ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; OVERRIDES=("$@"); break ;;
     *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done

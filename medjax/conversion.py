@@ -408,6 +408,16 @@ def conv_rules(src: str, dst: str, bias: bool = True) -> list["Rule"]:
     return [Rule(f"{src}.weight", f"{dst}/kernel", conv)] + ([Rule(f"{src}.bias", f"{dst}/bias")] if bias else [])
 
 
+def renamed(rules: list["Rule"], prefixes: dict[str, str]) -> list["Rule"]:
+    """The same key table for another naming of the same checkpoint: each rule's source key has its first matching
+    prefix (in the order of `prefixes`) replaced; targets, transforms, parts and the rules' order stay."""
+    out = []
+    for rule in rules:
+        old = next((p for p in prefixes if rule.source.startswith(p)), None)
+        out.append(rule if old is None else dataclasses.replace(rule, source=prefixes[old] + rule.source[len(old):]))
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     source: str  # checkpoint key template, `{i}` for an integer index

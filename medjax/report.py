@@ -60,22 +60,19 @@ COLUMNS = [
 ]
 
 # SPEC section 2: Mansoori et al. (arXiv 2505.19779), target metric on the test split, read off the study's figure
-# (about +-0.002). name: (params M as the study states them, {dataset: value})
-STUDY = {
-    "VMamba-S": (50, {"ddsm": 0.938, "chexpert": 0.777, "isic2019": 0.756, "aptos2019": 0.872}),
-    "VMamba-B": (89, {"ddsm": 0.941, "chexpert": 0.779, "isic2019": 0.763, "aptos2019": 0.879}),
-    "SAM2-B+": (81, {"ddsm": 0.952, "chexpert": 0.798, "isic2019": 0.845, "aptos2019": 0.905}),
-    "SAM2-L": (225, {"ddsm": 0.954, "chexpert": 0.801, "isic2019": 0.848, "aptos2019": 0.908}),
-    "MAE-B": (86, {"ddsm": 0.943, "chexpert": 0.802, "isic2019": 0.844, "aptos2019": 0.903}),
-    "MAE-L": (304, {"ddsm": 0.945, "chexpert": 0.805, "isic2019": 0.846, "aptos2019": 0.904}),
-    "MAE-H": (632, {"ddsm": 0.941, "chexpert": 0.807, "isic2019": 0.847, "aptos2019": 0.901}),
-    "CoCa-B": (89, {"ddsm": 0.939, "chexpert": 0.801, "isic2019": 0.837, "aptos2019": 0.901}),
-    "CoCa-L": (307, {"ddsm": 0.942, "chexpert": 0.805, "isic2019": 0.839, "aptos2019": 0.902}),
-    "DINOv2-B": (86, {"ddsm": 0.966, "chexpert": 0.812, "isic2019": 0.859, "aptos2019": 0.909}),
-    "DINOv2-L": (300, {"ddsm": 0.965, "chexpert": 0.814, "isic2019": 0.861, "aptos2019": 0.913}),
-    "AIMv2-L": (333, {"ddsm": 0.968, "chexpert": 0.813, "isic2019": 0.860, "aptos2019": 0.915}),
-    "AIMv2-H": (666, {"ddsm": 0.966, "chexpert": 0.819, "isic2019": 0.863, "aptos2019": 0.909}),
-}
+# (about +-0.002), kept as a table in medjax/assets/studies/mansoori_2025.csv (one row per backbone in the study's
+# order: name, params M as the study states them, one column per dataset of COLUMNS).
+STUDY_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "studies", "mansoori_2025.csv")
+
+
+def _read_study(path: str) -> dict[str, tuple[int, dict[str, float]]]:
+    """name: (params M, {dataset: value})"""
+    with open(path, newline="") as f:
+        return {row["model"]: (int(row["params_m"]), {d: float(row[d]) for d, _, _ in COLUMNS})
+                for row in csv.DictReader(f)}
+
+
+STUDY = _read_study(STUDY_TABLE)
 BEST = "best by validation"
 REFERENCE_STUDIES = ("", "mansoori")  # runs of the reference study's grid, and runs without a grid cell
 # configs/grid.py's next-generation table (DINOv3, SigLIP 2, MedSigLIP): in the reference study's tables, its rows

@@ -35,6 +35,14 @@ def _value(text: str):
         return text
 
 
+def _reader_args(parser, root_help: str | None = None, option_help: str = "reader option, as describe") -> None:
+    """The arguments of the commands that read a dataset: which one, its root, the split seed, reader options."""
+    parser.add_argument("--dataset", required=True, choices=sorted(data.READERS))
+    parser.add_argument("--root", required=True, help=root_help)
+    parser.add_argument("--seed", type=int, default=None, help="split seed (default: the reader's)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=option_help)
+
+
 @cli_main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medjax.data", description=__doc__.splitlines()[0])
@@ -46,20 +54,15 @@ def main(argv=None) -> int:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--size", type=int, default=64, help="image height in pixels")
     d = sub.add_parser("describe", help="read a dataset and print its splits as JSON")
-    d.add_argument("--dataset", required=True, choices=sorted(data.READERS))
-    d.add_argument("--root", required=True)
-    d.add_argument("--seed", type=int, default=None, help="split seed (default: the reader's)")
+    _reader_args(d, option_help="reader option, value as JSON or a string, e.g. uncertain=ones, frontal_only=true")
     d.add_argument("--workdir", help="also write the split file to WORKDIR/splits/NAME.json")
     d.add_argument("--check-images", choices=data.CHECKS, default="verify",
                    help="start-up image check (default verify: every image exists and is intact)")
     d.add_argument("--skip-bad-images", action="store_true")
-    d.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="reader option, value as JSON or a string, e.g. uncertain=ones, frontal_only=true")
     o = sub.add_parser("options", help="print each dataset's data options (default, help) as JSON")
     o.add_argument("--dataset", choices=sorted(data.READERS))
     p = sub.add_parser("prepare", help="store a dataset's images decoded and resized, as TFDS ArrayRecord files")
-    p.add_argument("--dataset", required=True, choices=sorted(data.READERS))
-    p.add_argument("--root", required=True, help="the dataset in its public layout")
+    _reader_args(p, "the dataset in its public layout")
     p.add_argument("--output", required=True, help="a new (or empty) folder: the prepared dataset root")
     p.add_argument("--max-size", type=int, default=prepare.DEFAULT_MAX_SIZE,
                    help="the loader's resize before the crop, in pixels (default %(default)s: image_size 224; use "
@@ -71,20 +74,15 @@ def main(argv=None) -> int:
                         "smaller, decoded on reading) or jpeg")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (--format jpeg)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes (default %(default)s)")
-    p.add_argument("--seed", type=int, default=None, help="split seed (default: the reader's)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (listed)")
     p.add_argument("--allow-outside-root", action="store_true")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reader option, as describe")
     b = sub.add_parser("bench", help="read train batches and print images/s and CPU ms per image")
-    b.add_argument("--dataset", required=True, choices=sorted(data.READERS))
-    b.add_argument("--root", required=True, help="a dataset root, raw or prepared")
+    _reader_args(b, "a dataset root, raw or prepared")
     b.add_argument("--batches", type=int, default=50, help="timed batches of --batch-size (after --warmup)")
     b.add_argument("--batch-size", type=int, default=32)
     b.add_argument("--workers", type=int, default=0, help="grain worker processes (0: read threads only)")
     b.add_argument("--image-size", type=int, default=224)
     b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--seed", type=int, default=None, help="split seed (default: the reader's)")
-    b.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="reader option, as describe")
     b.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     args = parser.parse_args(argv)
 

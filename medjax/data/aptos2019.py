@@ -37,7 +37,6 @@ OPTIONS = {
 def read(root: str, **options) -> Dataset:
     """Reads APTOS 2019 (see the module docstring and OPTIONS)."""
     o = take_options(OPTIONS, options, "aptos2019")
-    seed, val_fraction, test_fraction = (o[k] for k in OPTIONS)
     require_dir(root, "the APTOS 2019 folder holding train_1.csv and train_images/")
     images = os.path.join(root, "train_images", "train_images")
     if not os.path.isdir(images) and os.path.isdir(os.path.join(root, "train_images")):
@@ -46,6 +45,6 @@ def read(root: str, **options) -> Dataset:
                       label_of(row["diagnosis"], origin), None, origin)
                for origin, row in read_csv(os.path.join(root, "train_1.csv"), ["id_code", "diagnosis"],
                                            "the APTOS 2019 label CSV")]
-    splits = split_by_group(records, {"val": val_fraction, "test": test_fraction}, seed)
+    splits = split_by_group(records, {"val": o["val_fraction"], "test": o["test_fraction"]}, o["seed"])
     return fill_splits(Dataset("aptos2019", "multiclass", list(CLASS_NAMES), 3, "quadratic_kappa", MEAN, STD, splits,
                                root=root, options=o))

@@ -58,7 +58,7 @@ OPTIONS = {
 def read(root: str, **options) -> Dataset:
     """Reads the official CBIS-DDSM (see the module docstring and OPTIONS)."""
     o = take_options(OPTIONS, options, "cbis_ddsm")
-    abnormality, seed, val_fraction = (o[k] for k in OPTIONS)
+    abnormality = o["abnormality"]
     require_dir(root, "the CBIS-DDSM folder holding the case description CSVs and the DICOM tree")
     if abnormality not in ("both", "mass", "calc"):
         raise DataError(f"abnormality={abnormality!r}: expected 'both', 'mass' or 'calc'")
@@ -91,7 +91,7 @@ def read(root: str, **options) -> Dataset:
         log.warning("cbis_ddsm: %d train images of %d patients who are also in the official test set are excluded",
                     len(excluded), len({r.patient for r in by_split['train'] if r.patient in test_patients}))
     train = [r for r in by_split["train"] if r.patient not in test_patients]
-    splits = split_by_group(train, {"val": val_fraction}, seed)
+    splits = split_by_group(train, {"val": o["val_fraction"]}, o["seed"])
     splits["test"] = by_split["test"]
     check_disjoint(splits, root)
     return fill_splits(Dataset("cbis_ddsm", "multiclass", list(CLASS_NAMES), 1, "roc_auc", MEAN, STD, splits,

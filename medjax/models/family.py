@@ -6,7 +6,7 @@ variants (`convert.py`) and, in `__init__.py`, one `Family` per `config.family` 
 layer-wise lr decay, LoRA, BitFit, the grayscale stem, the protocols' feature taps, the grid and the explanations
 (attention rollout, Grad-CAM) ask the `Family`.
 
-The module contract:
+The module contract (stated in code by `medjax.models.base.Backbone`, which the families' modules subclass):
 - built as `module(config, dtype=None, name=None)`; called as `module(images_nhwc, train=False)`;
 - returns a dict of named outputs (the upstream names, for parity) that includes `linear_head_input` (B, D), the pooled
   feature of the linear head, and `attention_head_input` (B, N, D), the tokens of the attention head;
@@ -100,6 +100,18 @@ class Family:
         if self.taps is not None and available > 1:
             return self.taps(config, num_blocks, dtype)
         return generic_taps(self.module(config, dtype))
+
+
+def staged_layers(embeddings: str, depths, block: str, downsample: str) -> list[str]:
+    """`Family.layers` of a network in stages: the embeddings' pattern, then every block in network order across the
+    stages (`block` formatted with s, the stage, and j, the block in it); the downsampling that feeds stage s > 0
+    (`downsample` formatted with s and previous = s - 1) goes with the block it feeds, the stage's first."""
+    out = [embeddings]
+    for s, depth in enumerate(depths):
+        for j in range(depth):
+            here = block.format(s=s, j=j)
+            out.append(f"({downsample.format(s=s, previous=s - 1)}|{here})" if j == 0 and s > 0 else here)
+    return out
 
 
 def generic_taps(model):

@@ -6,6 +6,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -167,15 +168,16 @@ class AttentionalPooler(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU(erf) -> fc2."""
+    """fc1 -> act -> fc2; `act` the exact-erf GELU unless told (OpenAI CLIP's `quick_gelu`, SigLIP's tanh GELU)."""
 
     hidden: int
     use_bias: bool = True
     dtype: jnp.dtype | None = None
+    act: Callable = gelu
 
     @nn.compact
     def __call__(self, x):
-        h = gelu(dense(self.hidden, self.use_bias, self.dtype, "fc1")(x))
+        h = self.act(dense(self.hidden, self.use_bias, self.dtype, "fc1")(x))
         return dense(x.shape[-1], self.use_bias, self.dtype, "fc2")(h)
 
 
@@ -259,19 +261,6 @@ def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
-class QuickGeluMlp(nn.Module):
-    """fc1 -> quick_gelu -> fc2 (the MLP of the OpenAI CLIP towers)."""
-
-    hidden: int
-    use_bias: bool = True
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        h = quick_gelu(dense(self.hidden, self.use_bias, self.dtype, "fc1")(x))
-        return dense(x.shape[-1], self.use_bias, self.dtype, "fc2")(h)
-
-
 # ------------------------------------------------------------------------------------------------ windows, inputs
 
 
@@ -293,6 +282,18 @@ def window_unpartition(windows, batch: int, counts: tuple[int, int], hw: tuple[i
     _, window, _, c = windows.shape
     x = windows.reshape(batch, nh, nw, window, window, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(batch, nh * window, nw * window, c)[:, :hw[0], :hw[1]]
+
+
+def patch_embed(images, config, dtype, use_bias: bool = True):
+    """The ViT families' patch embedding `patch_embed`: a (p, p) convolution of stride p over NHWC images, "VALID" as
+    upstream's strided conv (a remainder below one patch is cropped), returned as tokens (B, gh * gw, width) with the
+    grid (gh, gw). An input smaller than one patch is refused."""
+    p, (height, width) = config.patch_size, images.shape[1:3]
+    if height < p or width < p:
+        raise ValueError(f"{config.family}: input {height}x{width} px is smaller than the patch size {p}")
+    x = nn.Conv(config.width, (p, p), strides=(p, p), padding="VALID", use_bias=use_bias, dtype=dtype,
+                name="patch_embed")(images)
+    return x.reshape(x.shape[0], -1, config.width), x.shape[1:3]
 
 
 def image_shape(images, config) -> tuple[int, int, int]:

@@ -77,6 +77,17 @@ def hf(repo: str, file: str, mb: float, revision: str = "main", sha256: str | No
     return File(HF_URL.format(repo=repo, revision=revision, file=file), int(mb * MB), sha256)
 
 
+def url_source(name: str, model: str, address: str, mb: float, licence: str, note: str = "",
+               sha256: str | None = None) -> Source:
+    """A one-file source at a plain URL."""
+    return Source(name, model, (url(address, mb, sha256),), licence, note=note)
+
+
+def hf_source(name: str, model: str, repo: str, file: str, mb: float, licence: str, note: str = "") -> Source:
+    """A one-file source in a Hugging Face repo (its `main` revision)."""
+    return Source(name, model, (hf(repo, file, mb),), licence, note=note)
+
+
 def torch_hub_digest(filename: str) -> str | None:
     """The hash prefix torch.hub reads off a `name-<hex>.pth` file name (its `check_hash`), or None."""
     stem = filename.rsplit(".", 1)[0]
@@ -91,8 +102,8 @@ def torchvision(name: str, filename: str, mb: float) -> Source:
     """A torchvision ImageNet model (`*_Weights.IMAGENET1K_V1`): its file on download.pytorch.org, the start of whose
     SHA-256 its name carries (torch.hub `check_hash`), converted with the variant of the same name."""
     address = f"{TORCHVISION_URL}/{filename}"
-    return Source(name, name, (url(address, mb, torch_hub_digest(address)),), "BSD-3-Clause",
-                  note=f"torchvision {name}, IMAGENET1K_V1")
+    return url_source(name, name, address, mb, "BSD-3-Clause", f"torchvision {name}, IMAGENET1K_V1",
+                      torch_hub_digest(address))
 
 
 def _collect() -> dict[str, Source]:

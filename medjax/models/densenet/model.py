@@ -13,9 +13,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
+from medjax.models.base import Backbone, ConfigMixin, Part
 from medjax.models.cnn import avg_pool, batch_norm, conv, max_pool, tokens
-from medjax.models.layers import dense, image_shape
+from medjax.models.layers import dense
 
 FAMILY = "densenet"
 
@@ -33,8 +33,7 @@ class DenseNetConfig(ConfigMixin):
     img_size: int = 224  # the nominal input size (the network takes any size)
 
     def __post_init__(self):
-        self.check_family(FAMILY)
-        object.__setattr__(self, "block_config", tuple(int(n) for n in self.block_config))
+        self.check_family(FAMILY, "block_config")
         if not self.block_config or min(self.block_config) < 1:
             raise ValueError(f"DenseNetConfig.block_config must be positive layer counts, got {self.block_config}")
         if min(self.growth_rate, self.num_init_features, self.bn_size) < 1 or self.num_classes < 0:
@@ -42,10 +41,6 @@ class DenseNetConfig(ConfigMixin):
                              "num_classes >= 0")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"DenseNetConfig.drop_rate must be in [0, 1), got {self.drop_rate}")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.img_size, self.img_size
 
     def block_channels(self) -> list[int]:
         """Channels entering each dense block (the transitions halve them, floor)."""
@@ -62,36 +57,29 @@ class DenseNetConfig(ConfigMixin):
         return self.block_channels()[-1] + self.block_config[-1] * self.growth_rate
 
 
-class DenseLayer(nn.Module):
-    growth_rate: int
-    bn_size: int
-    drop_rate: float = 0.0
-    dtype: jnp.dtype | None = None
+class DenseLayer(Part):
+    """The `growth_rate` new channels of one dense layer (the config's growth_rate, bn_size and drop_rate)."""
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        c = self.config
         h = nn.relu(batch_norm(self.dtype, "norm1")(x, train))
-        h = conv(self.bn_size * self.growth_rate, 1, dtype=self.dtype, name="conv1")(h)
+        h = conv(c.bn_size * c.growth_rate, 1, dtype=self.dtype, name="conv1")(h)
         h = nn.relu(batch_norm(self.dtype, "norm2")(h, train))
-        h = conv(self.growth_rate, 3, 1, 1, dtype=self.dtype, name="conv2")(h)
-        if self.drop_rate > 0:
-            h = nn.Dropout(self.drop_rate, deterministic=not train)(h)  # the `dropout` rng stream
+        h = conv(c.growth_rate, 3, 1, 1, dtype=self.dtype, name="conv2")(h)
+        if c.drop_rate > 0:
+            h = nn.Dropout(c.drop_rate, deterministic=not train)(h)  # the `dropout` rng stream
         return h
 
 
-class DenseBlock(nn.Module):
-    num_layers: int
-    growth_rate: int
-    bn_size: int
-    drop_rate: float = 0.0
-    dtype: jnp.dtype | None = None
+class DenseBlock(Part):
+    num_layers: int = dataclasses.field(kw_only=True)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         features = [x]
         for i in range(1, self.num_layers + 1):
-            new = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.dtype,
-                             name=f"denselayer{i}")(jnp.concatenate(features, axis=-1), train)
+            new = DenseLayer(self.config, self.dtype, name=f"denselayer{i}")(jnp.concatenate(features, axis=-1), train)
             features.append(new)
         return jnp.concatenate(features, axis=-1)
 
@@ -107,23 +95,19 @@ class Transition(nn.Module):
         return avg_pool(x, 2, 2)
 
 
-class DenseNet(nn.Module):
+class DenseNet(Backbone):
     """NHWC images -> {features (the (B, C) input of `classifier`: mean of relu(norm5(...))), logits (when
     num_classes > 0), linear_head_input (= features), attention_head_input (relu(norm5) positions as (B, H*W, C)
     tokens, row-major; their mean is `features`)}."""
 
-    config: DenseNetConfig
-    dtype: jnp.dtype | None = None
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def forward(self, images, train):
         c = self.config
-        image_shape(images, c)
         x = conv(c.num_init_features, 7, 2, 3, dtype=self.dtype, name="conv0")(images)
         x = nn.relu(batch_norm(self.dtype, "norm0")(x, train))
         x = max_pool(x, 3, 2, 1)
         for b, n in enumerate(c.block_config, start=1):
-            x = DenseBlock(n, c.growth_rate, c.bn_size, c.drop_rate, self.dtype, name=f"denseblock{b}")(x, train)
+            x = DenseBlock(c, self.dtype, num_layers=n, name=f"denseblock{b}")(x, train)
             if b < len(c.block_config):
                 x = Transition(x.shape[-1] // 2, self.dtype, name=f"transition{b}")(x, train)
         x = nn.relu(batch_norm(self.dtype, "norm5")(x, train))  # the ReLU of DenseNet.forward

@@ -27,15 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
+from medjax.models.base import Backbone, ConfigMixin, Part
 from medjax.models.layers import (
     LayerScale,
+    Mlp,
     cudnn_attention,
     dense,
     gelu,
     head_major_attention,
-    image_shape,
     layer_norm,
+    patch_embed,
     use_cudnn_attention,
 )
 
@@ -78,8 +79,7 @@ class DINOv3Config(ConfigMixin):
     remat: bool = False  # recompute each block in the backward pass (activation memory of ~one block)
 
     def __post_init__(self):
-        if self.family != FAMILY:
-            raise ValueError(f"DINOv3Config.family must be {FAMILY!r}, got {self.family!r}")
+        self.check_family(FAMILY)
         if self.width % self.num_heads or (self.width // self.num_heads) % 4:
             raise ValueError(f"DINOv3Config: width {self.width} / num_heads {self.num_heads} must give a head size "
                              "divisible by 4 (2-D RoPE)")
@@ -92,10 +92,6 @@ class DINOv3Config(ConfigMixin):
             raise ValueError("DINOv3Config: give rope_theta, or rope_min_period and rope_max_period (not both)")
         if self.depth < 1 or self.num_registers < 0 or self.patch_size < 1:
             raise ValueError("DINOv3Config: depth >= 1, num_registers >= 0 and patch_size >= 1 required")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.img_size, self.img_size
 
     @property
     def head_dim(self) -> int:
@@ -177,12 +173,9 @@ def apply_rope(x, cos, sin):
 # ------------------------------------------------------------------------------------------------ the network
 
 
-class RopeAttention(nn.Module):
+class RopeAttention(Part):
     """Multi-head self-attention with separate q / k / v projections (transformers' q_proj, k_proj, v_proj, o_proj;
     the official fused qkv is split at conversion) and RoPE on the patch tokens' queries and keys."""
-
-    config: DINOv3Config
-    dtype: jnp.dtype | None = None
 
     def setup(self):
         c = self.config
@@ -220,44 +213,38 @@ class RopeAttention(nn.Module):
         return jax.nn.softmax(scores * self.config.head_dim ** -0.5, axis=-1).mean(axis=1)
 
 
-class Mlp(nn.Module):
-    """fc2(act(fc1 x)), or gated: w3(act(w1 x) * w2 x) (transformers' gate_proj, up_proj, down_proj)."""
-
-    config: DINOv3Config
-    dtype: jnp.dtype | None = None
+class GatedMlp(Part):
+    """w3(act(w1 x) * w2 x) (transformers' gate_proj, up_proj, down_proj)."""
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        act = ACTIVATIONS[c.act]
-        if c.gated_mlp:
-            hidden = act(dense(c.mlp_hidden, c.mlp_bias, self.dtype, "w1")(x)) * \
-                dense(c.mlp_hidden, c.mlp_bias, self.dtype, "w2")(x)
-            return dense(c.width, c.mlp_bias, self.dtype, "w3")(hidden)
-        hidden = act(dense(c.mlp_hidden, c.mlp_bias, self.dtype, "fc1")(x))
-        return dense(c.width, c.mlp_bias, self.dtype, "fc2")(hidden)
+        hidden = ACTIVATIONS[c.act](dense(c.mlp_hidden, c.mlp_bias, self.dtype, "w1")(x)) * \
+            dense(c.mlp_hidden, c.mlp_bias, self.dtype, "w2")(x)
+        return dense(c.width, c.mlp_bias, self.dtype, "w3")(hidden)
 
 
-class Block(nn.Module):
-    config: DINOv3Config
-    dtype: jnp.dtype | None = None
+def mlp(config: DINOv3Config, dtype) -> nn.Module:
+    """fc2(act(fc1 x)), or the gated MLP."""
+    if config.gated_mlp:
+        return GatedMlp(config, dtype, name="mlp")
+    return Mlp(config.mlp_hidden, config.mlp_bias, dtype, ACTIVATIONS[config.act], name="mlp")
 
+
+class Block(Part):
     @nn.compact
     def __call__(self, x, cos, sin):
         c = self.config
         y = RopeAttention(c, self.dtype, name="attn")(layer_norm(c.norm_eps, "norm1", self.dtype)(x), cos, sin)
         x = x + (LayerScale(name="ls1")(y) if c.layerscale else y)
-        y = Mlp(c, self.dtype, name="mlp")(layer_norm(c.norm_eps, "norm2", self.dtype)(x))
+        y = mlp(c, self.dtype)(layer_norm(c.norm_eps, "norm2", self.dtype)(x))
         return x + (LayerScale(name="ls2")(y) if c.layerscale else y)
 
 
-class DINOv3ViT(nn.Module):
+class DINOv3ViT(Backbone):
     """Returns the transformers outputs (`last_hidden_state`, `pooler_output`), the official ones (`x_norm_clstoken`,
     `x_storage_tokens`, `x_norm_patchtokens`, `x_prenorm`), `linear_head_input` (the final-normed CLS) and
     `attention_head_input` (the patch tokens before the final norm, as for DINOv2)."""
-
-    config: DINOv3Config
-    dtype: jnp.dtype | None = None
 
     def rope(self, grid: tuple[int, int], train: bool):
         c = self.config
@@ -275,15 +262,10 @@ class DINOv3ViT(nn.Module):
         return jnp.cos(angles), jnp.sin(angles)
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def forward(self, images, train):
         c = self.config
-        batch, height, width = image_shape(images, c)
-        p = c.patch_size
-        if height < p or width < p:
-            raise ValueError(f"{FAMILY}: input {height}x{width} px is smaller than the patch size {p}")
-        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(images)
-        grid = x.shape[1:3]  # floor(size / p) as upstream: a remainder is cropped by the strided convolution
-        x = x.reshape(batch, grid[0] * grid[1], c.width)
+        x, grid = patch_embed(images, c, self.dtype)
+        batch = x.shape[0]
         prefix = [self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c.width))]
         if c.num_registers:
             prefix.append(self.param("reg_tokens", nn.initializers.normal(0.02), (1, c.num_registers, c.width)))

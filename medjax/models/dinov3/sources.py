@@ -8,7 +8,7 @@ mirror, give the link Meta sent with `python -m converters fetch NAME --url URL`
 `--from-file PATH`. No digest is published. Sizes are approximate (parameters x 4 bytes, MiB).
 """
 
-from medjax.weights.registry import Source, hf
+from medjax.weights.registry import hf_source
 
 _REPO = "facebook/dinov3-{}-pretrain-lvd1689m"
 _LICENCE = "DINOv3 License"
@@ -16,8 +16,8 @@ _NOTE = ("gated: accept the DINOv3 licence, then --url with the link Meta sends,
          "Hugging Face {} (DINOv3ViTModel)")
 
 SOURCES = [
-    Source(f"dinov3_{arch}", f"dinov3_{arch}", (hf(_REPO.format(arch), "model.safetensors", mb),), _LICENCE,
-           note=_NOTE.format(_REPO.format(arch)))
+    hf_source(f"dinov3_{arch}", f"dinov3_{arch}", _REPO.format(arch), "model.safetensors", mb, _LICENCE,
+              _NOTE.format(_REPO.format(arch)))
     for arch, mb in (("vits16", 83), ("vits16plus", 111), ("vitb16", 327), ("vitl16", 1157), ("vith16plus", 3212),
                      ("vit7b16", 25640))
 ]

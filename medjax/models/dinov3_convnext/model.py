@@ -15,8 +15,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
-from medjax.models.layers import LayerScale, dense, gelu, image_shape, layer_norm
+from medjax.models.base import Backbone, ConfigMixin, Part
+from medjax.models.family import staged_layers
+from medjax.models.layers import LayerScale, dense, gelu, layer_norm
 
 FAMILY = "dinov3_convnext"
 ACTIVATIONS = {"gelu": gelu, "relu": nn.relu, "silu": nn.silu}
@@ -34,10 +35,7 @@ class DINOv3ConvNextConfig(ConfigMixin):
     img_size: int = 224  # the nominal input size (the network takes any size of at least 32 px)
 
     def __post_init__(self):
-        if self.family != FAMILY:
-            raise ValueError(f"DINOv3ConvNextConfig.family must be {FAMILY!r}, got {self.family!r}")
-        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        self.check_family(FAMILY, "dims", "depths")
         if len(self.dims) != len(self.depths) or not self.dims or min(self.depths) < 1:
             raise ValueError(f"DINOv3ConvNextConfig: dims {self.dims} and depths {self.depths} must have the same "
                              "length, every stage with >= 1 block")
@@ -45,18 +43,14 @@ class DINOv3ConvNextConfig(ConfigMixin):
             raise ValueError(f"DINOv3ConvNextConfig: act {self.act!r} is not one of {sorted(ACTIVATIONS)}")
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return self.img_size, self.img_size
-
-    @property
     def min_input(self) -> int:
         return 4 * 2 ** (len(self.dims) - 1)
 
 
-class ConvNextBlock(nn.Module):
-    config: DINOv3ConvNextConfig
-    dim: int
-    dtype: jnp.dtype | None = None
+class ConvNextBlock(Part):
+    """x + gamma * pwconv2(act(pwconv1(norm(dwconv(x))))), `dim` channels."""
+
+    dim: int = dataclasses.field(kw_only=True)
 
     @nn.compact
     def __call__(self, x):
@@ -70,12 +64,10 @@ class ConvNextBlock(nn.Module):
         return x + y
 
 
-class Stage(nn.Module):
+class Stage(Part):
     """The stage's downsampling, then its blocks; returns the stage's NHWC map."""
 
-    config: DINOv3ConvNextConfig
-    index: int
-    dtype: jnp.dtype | None = None
+    index: int = dataclasses.field(kw_only=True)
 
     @nn.compact
     def __call__(self, x):
@@ -88,29 +80,25 @@ class Stage(nn.Module):
             x = layer_norm(c.norm_eps, "downsample_norm", self.dtype)(x)
             x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name="downsample_conv")(x)
         for j in range(c.depths[i]):
-            x = ConvNextBlock(c, dim, self.dtype, name=f"blocks_{j}")(x)
+            x = ConvNextBlock(c, self.dtype, dim=dim, name=f"blocks_{j}")(x)
         return x
 
 
-class DINOv3ConvNext(nn.Module):
+class DINOv3ConvNext(Backbone):
     """Returns the transformers outputs (`last_hidden_state` = LN([mean; tokens]), `pooler_output`), the official ones
     (`x_norm_clstoken`, `x_norm_patchtokens`, `x_prenorm`: the last map's tokens before the norm),
     `linear_head_input` (the pooled token) and `attention_head_input` (the normed patch tokens)."""
 
-    config: DINOv3ConvNextConfig
-    dtype: jnp.dtype | None = None
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
-        del train  # no dropout or batch statistics
+    def forward(self, images, train):
         c = self.config
-        batch, height, width = image_shape(images, c)
+        batch, height, width = images.shape[:3]
         if min(height, width) < c.min_input:
             raise ValueError(f"{FAMILY}: input {height}x{width} px is smaller than {c.min_input} px (the stem's 4x "
                              f"and {len(c.dims) - 1} 2x downsamplings leave no position)")
         x = images
         for i in range(len(c.dims)):
-            x = Stage(c, i, self.dtype, name=f"stages_{i}")(x)
+            x = Stage(c, self.dtype, index=i, name=f"stages_{i}")(x)
         tokens = x.reshape(batch, -1, x.shape[-1])
         pooled = x.astype(jnp.float32).mean(axis=(1, 2)).astype(x.dtype)
         normed = layer_norm(c.norm_eps, "norm", self.dtype)(jnp.concatenate([pooled[:, None], tokens], axis=1))
@@ -126,12 +114,7 @@ class DINOv3ConvNext(nn.Module):
 def layers(config: DINOv3ConvNextConfig) -> list[str]:
     """The stem (stage 1's downsampling), then every block in network order across the stages; a later stage's
     downsampling goes with the block it feeds (its first), as for VMamba."""
-    out = [r"stages_0/downsample_"]
-    for s, depth in enumerate(config.depths):
-        for j in range(depth):
-            here = f"stages_{s}/blocks_{j}/"
-            out.append(f"(stages_{s}/downsample_|{here})" if j == 0 and s > 0 else here)
-    return out
+    return staged_layers("stages_0/downsample_", config.depths, "stages_{s}/blocks_{j}/", "stages_{s}/downsample_")
 
 
 def lora_targets(config: DINOv3ConvNextConfig) -> list[str]:

@@ -25,9 +25,6 @@ def nchw_to_nhwc(a):  # the (1, C, h, w) pos-embeds are stored channels-last
     return a.transpose(0, 2, 3, 1)
 
 
-
-
-
 # facebookresearch/sam2 naming, inside `image_encoder.` (trunk = Hiera, neck = FpnNeck).
 OFFICIAL_RULES = [
     Rule("trunk.pos_embed", "pos_embed", nchw_to_nhwc),

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
-from medjax.models.layers import Mlp, image_shape, layer_norm, window_partition, window_unpartition
+from medjax.models.base import Backbone, ConfigMixin, Part
+from medjax.models.layers import Mlp, layer_norm, window_partition, window_unpartition
 from medjax.resize import resize_bicubic
 
 FAMILY = "sam2_hiera"
@@ -107,8 +107,6 @@ class HieraConfig(ConfigMixin):
             if input_size_problem(self, side, side) is None:
                 return side, side
         raise ValueError(f"HieraConfig: no square input from 224 to 4095 px fits {self}")
-
-
 
 
 class BlockSpec(NamedTuple):
@@ -189,8 +187,6 @@ def max_pool(x, stride: int):
     return x.reshape(b, h2, stride, w2, stride, c).max(axis=(2, 4))
 
 
-
-
 class MultiScaleAttention(nn.Module):
     """Attention over each window (or the whole map); q is optionally max-pooled first (fused qkv, rows q, k, v)."""
 
@@ -214,10 +210,11 @@ class MultiScaleAttention(nn.Module):
         return nn.Dense(self.dim_out, dtype=self.dtype, name="proj")(out.reshape(b, h, w, self.dim_out))
 
 
-class MultiScaleBlock(nn.Module):
-    spec: BlockSpec
-    config: HieraConfig
-    dtype: jnp.dtype | None = None
+class MultiScaleBlock(Part):
+    """norm1 -> (shortcut projected and pooled where the width changes) windowed multi-scale attention -> residual,
+    then norm2 -> MLP -> residual."""
+
+    spec: BlockSpec = dataclasses.field(kw_only=True)
 
     @nn.compact
     def __call__(self, x):
@@ -247,12 +244,9 @@ class MultiScaleBlock(nn.Module):
         return x + Mlp(int(s.dim_out * c.mlp_ratio), dtype=self.dtype, name="mlp")(y)
 
 
-class FpnNeck(nn.Module):
+class FpnNeck(Part):
     """Lateral 1x1 convs (`convs_k` takes trunk stage 4-k: coarse to fine), nearest 2x top-down into the configured
     levels. Returns the levels fine to coarse (NHWC)."""
-
-    config: HieraConfig
-    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, xs):
@@ -276,7 +270,7 @@ def _nchw(x):
     return jnp.transpose(x, (0, 3, 1, 2))
 
 
-class Sam2HieraEncoder(nn.Module):
+class Sam2HieraEncoder(Backbone):
     """SAM 2.1 `ImageEncoder(trunk=Hiera, neck=FpnNeck, scalp)`.
 
     Returns `vision_features` (the coarsest kept FPN level: stride 16 for SAM 2.1), `backbone_fpn_k` for the finer
@@ -284,14 +278,10 @@ class Sam2HieraEncoder(nn.Module):
     stage outputs), all NCHW, plus `linear_head_input` (B, d_model) and `attention_head_input` (B, h*w, d_model).
     """
 
-    config: HieraConfig
-    dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
-        del train  # no dropout or batch statistics
+    def forward(self, images, train):
         c = self.config
-        batch, height, width = image_shape(images, c)
+        batch, height, width = images.shape[:3]
         problem = input_size_problem(c, height, width)
         if problem:
             raise ValueError(f"{c.family}: an input of {height}x{width} px does not fit this encoder: {problem}. "
@@ -309,7 +299,7 @@ class Sam2HieraEncoder(nn.Module):
         plan = block_plan(c)
         stages = []
         for i, spec in enumerate(plan):
-            x = MultiScaleBlock(spec, c, self.dtype, name=f"blocks_{i}")(x)
+            x = MultiScaleBlock(c, self.dtype, spec=spec, name=f"blocks_{i}")(x)
             if i + 1 == len(plan) or plan[i + 1].stage != spec.stage:
                 stages.append(x)
         features = FpnNeck(c, self.dtype, name="neck")(stages)

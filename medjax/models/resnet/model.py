@@ -12,9 +12,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
+from medjax.models.base import Backbone, ConfigMixin
 from medjax.models.cnn import batch_norm, conv, max_pool, tokens
-from medjax.models.layers import dense, image_shape
+from medjax.models.layers import dense
 
 FAMILY = "resnet"
 BLOCKS = ("basic", "bottleneck")
@@ -35,8 +35,7 @@ class ResNetConfig(ConfigMixin):
     img_size: int = 224  # the nominal input size (the network takes any size)
 
     def __post_init__(self):
-        self.check_family(FAMILY)
-        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        self.check_family(FAMILY, "layers")
         object.__setattr__(self, "replace_stride_with_dilation",
                            tuple(bool(d) for d in self.replace_stride_with_dilation))
         if self.block not in BLOCKS:
@@ -53,10 +52,6 @@ class ResNetConfig(ConfigMixin):
             raise ValueError("ResNetConfig: dilation is not supported with the basic block (as upstream)")
         if self.groups < 1 or self.width_per_group < 1 or self.num_classes < 0:
             raise ValueError("ResNetConfig: groups and width_per_group must be >= 1, num_classes >= 0")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.img_size, self.img_size
 
     @property
     def num_features(self) -> int:
@@ -124,17 +119,13 @@ def shortcut(x, features: int, stride: int, downsample: bool, dtype, train: bool
     return batch_norm(dtype, "downsample_bn")(x, train)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """NHWC images -> {features (the pooled (B, C) input of `fc`), logits (`fc`, when num_classes > 0),
     linear_head_input (= features), attention_head_input (layer4's positions as (B, H*W, C) tokens, row-major)}."""
 
-    config: ResNetConfig
-    dtype: jnp.dtype | None = None
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def forward(self, images, train):
         c = self.config
-        image_shape(images, c)
         x = conv(64, 7, 2, 3, dtype=self.dtype, name="conv1")(images)
         x = nn.relu(batch_norm(self.dtype, "bn1")(x, train))
         x = max_pool(x, 3, 2, 1)

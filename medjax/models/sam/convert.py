@@ -15,6 +15,7 @@ from medjax.conversion import (
     conv,
     dense_rules,
     norm_rules,
+    renamed,
     transformers_vision_config,
 )
 from medjax.models.sam.model import FAMILY, SamViTConfig
@@ -40,24 +41,11 @@ OFFICIAL_RULES = [
     *norm_rules("neck.3", "neck/norm2"),
 ]
 
-# transformers' on-disk naming, inside `vision_encoder.` (SamModel and SamVisionModel alike).
-HF_RULES = [
-    Rule("pos_embed", "pos_embed"),
-    Rule("patch_embed.projection.weight", "patch_embed/kernel", conv),
-    Rule("patch_embed.projection.bias", "patch_embed/bias"),
-    *norm_rules("layers.{i}.layer_norm1", "blocks_{i}/norm1"),
-    *dense_rules("layers.{i}.attn.qkv", "blocks_{i}/attn/qkv"),
-    *dense_rules("layers.{i}.attn.proj", "blocks_{i}/attn/proj"),
-    Rule("layers.{i}.attn.rel_pos_h", "blocks_{i}/attn/rel_pos_h"),
-    Rule("layers.{i}.attn.rel_pos_w", "blocks_{i}/attn/rel_pos_w"),
-    *norm_rules("layers.{i}.layer_norm2", "blocks_{i}/norm2"),
-    *dense_rules("layers.{i}.mlp.lin1", "blocks_{i}/mlp/fc1"),
-    *dense_rules("layers.{i}.mlp.lin2", "blocks_{i}/mlp/fc2"),
-    Rule("neck.conv1.weight", "neck/conv1/kernel", conv),
-    *norm_rules("neck.layer_norm1", "neck/norm1"),
-    Rule("neck.conv2.weight", "neck/conv2/kernel", conv),
-    *norm_rules("neck.layer_norm2", "neck/norm2"),
-]
+# transformers' on-disk naming, inside `vision_encoder.` (SamModel and SamVisionModel alike): the same table, renamed.
+HF_RULES = renamed(OFFICIAL_RULES, {"patch_embed.proj.": "patch_embed.projection.",
+                                    "blocks.{i}.norm": "layers.{i}.layer_norm", "blocks.{i}.": "layers.{i}.",
+                                    "neck.0.": "neck.conv1.", "neck.1.": "neck.layer_norm1.",
+                                    "neck.2.": "neck.conv2.", "neck.3.": "neck.layer_norm2."})
 
 FORMATS = [
     # sam_vit_{b,l,h}_*.pth: the whole Sam; prompt_encoder.* and mask_decoder.* are skipped.

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
-from medjax.models.layers import Mlp, dense, image_shape, layer_norm, window_partition, window_unpartition
+from medjax.models.base import Backbone, ConfigMixin
+from medjax.models.layers import Mlp, dense, layer_norm, patch_embed, window_partition, window_unpartition
 from medjax.resize import resize_bicubic
 
 FAMILY = "sam_vit"
@@ -118,8 +118,6 @@ def get_rel_pos(q_size: int, k_size: int, table):
 # ------------------------------------------------------------------------------------------------ windows
 
 
-
-
 # ------------------------------------------------------------------------------------------------ modules
 
 
@@ -198,22 +196,15 @@ def resize_pos_embed(pos_embed, grid: tuple[int, int]):
     return resize_bicubic(pos_embed.astype(jnp.float32), size=grid, axes=(1, 2)).astype(pos_embed.dtype)
 
 
-class SamImageEncoder(nn.Module):
+class SamImageEncoder(Backbone):
     """`ImageEncoderViT`; see the module docstring for the outputs."""
 
-    config: SamViTConfig
-    dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
-        del train  # no dropout or batch statistics
+    def forward(self, images, train):
         c = self.config
-        batch, height, width = image_shape(images, c)
-        if height < c.patch_size or width < c.patch_size:
-            raise ValueError(f"{c.family}: input {height}x{width} px is smaller than one {c.patch_size}-px patch")
-        p = c.patch_size
-        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(images)
-        grid = x.shape[1:3]  # floor(H / p), floor(W / p), as upstream's strided conv
+        tokens, grid = patch_embed(images, c, self.dtype)  # floor(H / p), floor(W / p), as upstream's strided conv
+        batch = tokens.shape[0]
+        x = tokens.reshape(batch, *grid, c.width)  # the blocks work on the NHWC map
         if c.use_abs_pos:
             pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, *c.pos_grid, c.width))
             x = x + resize_pos_embed(pos_embed, grid).astype(x.dtype)

@@ -20,8 +20,8 @@ from typing import Literal
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
-from medjax.models.layers import Attention, dense, head_major_attention, image_shape, layer_norm
+from medjax.models.base import Backbone, ConfigMixin, Part
+from medjax.models.layers import Attention, Mlp, dense, gelu, head_major_attention, layer_norm, patch_embed
 from medjax.resize import resize_bicubic
 
 FAMILY = "siglip"
@@ -42,8 +42,7 @@ class SiglipConfig(ConfigMixin):
     use_head: bool = True  # vision_use_head: the attention-pooling head
 
     def __post_init__(self):
-        self.check_family(FAMILY)
-        object.__setattr__(self, "pos_grid", tuple(int(g) for g in self.pos_grid))
+        self.check_family(FAMILY, "pos_grid")
         if self.pos_grid[0] != self.pos_grid[1]:
             raise ValueError(f"SiglipConfig: the position table is square (image_size // patch_size per side), got "
                              f"grid {self.pos_grid}")
@@ -58,44 +57,27 @@ class SiglipConfig(ConfigMixin):
         return self.pos_grid[0] * self.patch_size, self.pos_grid[1] * self.patch_size
 
 
-def activation(config: SiglipConfig):
-    # gelu_pytorch_tanh is torch's GELU(approximate='tanh'), flax's default form; "gelu" the exact erf form
-    return lambda x: nn.gelu(x, approximate=config.act == "gelu_tanh")
+def mlp(config: SiglipConfig, dtype) -> Mlp:
+    """SiglipMLP: fc1 -> GELU -> fc2. gelu_pytorch_tanh is torch's GELU(approximate='tanh'), flax's default form;
+    "gelu" the exact erf form."""
+    return Mlp(config.mlp_hidden, True, dtype, nn.gelu if config.act == "gelu_tanh" else gelu, name="mlp")
 
 
-class SiglipMlp(nn.Module):
-    """fc1 -> GELU -> fc2 (SiglipMLP)."""
-
-    config: SiglipConfig
-    dtype: jnp.dtype | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        h = activation(self.config)(dense(self.config.mlp_hidden, True, self.dtype, "fc1")(x))
-        return dense(x.shape[-1], True, self.dtype, "fc2")(h)
-
-
-class Block(nn.Module):
+class Block(Part):
     """SiglipEncoderLayer: x + attn(norm1(x)), then x + mlp(norm2(x)). The q/k/v projections are fused in `attn/qkv`."""
-
-    config: SiglipConfig
-    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         y = layer_norm(c.norm_eps, "norm1", self.dtype)(x)
         x = x + Attention(c.num_heads, True, True, self.dtype, name="attn")(y)
-        return x + SiglipMlp(c, self.dtype, name="mlp")(layer_norm(c.norm_eps, "norm2", self.dtype)(x))
+        return x + mlp(c, self.dtype)(layer_norm(c.norm_eps, "norm2", self.dtype)(x))
 
 
-class MapHead(nn.Module):
+class MapHead(Part):
     """SiglipMultiheadAttentionPoolingHead: a learned probe (1, 1, D) attends to the tokens (nn.MultiheadAttention:
     q from the probe, k and v from the tokens, heads head-major, scale head_dim ** -0.5, out_proj), then
     `x + mlp(layernorm(x))`; returns the probe's output (B, D)."""
-
-    config: SiglipConfig
-    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, tokens):
@@ -109,7 +91,7 @@ class MapHead(nn.Module):
         v = dense(dim, True, self.dtype, "v")(tokens).reshape(batch, n, heads, head_dim).transpose(0, 2, 1, 3)
         x = head_major_attention(q, k, v).transpose(0, 2, 1, 3).reshape(batch, 1, dim)
         x = dense(dim, True, self.dtype, "out_proj")(x)
-        x = x + SiglipMlp(c, self.dtype, name="mlp")(layer_norm(c.norm_eps, "norm", self.dtype)(x))
+        x = x + mlp(c, self.dtype)(layer_norm(c.norm_eps, "norm", self.dtype)(x))
         return x[:, 0]
 
 
@@ -137,25 +119,16 @@ def position_table(config: SiglipConfig, table, grid: tuple[int, int], image_hw:
     return patch_pos.reshape(1, tokens, -1).astype(table.dtype)
 
 
-class SiglipVisionTower(nn.Module):
+class SiglipVisionTower(Backbone):
     """Returns a dict: transformers' `last_hidden_state` (post-layernormed tokens) and `pooler_output` (the head's
     output; only with `use_head`), plus `linear_head_input` (the pooled output, else the token mean) and
     `attention_head_input` (the post-layernormed tokens, all patches)."""
 
-    config: SiglipConfig
-    dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
-        del train  # no dropout (attention_dropout is a training-only setting upstream) or batch statistics
+    def forward(self, images, train):
         c = self.config
-        batch, height, width = image_shape(images, c)
-        p = c.patch_size
-        if height < p or width < p:
-            raise ValueError(f"{c.family}: input {height}x{width} px is smaller than the patch size {p}")
-        grid = (height // p, width // p)  # a "valid" strided conv: a remainder below one patch is not seen
-        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(images)
-        x = x.reshape(batch, grid[0] * grid[1], c.width)
+        batch, height, width = images.shape[:3]
+        x, grid = patch_embed(images, c, self.dtype)  # a remainder below one patch is not seen
         num_pos = c.pos_grid[0] * c.pos_grid[1]
         table = self.param("pos_embed", nn.initializers.normal(1.0 / math.sqrt(c.width)), (1, num_pos, c.width))
         x = x + position_table(c, table, grid, (height, width)).astype(x.dtype)

@@ -7,19 +7,16 @@ count x 4 bytes, MiB); no publisher gives a digest. google/medsiglip-448 is gate
 Foundations terms on its page, download `model.safetensors`, and give it with `--from-file`.
 """
 
-from medjax.weights.registry import Source, hf
+from medjax.weights.registry import hf_source
 
-SOURCES = [
-    Source("siglip-so400m-patch14-384", "siglip_so400m_patch14_384",
-           (hf("google/siglip-so400m-patch14-384", "model.safetensors", 3350),), "Apache-2.0",
-           note="transformers google/siglip-so400m-patch14-384 (SiglipModel: vision tower kept)"),
-    Source("siglip2-base-patch16-224", "siglip2_base_patch16_224",
-           (hf("google/siglip2-base-patch16-224", "model.safetensors", 1430),), "Apache-2.0",
-           note="transformers google/siglip2-base-patch16-224 (SigLIP 2 FixRes, SiglipModel: vision tower kept)"),
-    Source("siglip2-base-patch16-512", "siglip2_base_patch16_512",
-           (hf("google/siglip2-base-patch16-512", "model.safetensors", 1435),), "Apache-2.0",
-           note="transformers google/siglip2-base-patch16-512 (SigLIP 2 FixRes, SiglipModel: vision tower kept)"),
-    Source("medsiglip-448", "medsiglip_448", (hf("google/medsiglip-448", "model.safetensors", 3350),),
-           "health-ai-developer-foundations",
-           note="transformers google/medsiglip-448 (gated: accept its terms, download, --from-file)"),
+_KEPT = "SiglipModel: vision tower kept"
+
+SOURCES = [  # google/<name> on Hugging Face, converted with the variant of the same name (`-` read as `_`)
+    hf_source(name, name.replace("-", "_"), f"google/{name}", "model.safetensors", mb, licence,
+              f"transformers google/{name} ({what})")
+    for name, mb, licence, what in (
+        ("siglip-so400m-patch14-384", 3350, "Apache-2.0", _KEPT),
+        ("siglip2-base-patch16-224", 1430, "Apache-2.0", f"SigLIP 2 FixRes, {_KEPT}"),
+        ("siglip2-base-patch16-512", 1435, "Apache-2.0", f"SigLIP 2 FixRes, {_KEPT}"),
+        ("medsiglip-448", 3350, "health-ai-developer-foundations", "gated: accept its terms, download, --from-file"))
 ]

@@ -15,9 +15,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
+from medjax.models.base import Backbone, ConfigMixin
 from medjax.models.cnn import adaptive_avg_pool, batch_norm, conv, max_pool, tokens
-from medjax.models.layers import dense, image_shape
+from medjax.models.layers import dense
 
 FAMILY = "vgg"
 POOL_SIZE = 7  # AdaptiveAvgPool2d((7, 7))
@@ -45,10 +45,6 @@ class VGGConfig(ConfigMixin):
         if self.classifier_hidden < 1 or self.num_classes < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError("VGGConfig: classifier_hidden >= 1, num_classes >= 0 and dropout in [0, 1) required")
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.img_size, self.img_size
-
     def layout(self) -> list[tuple[int, str, int]]:
         """torchvision's `features` Sequential: (index, 'conv' | 'bn' | 'relu' | 'pool', channels)."""
         out = []
@@ -67,18 +63,14 @@ class VGGConfig(ConfigMixin):
         return [v for v in self.cfg if v != "M"][-1]
 
 
-class VGG(nn.Module):
+class VGG(Backbone):
     """NHWC images -> {features (the penultimate classifier output, (B, classifier_hidden)), logits (classifier[6],
     when num_classes > 0), linear_head_input (= features), attention_head_input (the last feature map, before the
     adaptive pool, as (B, H*W, C) tokens, row-major)}."""
 
-    config: VGGConfig
-    dtype: jnp.dtype | None = None
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
+    def forward(self, images, train):
         c = self.config
-        image_shape(images, c)
         x = images
         for index, kind, channels in c.layout():
             if kind == "conv":

@@ -32,8 +32,6 @@ from medjax.models.vit.model import ViTConfig
 # ------------------------------------------------------------------------------------------------ key tables
 
 
-
-
 # timm / DINOv2 naming: DINOv2 torch.hub files, MAE and DeiT `{'model': ...}` files.
 TIMM_RULES = [
     Rule("cls_token", "cls_token"),
@@ -111,7 +109,6 @@ COCA_RULES = OPEN_CLIP_RULES + [
     *[Rule("attn_pool.attn.in_proj_bias", f"attn_pool/{n}_proj/bias", split=(i, 3)) for i, n in enumerate("qkv")],
     *dense_rules("attn_pool.attn.out_proj", "attn_pool/out_proj"),
 ]
-
 
 
 # apple/ml-aim AIMv2 (also the original hub revisions). SwiGLU fc1 (gate) and fc3 (value) become the fused w12.

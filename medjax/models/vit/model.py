@@ -17,16 +17,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from medjax.models.base import Backbone, ConfigMixin, Part
 from medjax.models.layers import (
     Attention,
     AttentionalPooler,
     LayerScale,
     Mlp,
-    QuickGeluMlp,
     SwiGLU,
     dense,
-    image_shape,
+    gelu,
     layer_norm,
+    patch_embed,
+    quick_gelu,
     rms_norm,
 )
 from medjax.resize import resize_bicubic
@@ -38,7 +40,7 @@ UNNORMED_TAPS = ("hf_vit", "hf_clip")
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ConfigMixin):
     family: Literal["dinov2", "mae", "deit", "clip", "aimv2", "coca", "hf_vit", "hf_clip", "biomedclip"]
     width: int
     depth: int
@@ -104,26 +106,12 @@ class ViTConfig:
         """The input size at which the stored pos-embed is used as is."""
         return self.pos_grid[0] * self.patch_size, self.pos_grid[1] * self.patch_size
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"ViTConfig: unknown fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
 
 def make_norm(config: ViTConfig, name: str, dtype=None):
     return (rms_norm if config.norm == "rms" else layer_norm)(config.norm_eps, name, dtype)
 
 
-class Block(nn.Module):
-    config: ViTConfig
-    dtype: jnp.dtype | None = None
-
+class Block(Part):
     @nn.compact
     def __call__(self, x):
         c = self.config
@@ -131,8 +119,10 @@ class Block(nn.Module):
         y = Attention(c.num_heads, c.qkv_bias, c.proj_bias, self.dtype, name="attn")(y)
         x = x + (LayerScale(name="ls1")(y) if c.layerscale else y)
         y = make_norm(c, "norm2", self.dtype)(x)
-        ffn = SwiGLU if c.ffn == "swiglu" else QuickGeluMlp if c.act == "quick_gelu" else Mlp
-        y = ffn(c.mlp_hidden, c.ffn_bias, self.dtype, name="mlp")(y)
+        if c.ffn == "swiglu":
+            y = SwiGLU(c.mlp_hidden, c.ffn_bias, self.dtype, name="mlp")(y)
+        else:
+            y = Mlp(c.mlp_hidden, c.ffn_bias, self.dtype, quick_gelu if c.act == "quick_gelu" else gelu, name="mlp")(y)
         return x + (LayerScale(name="ls2")(y) if c.layerscale else y)
 
 
@@ -261,24 +251,17 @@ def interpolate_pos_embed(config: ViTConfig, pos_embed, grid: tuple[int, int], i
     return jnp.concatenate([cls_pos, patch_pos], axis=1)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """Returns a dict: the upstream-named outputs of the family plus `linear_head_input` and `attention_head_input`."""
 
-    config: ViTConfig
-    dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32
-
     @nn.compact
-    def __call__(self, images, train: bool = False):
-        del train  # no dropout or batch statistics
+    def forward(self, images, train):
         c = self.config
-        batch, height, width = image_shape(images, c)
-        p = c.patch_size
-        if height % p or width % p:
-            raise ValueError(f"{c.family}: input {height}x{width} px is not a multiple of the patch size {p}")
-        grid = (height // p, width // p)
-        x = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias, dtype=self.dtype,
-                    name="patch_embed")(images)
-        x = x.reshape(batch, grid[0] * grid[1], c.width)
+        batch, height, width = images.shape[:3]
+        if height % c.patch_size or width % c.patch_size:
+            raise ValueError(f"{c.family}: input {height}x{width} px is not a multiple of the patch size "
+                             f"{c.patch_size}")
+        x, grid = patch_embed(images, c, self.dtype, c.patch_bias)
         if c.patch_norm:
             x = make_norm(c, "patch_norm", self.dtype)(x)
         num_pos = int(c.class_token) + c.pos_grid[0] * c.pos_grid[1]

@@ -8,7 +8,7 @@ baselines of the radiology study. None of these publishers gives a digest except
 Sizes are approximate (parameter count x 4 bytes, MiB).
 """
 
-from medjax.weights.registry import Source, hf, torch_hub_digest, url
+from medjax.weights.registry import Source, hf_source, torch_hub_digest, url, url_source
 
 _DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
 _DINOV2_SIZES = {"s": (84, 7.3), "b": (330, 14.7), "l": (1160, 19.6), "g": (4400, 29.3)}  # backbone, linear4 head
@@ -31,46 +31,42 @@ _MAE = "https://dl.fbaipublicfiles.com/mae/pretrain"
 _DEIT = "https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth"
 
 SOURCES += [
-    Source("mae_pretrain_vit_base", "mae_vit_base_patch16", (url(f"{_MAE}/mae_pretrain_vit_base.pth", 330),),
-           "CC-BY-NC-4.0", note="facebookresearch/mae README, ViT-Base pre-trained checkpoint"),
-    Source("mae_pretrain_vit_large", "mae_vit_large_patch16", (url(f"{_MAE}/mae_pretrain_vit_large.pth", 1160),),
-           "CC-BY-NC-4.0", note="facebookresearch/mae README, ViT-Large"),
-    Source("mae_pretrain_vit_huge", "mae_vit_huge_patch14", (url(f"{_MAE}/mae_pretrain_vit_huge.pth", 2410),),
-           "CC-BY-NC-4.0", note="facebookresearch/mae README, ViT-Huge"),
-    Source("deit_base_patch16_224", "deit_base_patch16_224", (url(_DEIT, 330, torch_hub_digest(_DEIT)),),
-           "Apache-2.0", note="facebookresearch/deit, the attention head's DeiT-B body"),
-    Source("aimv2_large_patch14_224", "aimv2_large_patch14_224",
-           (hf("apple/aimv2-large-patch14-224", "model.safetensors", 1230),), "apple-amlr",
-           note="Hugging Face apple/aimv2-large-patch14-224"),
-    Source("aimv2_huge_patch14_224", "aimv2_huge_patch14_224",
-           (hf("apple/aimv2-huge-patch14-224", "model.safetensors", 2470),), "apple-amlr",
-           note="Hugging Face apple/aimv2-huge-patch14-224"),
-    Source("coca_ViT-B-32", "coca_vit_b32",
-           (hf("laion/CoCa-ViT-B-32-laion2B-s13B-b90k", "open_clip_pytorch_model.bin", 970),), "MIT",
-           note="open_clip coca_ViT-B-32 / laion2b_s13b_b90k (image tower kept)"),
-    Source("coca_ViT-L-14", "coca_vit_l14",
-           (hf("laion/CoCa-ViT-L-14-laion2B-s13B-b90k", "open_clip_pytorch_model.bin", 2430),), "MIT",
-           note="open_clip coca_ViT-L-14 / laion2b_s13b_b90k (image tower kept)"),
-    Source("ViT-B-16", "clip_vit_b16",
-           (hf("laion/CLIP-ViT-B-16-laion2B-s34B-b88K", "open_clip_pytorch_model.bin", 570),), "MIT",
-           note="open_clip ViT-B-16 / laion2b_s34b_b88k (image tower kept)"),
-    Source("ViT-H-14", "clip_vit_h14",
-           (hf("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin", 3760),), "MIT",
-           note="open_clip ViT-H-14 / laion2b_s32b_b79k (image tower kept)"),
-    Source("BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "biomedclip_vit_base_patch16_224",
-           (hf("microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "open_clip_pytorch_model.bin", 750),),
-           "MIT", note="open_clip hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (image tower)"),
-    Source("vit-large-patch16-224-in21k", "vit_large_patch16_224_in21k",
-           (hf("google/vit-large-patch16-224-in21k", "pytorch_model.bin", 1160),), "Apache-2.0",
-           note="transformers google/vit-large-patch16-224-in21k (ViTModel, with its pooler)"),
-    Source("vit-msn-large", "vit_msn_large", (hf("facebook/vit-msn-large", "pytorch_model.bin", 1160),),
-           "Apache-2.0", note="transformers facebook/vit-msn-large"),
-    Source("vit-mae-large", "vit_mae_large", (hf("facebook/vit-mae-large", "pytorch_model.bin", 1250),),
-           "Apache-2.0", note="transformers facebook/vit-mae-large read as a ViT (the radiology study's MAE-L)"),
-    Source("CLIP-ViT-H-14-laion2B-s32B-b79K", "clip_vit_huge_patch14_laion2b",
-           (hf("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "pytorch_model.bin", 3760),), "MIT",
-           note="transformers laion/CLIP-ViT-H-14-laion2B-s32B-b79K (the radiology study's OpenCLIP-H baseline)"),
-    Source("clip-vit-large-patch14", "clip_vit_large_patch14",
-           (hf("openai/clip-vit-large-patch14", "pytorch_model.bin", 1630),), "MIT",
-           note="transformers openai/clip-vit-large-patch14 (vision tower and projection kept)"),
+    url_source(f"mae_pretrain_vit_{size}", f"mae_vit_{size}_patch{patch}", f"{_MAE}/mae_pretrain_vit_{size}.pth", mb,
+               "CC-BY-NC-4.0", f"facebookresearch/mae README, {what}")
+    for size, patch, mb, what in (("base", 16, 330, "ViT-Base pre-trained checkpoint"),
+                                  ("large", 16, 1160, "ViT-Large"), ("huge", 14, 2410, "ViT-Huge"))
+]
+SOURCES.append(url_source("deit_base_patch16_224", "deit_base_patch16_224", _DEIT, 330, "Apache-2.0",
+                          "facebookresearch/deit, the attention head's DeiT-B body", torch_hub_digest(_DEIT)))
+SOURCES += [
+    hf_source(f"aimv2_{size}_patch14_224", f"aimv2_{size}_patch14_224", f"apple/aimv2-{size}-patch14-224",
+              "model.safetensors", mb, "apple-amlr", f"Hugging Face apple/aimv2-{size}-patch14-224")
+    for size, mb in (("large", 1230), ("huge", 2470))
+]
+
+# open_clip hub ids (their file `open_clip_pytorch_model.bin`; the image tower is kept), pretrained tag from the repo
+SOURCES += [
+    hf_source(name, model, repo, "open_clip_pytorch_model.bin", mb, "MIT",
+              f"open_clip {name} / {repo[repo.index('laion2B'):].lower().replace('-', '_')} (image tower kept)")
+    for name, model, repo, mb in (("coca_ViT-B-32", "coca_vit_b32", "laion/CoCa-ViT-B-32-laion2B-s13B-b90k", 970),
+                                  ("coca_ViT-L-14", "coca_vit_l14", "laion/CoCa-ViT-L-14-laion2B-s13B-b90k", 2430),
+                                  ("ViT-B-16", "clip_vit_b16", "laion/CLIP-ViT-B-16-laion2B-s34B-b88K", 570),
+                                  ("ViT-H-14", "clip_vit_h14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", 3760))
+]
+_BIOMEDCLIP = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+SOURCES.append(hf_source(_BIOMEDCLIP.split("/")[1], "biomedclip_vit_base_patch16_224", _BIOMEDCLIP,
+                         "open_clip_pytorch_model.bin", 750, "MIT", f"open_clip hf-hub:{_BIOMEDCLIP} (image tower)"))
+
+# transformers models (`pytorch_model.bin`), by their repo's name
+SOURCES += [
+    hf_source(repo.split("/")[1], model, repo, "pytorch_model.bin", mb, licence, f"transformers {repo}{what}")
+    for repo, model, mb, licence, what in (
+        ("google/vit-large-patch16-224-in21k", "vit_large_patch16_224_in21k", 1160, "Apache-2.0",
+         " (ViTModel, with its pooler)"),
+        ("facebook/vit-msn-large", "vit_msn_large", 1160, "Apache-2.0", ""),
+        ("facebook/vit-mae-large", "vit_mae_large", 1250, "Apache-2.0",
+         " read as a ViT (the radiology study's MAE-L)"),
+        ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "clip_vit_huge_patch14_laion2b", 3760, "MIT",
+         " (the radiology study's OpenCLIP-H baseline)"),
+        ("openai/clip-vit-large-patch14", "clip_vit_large_patch14", 1630, "MIT", " (vision tower and projection kept)"))
 ]

@@ -19,8 +19,6 @@ def linear2d(a):
     return a.T
 
 
-
-
 _BLOCK, _OP = "layers.{i}.blocks.{j}", "layers_{i}/blocks_{j}"
 RULES = [
     *conv_rules("patch_embed.0", "patch_embed/conv1"),

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from medjax.models.base import ConfigMixin
+from medjax.models.base import Backbone, ConfigMixin, Part
+from medjax.models.family import staged_layers
 from medjax.models.layers import Mlp, gelu, layer_norm
 
 NORM_EPS = 1e-5  # upstream LayerNorm / LayerNorm2d default
@@ -49,10 +50,7 @@ class VMambaConfig(ConfigMixin):
     scan_chunk: int | None = 64
 
     def __post_init__(self):
-        if self.family != "vmamba":
-            raise ValueError(f"VMambaConfig.family must be 'vmamba', got {self.family!r}")
-        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        self.check_family("vmamba", "dims", "depths")
         if len(self.dims) != len(self.depths) or not self.dims:
             raise ValueError(f"VMambaConfig: dims {self.dims} and depths {self.depths} must have the same length")
         if self.ssm_ratio <= 0 or self.mlp_ratio <= 0 or self.d_state < 1:
@@ -66,10 +64,6 @@ class VMambaConfig(ConfigMixin):
                              f"got {self.patch_size}")
         if self.scan_chunk is not None and self.scan_chunk < 1:
             raise ValueError(f"VMambaConfig: scan_chunk must be None or >= 1, got {self.scan_chunk}")
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return self.img_size, self.img_size
 
     def d_inner(self, stage: int) -> int:
         return int(self.ssm_ratio * self.dims[stage])
@@ -288,12 +282,14 @@ def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
-class VSSBlock(nn.Module):
-    """x + SS2D(norm(x)), then x + mlp(norm2(x)) (DropPath is the identity at inference)."""
+class StagePart(Part):
+    """A module of stage `stage` (0-based): its widths come from the config."""
 
-    config: VMambaConfig
-    stage: int
-    dtype: jnp.dtype | None = None
+    stage: int = dataclasses.field(kw_only=True)
+
+
+class VSSBlock(StagePart):
+    """x + SS2D(norm(x)), then x + mlp(norm2(x)) (DropPath is the identity at inference)."""
 
     @nn.compact
     def __call__(self, x):
@@ -321,40 +317,31 @@ class PatchEmbed(nn.Module):
         return layer_norm(NORM_EPS, "norm2", self.dtype)(x)
 
 
-class VSSLayer(nn.Module):
+class VSSLayer(StagePart):
     """Stage i: its blocks, then (except for the last stage) downsample v3: conv k3 s2 pad 1 -> LN."""
-
-    config: VMambaConfig
-    stage: int
-    dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
         c, s = self.config, self.stage
         for j in range(c.depths[s]):
-            x = VSSBlock(c, s, self.dtype, name=f"blocks_{j}")(x)
+            x = VSSBlock(c, self.dtype, stage=s, name=f"blocks_{j}")(x)
         if s < len(c.depths) - 1:
             x = _conv(c.dims[s + 1], 3, 2, 1, "downsample_conv", self.dtype)(x)
             x = layer_norm(NORM_EPS, "downsample_norm", self.dtype)(x)
         return x
 
 
-class VMamba(nn.Module):
+class VMamba(Backbone):
     """NHWC images -> {pooled_feature, last_stage_feature_map (NCHW, before the final norm), linear_head_input,
-    attention_head_input (final-normed last-stage tokens, row-major, (B, H*W, C))}."""
-
-    config: VMambaConfig
-    dtype: jnp.dtype | None = None  # compute dtype; parameters stay float32, the scan runs in float32
+    attention_head_input (final-normed last-stage tokens, row-major, (B, H*W, C))}. The selective scan runs in float32
+    whatever the compute dtype."""
 
     @nn.compact
-    def __call__(self, images, train: bool = False):
-        del train  # no dropout or batch statistics
+    def forward(self, images, train):
         c = self.config
-        if images.ndim != 4 or images.shape[-1] != c.in_chans:
-            raise ValueError(f"vmamba: expected NHWC images with {c.in_chans} channels, got shape {images.shape}")
         x = PatchEmbed(c.dims[0], c.patch_size, self.dtype, name="patch_embed")(images)
         for i in range(len(c.depths)):
-            x = VSSLayer(c, i, self.dtype, name=f"layers_{i}")(x)
+            x = VSSLayer(c, self.dtype, stage=i, name=f"layers_{i}")(x)
         x_norm = layer_norm(NORM_EPS, "classifier_norm", self.dtype)(x)  # upstream classifier.norm
         batch, height, width, channels = x.shape
         pooled = x_norm.mean(axis=(1, 2))
@@ -370,12 +357,7 @@ def layers(config: VMambaConfig) -> list[str]:
     """The patch embedding, then every block in network order across the stages (`layers_<s>/blocks_<j>` restart
     their numbering in each stage). Stage s's downsample runs between its last block and stage s + 1's first, and is
     counted with the block it feeds; the classifier norm comes after."""
-    out = ["patch_embed/"]
-    for s, depth in enumerate(config.depths):
-        for j in range(depth):
-            here = f"layers_{s}/blocks_{j}/"
-            out.append(f"(layers_{s - 1}/downsample_|{here})" if j == 0 and s > 0 else here)
-    return out
+    return staged_layers("patch_embed/", config.depths, "layers_{s}/blocks_{j}/", "layers_{previous}/downsample_")
 
 
 def lora_targets(config: VMambaConfig) -> list[str]:

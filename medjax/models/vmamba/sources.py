@@ -3,13 +3,12 @@ links of MzeroMiko/VMamba's README; no digest is published. Sizes approximate (M
 release files are training checkpoints (`model`, and a yacs CfgNode of the run, read as plain data) and may be larger.
 """
 
-from medjax.weights.registry import Source, url
+from medjax.weights.registry import url_source
 
 _BASE = "https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls"
 
 SOURCES = [
-    Source("vssm_small_0229", "vmamba_small", (url(f"{_BASE}/vssm_small_0229_ckpt_epoch_222.pth", 192),), "MIT",
-           note="VMamba-S [s2l15], vmambav2_small_224 (README classification table)"),
-    Source("vssm_base_0229", "vmamba_base", (url(f"{_BASE}/vssm_base_0229_ckpt_epoch_237.pth", 338),), "MIT",
-           note="VMamba-B [s2l15], vmambav2_base_224 (README classification table)"),
+    url_source(f"vssm_{size}_0229", f"vmamba_{size}", f"{_BASE}/vssm_{size}_0229_ckpt_epoch_{epoch}.pth", mb, "MIT",
+               f"VMamba-{size[0].upper()} [s2l15], vmambav2_{size}_224 (README classification table)")
+    for size, epoch, mb in (("small", 222, 192), ("base", 237, 338))
 ]
