@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
+
+from medjax.testing import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
 
 CASES = [  # (fixture, checkpoint file, --model)
     ("dinov2", "checkpoint.pth", "dinov2"),

@@ -25,3 +25,19 @@ def perturb_(model, seed: int = 0):
                 std = 0.5
             t.add_(torch.randn(t.shape, generator=gen) * std)
     return model
+
+
+def without_keys(checkpoint: str, out, *keys: str) -> str:
+    """A copy of a torch checkpoint at `out` without `keys` (`model/name` for a key inside the file's `model` dict),
+    for the tests of a converter's missing-key report; returns the copy's path."""
+    import torch  # the caller's dependency, as above
+
+    state = torch.load(checkpoint, weights_only=True)
+    for key in keys:
+        *outer, name = key.split("/")
+        inner = state
+        for part in outer:
+            inner = inner[part]
+        del inner[name]
+    torch.save(state, out)
+    return str(out)
