@@ -14,6 +14,7 @@ import torch
 from medjax import embed, models, pretrained
 from medjax.convert import CheckpointError, ConversionError, convert
 from medjax.models import cnn
+from medjax.models.densenet import make_fixture as densenet_fixture
 from medjax.models.layers import frozen_norms
 from medjax.models.resnet import Bottleneck
 from medjax.models.resnet.tests.torchvision_reference import VGG, DenseNet, legacy_densenet_keys, resnet
@@ -112,6 +113,14 @@ def test_plain_torch_reference_reproduces_the_fixtures(name):
     official = torch.load(fixture_path("densenet", "checkpoint.pth"))
     assert sorted(legacy) == sorted(official) and all(torch.equal(legacy[k], official[k]) for k in official)
 
+
+
+def test_densenet_fixture_script_writes_the_official_naming():
+    """medjax/models/densenet/make_fixture.py's renaming of `model.state_dict()` (state_dict/checkpoint.pth, as
+    torchvision wrote it) gives the official files' naming of checkpoint.pth: the same keys in the same order."""
+    legacy = densenet_fixture.legacy(torch.load(fixture_path("densenet", "state_dict/checkpoint.pth")))
+    official = torch.load(fixture_path("densenet", "checkpoint.pth"))
+    assert list(legacy) == list(official) and all(torch.equal(legacy[k], official[k]) for k in official)
 
 # ------------------------------------------------------------------------------------------------ full size
 
