@@ -22,15 +22,7 @@ import sys
 
 import torch
 
-from medjax.models.fixtures import (
-    fixture_main,
-    hooked,
-    import_upstream,
-    perturb_state_dict_,
-    save_fixture,
-    seeded_images,
-    versions,
-)
+from medjax.models import fixtures
 
 SEED = 3400
 ENCODER = dict(img_size=64, patch_size=16, in_chans=3, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4.0, out_chans=32,
@@ -53,7 +45,7 @@ def build(sam):
 class _RecipeNames:
     """The Sam's state dict under the names the recipe classified: the mask decoder's `mask_tokens` (an nn.Embedding)
     got the weight-matrix noise 0.5 / sqrt(fan_in), not the learned-token noise 0.5 that its name's substring
-    `mask_token` gets from `perturb_state_dict_`; same tensors, same order, so the same draws."""
+    `mask_token` gets from `fixtures.perturb_state_dict_`; same tensors, same order, so the same draws."""
 
     def __init__(self, model):
         self.model = model
@@ -63,15 +55,16 @@ class _RecipeNames:
 
 
 def make(out: str) -> None:
-    sam_modeling = import_upstream(None, "segment_anything.modeling")
+    sam_modeling = fixtures.import_upstream(None, "segment_anything.modeling")
     torch.manual_seed(SEED)
     sam = build(sam_modeling).eval()
-    perturb_state_dict_(_RecipeNames(sam), SEED + 1)
-    images = seeded_images((2, 3, 64, 64), SEED + 2)
+    fixtures.perturb_state_dict_(_RecipeNames(sam), SEED + 1)
+    images = fixtures.seeded_images((2, 3, 64, 64), SEED + 2)
     with torch.no_grad():
-        got = hooked(sam.image_encoder, images, {"trunk_tokens": sam.image_encoder.blocks[-1]})
+        got = fixtures.hooked(sam.image_encoder, images, {"trunk_tokens": sam.image_encoder.blocks[-1]})
     outputs = {"trunk_tokens": got["trunk_tokens"], "pooled": got["trunk_tokens"].mean(dim=(1, 2)),
                "image_embeddings": got["logits"], "debug_neck_pooled": got["logits"].mean(dim=(2, 3))}
+    versions = fixtures.versions("segment-anything", "torchvision")
     config = {
         **ENCODER, "norm_layer": "partial(torch.nn.LayerNorm, eps=1e-6)", "act_layer": "torch.nn.GELU",
         "family": "sam_vit",
@@ -79,11 +72,11 @@ def make(out: str) -> None:
                   "like dl.fbaipublicfiles.com/segment_anything/sam_vit_{b,l,h}_*.pth: image_encoder.* "
                   "(ImageEncoderViT), prompt_encoder.*, mask_decoder.*; pixel_mean/pixel_std are NON-persistent "
                   "buffers upstream, so they are not in the file; load_state_dict strict=True into Sam",
-        "upstream": {"package": "segment-anything", "version": versions("segment-anything").get("segment-anything"),
+        "upstream": {"package": "segment-anything", "version": versions["segment-anything"],
                      "repo": "github.com/facebookresearch/segment-anything (PyPI segment-anything 1.0)",
                      "entry": "segment_anything.modeling.ImageEncoderViT(**kwargs) inside Sam(image_encoder, "
                               "PromptEncoder(...), MaskDecoder(...)) as in segment_anything.build_sam._build_sam",
-                     "versions": versions("segment-anything", "torchvision")},
+                     "versions": versions},
         "prompt_encoder": PROMPT,
         "mask_decoder": {**DECODER, "transformer": {"class": "TwoWayTransformer", **TRANSFORMER}},
         "fixture": {"seed": SEED, "perturb_seed": SEED + 1, "image_seed": SEED + 2, "images_shape": list(images.shape),
@@ -91,11 +84,11 @@ def make(out: str) -> None:
                             "pixel_mean/std, no resize/pad); trunk_tokens = output of image_encoder.blocks[-1] "
                             "(forward hook); pooled = trunk_tokens.mean(dim=(1, 2))",
                     "outputs": list(outputs)}}
-    save_fixture(out, config, images, outputs, {"checkpoint.pth": sam.state_dict()})
+    fixtures.save_fixture(out, config, images, outputs, {"checkpoint.pth": sam.state_dict()})
 
 
 def main(argv=None) -> int:
-    return fixture_main(make, "sam", argv)
+    return fixtures.fixture_main(make, "sam", argv)
 
 
 if __name__ == "__main__":
