@@ -7,7 +7,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["medjax", "medjax.*", "converters", "converters.*", "configs"]),
+    # the families' tests (medjax/models/<family>/tests/) and their fixtures (tests/fixtures/) stay out of the wheel
+    packages=find_packages(include=["medjax", "medjax.*", "converters", "converters.*", "configs"],
+                           exclude=["medjax.models.*.tests"]),
     package_data={"medjax": ["assets/*/*"]},
     install_requires=[
         "jax==0.10.2",

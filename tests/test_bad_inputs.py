@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import fixture_path, run_cli
 
 import converters
 from converters import CheckpointError, ConversionError
+from medjax.testing import fixture_path, run_cli
 
 DINO_CKPT, DINO_CFG = fixture_path("dinov2", "checkpoint.pth"), fixture_path("dinov2", "config.json")
 

@@ -265,7 +265,7 @@ def _train(workdir, data_root, *overrides, check=True):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from medjax.testing import ROOT
 
     cmd = [sys.executable, "-m", "medjax.main", "--config=configs/demo.py", f"--workdir={workdir}",
            f"--config.data_root={data_root}", *FAST, *overrides]
@@ -313,7 +313,7 @@ def test_trainer_writes_predictions_and_intervals(two_runs):
 def test_report_shows_the_intervals_and_compares_two_runs(two_runs, tmp_path):
     import json
 
-    from conftest import run_cli
+    from medjax.testing import run_cli
 
     root, _, _ = two_runs
     proc = run_cli("medjax.report", str(root / "a"), str(root / "b"), "--output", str(tmp_path / "report"))

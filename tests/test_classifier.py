@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_
 
 import converters
 from medjax import classifier, engine, models, optim, pretrained, rules
 from medjax.models.vit import ViTConfig
 from medjax.schema import make
+from medjax.testing import PARITY_TOL, fixture_path, max_abs, perturb_
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,12 +13,12 @@ import jax
 import numpy as np
 import pytest
 import torch
-from cnn_reference import resnet
-from conftest import perturb_
 
 import converters
 from medjax import engine, models, optim, pretrained
+from medjax.models.resnet.tests.torchvision_reference import resnet
 from medjax.schema import make
+from medjax.testing import perturb_
 
 STEPS, BATCH, CLASSES, LR, WARMUP, SIZE = 4, 6, 3, 0.05, 2, 32
 ARCH = {"block": "Bottleneck", "layers": [1, 1, 1, 1], "width_per_group": 8, "num_classes": 10}
@@ -175,9 +175,8 @@ def test_cnn_family_trains_end_to_end(tmp_path, chexpert, family, head, freeze):
 def test_mlp_head_on_dinov2_lc_reads_the_imagenet_logits(tmp_path):
     """The glioma study's model: dinov2_*_lc (backbone + its ImageNet linear classifier) -> Linear(1000, 256) -> ReLU
     -> Linear(256, C); checked against the same composition on the fixture's recorded lc_logits."""
-    from conftest import fixture_path
-
     from medjax import classifier
+    from medjax.testing import fixture_path
 
     converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "lc"), "dinov2",
                        fixture_path("dinov2_lc", "config.json"),

@@ -6,11 +6,11 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli
 from PIL import Image
 
 from medjax import data
 from medjax.data import fake
+from medjax.testing import run_cli
 
 DATASETS = ["chexpert", "ddsm", "cbis_ddsm", "isic2019", "aptos2019", "csv", "folder"]
 NUM = {"chexpert": 30, "ddsm": 30, "cbis_ddsm": 16, "isic2019": 30, "aptos2019": 30, "csv": 24, "folder": 24}

@@ -6,10 +6,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from medjax import data
 from medjax.data import DataError, fake
+from medjax.testing import run_cli
 
 
 @pytest.fixture

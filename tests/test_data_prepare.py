@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
 from PIL import Image
 
 from medjax import data
 from medjax.data import fake, prepare, prepared, transforms
+from medjax.testing import ROOT, run_cli
 
 SMALL = {"chexpert": 30, "cbis_ddsm": 16, "aptos2019": 30}  # multi-label JPEG, 16-bit DICOM, RGB PNG
 FORMAT = {"chexpert": "png", "cbis_ddsm": "raw", "aptos2019": "raw"}  # stored as: PNG, raw grayscale, raw RGB

@@ -8,31 +8,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from PIL import Image
 
 from medjax import data
 from medjax.data import DataError, fake
-
-
-def _png(path, value=100, size=(12, 10), mode="RGB"):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new(mode, size, (value,) * 3 if mode == "RGB" else value).save(path)
-
-
-def _own_csv(root, rows, header=("image", "label")):
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "labels.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([list(header), *rows])
-
-
-def _error_line(proc):
-    """The CLI's stderr must be exactly one line starting with 'error: '; returns it."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
-
+from medjax.testing import error_line, run_cli, write_labels_csv, write_png
 
 # ------------------------------------------------------------------------------------------ item 4: outside paths
 
@@ -40,22 +19,22 @@ def _error_line(proc):
 def outside(tmp_path):
     """A decodable image outside the dataset root tmp_path/root."""
     path = str(tmp_path / "secret" / "outside.png")
-    _png(path)
+    write_png(path)
     return path
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "windows_dotdot"])
 def test_csv_path_leaving_the_root_is_refused(tmp_path, outside, kind):
     root = str(tmp_path / "root")
-    _png(os.path.join(root, "images", "a.png"))
+    write_png(os.path.join(root, "images", "a.png"))
     value = {"dotdot": "../secret/outside.png", "absolute": outside,
              "windows_dotdot": "images\\..\\..\\secret\\outside.png"}[kind]
-    _own_csv(root, [["images/a.png", "x"], [value, "y"]])
+    write_labels_csv(root, [["images/a.png", "x"], [value, "y"]])
     with pytest.raises(DataError, match=r"labels.csv line 3: column 'image' .* leaves the dataset root .*"
                                         r"allow_outside_root=True"):
         data.get_dataset("csv", root)
     proc = run_cli("medjax.data", "describe", "--dataset", "csv", "--root", root, check=False)
-    assert "labels.csv line 3" in _error_line(proc) and "leaves the dataset root" in proc.stderr
+    assert "labels.csv line 3" in error_line(proc) and "leaves the dataset root" in proc.stderr
     # opting in reads it (and the split file records where it came from)
     ds = data.get_dataset("csv", root, allow_outside_root=True, val_fraction=0.0, test_fraction=0.0,
                           workdir=str(tmp_path / "work"))
@@ -97,12 +76,12 @@ def test_dataset_readers_refuse_paths_leaving_the_root(tmp_path, outside):
 
 def test_symlinked_folder_inside_the_root_stays_allowed(tmp_path):
     store = tmp_path / "store"
-    _png(str(store / "a.png"))
-    _png(str(store / "b.png"))
+    write_png(str(store / "a.png"))
+    write_png(str(store / "b.png"))
     root = str(tmp_path / "root")
     os.makedirs(root)
     os.symlink(store, os.path.join(root, "images"))
-    _own_csv(root, [["images/a.png", "x"], ["./images/b.png", "y"]])
+    write_labels_csv(root, [["images/a.png", "x"], ["./images/b.png", "y"]])
     # the link leads outside the root: allowed with allow_outside_root only (issue 23; tests/test_hardening.py)
     ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0, check_images="decode",
                           allow_outside_root=True)
@@ -123,7 +102,7 @@ def test_empty_header_only_or_binary_csv(tmp_path, content, expected):
     (root / "train_1.csv").write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(DataError, match=expected):
         data.get_dataset("aptos2019", str(root))
-    line = _error_line(run_cli("medjax.data", "describe", "--dataset", "aptos2019", "--root", str(root),
+    line = error_line(run_cli("medjax.data", "describe", "--dataset", "aptos2019", "--root", str(root),
                                check=False))
     assert "train_1.csv" in line
 
@@ -134,7 +113,7 @@ def test_header_only_chexpert_and_empty_lists_are_errors_not_empty_splits(tmp_pa
     header = open(path).readline()
     open(path, "w").write(header)
     proc = run_cli("medjax.data", "describe", "--dataset", "chexpert", "--root", chex, check=False)
-    assert "train.csv: no data rows" in _error_line(proc) and proc.stdout == ""
+    assert "train.csv: no data rows" in error_line(proc) and proc.stdout == ""
     ddsm = fake.write("ddsm", str(tmp_path / "ddsm"), 6, size=16)["root"]
     open(os.path.join(ddsm, "ddsm_raw_image_lists", "train.txt"), "w").write("\n")
     with pytest.raises(DataError, match=r"train.txt: lists no image"):
@@ -150,18 +129,18 @@ def test_missing_image_is_one_error_line_naming_file_and_row(tmp_path):
     code = open(os.path.join(root, "train_1.csv")).read().splitlines()[3].split(",")[0]
     os.remove(os.path.join(root, "train_images", "train_images", f"{code}.png"))
     work = tmp_path / "work"
-    line = _error_line(run_cli("medjax.data", "describe", "--dataset", "aptos2019", "--root", root,
+    line = error_line(run_cli("medjax.data", "describe", "--dataset", "aptos2019", "--root", root,
                                "--workdir", str(work), check=False))
     assert f"{code}.png" in line and "train_1.csv line 4" in line and "file not found" in line
     assert not work.exists()  # nothing written
 
 
 def test_fake_cli_bad_arguments_are_error_lines(tmp_path):
-    line = _error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "x"),
+    line = error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "x"),
                                "--num", "0", check=False))
     assert "num" in line and "positive" in line
     (tmp_path / "file").write_text("x")
-    line = _error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "file"),
+    line = error_line(run_cli("medjax.data", "fake", "--dataset", "aptos2019", "--root", str(tmp_path / "file"),
                                "--num", "2", check=False))
     assert "file" in line
 
@@ -192,7 +171,7 @@ def test_truncated_jpegs_are_all_reported_before_training_by_default(chex, tmp_p
         assert f"{r.path} ({r.origin}): cannot decode (OSError: " in message
     assert "skip_bad_images=True" in message and "\n" not in message
     assert not work.exists()  # a refused start writes nothing
-    line = _error_line(run_cli("medjax.data", "describe", "--dataset", "chexpert", "--root", chex, check=False))
+    line = error_line(run_cli("medjax.data", "describe", "--dataset", "chexpert", "--root", chex, check=False))
     assert all(os.path.basename(r.path) in line for r in bad)
 
     # skip and report: left out of the splits, listed in the split file and in skipped_images
@@ -262,7 +241,7 @@ def test_concurrent_synthetic_writers_share_one_complete_folder(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from medjax.testing import ROOT
 
     root, go = str(tmp_path / "cache" / "CheXpert-v1.0-small"), str(tmp_path / "go")
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, root, go], cwd=ROOT, stdout=subprocess.PIPE,
@@ -297,9 +276,9 @@ def test_a_failed_synthetic_write_leaves_nothing(tmp_path, monkeypatch):
 
 def test_folder_reader_follows_symlinked_subfolders_once(tmp_path):
     store = tmp_path / "store"
-    _png(str(store / "b.png"))
+    write_png(str(store / "b.png"))
     root = tmp_path / "root"
-    _png(str(root / "cats" / "a.png"))
+    write_png(str(root / "cats" / "a.png"))
     os.symlink(store, root / "cats" / "more")  # a symlinked folder inside the root
     os.symlink(root / "cats", store / "loop")  # and a loop back
     ds = data.get_dataset("folder", str(root), val_fraction=0.0, test_fraction=0.0, allow_outside_root=True)

@@ -6,7 +6,7 @@ import os
 import re
 import subprocess
 
-from conftest import ROOT
+from medjax.testing import ROOT
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from flax import linen as nn
 
 from medjax import models, rules
@@ -20,6 +19,7 @@ from medjax.models.vit import ViTConfig
 from medjax.models.vmamba import VMambaConfig
 from medjax.pretrained import flatten
 from medjax.schema import make
+from medjax.testing import ROOT
 
 VMAMBA = VMambaConfig(dims=(8, 16, 32, 64), depths=(1, 2, 2, 1), img_size=64)
 

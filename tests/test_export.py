@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 
 from medjax import models, predict, pretrained, trained
+from medjax.testing import ROOT
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 RUNS = {"vit": ["--config=configs/demo.py"],

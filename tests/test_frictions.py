@@ -15,12 +15,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
 from matplotlib import colormaps
 from PIL import Image
 from safetensors.numpy import load_file
 
 from medjax import explain, export, predict, pretrained, report, trained
+from medjax.testing import ROOT
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 

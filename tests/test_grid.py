@@ -7,12 +7,12 @@ import os
 
 import pytest
 from absl import flags
-from conftest import ROOT, run_cli
 from ml_collections import config_flags
 
 import converters
 from medjax import data, models, report, schema
 from medjax import grid as grid_cli
+from medjax.testing import ROOT, run_cli
 
 GRID_PATH = os.path.join(ROOT, "configs", "grid.py")
 grid = grid_cli.load_grid(GRID_PATH)
@@ -317,10 +317,10 @@ def test_probe_cells_run_the_linear_probe_protocol(tmp_path):
     """`grid run` dispatches a head=probe cell to `python -m medjax.grid probe`, which writes metrics.json and the
     test predictions with patient-resampled intervals (the Figshare slices carry patient ids)."""
     import numpy as np
-    from conftest import fixture_path
 
     from medjax import bootstrap, metrics
     from medjax.protocols import linear_probe
+    from medjax.testing import fixture_path
 
     weights = tmp_path / "w"
     converters.convert(fixture_path("resnet", "checkpoint.pth"), str(weights / "resnet152"), "resnet",
@@ -364,7 +364,7 @@ def test_probe_cells_run_the_linear_probe_protocol(tmp_path):
 def test_a_glioma_cell_trains_with_the_studys_protocol(tmp_path):
     """DINOv2 `_lc` (the fixture, converted with --linear-head) with the MLP head on its 1000 ImageNet logits, frozen,
     picked by validation accuracy, through `grid run` and the trainer."""
-    from conftest import fixture_path
+    from medjax.testing import fixture_path
 
     converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "w" / "dinov2_vits14_lc"),
                        "dinov2", fixture_path("dinov2_lc", "config.json"),

@@ -16,31 +16,16 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
-from PIL import Image
 
 from medjax import data, errors, export, models, predict, pretrained, schema, trained
 from medjax import main as main_lib
 from medjax.data import DataError, fake, prepare, prepared
 from medjax.data import __main__ as data_cli
+from medjax.testing import ROOT, error_line, run_cli, write_labels_csv, write_png
 
 
-def _png(path, value=100, size=(12, 10)):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.new("RGB", size, (value,) * 3).save(path)
-
-
-def _own_csv(root, rows, header=("image", "label")):
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "labels.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([list(header), *rows])
-
-
-def _error_line(proc):
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
-    assert not any("Traceback" in line for line in lines), proc.stderr[-2000:]
-    return lines[-1]
+def _error_line(proc):  # a CLI may warn before its error line here
+    return error_line(proc, alone=False)
 
 
 # ------------------------------------------------------------------------------ 6: prepared metadata, stale copy
@@ -108,7 +93,7 @@ def test_export_refuses_a_folder_it_did_not_write_and_replaces_an_export_only_at
 
 def test_fake_refuses_an_existing_dataset(tmp_path):
     root = str(tmp_path / "mine")
-    _own_csv(root, [["a.png", "x"]])
+    write_labels_csv(root, [["a.png", "x"]])
     with pytest.raises(DataError, match=r"mine: not empty \(labels.csv\); .* never over existing files"):
         fake.write("csv", root, 8)
     assert open(os.path.join(root, "labels.csv")).read() == "image,label\na.png,x\n"
@@ -147,7 +132,7 @@ def test_prepare_output_inside_a_folder_dataset_is_refused(tmp_path):
     root = str(tmp_path / "folder")
     for k, name in enumerate(("cats", "dogs")):
         for i in range(3):
-            _png(os.path.join(root, name, f"{i}.png"), 50 + 40 * k + i)
+            write_png(os.path.join(root, name, f"{i}.png"), 50 + 40 * k + i)
     with pytest.raises(DataError, match="is inside the raw dataset"):
         prepare.prepare("folder", root, os.path.join(root, "prepared"), progress=False)
     assert sorted(os.listdir(root)) == ["cats", "dogs"]  # no class "prepared" added
@@ -374,7 +359,7 @@ def test_a_killed_prepare_leaves_no_worker_processes(tmp_path):
 
 def test_a_symlink_loop_in_a_predict_folder_predicts_each_image_once(tmp_path):
     folder = tmp_path / "images"
-    _png(str(folder / "a.png"))
+    write_png(str(folder / "a.png"))
     os.symlink(folder, folder / "loop")
     os.symlink(folder / "a.png", folder / "same.png")
     model = types.SimpleNamespace(class_names=["x", "y"], task="multiclass")
@@ -384,7 +369,7 @@ def test_a_symlink_loop_in_a_predict_folder_predicts_each_image_once(tmp_path):
 def test_a_folder_dataset_lists_each_real_file_once(tmp_path):
     root = tmp_path / "root"
     for name in ("cats", "dogs"):
-        _png(str(root / name / "a.png"))
+        write_png(str(root / name / "a.png"))
     os.symlink(root / "cats" / "a.png", root / "cats" / "b.png")  # the same file twice in one class
     ds = data.get_dataset("folder", str(root), val_fraction=0.0, test_fraction=0.0)
     assert sorted(os.path.relpath(r.path, root) for r in ds.splits["train"]) == ["cats/a.png", "dogs/a.png"]
@@ -392,8 +377,8 @@ def test_a_folder_dataset_lists_each_real_file_once(tmp_path):
 
 def test_a_nul_byte_in_a_csv_path_is_one_line(tmp_path):
     root = str(tmp_path / "own")
-    _png(os.path.join(root, "a.png"))
-    _own_csv(root, [["a.png", "x"], ["b\0.png", "y"]])
+    write_png(os.path.join(root, "a.png"))
+    write_labels_csv(root, [["a.png", "x"], ["b\0.png", "y"]])
     with pytest.raises(DataError, match=r"labels.csv line 3: column 'image' holds a NUL byte"):
         data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0)
 
@@ -401,12 +386,12 @@ def test_a_nul_byte_in_a_csv_path_is_one_line(tmp_path):
 def test_an_image_listed_twice_with_two_labels_is_refused_and_an_identical_repeat_used_once(tmp_path):
     root = str(tmp_path / "own")
     for name in ("a", "b", "c"):
-        _png(os.path.join(root, f"{name}.png"))
-    _own_csv(root, [["a.png", "x"], ["b.png", "y"], ["./a.png", "y"]])
+        write_png(os.path.join(root, f"{name}.png"))
+    write_labels_csv(root, [["a.png", "x"], ["b.png", "y"], ["./a.png", "y"]])
     with pytest.raises(DataError, match=r"labels.csv line 4: image .*a.png is listed again with another label, "
                                         r"patient or split than at .*labels.csv line 2"):
         data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0)
-    _own_csv(root, [["a.png", "x"], ["b.png", "y"], ["c.png", "y"], ["a.png", "x"]])
+    write_labels_csv(root, [["a.png", "x"], ["b.png", "y"], ["c.png", "y"], ["a.png", "x"]])
     ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0)
     assert len(ds.splits["train"]) == 3
     assert [(os.path.basename(p), why) for p, _, why in ds.excluded] == [
@@ -419,17 +404,17 @@ def test_an_image_listed_twice_with_two_labels_is_refused_and_an_identical_repea
 
 def test_symlinks_leading_out_of_the_root_are_refused_unless_allowed(tmp_path):
     outside = tmp_path / "outside"
-    _png(str(outside / "secret.png"))
+    write_png(str(outside / "secret.png"))
     root = str(tmp_path / "root")
-    _png(os.path.join(root, "a.png"))
-    _png(os.path.join(root, "inner", "b.png"))
+    write_png(os.path.join(root, "a.png"))
+    write_png(os.path.join(root, "inner", "b.png"))
     os.symlink(outside / "secret.png", os.path.join(root, "link.png"))  # a file link leading out
     os.symlink(os.path.join(root, "inner"), os.path.join(root, "alias"))  # a folder link that stays inside: fine
-    _own_csv(root, [["a.png", "x"], ["alias/b.png", "y"], ["link.png", "y"]])
+    write_labels_csv(root, [["a.png", "x"], ["alias/b.png", "y"], ["link.png", "y"]])
     with pytest.raises(DataError, match=r"labels.csv line 4: image .*link.png leads through a symlink to "
                                         r".*outside/secret.png, outside the dataset root"):
         data.get_dataset("csv", root)
     ds = data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0, allow_outside_root=True)
     assert len(ds.splits["train"]) == 3
-    _own_csv(root, [["a.png", "x"], ["alias/b.png", "y"]])
+    write_labels_csv(root, [["a.png", "x"], ["alias/b.png", "y"]])
     assert len(data.get_dataset("csv", root, val_fraction=0.0, test_fraction=0.0).splits["train"]) == 2

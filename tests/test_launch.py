@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+
+from medjax.testing import ROOT
 
 TPU = os.path.join(ROOT, "launch", "tpu_vm.sh")
 SLURM = os.path.join(ROOT, "launch", "slurm_gpu.sh")

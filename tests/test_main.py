@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+
+from medjax.testing import ROOT
 
 FAST = ["--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False"]
 

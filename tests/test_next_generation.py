@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-from conftest import ROOT
 
 from medjax import grid as grid_cli
 from medjax import models, report, schema
+from medjax.testing import ROOT
 
 grid = grid_cli.load_grid(os.path.join(ROOT, "configs", "grid.py"))
 

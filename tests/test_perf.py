@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
 
 from medjax import classifier, engine, pretrained, sharding
 from medjax.models import layers
 from medjax.models.vit import ViTConfig, stack_blocks, unstack_blocks
 from medjax.schema import make
+from medjax.testing import ROOT
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmarks/ is not an installed package

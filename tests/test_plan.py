@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+
+from medjax.testing import ROOT
 
 # The FLOPs test's ViT: width D, depth L, MLP M, P x P patches of a S x S image (T = (S/P)^2 + 1 tokens with the CLS)
 D, L, M, P, S, BATCH, CLASSES = 256, 4, 1024, 8, 64, 32, 5

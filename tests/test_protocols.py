@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import fixture_path, run_cli
 
 import converters
 from medjax import models
@@ -16,6 +15,7 @@ from medjax.data import Record, fake, get_dataset
 from medjax.protocols import features, few_shot, knn, linear_probe
 from medjax.protocols.__main__ import main as cli_main
 from medjax.protocols.features import SplitFeatures
+from medjax.testing import fixture_path, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, fixture_path
 
 import converters
 from medjax import classifier, engine, models, peft
 from medjax.models.vit import ViTConfig
 from medjax.pretrained import flatten, unflatten
 from medjax.schema import make
+from medjax.testing import ROOT, fixture_path
 
 
 @pytest.fixture(scope="module")

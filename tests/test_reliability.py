@@ -14,11 +14,11 @@ import time
 import types
 
 import pytest
-from conftest import ROOT
 from test_trainer_state import _same, _state
 
 from medjax import grid as grid_cli
 from medjax import predict, rundir, train, trained
+from medjax.testing import ROOT
 
 # 10 steps of 8 images (9 per epoch); a validation at 5 and 10, checkpoints at 4, 5, 8, 10 (2 kept)
 RUN = {"fake_data": 96, "batch_size": 8, "progress_bar": False, "total_steps": 10, "checkpoint_every": 4,

@@ -6,10 +6,10 @@ import json
 import os
 
 import pytest
-from conftest import ROOT, run_cli
 
 from medjax import grid as grid_cli
 from medjax import report
+from medjax.testing import ROOT, run_cli
 
 grid = grid_cli.load_grid(os.path.join(ROOT, "configs", "grid.py"))
 HEADER = "| model (params M) | DDSM ROC-AUC | CheXpert mean AUC | ISIC macro recall | APTOS quadratic kappa |"

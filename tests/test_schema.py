@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from medjax import schema, studies
+from medjax.testing import ROOT
 
 DECLARED = set(schema._dotted_fields(schema.study_config()))
 

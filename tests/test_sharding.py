@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+
+from medjax.testing import ROOT
 
 
 def _run(devices: int, *args, env_extra=None, background=False):

@@ -7,10 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, fixture_path
 from PIL import Image
 
 import converters
+from medjax.testing import ROOT, fixture_path
 
 FAST = ["--config.epochs=1", "--config.batch_size=8", "--config.progress_bar=False"]
 

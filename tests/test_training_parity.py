@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_
 
 import converters
 from medjax import engine, models, optim, pretrained
 from medjax.schema import make
+from medjax.testing import perturb_
 
 transformers = pytest.importorskip("transformers")
 

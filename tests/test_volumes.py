@@ -154,10 +154,10 @@ def test_volume_features_are_the_mean_of_the_slices_embedded_one_by_one(root, tm
     """Batches of 4 slices straddle the volumes (3, 2, 3, 5 and 4 slices); every volume's feature must equal the mean
     of its slices' features computed alone (batch of one)."""
     import jax
-    from conftest import fixture_path
 
     import converters
     from medjax.protocols import features
+    from medjax.testing import fixture_path
 
     params = str(tmp_path / "dino")
     converters.convert(fixture_path("dinov2", "checkpoint.pth"), params, "dinov2",

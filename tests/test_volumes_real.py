@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from medjax.data import DataError, volumes
 from medjax.data.transforms import decode
+from medjax.testing import run_cli
 
 pydicom = pytest.importorskip("pydicom")
 nibabel = pytest.importorskip("nibabel")

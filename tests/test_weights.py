@@ -18,13 +18,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_TOL, ROOT, fixture_path, perturb_
 from safetensors.numpy import load_file
 
 from medjax import embed as embed_lib
 from medjax import models, pretrained, trained
 from medjax.conversion import CheckpointError
 from medjax.convert import convert
+from medjax.testing import PARITY_TOL, ROOT, fixture_path, perturb_
 from medjax.weights import fetch as weights
 from medjax.weights import registry
 

@@ -4,6 +4,8 @@ norm cannot hide a porting bug. torch is imported by the caller (a test or a fix
 
 from __future__ import annotations
 
+import argparse
+import collections
 import importlib
 import importlib.metadata
 import json
@@ -18,6 +20,83 @@ from medjax.errors import UserError
 # learned tokens and tables whose initial values are zeros or tiny: moved with a larger step
 _TOKENS = ("cls_token", "position_embedding", "register_tokens", "mask_token")
 
+
+def without_keys(checkpoint: str, out, *keys: str) -> str:
+    """A copy of a torch checkpoint at `out` without `keys` (`model/name` for a key inside the file's `model` dict),
+    for the tests of a converter's missing-key report; returns the copy's path."""
+    import torch  # the caller's dependency (tests); medjax itself does not need torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    for key in keys:
+        *outer, name = key.split("/")
+        inner = state
+        for part in outer:
+            inner = inner[part]
+        del inner[name]
+    torch.save(state, out)
+    return str(out)
+
+
+def torchvision_shim() -> None:
+    """Declare torchvision's `nms` / `qnms` operators, so that PyPI's (CUDA) torchvision imports on a CPU-only torch;
+    no torchvision operator runs in the fixture scripts. Call it before importing torchvision, and only for such a
+    build (a CPU build registers the operators itself)."""
+    import torch  # the caller's dependency (fixture scripts); medjax itself does not need torch
+
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    torchvision_shim.lib = lib  # the declarations live as long as the library object
+
+
+def save_fixture(out: str, config: dict, images, expected: dict, checkpoints: dict) -> None:
+    """Write a fixture folder: each `{relative path: state dict}` with `torch.save` (as a plain OrderedDict),
+    `config.json`, `images.npy` (float32 NCHW) and `expected.npz` (float32 arrays); folders are made."""
+    import torch  # the caller's dependency, as above
+
+    for name, state in checkpoints.items():
+        os.makedirs(os.path.dirname(os.path.join(out, name)), exist_ok=True)
+        torch.save(collections.OrderedDict(state), os.path.join(out, name))  # plain: no nn.Module `_metadata`
+    write_json(os.path.join(out, "config.json"), config)
+    np.save(os.path.join(out, "images.npy"), images.numpy())
+    np.savez(os.path.join(out, "expected.npz"), **{k: v.detach().numpy() for k, v in expected.items()})
+
+def hooked(model, images, modules: dict, inputs: dict | None = None) -> dict:
+    """One `model(images)` with forward hooks: `modules` {name: module} give their outputs, `inputs` {name: module}
+    their (first) inputs, cloned (DenseNet's forward applies an in-place ReLU to its features' output); returns
+    {"logits": the model's output, **captured}."""
+    captured = {}
+    handles = [m.register_forward_hook(lambda _m, _i, o, k=k: captured.__setitem__(k, o.clone()))
+               for k, m in modules.items()]
+    handles += [m.register_forward_pre_hook(lambda _m, i, k=k: captured.__setitem__(k, i[0].clone()))
+                for k, m in (inputs or {}).items()]
+    logits = model(images)
+    for h in handles:
+        h.remove()
+    return {"logits": logits, **captured}
+
+
+def fixture_main(make, family: str, argv=None) -> int:
+    """The fixture scripts' command line: `python -m medjax.models.<family>.make_fixture OUT_DIR [--torchvision-shim]
+    [--cpu avx2|native]`, then `make(OUT_DIR)`."""
+    p = argparse.ArgumentParser(prog=f"python -m medjax.models.{family}.make_fixture",
+                                description=sys.modules[make.__module__].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="the folder to write (created)")
+    p.add_argument("--torchvision-shim", action="store_true",
+                   help="declare torchvision::nms/qnms first (PyPI's CUDA torchvision build on a CPU-only torch)")
+    p.add_argument("--cpu", choices=["avx2", "native"], default="avx2",
+                   help="avx2 (default): torch's kernels and oneDNN's convolutions limited to AVX2 "
+                        "(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, set before the first op), as on the CPU that made "
+                        "the committed fixtures; AVX-512 kernels round differently (1e-7 to 1e-6)")
+    a = p.parse_args(argv)
+    if a.cpu == "avx2":
+        os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    if a.torchvision_shim:
+        torchvision_shim()
+    make(a.out)
+    print(f"wrote {a.out}")
+    return 0
 
 def perturb_(model, seed: int = 0):
     """Add seeded noise to every floating parameter and buffer of a torch model, in its own order, from one generator:
@@ -109,14 +188,3 @@ def write_json(path: str, obj, sort_keys: bool = False) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=sort_keys)
         f.write("\n")
-
-
-def torchvision_shim() -> None:
-    """Declare torchvision's `nms` / `qnms` operators so that a CUDA build of torchvision (PyPI's) imports on a
-    CPU-only torch; timm and open_clip import torchvision, the fixtures run none of its operators."""
-    import torch  # the caller's dependency, as above
-
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    torchvision_shim.library = lib  # the declarations live as long as the library object

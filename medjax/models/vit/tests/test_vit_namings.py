@@ -13,20 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    PARITY_TOL,
-    assert_fixture_outputs,
-    convert_and_embed,
-    fixture_path,
-    max_abs,
-    perturb_,
-    run_cli,
-    train_two_steps,
-)
 
-import converters
-from medjax import conversion, models
+from medjax import conversion, models, testing
 from medjax.conversion import CheckpointError
+from medjax.convert import convert
+from medjax.testing import PARITY_TOL, fixture_path, max_abs, perturb_
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,9 +35,9 @@ NOT_PRODUCED = {"debug_interpolated_pos_embed"}
 
 @pytest.mark.parametrize("family,checkpoint,model,extra", CASES, ids=[c[0] for c in CASES])
 def test_fixture_parity_through_clis(tmp_path, family, checkpoint, model, extra):
-    got, expected, _ = convert_and_embed(tmp_path, family, checkpoint, model, fixture_path(family, "config.json"),
-                                         *extra)
-    assert len(assert_fixture_outputs(got, expected, family, NOT_PRODUCED)) >= 2
+    got, expected, _ = testing.convert_and_embed(tmp_path, family, checkpoint, model,
+                                                 fixture_path(family, "config.json"), *extra)
+    assert len(testing.assert_fixture_outputs(got, expected, family, NOT_PRODUCED)) >= 2
     assert "linear_head_input" in got.files and "attention_head_input" in got.files
 
 
@@ -62,9 +53,9 @@ def test_dinov2_lc_fixture_pos_embed():
 
 
 def test_fixture_linear_head_is_stored_with_its_provenance(tmp_path):
-    meta = converters.convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "jx"), "dinov2",
-                              fixture_path("dinov2_lc", "config.json"),
-                              linear_head=fixture_path("dinov2_lc", "linear_head.pth"))
+    meta = convert(fixture_path("dinov2_lc", "checkpoint.pth"), str(tmp_path / "jx"), "dinov2",
+                   fixture_path("dinov2_lc", "config.json"),
+                   linear_head=fixture_path("dinov2_lc", "linear_head.pth"))
     config, variables, saved = models.load_pretrained(str(tmp_path / "jx"))
     head = torch.load(fixture_path("dinov2_lc", "linear_head.pth"), weights_only=True)
     np.testing.assert_array_equal(variables["params"]["lc_head"]["kernel"], head["weight"].numpy().T)
@@ -110,7 +101,7 @@ def test_transformers_vit_model_with_pooler(tmp_path):
     radiology study's feature, the CLS of `hidden_states[-1]` (before the final LayerNorm)."""
     torch.manual_seed(0)
     model = perturb_(transformers.ViTModel(transformers.ViTConfig(**VIT_KW)), seed=1)
-    meta = converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
+    meta = convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
     assert meta["source"]["format"] == "vit_transformers_pooler"
     assert meta["num_params"] == sum(p.numel() for p in model.parameters())
     images = _images(2, 40, 40)
@@ -137,7 +128,7 @@ def test_transformers_vit_msn_and_classification_files(tmp_path):
     cls = perturb_(transformers.ViTForImageClassification(transformers.ViTConfig(**VIT_KW, num_labels=5)), seed=3)
     images = _images(2, 40, 40, seed=1)
     for name, model, trunk in (("msn", msn, msn), ("cls", cls, cls.vit)):
-        meta = converters.convert(_save(model, tmp_path / name), str(tmp_path / f"{name}_jx"), "hf_vit")
+        meta = convert(_save(model, tmp_path / name), str(tmp_path / f"{name}_jx"), "hf_vit")
         assert meta["source"]["format"] == "vit_transformers"
         with torch.no_grad():
             ref = trunk(torch.from_numpy(images), output_hidden_states=True)
@@ -156,7 +147,7 @@ def test_transformers_vit_mae_file_read_as_a_vit(tmp_path):
     config = transformers.ViTMAEConfig(**VIT_KW, mask_ratio=0.0, decoder_hidden_size=32, decoder_num_hidden_layers=1,
                                        decoder_num_attention_heads=2, decoder_intermediate_size=64)
     model = perturb_(transformers.ViTMAEForPreTraining(config), seed=13)
-    meta = converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
+    meta = convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
     assert meta["num_params"] == sum(p.numel() for p in model.vit.parameters())
     images = _images(2, 40, 40, seed=10)
     noise = torch.arange(25, dtype=torch.float32).expand(2, 25)  # mask ratio 0 still shuffles by argsort(noise)
@@ -172,7 +163,7 @@ def test_transformers_vit_taps_are_the_unnormed_hidden_states(tmp_path):
     study's get_intermediate_layers), not normed by the final LayerNorm."""
     torch.manual_seed(0)
     model = perturb_(transformers.ViTModel(transformers.ViTConfig(**VIT_KW)), seed=4)
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_vit")
     config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     images = _images(2, 40, 40, seed=2)
     with torch.no_grad():
@@ -192,7 +183,7 @@ def test_transformers_clip_with_projection(tmp_path):
     """openai/clip-vit-* layout: quick_gelu, pre_layrnorm, pooler = post_layernorm(CLS), bias-free projection."""
     torch.manual_seed(0)
     model = perturb_(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**CLIP_KW)), seed=5)
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_clip")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "hf_clip")
     images = _images(2, 32, 32, seed=3)
     with torch.no_grad():
         ref = model.vision_model(torch.from_numpy(images))
@@ -218,7 +209,7 @@ def test_transformers_whole_clip_model_and_vision_only(tmp_path):
     state = load_file(os.path.join(path, "model.safetensors"))
     state["vision_model.embeddings.position_ids"] = torch.arange(17)[None]  # as files saved by older transformers
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    meta = converters.convert(path, str(tmp_path / "clip_jx"), "hf_clip")
+    meta = convert(path, str(tmp_path / "clip_jx"), "hf_clip")
     assert meta["source"]["format"] == "clip_transformers_projection"
     images = _images(2, 32, 32, seed=4)
     with torch.no_grad():
@@ -230,7 +221,7 @@ def test_transformers_whole_clip_model_and_vision_only(tmp_path):
     _check(got, {"image_embeds": embeds.numpy(), "last_hidden_state": ref.last_hidden_state.numpy()})
 
     vision_only = perturb_(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP_KW)), seed=7)
-    meta = converters.convert(_save(vision_only, tmp_path / "v"), str(tmp_path / "v_jx"), "hf_clip")
+    meta = convert(_save(vision_only, tmp_path / "v"), str(tmp_path / "v_jx"), "hf_clip")
     assert meta["source"]["format"] == "clip_transformers"
     with torch.no_grad():
         ref = vision_only(torch.from_numpy(images))
@@ -287,8 +278,8 @@ def test_biomedclip_tower_against_a_transformers_vit(tmp_path):
                                                                  "mlp_ratio": 4.0}},
            "text_cfg": {"hf_model_name": "any"}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    meta = converters.convert(str(tmp_path / "open_clip_pytorch_model.bin"), str(tmp_path / "jx"), "biomedclip",
-                              str(tmp_path / "cfg.json"))
+    meta = convert(str(tmp_path / "open_clip_pytorch_model.bin"), str(tmp_path / "jx"), "biomedclip",
+                   str(tmp_path / "cfg.json"))
     assert meta["source"]["ignored_keys_outside_prefix"] == 4
     images = _images(2, 96, 96, seed=5)
     with torch.no_grad():
@@ -326,8 +317,8 @@ def test_dinov2_linear4_head_with_registers(tmp_path):
     head = torch.nn.Linear(5 * 32, 1000)
     perturb_(head, seed=10)
     torch.save(head.state_dict(), tmp_path / "dinov2_vits14_reg4_linear4_head.pth")
-    run_cli("converters", _save(model, tmp_path / "hf"), str(tmp_path / "jx"), "--model", "dinov2",
-            "--linear-head", str(tmp_path / "dinov2_vits14_reg4_linear4_head.pth"))
+    testing.run_cli("converters", _save(model, tmp_path / "hf"), str(tmp_path / "jx"), "--model", "dinov2",
+                    "--linear-head", str(tmp_path / "dinov2_vits14_reg4_linear4_head.pth"))
     images = _images(2, 56, 56, seed=6)
     with torch.no_grad():
         hidden = model(torch.from_numpy(images), output_hidden_states=True).hidden_states
@@ -353,12 +344,12 @@ def test_linear_head_refusals(tmp_path):
     torch.save({"linear.weight": torch.zeros(1000, 96)}, tmp_path / "not_linear.pth")
     ckpt, cfg = fixture_path("dinov2_lc", "checkpoint.pth"), fixture_path("dinov2_lc", "config.json")
     with pytest.raises(CheckpointError, match=r"144 features.*\(1 \+ layers\) \* 48"):
-        converters.convert(ckpt, str(tmp_path / "a"), "dinov2", cfg, linear_head=str(tmp_path / "wrong_size.pth"))
+        convert(ckpt, str(tmp_path / "a"), "dinov2", cfg, linear_head=str(tmp_path / "wrong_size.pth"))
     with pytest.raises(CheckpointError, match="one nn.Linear"):
-        converters.convert(ckpt, str(tmp_path / "b"), "dinov2", cfg, linear_head=str(tmp_path / "not_linear.pth"))
-    proc = run_cli("converters", fixture_path("hf_vit", "model.safetensors"), str(tmp_path / "c"), "--model", "hf_vit",
-                   "--config", fixture_path("hf_vit", "config.json"), "--linear-head",
-                   fixture_path("dinov2_lc", "linear_head.pth"), check=False)
+        convert(ckpt, str(tmp_path / "b"), "dinov2", cfg, linear_head=str(tmp_path / "not_linear.pth"))
+    proc = testing.run_cli("converters", fixture_path("hf_vit", "model.safetensors"), str(tmp_path / "c"), "--model",
+                           "hf_vit", "--config", fixture_path("hf_vit", "config.json"), "--linear-head",
+                           fixture_path("dinov2_lc", "linear_head.pth"), check=False)
     assert proc.returncode == 2 and "backbone is hf_vit, not dinov2" in proc.stderr
     assert not os.path.exists(tmp_path / "c" / "medjax.json")
 
@@ -374,14 +365,14 @@ def test_trains_in_the_engine(tmp_path, family, checkpoint, freeze):
     from medjax import engine
     from medjax.schema import make
 
-    converters.convert(fixture_path(family, checkpoint), str(tmp_path / "jx"), family,
-                       fixture_path(family, "config.json"))
+    convert(fixture_path(family, checkpoint), str(tmp_path / "jx"), family,
+            fixture_path(family, "config.json"))
     size = np.load(fixture_path(family, "images.npy")).shape[-1]
     cfg = make({"model.family": family, "model.pretrained": str(tmp_path / "jx"), "model.freeze": freeze,
                 "model.unfreeze_from_block": 1, "image_size": size, "compute_dtype": "float32", "optim.lr": 1e-2,
                 "batch_size": 4})
     eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
-    before, changed = train_two_steps(eng, size)
+    before, changed = testing.train_two_steps(eng, size)
     assert {k for k in changed if k.startswith("backbone/patch_embed")} == (
         {"backbone/patch_embed/kernel", "backbone/patch_embed/bias"} & set(before) if freeze == "full" else set())
     assert any(k.startswith("backbone/blocks_0/") for k in changed) == (freeze == "full")
@@ -398,7 +389,7 @@ def test_full_size_vit_base_in21k(tmp_path):
     converts under its variant name and matches at 224 px (1e-4)."""
     torch.manual_seed(0)
     model = perturb_(transformers.ViTModel(transformers.ViTConfig()), seed=11)
-    meta = converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "vit_base_patch16_224_in21k")
+    meta = convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "vit_base_patch16_224_in21k")
     assert meta["num_params"] == sum(p.numel() for p in model.parameters())
     images = _images(1, 224, 224, seed=7)
     with torch.no_grad():
@@ -417,7 +408,7 @@ def test_full_size_clip_vit_base_patch16(tmp_path):
     torch.manual_seed(0)
     cfg = {k: v for k, v in VARIANTS["clip_vit_base_patch16"][1].items() if k != "model_type"}
     model = perturb_(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**cfg)), seed=12)
-    meta = converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "clip_vit_base_patch16")
+    meta = convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "clip_vit_base_patch16")
     assert meta["num_params"] == sum(p.numel() for p in model.parameters())
     images = _images(1, 224, 224, seed=8)
     with torch.no_grad():

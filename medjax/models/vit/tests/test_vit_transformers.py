@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_TOL, max_abs, perturb_
 
-import converters
 from medjax import models
+from medjax.convert import convert
+from medjax.testing import PARITY_TOL, max_abs, perturb_
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +60,7 @@ def test_dinov2_transformers(tmp_path, case):
     config_cls = getattr(transformers, cls.replace("Model", "Config"))
     torch.manual_seed(0)
     model = perturb_(model_cls(config_cls(**kwargs)), seed=1)
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "dinov2")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "dinov2")
     images = _images(2, h, w)
     x_norm, x_prenorm = _dinov2_reference(model, images)
     got = _medjax(str(tmp_path / "jx"), images)
@@ -93,7 +93,7 @@ def test_dinov2_transformers_file_with_official_resize(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = perturb_(transformers.Dinov2Model(transformers.Dinov2Config(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=98)), seed=2)
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "dinov2", dinov2_resize="official")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "dinov2", dinov2_resize="official")
     images = _images(2, 56, 56)
     default_x_norm, _ = _dinov2_reference(model, images)
     from transformers.models.dinov2 import modeling_dinov2
@@ -111,7 +111,7 @@ def test_mae_transformers(tmp_path):
     config = transformers.ViTMAEConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
                                        intermediate_size=96, patch_size=16, image_size=64, mask_ratio=0.0)
     model = perturb_(transformers.ViTMAEModel(config), seed=3)
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "mae")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "mae")
     images = _images(3, 64, 64)
     # noise = arange keeps the token order (mask ratio 0 still shuffles by the noise's argsort).
     noise = torch.arange(16, dtype=torch.float32).expand(3, 16)
@@ -128,7 +128,7 @@ def test_deit_transformers_vit(tmp_path):
     config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     intermediate_size=256, patch_size=16, image_size=64, layer_norm_eps=1e-6)
     model = perturb_(transformers.ViTModel(config), seed=4)  # with its pooler, which the converter ignores
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "deit")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "deit")
     images = _images(2, 64, 64)
     with torch.no_grad():
         ref = model(torch.from_numpy(images)).last_hidden_state.numpy()
@@ -176,7 +176,7 @@ def test_dinov2_official_registers_swiglu(tmp_path):
               "ffn_layer": "swiglufused", "num_register_tokens": 4, "interpolate_antialias": True,
               "interpolate_offset": 0.0, "block_chunks": 0}
     (tmp_path / "reg4.json").write_text(json.dumps(kwargs))
-    converters.convert(str(tmp_path / "reg4.pth"), str(tmp_path / "jx"), "dinov2", str(tmp_path / "reg4.json"))
+    convert(str(tmp_path / "reg4.pth"), str(tmp_path / "jx"), "dinov2", str(tmp_path / "reg4.json"))
     images = _images(2, 70, 42)
     x_norm, x_prenorm = _dinov2_reference(model, images)
     got = _medjax(str(tmp_path / "jx"), images)
@@ -192,7 +192,7 @@ def test_full_size_dinov2_vitb14(tmp_path):
     config = transformers.Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14,
                                        image_size=518)
     model = perturb_(transformers.Dinov2Model(config), seed=6)
-    meta = converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "dinov2")
+    meta = convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "dinov2")
     torch_params = sum(p.numel() for n, p in model.named_parameters() if "mask_token" not in n)
     assert meta["num_params"] == torch_params
     assert 86_000_000 < meta["num_params"] < 87_000_000
@@ -214,15 +214,15 @@ def test_transformers_file_with_official_kwargs_keeps_transformers_resize(tmp_pa
     _save(model, tmp_path / "hf")
     kwargs = {"img_size": 98, "patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2, "init_values": 1.0}
     (tmp_path / "official.json").write_text(json.dumps(kwargs))
-    converters.convert(str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "jx"), "dinov2",
-                       str(tmp_path / "official.json"))
+    convert(str(tmp_path / "hf" / "model.safetensors"), str(tmp_path / "jx"), "dinov2",
+            str(tmp_path / "official.json"))
     images = _images(2, 56, 56)
     x_norm, _ = _dinov2_reference(model, images)
     assert max_abs(_medjax(str(tmp_path / "jx"), images)["x_norm_patchtokens"], x_norm[:, 1:]) <= PARITY_TOL
 
 
 def test_cli_with_explicit_transformers_config(tmp_path):
-    from conftest import run_cli
+    from medjax.testing import run_cli
 
     torch.manual_seed(0)
     config = transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -242,7 +242,7 @@ def test_aimv2_transformers(tmp_path, size):
     config = transformers.Aimv2VisionConfig(hidden_size=48, intermediate_size=136, num_hidden_layers=2,
                                             num_attention_heads=3, patch_size=14, image_size=size, num_channels=3)
     model = perturb_(transformers.Aimv2VisionModel(config), seed=9)
-    converters.convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "aimv2")
+    convert(_save(model, tmp_path / "hf"), str(tmp_path / "jx"), "aimv2")
     images = _images(2, size, size)
     with torch.no_grad():
         out = model(torch.from_numpy(images), output_hidden_states=True)

@@ -14,21 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    PARITY_TOL,
-    assert_fixture_outputs,
-    convert_and_embed,
-    fixture_path,
-    max_abs,
-    perturb_,
-    run_cli,
-    train_two_steps,
-)
 
-import converters
-from medjax import models, pretrained
+from medjax import models, testing
 from medjax.conversion import CheckpointError, ConversionError
+from medjax.convert import convert
 from medjax.models.siglip import convert as siglip
+from medjax.testing import PARITY_TOL, fixture_path, max_abs, perturb_
 
 transformers = pytest.importorskip("transformers")
 
@@ -64,9 +55,9 @@ def _tiny_model(tmp_path, seed=1, **changes):
 
 
 def test_fixture_parity_through_clis(tmp_path):
-    got, expected, stdout = convert_and_embed(tmp_path, "siglip", "model.safetensors", "siglip",
-                                              fixture_path("siglip", "config.json"))
-    assert sorted(assert_fixture_outputs(got, expected, "siglip")) == ["last_hidden_state", "pooler_output"]
+    got, expected, stdout = testing.convert_and_embed(tmp_path, "siglip", "model.safetensors", "siglip",
+                                                      fixture_path("siglip", "config.json"))
+    assert sorted(testing.assert_fixture_outputs(got, expected, "siglip")) == ["last_hidden_state", "pooler_output"]
     assert max_abs(got["linear_head_input"], expected["pooler_output"]) <= PARITY_TOL
     assert max_abs(got["attention_head_input"], expected["last_hidden_state"]) <= PARITY_TOL
     meta = json.loads(stdout.strip().splitlines()[-1])
@@ -80,7 +71,7 @@ def test_transformers_vision_model_with_its_pooling_head(tmp_path):
     """SiglipVisionModel: gelu_pytorch_tanh, eps 1e-6, post_layernorm, the MAP head; at the stored size, then at a
     non-square size, where the position table follows as with transformers' interpolate_pos_encoding=True."""
     model, path = _tiny_model(tmp_path)
-    meta = converters.convert(path, str(tmp_path / "jx"), "siglip")
+    meta = convert(path, str(tmp_path / "jx"), "siglip")
     assert meta["num_params"] == sum(p.numel() for p in model.parameters())
     assert len(meta["source"]["sha256"]) == 64
     for (h, w), interpolate in (((32, 32), False), ((40, 56), True)):
@@ -99,7 +90,7 @@ def test_position_table_resize_is_transformers_interpolate_pos_encoding(tmp_path
     from medjax.models.siglip import position_table
 
     model, path = _tiny_model(tmp_path, seed=2)
-    converters.convert(path, str(tmp_path / "jx"), "siglip")
+    convert(path, str(tmp_path / "jx"), "siglip")
     config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     for h, w in ((64, 64), (24, 48)):
         embeddings = torch.zeros(1, (h // 8) * (w // 8), 48)
@@ -113,7 +104,7 @@ def test_no_head_and_exact_gelu(tmp_path):
     """vision_use_head=False (no pooler_output: the linear head reads the token mean, as
     SiglipForImageClassification pools) and hidden_act 'gelu' (the erf form)."""
     model, path = _tiny_model(tmp_path, seed=3, vision_use_head=False, hidden_act="gelu")
-    meta = converters.convert(path, str(tmp_path / "jx"), "siglip")
+    meta = convert(path, str(tmp_path / "jx"), "siglip")
     assert meta["num_params"] == sum(p.numel() for p in model.parameters())
     images = _images(2, 32, 32, seed=4)
     with torch.no_grad():
@@ -132,7 +123,7 @@ def test_whole_siglip_model_file_gives_its_vision_tower(tmp_path):
                                              intermediate_size=64, vocab_size=100, max_position_embeddings=16))
     model = perturb_(transformers.SiglipModel(config), seed=5).eval()
     model.save_pretrained(tmp_path / "hf")
-    meta = converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "siglip")
+    meta = convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "siglip")
     assert meta["num_params"] == sum(p.numel() for p in model.vision_model.parameters())
     images = _images(2, 32, 32, seed=6)
     with torch.no_grad():
@@ -173,12 +164,12 @@ def test_key_checks_are_loud(tmp_path):
     broken["encoder.layers.1.mlp.fc1.weight"] = torch.zeros(96, 40)
     save_file(broken, f"{path}/model.safetensors")
     with pytest.raises(ConversionError) as e:
-        converters.convert(path, str(tmp_path / "jx"), "siglip")
+        convert(path, str(tmp_path / "jx"), "siglip")
     assert [m.split(" ")[0] for m in e.value.missing] == ["head.probe"]
     assert e.value.unexpected[0].startswith("head.extra.weight")
     assert "encoder.layers.1.mlp.fc1.weight: checkpoint gives (40, 96)" in e.value.mismatched[0]
     assert not (tmp_path / "jx").exists()  # nothing half-written
-    proc = run_cli("converters", path, str(tmp_path / "jx"), "--model", "siglip", check=False)
+    proc = testing.run_cli("converters", path, str(tmp_path / "jx"), "--model", "siglip", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "head.probe" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -199,14 +190,11 @@ def test_unsupported_configs_are_refused_by_name(change, named):
 
 def test_family_facts():
     config = siglip.parse_config(models.VARIANTS["siglip2_base_patch16_224"][1])
-    family = models.family("siglip")
-    patterns = family.layer_patterns(config)
-    paths = list(pretrained.flatten(models.param_shapes(config)))
-    depth = {p: family.layer_of(config, p, patterns) for p in paths}
+    family, paths, depth = testing.layer_depths("siglip", config)
     assert depth["patch_embed/kernel"] == depth["pos_embed"] == 0
     assert depth["blocks_0/attn/qkv/kernel"] == 1 and depth["blocks_11/mlp/fc2/bias"] == 12
     assert depth["post_layernorm/scale"] == depth["head/probe"] == depth["head/mlp/fc1/kernel"] == 13
-    lora = [p for p in paths if any(re.search(r, p) for r in family.lora_targets(config))]
+    lora = testing.lora_paths(family, config, paths)
     assert len(lora) == 12 * 3 and all(p.endswith("kernel") and p.startswith("blocks_") for p in lora)
     assert family.stem in paths and family.max_taps(config) == 1
     assert family.explain_method(config) == "gradcam" and family.gradcam_layer(config) == "token_grid"
@@ -214,10 +202,7 @@ def test_family_facts():
 
 @pytest.fixture(scope="module")
 def fixture_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("siglip") / "jx"
-    converters.convert(fixture_path("siglip", "model.safetensors"), str(out), "siglip",
-                       fixture_path("siglip", "config.json"))
-    return str(out)
+    return testing.convert_fixture(tmp_path_factory.mktemp("siglip") / "jx", "siglip", "model.safetensors")
 
 
 def test_protocol_taps_are_the_pooled_output_and_the_token_mean(fixture_dir, matmul_f32):
@@ -252,7 +237,7 @@ def test_trains_in_the_engine(fixture_dir, head, freeze):
 
     cfg = _config(fixture_dir, **{"model.head": head, "model.freeze": freeze, "model.unfreeze_from_block": 1})
     eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
-    before, changed = train_two_steps(eng, 32)
+    before, changed = testing.train_two_steps(eng, 32)
     assert before["backbone/patch_embed/kernel"].shape == (8, 8, 1, 48)
     parts = ("patch_embed", "pos_embed", "blocks_0", "blocks_1", "post_layernorm", "head/")
     trained = {"partial": parts[3:], "full": parts}[freeze]
@@ -268,7 +253,7 @@ def test_lora_adapts_the_blocks_and_trains_only_adapters_and_head(fixture_dir):
 
     cfg = _config(fixture_dir, **{"model.peft": "lora", "model.lora.rank": 4})
     eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
-    before, changed = train_two_steps(eng, 32)
+    before, changed = testing.train_two_steps(eng, 32)
     adapted = {k.rsplit("/", 1)[0] for k in before if k.startswith("lora/")}
     assert len(adapted) == 2 * 3 and all(re.search(r"blocks_\d/(attn/qkv|mlp/fc[12])", k) for k in adapted)
     assert changed and not any(k.startswith("backbone/") for k in changed)
@@ -324,23 +309,25 @@ def test_run_export_predict_and_explain_through_the_clis(tmp_path):
     """A SigLIP run as a user starts it (the demo's data and recipe, the fixture converted on first use, 32 px); its
     safetensors export, which predict reads with the run's own test metrics; explain (Grad-CAM by default)."""
     workdir, data_root, folder = tmp_path / "run", tmp_path / "data", tmp_path / "export"
-    run_cli("medjax.main", "--config=configs/demo.py", f"--workdir={workdir}", f"--config.data_root={data_root}",
-            "--config.fake_data=96", "--config.epochs=1", "--config.batch_size=8", "--config.progress_bar=False",
-            "--config.image_size=32", "--config.model.family=siglip",
-            f"--config.model.convert_from.checkpoint={fixture_path('siglip', 'model.safetensors')}",
-            "--config.model.convert_from.model=siglip",
-            f"--config.model.convert_from.config={fixture_path('siglip', 'config.json')}")
-    run_cli("medjax.export", "--workdir", str(workdir), "--output", str(folder))
+    testing.run_cli("medjax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+                    f"--config.data_root={data_root}", "--config.fake_data=96", "--config.epochs=1",
+                    "--config.batch_size=8", "--config.progress_bar=False", "--config.image_size=32",
+                    "--config.model.family=siglip",
+                    f"--config.model.convert_from.checkpoint={fixture_path('siglip', 'model.safetensors')}",
+                    "--config.model.convert_from.model=siglip",
+                    f"--config.model.convert_from.config={fixture_path('siglip', 'config.json')}")
+    testing.run_cli("medjax.export", "--workdir", str(workdir), "--output", str(folder))
     config, _, _ = models.load_pretrained(str(folder))
     assert config.family == "siglip" and config.in_chans == 1
-    run_cli("medjax.predict", "--workdir", str(folder), "--dataset", "chexpert", "--root", str(data_root),
-            "--output", str(tmp_path / "preds.csv"), "--metrics", str(tmp_path / "m.json"), "--no-progress")
+    testing.run_cli("medjax.predict", "--workdir", str(folder), "--dataset", "chexpert", "--root", str(data_root),
+                    "--output", str(tmp_path / "preds.csv"), "--metrics", str(tmp_path / "m.json"), "--no-progress")
     test = json.load(open(workdir / "metrics.json"))["test"]
     predicted = json.load(open(tmp_path / "m.json"))
     assert predicted["num_examples"] == test["num_examples"] > 0
     assert abs(predicted["mean_auc"] - test["mean_auc"]) <= 1e-6
     images = sorted(str(p) for p in (data_root / "valid").rglob("*.jpg"))[:2]
-    run_cli("medjax.explain", "--workdir", str(workdir), "--images", *images, "--output", str(tmp_path / "maps"))
+    testing.run_cli("medjax.explain", "--workdir", str(workdir), "--images", *images, "--output",
+                    str(tmp_path / "maps"))
     assert len(list((tmp_path / "maps").glob("*.png"))) == 2  # beside explanations.csv
 
 
@@ -355,7 +342,7 @@ def test_full_size_siglip2_base_random(tmp_path):
     _, kwargs = models.VARIANTS["siglip2_base_patch16_224"]
     model = perturb_(transformers.SiglipVisionModel(transformers.SiglipConfig(**kwargs).vision_config), seed=1)
     model.eval().save_pretrained(tmp_path / "hf")
-    meta = converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "siglip2_base_patch16_224")
+    meta = convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "siglip2_base_patch16_224")
     assert meta["num_params"] == SIZES["siglip2_base_patch16_224"]
     config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     apply = jax.jit(models.build_backbone(config).apply)

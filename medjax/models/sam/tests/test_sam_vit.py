@@ -8,19 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    PARITY_TOL,
-    assert_fixture_outputs,
-    convert_and_embed,
-    fixture_path,
-    max_abs,
-    perturb_,
-    train_two_steps,
-)
 
-import converters
-from medjax import models, pretrained
+from medjax import models, pretrained, testing
+from medjax.convert import convert
 from medjax.models.sam import convert as sam
+from medjax.testing import PARITY_TOL, fixture_path, max_abs, perturb_
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,12 +27,12 @@ def test_fixture_parity_through_clis(tmp_path, layout):
         torch.save({k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")},
                    tmp_path / "encoder.pth")
         checkpoint = str(tmp_path / "encoder.pth")
-    got, expected, _ = convert_and_embed(tmp_path, "sam_vit", checkpoint, "sam_vit",
-                                         fixture_path("sam_vit", "config.json"))
-    assert_fixture_outputs(got, expected, "sam_vit")
+    got, expected, _ = testing.convert_and_embed(tmp_path, "sam_vit", checkpoint, "sam_vit",
+                                                 fixture_path("sam_vit", "config.json"))
+    testing.assert_fixture_outputs(got, expected, "sam_vit")
     assert max_abs(got["linear_head_input"], expected["pooled"]) <= PARITY_TOL
     assert max_abs(got["attention_head_input"], expected["trunk_tokens"].reshape(2, 16, 48)) <= PARITY_TOL
-    meta = pretrained.read_metadata(str(tmp_path / "params"))  # where convert_and_embed converts
+    meta = pretrained.read_metadata(str(tmp_path / "params"))  # where testing.convert_and_embed converts
     assert meta["source"]["format"] == ("sam_official" if layout == "whole_sam" else "sam_image_encoder")
     state = torch.load(fixture_path("sam_vit", "checkpoint.pth"), weights_only=True)
     assert meta["num_params"] == sum(v.numel() for k, v in state.items() if k.startswith("image_encoder."))
@@ -72,7 +64,7 @@ def _reference(encoder, images, pos_embed=None):
 def _convert_and_run(model, tmp_path, images, name="sam"):
     model.eval()
     model.save_pretrained(tmp_path / name)
-    meta = converters.convert(str(tmp_path / name), str(tmp_path / f"{name}_jx"), "sam_vit")
+    meta = convert(str(tmp_path / name), str(tmp_path / f"{name}_jx"), "sam_vit")
     config, variables, _ = models.load_pretrained(str(tmp_path / f"{name}_jx"))
     with jax.default_matmul_precision("float32"):
         out = models.build_backbone(config).apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))
@@ -169,16 +161,11 @@ def test_variant_parameter_counts(name, upstream):
 
 def test_family_facts():
     config = sam.parse_config(sam.VARIANTS["sam_vit_b"][1])
-    family = models.family("sam_vit")
-    patterns = family.layer_patterns(config)
-    paths = list(pretrained.flatten(models.param_shapes(config)))
-    depth = {p: family.layer_of(config, p, patterns) for p in paths}
+    family, paths, depth = testing.layer_depths("sam_vit", config)
     assert depth["patch_embed/kernel"] == depth["pos_embed"] == 0
     assert depth["blocks_0/attn/rel_pos_h"] == 1 and depth["blocks_11/mlp/fc2/bias"] == 12
     assert depth["neck/conv2/kernel"] == 13
-    import re
-
-    lora = [p for p in paths if any(re.search(r, p) for r in family.lora_targets(config))]
+    lora = testing.lora_paths(family, config, paths)
     assert len(lora) == 12 * 3 and all(p.endswith("kernel") for p in lora)
     assert family.stem in paths
 
@@ -188,10 +175,7 @@ def test_family_facts():
 
 @pytest.fixture(scope="module")
 def sam_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sam") / "jx"
-    converters.convert(fixture_path("sam_vit", "checkpoint.pth"), str(out), "sam_vit",
-                       fixture_path("sam_vit", "config.json"))
-    return str(out)
+    return testing.convert_fixture(tmp_path_factory.mktemp("sam") / "jx", "sam_vit", "checkpoint.pth")
 
 
 @pytest.mark.parametrize("head,freeze", [
@@ -208,7 +192,7 @@ def test_trains_in_the_engine(sam_dir, head, freeze):
                 "batch_size": 4, "model.attention_head.width": 16, "model.attention_head.depth": 1,
                 "model.attention_head.num_heads": 2, "model.attention_head.grid": 4})
     eng = engine.build(cfg, num_classes=3, channels=1, task="multiclass", total_steps=4)
-    before, changed = train_two_steps(eng, 64)
+    before, changed = testing.train_two_steps(eng, 64)
     assert before["backbone/patch_embed/kernel"].shape == (16, 16, 1, 48)
     trained = {"frozen": (), "partial": ("blocks_1",), "full": ("patch_embed", "pos_embed", "blocks_0", "blocks_1")}
     for part in ("patch_embed", "pos_embed", "blocks_0", "blocks_1"):
@@ -237,7 +221,7 @@ def test_full_width_vit_l_at_1024(tmp_path):
     trunk = captured["trunk"][0] if isinstance(captured["trunk"], tuple) else captured["trunk"]
     model.save_pretrained(tmp_path / "hf")
     del model
-    converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "sam_vit")
+    convert(str(tmp_path / "hf"), str(tmp_path / "jx"), "sam_vit")
     config, variables, _ = models.load_pretrained(str(tmp_path / "jx"))
     with jax.default_matmul_precision("float32"):
         out = jax.jit(models.build_backbone(config).apply)(variables, jnp.asarray(images.transpose(0, 2, 3, 1)))

@@ -17,11 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 
-import converters
-from converters import CheckpointError, ConversionError
 from medjax import classifier, engine, explain, models, rules
+from medjax.convert import CheckpointError, ConversionError, convert
 from medjax.errors import UserError
 from medjax.models import VARIANTS
 from medjax.models.dinov3 import DINOv3Config
@@ -29,6 +27,7 @@ from medjax.models.dinov3.convert import swiglu_hidden
 from medjax.models.dinov3_convnext import DINOv3ConvNextConfig
 from medjax.pretrained import flatten
 from medjax.schema import make
+from medjax.testing import PARITY_TOL, ROOT, fixture_path, max_abs, perturb_, train_two_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,8 +83,8 @@ def hf_models(tmp_path_factory):
         model = make_model(10 * seed)
         root = tmp_path_factory.mktemp(name)
         model.save_pretrained(root / "hf")
-        meta = converters.convert(str(root / "hf"), str(root / "jx"), "dinov3_convnext" if name == "convnext"
-                                  else "dinov3")
+        meta = convert(str(root / "hf"), str(root / "jx"), "dinov3_convnext" if name == "convnext"
+                       else "dinov3")
         assert meta["num_params"] == sum(p.numel() for n, p in model.named_parameters() if "mask_token" not in n)
         out[name] = (model, str(root / "jx"), meta)
     return out
@@ -96,8 +95,8 @@ def hf_models(tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["dinov3", "dinov3_convnext"])
 def test_public_fixture(tmp_path, family):
-    meta = converters.convert(fixture_path(family, "model.safetensors"), str(tmp_path), family,
-                              fixture_path(family, "config.json"))
+    meta = convert(fixture_path(family, "model.safetensors"), str(tmp_path), family,
+                   fixture_path(family, "config.json"))
     assert meta["source"]["format"] == f"{family}_transformers"
     _, _, got = _apply(str(tmp_path), np.load(fixture_path(family, "images.npy")))
     expected = np.load(fixture_path(family, "expected.npz"))
@@ -204,7 +203,7 @@ def test_vit_official_naming(hf_models, tmp_path, name):
     state, periods = _hub_vit_state(model)
     torch.save(state, tmp_path / "hub.pth")
     (tmp_path / "hub.json").write_text(json.dumps(_hub_vit_kwargs(model.config)))
-    got_meta = converters.convert(str(tmp_path / "hub.pth"), str(tmp_path / "jx"), "dinov3", str(tmp_path / "hub.json"))
+    got_meta = convert(str(tmp_path / "hub.pth"), str(tmp_path / "jx"), "dinov3", str(tmp_path / "hub.json"))
     assert got_meta["source"]["format"] == "dinov3_hub" and got_meta["num_params"] == meta["num_params"]
     images = _images((2, 3, 24, 40), seed=7)
     config, variables, got = _apply(str(tmp_path / "jx"), images)
@@ -241,8 +240,8 @@ def test_convnext_official_naming(hf_models, tmp_path):
             hub[f"stages.{parts[1]}.{parts[3]}.{names[parts[4]]}{suffix}"] = value
     torch.save(hub, tmp_path / "hub.pth")
     (tmp_path / "hub.json").write_text(json.dumps({"depths": CONVNEXT["depths"], "dims": CONVNEXT["hidden_sizes"]}))
-    got_meta = converters.convert(str(tmp_path / "hub.pth"), str(tmp_path / "jx"), "dinov3_convnext",
-                                  str(tmp_path / "hub.json"))
+    got_meta = convert(str(tmp_path / "hub.pth"), str(tmp_path / "jx"), "dinov3_convnext",
+                       str(tmp_path / "hub.json"))
     assert got_meta["source"]["format"] == "dinov3_convnext_hub" and got_meta["num_params"] == meta["num_params"]
     images = _images((1, 3, 64, 96), seed=3)
     _, _, got = _apply(str(tmp_path / "jx"), images)
@@ -413,7 +412,7 @@ def test_full_size_random_models(tmp_path, name):
         model = perturb_(transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig()), seed=1)
         size = (224, 224)
     model.eval().save_pretrained(tmp_path / "hf")
-    converters.convert(str(tmp_path / "hf"), str(tmp_path / "jx"), name)
+    convert(str(tmp_path / "hf"), str(tmp_path / "jx"), name)
     images = _images((1, 3, *size), seed=4)
     _, _, got = _apply(str(tmp_path / "jx"), images)
     with torch.no_grad():
@@ -426,18 +425,20 @@ def test_full_size_random_models(tmp_path, name):
 
 def test_bad_inputs(tmp_path):
     with pytest.raises(ConversionError) as e:  # a gated file read as a plain-MLP model
-        converters.convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "a"), "dinov3_vits16plus")
+        convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "a"), "dinov3_vits16plus")
     assert "mlp" in str(e.value)
     (tmp_path / "bf16.json").write_text(json.dumps({"embed_dim": 48, "num_heads": 3, "depth": 2}))
     with pytest.raises(CheckpointError, match="pos_embed_rope_dtype='bf16'"):  # the constructor's default
-        converters.convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "b"), "dinov3",
-                           str(tmp_path / "bf16.json"))
+        convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "b"), "dinov3",
+                str(tmp_path / "bf16.json"))
     with pytest.raises(CheckpointError, match="not a dinov3_convnext checkpoint"):
-        converters.convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "c"), "dinov3_convnext_tiny")
+        convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "c"), "dinov3_convnext_tiny")
     assert swiglu_hidden(7680, 8) == 5120 and swiglu_hidden(12288, 64) == 8192
 
 
 # ------------------------------------------------------------------------------------------------ a run, end to end
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dinov3_demo.py")
 
 
 def _cli(module, *args):
@@ -453,7 +454,7 @@ def test_a_run_from_an_official_hub_file_predicts_explains_and_exports(hf_models
     torch.save(state, tmp_path / "hub.pth")
     (tmp_path / "hub.json").write_text(json.dumps(_hub_vit_kwargs(model.config)))
     workdir, data_root = tmp_path / "run", tmp_path / "data"
-    proc = _cli("medjax.main", "--config=tests/dinov3_demo.py", f"--workdir={workdir}",
+    proc = _cli("medjax.main", f"--config={DEMO}", f"--workdir={workdir}",
                 f"--config.data_root={data_root}",
                 "--config.fake_data=96", "--config.epochs=2", "--config.batch_size=8", "--config.progress_bar=False",
                 f"--config.model.convert_from.checkpoint={tmp_path / 'hub.pth'}",

@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from cnn_reference import VGG, DenseNet, legacy_densenet_keys, resnet
-from conftest import PARITY_TOL, convert_and_embed, fixture_path, max_abs, perturb_, run_cli
 
-import converters
-from converters import CheckpointError, ConversionError
 from medjax import embed, models, pretrained
+from medjax.convert import CheckpointError, ConversionError, convert
 from medjax.models import cnn
+from medjax.models.densenet import make_fixture as densenet_fixture
 from medjax.models.layers import frozen_norms
 from medjax.models.resnet import Bottleneck
+from medjax.models.resnet.tests.torchvision_reference import VGG, DenseNet, legacy_densenet_keys, resnet
+from medjax.testing import PARITY_TOL, convert_and_embed, fixture_path, max_abs, perturb_, run_cli
 
 FULL_SIZE_TOL = 1e-4
 # train-mode BatchNorm: 1e-6 of the output's scale (a bottleneck's outputs reach ~6; torch float32 itself is 1.3e-6
@@ -114,6 +114,14 @@ def test_plain_torch_reference_reproduces_the_fixtures(name):
     assert sorted(legacy) == sorted(official) and all(torch.equal(legacy[k], official[k]) for k in official)
 
 
+
+def test_densenet_fixture_script_writes_the_official_naming():
+    """medjax/models/densenet/make_fixture.py's renaming of `model.state_dict()` (state_dict/checkpoint.pth, as
+    torchvision wrote it) gives the official files' naming of checkpoint.pth: the same keys in the same order."""
+    legacy = densenet_fixture.legacy(torch.load(fixture_path("densenet", "state_dict/checkpoint.pth")))
+    official = torch.load(fixture_path("densenet", "checkpoint.pth"))
+    assert list(legacy) == list(official) and all(torch.equal(legacy[k], official[k]) for k in official)
+
 # ------------------------------------------------------------------------------------------------ full size
 
 def _reference(family, kw, seed):
@@ -140,7 +148,7 @@ def _full_size(variant, image_size, batch, tmp_path, seed):
     n_torch = sum(p.numel() for p in model.parameters())
     state = model.state_dict()
     torch.save(legacy_densenet_keys(state) if family == "densenet" else state, tmp_path / "weights.pth")
-    meta = converters.convert(str(tmp_path / "weights.pth"), str(tmp_path / "params"), variant)
+    meta = convert(str(tmp_path / "weights.pth"), str(tmp_path / "params"), variant)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed + 2))
     with torch.no_grad():
         ref = {k: v.numpy() for k, v in model(images).items()}
@@ -185,7 +193,7 @@ def test_structural_options_match_plain_torch(name, tmp_path):
     model = _reference(family, kw, seed=sum(map(ord, name)))
     torch.save(model.state_dict(), tmp_path / "w.pth")
     (tmp_path / "config.json").write_text(json.dumps({**kw, "family": family}))
-    converters.convert(str(tmp_path / "w.pth"), str(tmp_path / "p"), family, str(tmp_path / "config.json"))
+    convert(str(tmp_path / "w.pth"), str(tmp_path / "p"), family, str(tmp_path / "config.json"))
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ref = model(images)
@@ -212,7 +220,7 @@ def test_parameter_counts_of_every_torchvision_variant():
 def _torch_bottleneck():
     torch.manual_seed(0)
     downsample = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False), torch.nn.BatchNorm2d(32))
-    from cnn_reference import Bottleneck as TorchBottleneck
+    from medjax.models.resnet.tests.torchvision_reference import Bottleneck as TorchBottleneck
 
     block = TorchBottleneck(16, 8, stride=2, downsample=downsample)
     return perturb_(block, 1)
@@ -277,7 +285,7 @@ def test_whole_model_train_mode_matches_torch(name, tmp_path, matmul_f32):
     _fixture_config(name)
     if folder == "vgg":  # the fixture VGG has no BatchNorm: train mode differs only by dropout
         model.classifier[2].p = model.classifier[5].p = 0.0
-    converters.convert(fixture_path(folder, ckpt), str(tmp_path / "p"), folder, fixture_path(folder, config))
+    convert(fixture_path(folder, ckpt), str(tmp_path / "p"), folder, fixture_path(folder, config))
     mj_config, variables, _ = models.load_pretrained(str(tmp_path / "p"))
     if folder == "vgg":
         import dataclasses
@@ -294,7 +302,7 @@ def test_whole_model_train_mode_matches_torch(name, tmp_path, matmul_f32):
     assert bool(flat) == (folder != "vgg")
     # torch's updated statistics, renamed by the converter's key table
     torch.save(model.state_dict(), tmp_path / "trained.pth")
-    converters.convert(str(tmp_path / "trained.pth"), str(tmp_path / "t"), folder, fixture_path(folder, config))
+    convert(str(tmp_path / "trained.pth"), str(tmp_path / "t"), folder, fixture_path(folder, config))
     torch_stats = pretrained.flatten(models.load_pretrained(str(tmp_path / "t"))[1].get("batch_stats", {}))
     assert sorted(torch_stats) == sorted(flat)
     for path, value in flat.items():
@@ -383,8 +391,8 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     state["features.denseblock9.extra.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(ConversionError) as e:
-        converters.convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "densenet",
-                           fixture_path("densenet", "config.json"))
+        convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "densenet",
+                fixture_path("densenet", "config.json"))
     message = str(e.value)
     assert "features.denseblock2.denselayer1.norm.2.running_var" in message
     assert "shape mismatches" in message and "features.denseblock1.denselayer1.conv.1.weight" in message
@@ -400,7 +408,7 @@ def test_vgg_batchnorm_weights_are_told_from_conv_kernels(tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"cfg": [4, "M", 6, "M"], "batch_norm": True, "num_classes": 3,
                                "classifier_hidden": 8}))
-    converters.convert(str(tmp_path / "bn.pth"), str(tmp_path / "ok"), "vgg", str(cfg))
+    convert(str(tmp_path / "bn.pth"), str(tmp_path / "ok"), "vgg", str(cfg))
     x = torch.randn(2, 3, 20, 20, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(x)
@@ -412,9 +420,9 @@ def test_vgg_batchnorm_weights_are_told_from_conv_kernels(tmp_path):
         state.pop(f"features.5.{stat}")  # the second conv's BatchNorm
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(ConversionError, match=r"features\.5\.weight"):
-        converters.convert(str(tmp_path / "broken.pth"), str(tmp_path / "bad"), "vgg", str(cfg))
+        convert(str(tmp_path / "broken.pth"), str(tmp_path / "bad"), "vgg", str(cfg))
     with pytest.raises(ConversionError, match=r"features\.1\.weight"):  # a _bn file for a plain VGG config
-        converters.convert(str(tmp_path / "bn.pth"), str(tmp_path / "bad2"), "vgg16")
+        convert(str(tmp_path / "bn.pth"), str(tmp_path / "bad2"), "vgg16")
 
 
 def test_wrong_family_is_named(tmp_path):

@@ -8,14 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
-from vmamba_reference import selective_scan_ref
 
-import converters
-from converters import CheckpointError, ConversionError
 from medjax import models
+from medjax.convert import CheckpointError, ConversionError, convert
 from medjax.models import VARIANTS, vmamba
 from medjax.models.vmamba.convert import vssm_config
+from medjax.models.vmamba.tests.vmamba_reference import selective_scan_ref
+from medjax.testing import (
+    assert_fixture_outputs,
+    conversion_error,
+    convert_and_embed,
+    fixture_path,
+    max_abs,
+    without_keys,
+)
 
 CKPT, CFG = fixture_path("vmamba", "checkpoint.pth"), fixture_path("vmamba", "config.json")
 TOL = 1e-4  # the bar; measured: pooled_feature 1.2e-6, last_stage_feature_map 7.2e-6
@@ -190,13 +196,10 @@ def test_tiny_fixture_count_formula():
 # ------------------------------------------------------------------------------------------------ bad inputs
 
 def test_missing_A_logs_is_named(tmp_path):
-    ckpt = torch.load(CKPT, weights_only=True)
-    del ckpt["model"]["layers.2.blocks.1.op.A_logs"]
-    torch.save(ckpt, tmp_path / "bad.pth")
-    with pytest.raises(ConversionError) as info:
-        converters.convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "vmamba", CFG)
-    assert info.value.missing == ["layers.2.blocks.1.op.A_logs (for layers_2/blocks_1/op/A_logs)"]
-    assert "classifier.head" in str(info.value)  # the documented ignorable keys are quoted
+    bad = without_keys(CKPT, tmp_path / "bad.pth", "model/layers.2.blocks.1.op.A_logs")
+    error = conversion_error(bad, str(tmp_path / "out"), "vmamba", CFG)
+    assert error.missing == ["layers.2.blocks.1.op.A_logs (for layers_2/blocks_1/op/A_logs)"]
+    assert "classifier.head" in str(error)  # the documented ignorable keys are quoted
     assert not (tmp_path / "out").exists()
 
 
@@ -205,7 +208,7 @@ def test_misshaped_x_proj_weight_is_a_shape_error(tmp_path):
     ckpt["model"]["layers.0.blocks.0.op.x_proj_weight"] = ckpt["model"]["layers.0.blocks.0.op.x_proj_weight"][:, :2]
     torch.save(ckpt, tmp_path / "bad.pth")
     with pytest.raises(ConversionError) as info:
-        converters.convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "vmamba", CFG)
+        convert(str(tmp_path / "bad.pth"), str(tmp_path / "out"), "vmamba", CFG)
     assert any("layers.0.blocks.0.op.x_proj_weight" in m and "(4, 2, 32)" in m for m in info.value.mismatched)
 
 
@@ -222,7 +225,7 @@ def test_unsupported_config_is_refused_by_name(tmp_path, change, named):
     cfg = {**json.load(open(CFG)), **change}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError) as info:
-        converters.convert(CKPT, str(tmp_path / "out"), "vmamba", str(tmp_path / "cfg.json"))
+        convert(CKPT, str(tmp_path / "out"), "vmamba", str(tmp_path / "cfg.json"))
     assert named in str(info.value)
 
 
@@ -237,10 +240,10 @@ def test_ema_weights_are_taken_with_ema(tmp_path):
     ckpt = torch.load(CKPT, weights_only=True)
     ema = {k: v + 1.0 for k, v in ckpt["model"].items()}
     torch.save({"model": ckpt["model"], "model_ema": ema, "epoch": 3}, tmp_path / "both.pth")
-    converters.convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "vmamba", CFG, ema=True)
+    convert(str(tmp_path / "both.pth"), str(tmp_path / "ema"), "vmamba", CFG, ema=True)
     _, params_vars, _ = models.load_pretrained(str(tmp_path / "ema"))
     params = params_vars["params"]
     expected = ema["layers.1.blocks.0.op.A_logs"].numpy()
     assert max_abs(params["layers_1"]["blocks_0"]["op"]["A_logs"], expected) == 0
     with pytest.raises(CheckpointError, match="model_ema"):
-        converters.convert(CKPT, str(tmp_path / "no_ema"), "vmamba", CFG, ema=True)
+        convert(CKPT, str(tmp_path / "no_ema"), "vmamba", CFG, ema=True)

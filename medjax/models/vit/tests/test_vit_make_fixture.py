@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import fixture_path
 
 from medjax.models.vit import make_fixture
+from medjax.testing import fixture_path
 
 # float32 results of the same upstream code on other CPUs' kernels (oneDNN's convolution, MKL): well below the
 # parity tolerance, far above what a wrong seed, recipe or config would give (O(0.1))

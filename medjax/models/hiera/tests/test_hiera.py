@@ -9,14 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import PARITY_TOL, fixture_path, max_abs, perturb_, run_cli
 
-import converters
-from converters import CheckpointError, ConversionError
 from medjax import models, pretrained
+from medjax.convert import CheckpointError, ConversionError, convert
 from medjax.models import VARIANTS
 from medjax.models.hiera import block_plan, input_size_problem
 from medjax.models.hiera import convert as hiera
+from medjax.testing import PARITY_TOL, conversion_error, fixture_path, max_abs, perturb_, run_cli, without_keys
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,7 +92,7 @@ def hf_models(tmp_path_factory):
         model = _perturbed(transformers.Sam2VisionModel(_vision_config(backbone, fpn)), seed=10 + seed)
         root = tmp_path_factory.mktemp(name)
         model.save_pretrained(root / "hf")
-        meta = converters.convert(str(root / "hf"), str(root / "jx"), "sam2_hiera")
+        meta = convert(str(root / "hf"), str(root / "jx"), "sam2_hiera")
         assert meta["source"]["format"] == "sam2_transformers_vision"
         assert meta["num_params"] == sum(p.numel() for p in model.parameters())
         out[name] = (model, str(root / "jx"))
@@ -153,7 +152,7 @@ def test_transformers_sam2model_file(hf_models, tmp_path):
     sam = transformers.Sam2Model(config)
     sam.vision_encoder.load_state_dict(vision.state_dict())
     sam.save_pretrained(tmp_path / "sam2")
-    meta = converters.convert(str(tmp_path / "sam2"), str(tmp_path / "jx"), "sam2_hiera")
+    meta = convert(str(tmp_path / "sam2"), str(tmp_path / "jx"), "sam2_hiera")
     assert meta["source"]["format"] == "sam2_transformers" and meta["source"]["ignored_keys_outside_prefix"] > 0
     ours = pretrained.flatten(models.load_pretrained(str(tmp_path / "jx"))[1]["params"])
     reference = pretrained.flatten(models.load_pretrained(params_dir)[1]["params"])
@@ -247,9 +246,9 @@ def test_sam2_checkpoint_as_another_family(tmp_path, family):
     if family not in models.FAMILIES:
         pytest.skip(f"no {family} family registered")
     with pytest.raises(CheckpointError, match=f"not a {family} checkpoint.*looks like a sam2_hiera checkpoint"):
-        converters.convert(CKPT, str(tmp_path / "out"), family, fixture_path(family, "config.json"))
+        convert(CKPT, str(tmp_path / "out"), family, fixture_path(family, "config.json"))
     with pytest.raises(CheckpointError, match="not a sam2_hiera checkpoint.*looks like a dinov2 checkpoint"):
-        converters.convert(fixture_path("dinov2", "checkpoint.pth"), str(tmp_path / "out"), "sam2_hiera", CFG)
+        convert(fixture_path("dinov2", "checkpoint.pth"), str(tmp_path / "out"), "sam2_hiera", CFG)
     assert not (tmp_path / "out").exists()
 
 
@@ -258,19 +257,16 @@ def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt") as info:
-        converters.convert(str(path), str(tmp_path / "out"), "sam2_hiera", CFG)
+        convert(str(path), str(tmp_path / "out"), "sam2_hiera", CFG)
     assert str(path) in str(info.value)
 
 
 def test_missing_keys_and_wrong_variant(tmp_path):
-    state = torch.load(CKPT, weights_only=True)
-    del state["model"]["image_encoder.trunk.blocks.3.proj.weight"]
-    torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(ConversionError) as info:
-        converters.convert(str(tmp_path / "bad.pt"), str(tmp_path / "out"), "sam2_hiera", CFG)
-    assert info.value.missing == ["trunk.blocks.3.proj.weight (for blocks_3/proj/kernel)"]
+    bad = without_keys(CKPT, tmp_path / "bad.pt", "model/image_encoder.trunk.blocks.3.proj.weight")
+    error = conversion_error(bad, str(tmp_path / "out"), "sam2_hiera", CFG)
+    assert error.missing == ["trunk.blocks.3.proj.weight (for blocks_3/proj/kernel)"]
     with pytest.raises(ConversionError, match=r"trunk.pos_embed.*gives \(1, 4, 4, 16\).*expects \(1, 14, 14, 112\)"):
-        converters.convert(CKPT, str(tmp_path / "out"), "sam2.1_hiera_b+")
+        convert(CKPT, str(tmp_path / "out"), "sam2.1_hiera_b+")
 
 
 def test_bad_configs(tmp_path):
@@ -278,7 +274,7 @@ def test_bad_configs(tmp_path):
 
     def convert_with(cfg):
         (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-        converters.convert(CKPT, str(tmp_path / "out"), "sam2_hiera", str(tmp_path / "cfg.json"))
+        convert(CKPT, str(tmp_path / "out"), "sam2_hiera", str(tmp_path / "cfg.json"))
 
     with pytest.raises(CheckpointError, match=r"trunk: Hiera\): unsupported constructor arguments \['windows_spec'\]"):
         convert_with(base | {"trunk": base["trunk"] | {"windows_spec": [8, 4, 4, 2]}})

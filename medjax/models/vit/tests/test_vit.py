@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import fixture_path, max_abs
 
-import converters
 from medjax import conversion, models
+from medjax.convert import CONVERTER_VERSION, convert
 from medjax.models.vit import convert as vit
+from medjax.testing import fixture_path, max_abs
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,7 +113,7 @@ def test_load_time_pos_embed_resize(tmp_path, family, antialias):
         cfg["img_size"] = 96
         name, key = "checkpoint.pth", "pos_embed"
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    converters.convert(fixture_path(family, name), str(tmp_path / "out"), family, str(tmp_path / "cfg.json"))
+    convert(fixture_path(family, name), str(tmp_path / "out"), family, str(tmp_path / "cfg.json"))
     _, params_vars, _ = models.load_pretrained(str(tmp_path / "out"))
     params = params_vars["params"]
     state = conversion.read_state_dict(fixture_path(family, name))
@@ -128,8 +128,8 @@ def test_load_time_pos_embed_resize(tmp_path, family, antialias):
 def test_fixed_grid_families_reject_other_input_sizes(tmp_path):
     import jax.numpy as jnp
 
-    converters.convert(fixture_path("mae", "checkpoint.pth"), str(tmp_path / "out"), "mae",
-                       fixture_path("mae", "config.json"))
+    convert(fixture_path("mae", "checkpoint.pth"), str(tmp_path / "out"), "mae",
+            fixture_path("mae", "config.json"))
     config, params_vars, _ = models.load_pretrained(str(tmp_path / "out"))
     params = params_vars["params"]
     with pytest.raises(ValueError, match="convert the checkpoint again with `img_size`"):
@@ -137,8 +137,8 @@ def test_fixed_grid_families_reject_other_input_sizes(tmp_path):
 
 
 def test_metadata(tmp_path):
-    meta = converters.convert(fixture_path("deit", "checkpoint.pth"), str(tmp_path / "out"), "deit",
-                              fixture_path("deit", "config.json"))
+    meta = convert(fixture_path("deit", "checkpoint.pth"), str(tmp_path / "out"), "deit",
+                   fixture_path("deit", "config.json"))
     saved = json.load(open(tmp_path / "out" / "medjax.json"))
     assert saved["family"] == "deit" and saved["architecture"]["width"] == 64
     assert saved["source"]["file"] == "checkpoint.pth" and saved["source"]["format"] == "deit_official"
@@ -146,7 +146,7 @@ def test_metadata(tmp_path):
 
     assert saved["source"]["sha256"] == hashlib.sha256(open(fixture_path("deit", "checkpoint.pth"),
                                                             "rb").read()).hexdigest()
-    assert saved["converter_version"] == converters.CONVERTER_VERSION
+    assert saved["converter_version"] == CONVERTER_VERSION
     state = conversion.read_state_dict(fixture_path("deit", "checkpoint.pth"))
     assert meta["num_params"] == saved["num_params"] == sum(v.size for k,
                                                             v in state.items() if not k.startswith("head."))

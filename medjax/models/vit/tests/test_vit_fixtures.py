@@ -4,7 +4,8 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
+
+from medjax.testing import assert_fixture_outputs, convert_and_embed, fixture_path, max_abs
 
 CASES = [  # (fixture, checkpoint file, --model)
     ("dinov2", "checkpoint.pth", "dinov2"),
@@ -18,7 +19,7 @@ CASES = [  # (fixture, checkpoint file, --model)
     ("aimv2", "hf_native/model.safetensors", "aimv2"),  # the same weights in transformers' Aimv2VisionModel naming
 ]
 # debug_* arrays medjax does not produce: DeiT's ImageNet classifier output (the head is dropped on purpose), and
-# DINOv2's interpolated pos-embed, which is checked in tests/test_vit.py instead.
+# DINOv2's interpolated pos-embed, which is checked in test_vit.py instead.
 NOT_PRODUCED = {"debug_logits", "debug_interpolated_pos_embed"}
 
 
