@@ -61,6 +61,7 @@ def save_fixture(out: str, config: dict, images, expected: dict, checkpoints: di
     np.save(os.path.join(out, "images.npy"), images.numpy())
     np.savez(os.path.join(out, "expected.npz"), **{k: v.detach().numpy() for k, v in expected.items()})
 
+
 def hooked(model, images, modules: dict, inputs: dict | None = None) -> dict:
     """One `model(images)` with forward hooks: `modules` {name: module} give their outputs, `inputs` {name: module}
     their (first) inputs, cloned (DenseNet's forward applies an in-place ReLU to its features' output); returns
@@ -76,27 +77,34 @@ def hooked(model, images, modules: dict, inputs: dict | None = None) -> dict:
     return {"logits": logits, **captured}
 
 
-def fixture_main(make, family: str, argv=None) -> int:
-    """The fixture scripts' command line: `python -m medjax.models.<family>.make_fixture OUT_DIR [--torchvision-shim]
-    [--cpu avx2|native]`, then `make(OUT_DIR)`."""
+def fixture_main(make, family: str, argv=None, upstream: str | None = None, seed: int | None = None,
+                 cpu: str = "avx2") -> int:
+    """The fixture scripts' command line: `python -m medjax.models.<family>.make_fixture OUT_DIR [--upstream DIR]
+    [--seed N] [--torchvision-shim] [--cpu avx2|native]`, then `make(OUT_DIR[, DIR][, seed=N])`. `upstream`: the help
+    of a required `--upstream` (a checkout of the upstream code); `seed`: the default of `--seed`."""
     p = argparse.ArgumentParser(prog=f"python -m medjax.models.{family}.make_fixture",
                                 description=sys.modules[make.__module__].__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the folder to write (created)")
+    if upstream:
+        p.add_argument("--upstream", required=True, help=upstream)
+    if seed is not None:
+        p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--torchvision-shim", action="store_true",
                    help="declare torchvision::nms/qnms first (PyPI's CUDA torchvision build on a CPU-only torch)")
-    p.add_argument("--cpu", choices=["avx2", "native"], default="avx2",
-                   help="avx2 (default): torch's kernels and oneDNN's convolutions limited to AVX2 "
-                        "(ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, set before the first op), as on the CPU that made "
-                        "the committed fixtures; AVX-512 kernels round differently (1e-7 to 1e-6)")
+    p.add_argument("--cpu", choices=["avx2", "native"], default=cpu,
+                   help=f"avx2: torch's kernels and oneDNN's convolutions limited to AVX2 (ATEN_CPU_CAPABILITY, "
+                        f"ONEDNN_MAX_CPU_ISA, set before the first op), as on the CPU that made the committed "
+                        f"fixtures; AVX-512 kernels round differently (1e-7 to 1e-6); default {cpu}")
     a = p.parse_args(argv)
     if a.cpu == "avx2":
         os.environ.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
     if a.torchvision_shim:
         torchvision_shim()
-    make(a.out)
+    make(a.out, *([a.upstream] if upstream else []), **({"seed": a.seed} if seed is not None else {}))
     print(f"wrote {a.out}")
     return 0
+
 
 def perturb_(model, seed: int = 0):
     """Add seeded noise to every floating parameter and buffer of a torch model, in its own order, from one generator:

@@ -27,7 +27,6 @@ fixture, from the stage-3 blocks on; no SDPA backend, thread count, oneDNN or MK
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 
 from medjax.errors import cli_main
-from medjax.models.fixtures import import_upstream, seeded_images, versions, write_json
+from medjax.models.fixtures import fixture_main, import_upstream, seeded_images, versions, write_json
 
 COMMIT = "2b90b9f5ceec907a1c18123530e92e794ad901a4"
 TRUNK = {"embed_dim": 16, "num_heads": 1, "drop_path_rate": 0.0, "q_pool": 3, "q_stride": [2, 2],
@@ -134,15 +133,8 @@ def make(out: str, upstream: str, seed: int = 101) -> None:
 
 @cli_main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medjax.models.hiera.make_fixture", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="the folder to write (created)")
-    p.add_argument("--upstream", required=True, help="a checkout of github.com/facebookresearch/sam2")
-    p.add_argument("--seed", type=int, default=101)
-    a = p.parse_args(argv)
-    make(a.out, a.upstream, a.seed)
-    print(f"wrote {a.out}")
-    return 0
+    return fixture_main(make, "hiera", argv, upstream="a checkout of github.com/facebookresearch/sam2", seed=101,
+                        cpu="native")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ setting reproduced them).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 
 from medjax.errors import UserError, cli_main
-from medjax.models.fixtures import import_upstream, seeded_images, torchvision_shim, versions, write_json
+from medjax.models.fixtures import fixture_main, import_upstream, seeded_images, versions, write_json
 
 COMMIT = "2ed52ead062a51a64521ed3871d52914bf532876"
 CONFIG = {"patch_size": 4, "in_chans": 3, "num_classes": 10, "depths": [1, 1, 2, 1], "dims": 16, "ssm_d_state": 1,
@@ -127,19 +126,8 @@ def make(out: str, upstream: str, seed: int = 303) -> None:
 
 @cli_main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medjax.models.vmamba.make_fixture", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="the folder to write (created)")
-    p.add_argument("--upstream", required=True, help="a checkout of github.com/MzeroMiko/VMamba")
-    p.add_argument("--seed", type=int, default=303)
-    p.add_argument("--torchvision-shim", action="store_true",
-                   help="declare torchvision::nms/qnms first (a CUDA torchvision build on CPU-only torch)")
-    a = p.parse_args(argv)
-    if a.torchvision_shim:
-        torchvision_shim()
-    make(a.out, a.upstream, a.seed)
-    print(f"wrote {a.out}")
-    return 0
+    return fixture_main(make, "vmamba", argv, upstream="a checkout of github.com/MzeroMiko/VMamba", seed=303,
+                        cpu="native")
 
 
 if __name__ == "__main__":
