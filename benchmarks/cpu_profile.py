@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_profile.py split [--model mae_vit_base_patch16] [--rounds 3] [--steps 3]
     python benchmarks/cpu_profile.py matmul [--rounds 3]
-    python benchmarks/cpu_profile.py flags [--rounds 3] [--variant NAME=XLA_FLAGS ...]
+    python benchmarks/cpu_profile.py flags [--rounds 3] [--variant NAME=XLA_FLAGS ...] [--dtype bfloat16]
 
 The step is `benchmarks/train_step.py`'s (full fine-tuning, float32, 224 px, batch 8, AdamW, clipping 1.0); each
 framework runs in its own subprocess and the subprocesses alternate (medjax, PyTorch, medjax, ...), so that both see
@@ -363,11 +363,11 @@ def matmul_main(args):
 def flags_main(args):
     variants = dict(v.split("=", 1) for v in args.variant) if args.variant else dict(VARIANTS)
     base = os.environ.get("XLA_FLAGS", "")
-    step_args = ["--model", args.model, "--steps", str(args.steps), "--warmup", "1"]
+    step_args = ["--model", args.model, "--steps", str(args.steps), "--warmup", "1", "--dtype", args.dtype]
     rel = {v: [] for v in variants}
     rates, cpu_rates = collections.defaultdict(list), collections.defaultdict(list)
     for r in range(args.rounds):
-        order = [("default", None), ("pytorch", None)] + [(v, variants[v]) for v in variants]
+        order = [("default", None)] + [("pytorch", None)] * args.pytorch + [(v, variants[v]) for v in variants]
         got = {}
         for name, flags in order:
             env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -391,7 +391,7 @@ def flags_main(args):
                 rel[v].append(got[v] / got["default"])
     print("| XLA flags | img/s (median) | images per CPU-second | vs default flags, per round | median |\n"
           "|---|---|---|---|---|")
-    for name in ["default", "pytorch", *variants]:
+    for name in ["default", *["pytorch"] * args.pytorch, *variants]:
         flags = variants.get(name, "(PyTorch eager)" if name == "pytorch" else "(none)")
         per = ", ".join(f"{x:.2f}" for x in rel.get(name, []))
         med = f"{statistics.median(rel[name]):.2f}" if rel.get(name) else "-"
@@ -409,6 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (after 2 untimed)")
     p.add_argument("--repeats", type=int, default=5, help="matmul: timed repeats per product")
     p.add_argument("--variant", action="append", help="flags: NAME=XLA_FLAGS (repeatable; default: VARIANTS)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="flags: the step's compute dtype (PyTorch: autocast); split and matmul are float32")
+    p.add_argument("--pytorch", action=argparse.BooleanOptionalAction, default=True,
+                   help="flags: also run PyTorch's step in every round")
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
