@@ -179,17 +179,19 @@ def _bytes_on(device, tree) -> int:
 
 def _time_steps(args, batches, run_one) -> dict:
     """Runs warm-up then timed steps; a step is timed until its result is ready."""
-    times, reset, peak = [], False, 0.0
+    times, cpu, reset, peak = [], [], False, 0.0
     for i, batch in enumerate(batches):
         if i == args.warmup:
             peak = peak_rss_gib()  # compilation and warm-up included
             reset = _reset_peak_rss()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_one(batch)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     median = statistics.median(times)
-    return {"step_s": [round(t, 4) for t in times], "median_step_s": median,
+    # CPU seconds of the process (all its threads) per step: less sensitive than wall time to other jobs' load
+    return {"step_s": [round(t, 4) for t in times], "median_step_s": median, "median_cpu_s": statistics.median(cpu),
             "images_per_s": args.batch_size / median, "mean_images_per_s": args.batch_size * len(times) / sum(times),
             "steady_rss_gib": _rss_gib("VmHWM") if reset else None, "peak_rss_gib": max(peak, peak_rss_gib())}
 
