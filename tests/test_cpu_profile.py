@@ -7,8 +7,8 @@ import sys
 
 import jax
 import numpy as np
-from conftest import ROOT
 
+from conftest import ROOT
 from medjax import engine
 from medjax.models.vit import ViTConfig
 from medjax.schema import make
