@@ -8,10 +8,10 @@ import sys
 import jax
 import numpy as np
 
-from conftest import ROOT
 from medjax import engine
 from medjax.models.vit import ViTConfig
 from medjax.schema import make
+from medjax.testing import ROOT
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # benchmarks/ is not an installed package
