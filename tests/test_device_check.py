@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 from medjax.testing import ROOT
 
@@ -13,7 +14,7 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 
 def test_dry_run_end_to_end(tmp_path):
     proc = subprocess.run(["bash", SCRIPT, "--dry-run", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})  # this interpreter
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "device_check.json").read_text())
     assert set(results) == {"env", "medjax", "pytorch", "input"}
