@@ -2,8 +2,8 @@
 TPU slices with `medjax.plan` (needs libtpu: the `tpu` extra), and the study grid's chip-hours.
 
     PYTHONPATH=.:LIBTPU_DIR python benchmarks/plan_table.py [--topologies v5e:2x4,v4:2x2x1,v5p:2x2x1]
-        [--models dinov2_g,aimv2_h,...] [--results benchmarks/results/plan_table.jsonl]
-        [--grid-json benchmarks/results/grid_plan_v5e.json] [--output docs/plan_table.md]
+        [--models dinov2_g,aimv2_h,...] [--results benchmarks/plans/plan_table.jsonl]
+        [--grid-json benchmarks/plans/grid_plan_v5e.json] [--output docs/plan_table.md]
 
 Each (model, topology) is the reference study's recipe (batch 64, bf16 compute, full fine-tuning, linear head,
 224 px; SAM ViT-H at its 1,024 px) on APTOS (3 channels, 5 classes), data parallel. When it does not fit, the plan
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--topologies", default=",".join(SLICES))
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results", "plan_table.jsonl"),
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "plans", "plan_table.jsonl"),
                    help="JSON lines, appended; a rerun skips what is there (the committed file: the rows so far)")
     p.add_argument("--grid-json", help="a file whose last line is `python -m medjax.grid plan`'s JSON")
     p.add_argument("--mfu", type=float, default=0.4)
