@@ -1,9 +1,12 @@
-"""What the benchmarks (and the tests that check their claims) measure the same way: XLA compilations and peak RSS."""
+"""What the benchmarks (and the tests that check their claims) measure the same way: XLA compilations, peak RSS and
+the median time of a call."""
 
 from __future__ import annotations
 
 import contextlib
 import resource
+import statistics
+import time
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -30,3 +33,14 @@ def count_compiles():
 def peak_rss_gib() -> float:
     """This process's peak resident set size (Linux: ru_maxrss is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """The median wall time of `fn()` over `repeats` calls, after two untimed warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

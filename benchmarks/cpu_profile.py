@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import train_step as ts  # noqa: E402
+from benchmarks._common import median_seconds  # noqa: E402
 
 TRACEME = "--xla_cpu_enable_xprof_traceme=true"
 # XLA:CPU flags of jaxlib 0.10.2 that could change the step's speed (listed by XLA_FLAGS=--help).
@@ -242,16 +243,6 @@ def matmul_shapes():
     return out
 
 
-def _median_s(fn, repeats: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def matmul_xla(args) -> dict:
     import jax
     import numpy as np
@@ -270,7 +261,7 @@ def matmul_xla(args) -> dict:
             a, b, dims = rng.standard_normal((m, k)), rng.standard_normal((k, n)), (((1,), (0,)), ((), ()))
         a, b = jax.numpy.asarray(a, np.float32), jax.numpy.asarray(b, np.float32)
         fn = jax.jit(lambda a, b, dims=dims: lax.dot_general(a, b, dims))
-        out[name] = _median_s(lambda: fn(a, b).block_until_ready(), args.repeats)
+        out[name] = median_seconds(lambda: fn(a, b).block_until_ready(), args.repeats)
     return {"seconds": out, "load": load()}
 
 
@@ -286,7 +277,7 @@ def matmul_torch(args) -> dict:
             a, b = torch.randn(m, k), torch.randn(n, k).t()
         else:
             a, b = torch.randn(m, k), torch.randn(k, n)
-        out[name] = _median_s(lambda: torch.mm(a, b), args.repeats)
+        out[name] = median_seconds(lambda: torch.mm(a, b), args.repeats)
     return {"seconds": out, "load": load()}
 
 

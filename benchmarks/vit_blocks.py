@@ -12,21 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _median_ms(fn, repeats: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+from benchmarks._common import median_seconds  # noqa: E402
 
 
 def blocks(args):
@@ -52,7 +42,7 @@ def blocks(args):
     for name, barrier in (("with the barrier (medjax)", built), ("without the barrier", lambda t: t)):
         vit._materialize_cotangent = barrier
         grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply(p, x) ** 2)))
-        ms = _median_ms(lambda: jax.block_until_ready(grad(params, x)), args.repeats)
+        ms = 1e3 * median_seconds(lambda: jax.block_until_ready(grad(params, x)), args.repeats)
         print(f"{args.depth} blocks, {args.tokens} tokens, {name}: {ms / 1e3:.3f} s")
     vit._materialize_cotangent = built
 
@@ -79,7 +69,7 @@ def attention(args):
 
     for name, fn in (("jax.nn.dot_product_attention", tokens_major), ("head_major_attention (medjax)", heads_major)):
         grad = jax.jit(jax.grad(lambda a: jnp.sum(fn(a) * weight)))
-        ms = _median_ms(lambda: grad(qkv).block_until_ready(), args.repeats)
+        ms = 1e3 * median_seconds(lambda: grad(qkv).block_until_ready(), args.repeats)
         print(f"{t} tokens, {name}: forward + backward {ms:.1f} ms")
 
 
