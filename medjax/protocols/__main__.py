@@ -134,10 +134,9 @@ def run(args) -> dict:
                                 avgpool=(False, True), lrs=args.lrs, epochs=args.epochs, batch_size=args.batch_size,
                                 seed=args.probe_seed, retrain=not args.no_retrain, log=_log, **common)
         return head | r | {"head_file": os.path.join(args.workdir, r["head_file"])}
-    heads, skipped = linear_probe.head_grid(args.blocks, (False, True), args.lrs, max_blocks=info["num_blocks"])
+    heads, skipped = linear_probe.head_grid(args.blocks, (False, True), args.lrs, max_blocks=info["num_blocks"],
+                                            log=_log)
     head["skipped_heads"] = skipped
-    if skipped:
-        _log(f"skipped {len(skipped)} head(s) needing more than the backbone's {info['num_blocks']} block(s)")
     return head | few_shot.few_shot(feats["train"], feats["val"], feats["test"], ds.splits["train"],
                                     shots=args.shots, seeds=args.seeds, heads=heads, epochs=args.epochs,
                                     batch_size=args.batch_size, **common)

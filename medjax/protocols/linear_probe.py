@@ -51,14 +51,16 @@ class HeadSpec:
         return {"head": self.name, "n_last_blocks": self.n_blocks, "avgpool": self.avgpool, "lr": self.lr}
 
 
-def head_grid(blocks=BLOCKS, avgpool=AVGPOOL, lrs=LRS, max_blocks: int | None = None):
+def head_grid(blocks=BLOCKS, avgpool=AVGPOOL, lrs=LRS, max_blocks: int | None = None, log=None):
     """(heads, skipped): the grid in order n, avgpool, lr; heads asking for more blocks than `max_blocks` are skipped
-    (listed by name) rather than silently clipped into duplicates."""
+    (listed by name, and said through `log`) rather than silently clipped into duplicates."""
     heads = [HeadSpec(int(n), bool(a), float(lr)) for n in blocks for a in avgpool for lr in lrs]
     keep = [h for h in heads if max_blocks is None or h.n_blocks <= max_blocks]
     skipped = [h.name for h in heads if h not in keep]
     if not keep:
         raise ValueError(f"no head of the grid fits a backbone with {max_blocks} block(s): blocks={list(blocks)}")
+    if skipped and log:
+        log(f"skipped {len(skipped)} head(s) needing more than the backbone's {max_blocks} block(s)")
     return keep, skipped
 
 
@@ -252,9 +254,7 @@ def run(feats: dict, workdir: str, *, task: str, class_names, target_metric: str
     backbone's `max_blocks` blocks skipped, and said), selection on val, the chosen head retrained on train + val,
     tested once. The final head is written atomically to `workdir/probe_head.npz`. Returns (the result without the
     head's arrays, with `skipped_heads` and `head_file`; the final head's test probabilities)."""
-    heads, skipped = head_grid(blocks, avgpool, lrs, max_blocks=max_blocks)
-    if skipped and log:
-        log(f"skipped {len(skipped)} head(s) needing more than the backbone's {max_blocks} block(s)")
+    heads, skipped = head_grid(blocks, avgpool, lrs, max_blocks=max_blocks, log=log)
     result = linear_probe(feats["train"], feats["val"], feats["test"], task=task, class_names=class_names,
                           target_metric=target_metric, heads=heads, epochs=epochs, batch_size=batch_size, seed=seed,
                           retrain=retrain)
