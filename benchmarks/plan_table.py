@@ -5,13 +5,13 @@ TPU slices with `medjax.plan` (needs libtpu: the `tpu` extra), and the study gri
         [--models dinov2_g,aimv2_h,...] [--results benchmarks/plans/plan_table.jsonl]
         [--grid-json benchmarks/plans/grid_plan_v5e.json] [--output docs/plan_table.md]
 
-Each (model, topology) is the reference study's recipe (batch 64, bf16 compute, full fine-tuning, linear head,
-224 px; SAM ViT-H at its 1,024 px) on APTOS (3 channels, 5 classes), data parallel. When it does not fit, the plan
-compiles the changes one at a time (FSDP over every chip; remat + scan; both) and, if none fits, bisects the
-largest global batch that fits. Results are appended to --results as JSON lines, and a rerun skips what is there
-(compiles of the big models take minutes each on a small host). --grid-json: the JSON line of `python -m medjax.grid
-plan`, whose FLOPs give the grid's chip-hours on each topology's chip.
-"""
+Each (model, topology) is the reference study's recipe (batch 64, bf16 compute, full fine-tuning, linear head, 224
+px; SAM ViT-H at its 1,024 px) on APTOS (3 channels, 5 classes), data parallel. When it does not fit, the plan
+compiles the changes one at a time (FSDP over every chip; remat, + scan where offered; both) and, if none fits,
+bisects the largest global batch that fits as asked and with all the changes (`medjax.plan.suggestions`). Results
+are appended to --results as JSON lines, and a rerun skips what is there (compiles of the big models take minutes
+each on a small host). --grid-json: the JSON line of `python -m medjax.grid plan`, whose FLOPs give the grid's
+chip-hours on each topology's chip. """
 
 from __future__ import annotations
 
@@ -61,9 +61,7 @@ def plan_one(key: str, topology: str, tgt) -> dict:
            "image_size": size, "per_chip_bytes": train.peak, "hbm_bytes": limit, "fits": train.peak <= limit,
            "out_of_memory": bool(train.out_of_memory), "compile_seconds": round(train.seconds, 1)}
     if not row["fits"]:
-        row["fixes"] = plan.fixes(config, tgt, shape, limit)
-        if not any(f["fits"] for f in row["fixes"]):
-            row["largest_batch"] = plan.largest_batch(config, tgt, shape, limit)[0]
+        row.update(plan.suggestions(config, tgt, shape, limit))
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -78,9 +76,11 @@ def what_it_takes(row: dict) -> str:
         best = min(fitting, key=lambda f: len(f["change"]))
         change = ", ".join(f"{k}={v}" for k, v in best["change"].items())
         return f"{change} ({best['per_chip_bytes'] / plan.GiB:.1f} GiB)"
-    largest = row.get("largest_batch")
-    return f"nothing tried fits batch 64; largest batch that fits: {largest}" if largest else \
-        "nothing tried fits, not even one image per chip"
+    said = f"nothing tried fits batch {row['batch_size']}; largest batch data parallel: {row['largest_batch']}"
+    if "largest_batch_with" in row:
+        w = row["largest_batch_with"]
+        said += f"; with {', '.join(f'{k}={v}' for k, v in w['change'].items())}: {w['batch_size']}"
+    return said
 
 
 def render(rows: list[dict], grid: dict | None, mfu: float) -> str:

@@ -2,12 +2,13 @@
 
 Compiles, ahead of time and from shapes only, the exact train step (and eval step) that `python -m medjax.main`
 would run for the config (the same `medjax.engine.build`: model, rules, optimizer, sharding, remat / scan, dtype)
-for a TPU slice named as libtpu names its topologies (`v4:2x2x1`, `v5e:2x4`, `v5p:2x2x1`, `v6e:2x4`, ...), and prints
-what one chip holds, whether it fits the chip's HBM, the FLOPs of one step and the step time at a stated MFU. No
-weights are read (a converted folder's medjax.json gives the architecture; `--backbone` takes a converter variant
+for a TPU slice named as libtpu names its topologies (`v4:2x2x1`, `v5e:2x4`, `v5p:2x2x1`, `v6e:2x4`, ...), and
+prints what one chip holds, whether it fits the chip's HBM, the FLOPs of one step and the step time at a stated MFU.
+No weights are read (a converted folder's medjax.json gives the architecture; `--backbone` takes a converter variant
 name instead) and nothing is allocated. When the step does not fit, the plan compiles again to find the largest
-global batch that fits and which of `mesh.fsdp`, `model.remat` + `model.scan` and `compute_dtype=bfloat16` make the
-asked batch fit. The last line of the output is one JSON object.
+global batch that fits and which of `mesh.fsdp`, `model.remat` (+ `model.scan`) and `compute_dtype=bfloat16` make
+the asked batch fit (and, when none does, the largest batch that fits with all of them). The last line of the output
+is one JSON object.
 
 TPU topologies need libtpu (`pip install -e ".[tpu]"`); its start-up lines are kept out of the output. GPU targets
 (`--topology=h100:8`, `a100:8`, `gpu:8` = H100) have no ahead-of-time compiler without the GPU: their table comes
@@ -61,6 +62,9 @@ CHIPS = {
     "a100": Chip("NVIDIA A100 80GB", 80 * 10 ** 9, 312e12),
 }
 GPU_ALIASES = {"gpu": "h100", "h100": "h100", "a100": "a100"}
+# TPU generations whose two TensorCores per chip run as one device ("megacore", as jax on a v4 / v5p VM shows one
+# device per chip). libtpu's default description of a v4 topology has a device per TensorCore, each with half the HBM.
+MEGACORE = ("v4", "v5p")
 
 # (task, classes, channels) of the readers in medjax.data (their Dataset(...) calls); `csv` / `folder` datasets need
 # --classes / --channels / --task.
@@ -131,7 +135,8 @@ def target(topology: str) -> Target:
     # (or a plan beside a test) may run at once. Read when jax first starts its backends.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
-        desc = topologies.get_topology_desc(topology, "tpu")
+        desc = topologies.get_topology_desc(topology, "tpu", **(
+            {"chip_config_name": "megacore"} if generation in MEGACORE else {}))
     except Exception as e:  # noqa: BLE001 - libtpu missing, or a shape libtpu refuses: one line either way
         text = " ".join(str(e).split())
         if "lockfile" in text:
@@ -318,20 +323,28 @@ def largest_batch(config, tgt: Target, shape, limit: int) -> tuple[int, int]:
     return lo * chips, tries
 
 
+def _execution_change(config) -> dict | None:
+    """The remat change a family offers (with scan where it offers that too), or None (no such option, or asked)."""
+    try:
+        family = models.family(_backbone_family(config))
+    except Exception:  # noqa: BLE001 - an unknown family is reported by the build itself
+        return None
+    if family.execution is None:
+        return None
+    change = {"model.remat": True} | ({"model.scan": True} if family.scan else {})
+    return None if all(config.model[k.split(".")[1]] for k in change) else change
+
+
 def fixes(config, tgt: Target, shape, limit: int) -> list[dict]:
-    """Each change that may make the asked batch fit, tried by compiling: FSDP over every chip, remat + scan (the
-    families that offer them), bfloat16 compute; then all of them together if none alone fits."""
+    """Each change that may make the asked batch fit, tried by compiling: FSDP over every chip, remat (+ scan where
+    the family offers it), bfloat16 compute; then all of them together if none alone fits (the last entry)."""
 
     chips = len(tgt.devices)
     candidates = []
     if config.mesh.fsdp != chips and chips > 1:
         candidates.append({"mesh.data": 1, "mesh.fsdp": chips})
-    try:
-        has_execution = models.family(_backbone_family(config)).execution is not None
-    except Exception:  # noqa: BLE001 - an unknown family is reported by the build itself
-        has_execution = False
-    if has_execution and not (config.model.remat and config.model.scan):
-        candidates.append({"model.remat": True, "model.scan": True})
+    if (change := _execution_change(config)) is not None:
+        candidates.append(change)
     if config.compute_dtype != "bfloat16":
         candidates.append({"compute_dtype": "bfloat16"})
     out = []
@@ -342,6 +355,18 @@ def fixes(config, tgt: Target, shape, limit: int) -> list[dict]:
         together = {k: v for change in candidates for k, v in change.items()}
         c = compile_config(_variant(config, **together), tgt, shape, eval_step=False)[0]
         out.append({"change": together, "per_chip_bytes": c.peak, "fits": c.peak <= limit})
+    return out
+
+
+def suggestions(config, tgt: Target, shape, limit: int) -> dict:
+    """What makes a config that does not fit fit, each tried by compiling: `fixes` (above); `largest_batch`, the
+    largest global batch that fits as asked (0: not one image per chip); and, when no fix fits the asked batch,
+    `largest_batch_with`: {"change": every fix together, "batch_size": the largest batch that fits with it}."""
+    out = {"fixes": fixes(config, tgt, shape, limit), "largest_batch": largest_batch(config, tgt, shape, limit)[0]}
+    if out["fixes"] and not any(f["fits"] for f in out["fixes"]):
+        change = out["fixes"][-1]["change"]
+        out["largest_batch_with"] = {"change": change,
+                                     "batch_size": largest_batch(_variant(config, **change), tgt, shape, limit)[0]}
     return out
 
 
@@ -417,8 +442,7 @@ def plan(config, topology: str, *, mfu: float = 0.4, suggest: bool = True, shape
         "peak_flops_per_chip": tgt.chip.peak_flops,
     }
     if not fits and suggest:
-        out["largest_batch"], _ = largest_batch(config, tgt, shape, limit)
-        out["fixes"] = fixes(config, tgt, shape, limit)
+        out.update(suggestions(config, tgt, shape, limit))
     return out
 
 
@@ -483,6 +507,10 @@ def render(p: dict) -> str:
         for f in p["fixes"]:
             change = " ".join(f"--config.{k}={v}" for k, v in f["change"].items())
             rows.append(("  with " + change, f"{gib(f['per_chip_bytes'])}: {'fits' if f['fits'] else 'does not fit'}"))
+        if "largest_batch_with" in p:
+            w = p["largest_batch_with"]
+            rows.append(("largest batch with all of them", str(w["batch_size"]) if w["batch_size"] else
+                         f"none (not even {p['chips']}: one image per chip)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -132,3 +132,51 @@ def test_tpu_per_chip_bytes_fall_with_fsdp_as_predicted(tmp_path):
         assert abs(drop - saved) / saved < 0.03, (key, drop, saved)
     assert four["per_chip_bytes"] < one["per_chip_bytes"]
     assert one["flops_per_step"] == four["flops_per_step"] > 0
+
+
+def test_suggestions_bisect_the_largest_batch_with_every_fix():
+    """When no change fits the asked batch, the plan bisects the largest batch that fits with all of them: at a limit
+    set to the all-changes step's own bytes at batch 8, that batch fits and the next multiple of the chips does not
+    (each checked by compiling again). One emulated chip: no FSDP change."""
+    from medjax import models, plan
+    from medjax.schema import make
+
+    config = _config(SMALL, image_size=32, batch_size=16)
+    tgt, shape = plan.target("gpu:1"), plan.dataset_shape(config)
+    together = {"model.remat": True, "model.scan": True, "compute_dtype": "bfloat16"}
+
+    def peak(batch, **change):
+        c = plan._variant(config, batch_size=batch, **change)
+        return plan.compile_config(c, tgt, shape, eval_step=False)[0].peak
+
+    limit = peak(8, **together)
+    got = plan.suggestions(config, tgt, shape, limit)
+    assert [f["change"] for f in got["fixes"]] == [{"model.remat": True, "model.scan": True},
+                                                   {"compute_dtype": "bfloat16"}, together]
+    assert not any(f["fits"] for f in got["fixes"])
+    with_all = got["largest_batch_with"]
+    assert with_all["change"] == together and 8 <= with_all["batch_size"] < 16
+    assert peak(with_all["batch_size"], **together) <= limit < peak(with_all["batch_size"] + 1, **together)
+    assert 0 <= got["largest_batch"] <= with_all["batch_size"]
+    assert peak(got["largest_batch"] + 1) > limit
+    # a family whose blocks cannot be scanned is offered remat alone (SAM: windowed and global blocks alternate)
+    sam = make({"dataset": "aptos2019", "model.family": "sam_vit", "model.architecture": {"family": "sam_vit"}})
+    assert plan._execution_change(sam) == {"model.remat": True} and not models.family("sam_vit").scan
+    assert plan._execution_change(_config(SMALL, **{"model.remat": True, "model.scan": True})) is None
+
+
+def test_tpu_v4_and_v5p_slices_have_one_device_per_chip():
+    """A v4-8 / v5p-8 slice is 4 chips of two TensorCores run as one device each (megacore), as jax on the VM shows;
+    libtpu's default v4 description has a device per TensorCore (8, each with half the HBM)."""
+    path = _tpu_path()
+    if path is None:
+        pytest.skip("libtpu is not installed (pip install --target DIR 'libtpu==0.0.42.*'; MEDJAX_TPU_PATH=DIR)")
+    code = ("import json; from medjax import plan\n"
+            "print(json.dumps({t: [len(plan.target(t).devices), plan.target(t).chip.name] "
+            "for t in ('v4:2x2x1', 'v5p:2x2x1', 'v5e:2x4')}))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *path]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"v4:2x2x1": [4, "TPU v4"], "v5p:2x2x1": [4, "TPU v5p"], "v5e:2x4": [8, "TPU v5e"]}

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
+from medjax.errors import UserError
+
 # the default layer patterns of a family that has no blocks: everything is "after the blocks"
 _NO_LAYERS: Callable[[Any], list[str]] = lambda config: []  # noqa: E731
 
@@ -54,8 +56,10 @@ class Family:
     probe_pooled_only: bool = False
     # How the blocks run (`model.remat`, `model.scan`): (config, variables or None, remat, scan) -> (config,
     # variables), e.g. the ViT family stacks its converted blocks for a scanned model. None: the family has no such
-    # options, and asking for one is an error.
+    # options, and asking for one is an error. `remat_only(name)` for a family whose blocks differ from one another
+    # (no scan).
     execution: Callable | None = None
+    scan: bool = False  # whether `execution` offers model.scan besides model.remat (medjax.plan's suggestions ask)
     # Explanations (`medjax.explain`). Attention rollout: (config) -> (first_patch, cls_pooled), or None for a
     # configuration without it. Offered by a family whose blocks attend globally over its token sequence with
     # `layers.Attention` and whose `attention_head_input` is `tokens[first_patch:]`: first_patch is the index of the
@@ -122,3 +126,14 @@ def generic_taps(model):
         pooled = tokens.mean(axis=tuple(range(1, tokens.ndim - 1))) if tokens.ndim > 2 else tokens
         return {"cls": out["linear_head_input"][:, None].astype(jnp.float32), "patch_mean": pooled.astype(jnp.float32)}
     return taps
+
+
+def remat_only(name: str, why: str) -> Callable:
+    """The `execution` of a family whose config has a `remat` field and whose blocks cannot be scanned (`why`)."""
+
+    def execution(config, variables, remat: bool, scan: bool):
+        if scan:
+            raise UserError(f"model.scan is not an option of the {name} family ({why}); model.remat is")
+        return dataclasses.replace(config, remat=remat), variables
+
+    return execution

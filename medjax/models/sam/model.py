@@ -50,6 +50,7 @@ class SamViTConfig(ConfigMixin):
     window_size: int = 14  # 0: every block global
     global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
     norm_eps: float = 1e-6  # the blocks' LayerNorms (build_sam passes 1e-6; the neck's LayerNorm2d is always 1e-6)
+    remat: bool = False  # model.remat: recompute each block in the backward pass (activation memory of ~one block)
 
     def __post_init__(self):
         object.__setattr__(self, "pos_grid", tuple(int(g) for g in self.pos_grid))
@@ -208,8 +209,9 @@ class SamImageEncoder(Backbone):
         if c.use_abs_pos:
             pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, *c.pos_grid, c.width))
             x = x + resize_pos_embed(pos_embed, grid).astype(x.dtype)
+        block = nn.remat(SamBlock) if c.remat else SamBlock
         for i in range(c.depth):
-            x = SamBlock(c, c.window_of(i), self.dtype, name=f"blocks_{i}")(x)
+            x = block(c, c.window_of(i), self.dtype, name=f"blocks_{i}")(x)
         neck = SamNeck(c.out_chans, self.dtype, name="neck")(x)
         tokens = x.reshape(batch, -1, c.width)
         pooled = tokens.mean(axis=1)

@@ -40,5 +40,5 @@ def rollout_tokens(config: ViTConfig):
 
 FAMILIES = [Family(name, ViTConfig, VisionTransformer, layers=layers, stem="patch_embed/kernel",
                    lora_targets=lora_targets, max_taps=max_taps, taps=taps, rollout_tokens=rollout_tokens,
-                   execution=execution)
+                   execution=execution, scan=True)
             for name in NAMES]

@@ -11,6 +11,7 @@ import torch
 
 from medjax import models, pretrained, testing
 from medjax.convert import convert
+from medjax.models.sam import SamViTConfig
 from medjax.models.sam import convert as sam
 from medjax.testing import PARITY_TOL, fixture_path, max_abs, perturb_
 
@@ -168,6 +169,35 @@ def test_family_facts():
     lora = testing.lora_paths(family, config, paths)
     assert len(lora) == 12 * 3 and all(p.endswith("kernel") for p in lora)
     assert family.stem in paths
+
+
+def test_remat_gives_the_plain_outputs_and_gradients():
+    """model.remat recomputes each block in the backward pass: the same outputs and parameter gradients as the plain
+    encoder (windowed and global blocks, float32); model.scan is refused in one line."""
+    from medjax.errors import UserError
+
+    config = SamViTConfig(family="sam_vit", width=48, depth=3, num_heads=3, pos_grid=(6, 6), mlp_hidden=96,
+                          out_chans=16, window_size=4, global_attn_indexes=(1,))
+    plain_model = models.build_backbone(config)
+    x = jnp.asarray(_images(2, 96, 96).transpose(0, 2, 3, 1))
+    variables = plain_model.init(jax.random.PRNGKey(0), x)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.05 * jax.random.normal(jax.random.PRNGKey(1), v.shape),
+                                       variables)
+    remat, _ = models.family("sam_vit").execution(config, None, True, False)
+
+    def loss(model):
+        return lambda v: (model.apply(v, x)["image_embeddings"] ** 2).mean() + model.apply(v, x)["pooled"].sum()
+
+    with jax.default_matmul_precision("float32"):
+        plain_out, plain_grads = jax.value_and_grad(loss(plain_model))(variables)
+        remat_out, remat_grads = jax.value_and_grad(loss(models.build_backbone(remat)))(variables)
+    assert remat.remat and not config.remat
+    assert abs(float(remat_out - plain_out)) <= 1e-6 * abs(float(plain_out))
+    worst = max(max_abs(a, b) for a, b in zip(jax.tree_util.tree_leaves(plain_grads),
+                                               jax.tree_util.tree_leaves(remat_grads)))
+    assert worst < 1e-5 and max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(plain_grads)) > 1e-3
+    with pytest.raises(UserError, match="model.scan"):
+        models.family("sam_vit").execution(config, None, False, True)
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
