@@ -32,7 +32,7 @@ import numpy as np
 
 from medjax import metrics as metrics_lib
 from medjax import rundir
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write
 
 PREDICTIONS_FILE = rundir.TEST_PREDICTIONS
 # Top-level numbers of a metrics dict that are counts or settings, not metrics.
@@ -170,12 +170,10 @@ def write_predictions(path: str, *, task: str, dataset: str, class_names, probs,
               "patients": np.asarray(["" if p is None else str(p) for p in patients], dtype=str),
               "class_names": np.asarray([str(c) for c in class_names], dtype=str),
               "task": np.asarray(task), "dataset": np.asarray(dataset)}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

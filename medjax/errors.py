@@ -84,16 +84,22 @@ def cli_main(fn):
 
 
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "w", **open_kwargs):
-    """open() for writing `path` atomically: the data goes to `path.tmpPID`, renamed onto `path` when the block ends
-    without an error; on any error (a full disk, a kill signal turned into an exception) the temporary file is
-    removed and `path` keeps its old content."""
+def atomic_path(path: str):
+    """A temporary name beside `path` (`path.tmpPID`) for a writer that takes a file name (safetensors), renamed onto
+    `path` when the block ends without an error; on any error (a full disk, a kill signal turned into an exception)
+    the temporary file is removed and `path` keeps its old content."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", **open_kwargs):
+    """open() for writing `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
+        yield f

@@ -32,7 +32,6 @@ import sys
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from medjax import engine, outputs, pretrained, trained
 from medjax import predict as predict_lib
@@ -126,10 +125,7 @@ def export_safetensors(model: trained.FineTuned, output: str) -> str:
     info["head_digests"] = {k: pretrained.tensor_digest(v) for k, v in sorted(flat_head.items())}
     config = classifier.backbone
     os.makedirs(output, exist_ok=True)
-    tmp = os.path.join(output, HEAD_FILE + ".tmp")
-    save_file(flat_head, tmp)
-    outputs.apply_umask(tmp)
-    os.replace(tmp, os.path.join(output, HEAD_FILE))
+    pretrained.write_safetensors(os.path.join(output, HEAD_FILE), flat_head)
     # medjax.json is written last (pretrained.save): a killed export never leaves a folder that loads
     pretrained.save(output, backbone, {
         "family": config.family, "model": f"fine-tuned {config.family}", "architecture": config.to_dict(),
@@ -162,10 +158,7 @@ def export_stablehlo(model: trained.FineTuned, output: str, platforms: tuple[str
     info = facts(model) | {"platforms": list(platforms), "outputs": "probabilities (N, K): softmax (multi-class) "
                            "or sigmoid (multi-label) over class_names",
                            "call": "jax.export.deserialize(bytes).call(weights_dict, images)"}
-    tmp = os.path.join(output, WEIGHTS_FILE + ".tmp")
-    save_file(weights, tmp)
-    outputs.apply_umask(tmp)
-    os.replace(tmp, os.path.join(output, WEIGHTS_FILE))
+    pretrained.write_safetensors(os.path.join(output, WEIGHTS_FILE), weights)
     _write_atomic(os.path.join(output, STABLEHLO_FILE), exported.serialize())
     _write_atomic(os.path.join(output, README_FILE), readme(info).encode())
     _write_atomic(os.path.join(output, FACTS_FILE), json.dumps(info, indent=1).encode())

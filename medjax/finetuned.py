@@ -23,11 +23,11 @@ import os
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from medjax.conversion import CheckpointError
 from medjax.data import aptos2019, chexpert, ddsm, isic2019
-from medjax.pretrained import PretrainedError
+from medjax.pretrained import PretrainedError, write_safetensors
 from medjax.tree import tensor_digest
 
 HEAD_FILE = "head.safetensors"  # as medjax.export names it
@@ -128,9 +128,7 @@ def write_head(output_dir: str, tensors: dict) -> None:
     """head.safetensors, written before medjax.json (which names it) so a killed conversion leaves no folder that
     loads."""
     os.makedirs(output_dir, exist_ok=True)
-    tmp = os.path.join(output_dir, HEAD_FILE + ".tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(output_dir, HEAD_FILE))
+    write_safetensors(os.path.join(output_dir, HEAD_FILE), tensors)
 
 
 def read_head(folder: str, meta: dict) -> tuple[dict, dict] | None:

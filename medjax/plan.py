@@ -36,7 +36,7 @@ from jax.experimental import topologies
 from ml_collections import config_flags
 
 from medjax import classifier, cli, engine, models, pretrained, rules, schema, sharding
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write
 
 GiB = 2 ** 30
 
@@ -705,9 +705,8 @@ def grid_main(grid, cells: list[dict], topology: str, mfu: float, images=(), as_
     def log_and_save(row):
         log(row)
         if cache_file:
-            with open(cache_file + ".tmp", "w") as f:
+            with atomic_write(cache_file) as f:
                 json.dump(cache, f)
-            os.replace(cache_file + ".tmp", cache_file)
 
     try:
         result = grid_plan(grid, cells, topology, mfu, parse_images(images), log=log_and_save, cache=cache)

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from medjax import outputs
-from medjax.errors import UserError, atomic_write
+from medjax.errors import UserError, atomic_path, atomic_write
 from medjax.tree import file_sha256, flatten, flatten_variables, tensor_digest, unflatten, unflatten_variables  # noqa: F401
 
 PARAMS_FILE = "params.safetensors"
@@ -89,18 +89,19 @@ def save(output_dir: str, variables: dict, metadata: dict) -> None:
     meta_path, params_path = os.path.join(output_dir, METADATA_FILE), os.path.join(output_dir, PARAMS_FILE)
     if os.path.exists(meta_path):
         os.remove(meta_path)  # the folder stops looking complete until the new metadata lands
-    try:
-        save_file(flat, params_path + ".tmp")
-        outputs.apply_umask(params_path + ".tmp")  # safetensors creates its file 0600
-    except BaseException:  # a full disk: no half file left beside the folder's files
-        if os.path.exists(params_path + ".tmp"):
-            os.remove(params_path + ".tmp")
-        raise
-    os.replace(params_path + ".tmp", params_path)
+    write_safetensors(params_path, flat)
     meta = {"medjax_format": FORMAT_VERSION, **metadata,
             "digests": {k: tensor_digest(v) for k, v in sorted(flat.items())}}
     with atomic_write(meta_path) as f:
         json.dump(meta, f, indent=2)
+
+
+def write_safetensors(path: str, tensors: dict) -> None:
+    """A safetensors file written atomically (errors.atomic_path: no half file is ever left on a failure) with an
+    ordinary new file's mode (safetensors creates its file 0600)."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp)
+        outputs.apply_umask(tmp)
 
 
 def read_metadata(params_dir: str) -> dict:

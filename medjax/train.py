@@ -43,7 +43,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from medjax import bootstrap, checkpoint, data, engine, metrics, rundir, schema, sharding, thresholds
-from medjax.errors import UserError
+from medjax.errors import UserError, atomic_write
 
 
 class NonFiniteLossError(RuntimeError):
@@ -622,10 +622,8 @@ def _tensorboard(workdir: str):
 
 
 def _write_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
 
 
 def _json_default(x):

@@ -363,9 +363,8 @@ def _convert_all(dataset: Dataset, items: list, partial: str, request: dict, wor
             log.info("%s: an earlier prepare of other files or options was interrupted here; starting over", partial)
         shutil.rmtree(chunks_dir, ignore_errors=True)
         os.makedirs(chunks_dir)
-        with open(plan_path + ".tmp", "w") as f:
+        with atomic_write(plan_path) as f:
             json.dump({"fingerprint": fingerprint}, f)
-        os.replace(plan_path + ".tmp", plan_path)
     paths = [os.path.join(chunks_dir, f"{k:07d}.pkl") for k in range(-(-len(items) // chunk_size))]
     todo = [k for k, p in enumerate(paths) if not os.path.isfile(p)]
     size = lambda k: min(chunk_size, len(items) - k * chunk_size)  # noqa: E731
