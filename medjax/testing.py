@@ -111,6 +111,16 @@ def conversion_error(*args, **kwargs) -> ConversionError:
     raise AssertionError(f"{args[0]} converted without an error")
 
 
+def apply_converted(params_dir: str, images_nchw) -> tuple:
+    """(config, variables, {output: numpy array}) of a converted folder's backbone on NCHW images (float32 matmuls,
+    jitted), as the parity tests compare it with the torch model on the same images."""
+    config, variables, _ = models.load_pretrained(params_dir)
+    with jax.default_matmul_precision("float32"):
+        out = jax.jit(models.build_backbone(config).apply)(variables, jnp.asarray(np.asarray(images_nchw)
+                                                                                  .transpose(0, 2, 3, 1)))
+    return config, variables, {k: np.asarray(v) for k, v in out.items()}
+
+
 def max_abs(a, b):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, (a.shape, b.shape)
