@@ -83,6 +83,62 @@ def what_it_takes(row: dict) -> str:
     return said
 
 
+SHORT = {"mesh.fsdp": "FSDP", "model.remat": "remat", "model.scan": "scan", "compute_dtype": "bf16"}
+README_START = "<!-- the plan table: written by benchmarks/plan_table.py from benchmarks/plans/; do not edit -->"
+README_END = "<!-- end of the plan table -->"
+
+
+def _short(change: dict) -> str:
+    return " + ".join(SHORT[k] for k in change if k in SHORT)
+
+
+def summary_cell(row: dict | None) -> str:
+    """One backbone on one slice, for the README's matrix."""
+    if row is None:
+        return "not compiled yet"
+    gib = row["per_chip_bytes"] / plan.GiB
+    if row["fits"]:
+        return f"{gib:.1f} GiB"
+    fitting = [f for f in row.get("fixes", []) if f["fits"]]
+    if fitting:
+        best = min(fitting, key=lambda f: len(f["change"]))
+        return f"{_short(best['change'])}: {best['per_chip_bytes'] / plan.GiB:.1f} GiB"
+    with_all = row.get("largest_batch_with")
+    if with_all:
+        return f"no; batch {with_all['batch_size']} with {_short(with_all['change'])}"
+    return "no"
+
+
+def render_summary(done: dict, grid: dict | None, mfu: float) -> str:
+    """The README's matrix: a row per backbone, a column per slice (per-chip GiB when the study's batch 64 fits data
+    parallel; the change that makes it fit; or the largest batch that fits with every change), and the grid's
+    chip-hours."""
+    slices = list(SLICES)
+    heads = [f"{SLICES[t]} ({plan.CHIPS[plan.tpu_generation(t)].hbm_bytes / plan.GiB:.0f} GiB per chip)"
+             for t in slices]
+    lines = [README_START, "", "| backbone, batch 64 | " + " | ".join(heads) + " |", "|---" * (len(slices) + 1) + "|"]
+    for key, (name, _, size) in MODELS.items():
+        cells = [summary_cell(done.get((key, t))) for t in slices]
+        lines.append(f"| {name} ({size} px) | " + " | ".join(cells) + " |")
+    if grid:
+        hours = {gen: sum(c["flops"] for c in grid["cells"]) / (plan.CHIPS[gen].peak_flops * mfu) / 3600
+                 for gen in ("v5e", "v4", "v5p")}
+        studies = sorted({c["study"] for c in grid["cells"]})
+        lines += ["", f"The study grid ({len(grid['cells'])} cells of `configs/grid.py`, studies {', '.join(studies)}) "
+                      f"at MFU {mfu:g}:", ", ".join(f"{h:,.0f} {gen} chip-hours" for gen, h in hours.items()) + "."]
+    return "\n".join(lines + ["", README_END])
+
+
+def replace_block(path: str, block: str) -> None:
+    """Puts `block` (which starts with README_START and ends with README_END) in place of the file's block."""
+    text = open(path).read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"error: {path}: no block between {README_START!r} and {README_END!r}")
+    with open(path, "w") as f:
+        f.write(text[:start] + block + text[end + len(README_END):])
+
+
 def render(rows: list[dict], grid: dict | None, mfu: float) -> str:
     lines = ["<!-- written by benchmarks/plan_table.py from `python -m medjax.plan` compiles; do not edit -->", "",
              "| backbone | slice | chips | per-chip GiB (data parallel) | fits | what it takes to fit |",
@@ -110,6 +166,23 @@ def render(rows: list[dict], grid: dict | None, mfu: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_results(path: str) -> dict:
+    """{(model, topology): row} of a results file (JSON lines; a later line for the same pair wins)."""
+    done = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                done[(row["model"], row["topology"])] = row
+    return done
+
+
+def ordered(done: dict) -> list[dict]:
+    """The rows in the table's order: by backbone, then slice."""
+    return [done[k] for k in sorted(done, key=lambda k: (list(MODELS).index(k[0]), list(SLICES).index(k[1])
+                                                          if k[1] in SLICES else 99))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--topologies", default=",".join(SLICES))
@@ -119,14 +192,11 @@ def main(argv=None) -> int:
     p.add_argument("--grid-json", help="a file whose last line is `python -m medjax.grid plan`'s JSON")
     p.add_argument("--mfu", type=float, default=0.4)
     p.add_argument("--output", default=os.path.join(ROOT, "docs", "plan_table.md"))
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
+                   help="the file whose plan-table block gets the summary matrix ('' for none)")
     p.add_argument("--render-only", action="store_true", help="write the table from --results, compile nothing")
     args = p.parse_args(argv)
-    done = {}
-    if os.path.exists(args.results):
-        for line in open(args.results):
-            if line.strip():
-                row = json.loads(line)
-                done[(row["model"], row["topology"])] = row
+    done = load_results(args.results) if os.path.exists(args.results) else {}
     if not args.render_only:
         for topology in args.topologies.split(","):
             with plan.quiet_stderr():
@@ -144,14 +214,15 @@ def main(argv=None) -> int:
                 with open(args.results, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    rows = [done[k] for k in sorted(done, key=lambda k: (list(MODELS).index(k[0]), list(SLICES).index(k[1])
-                                                          if k[1] in SLICES else 99))]
+    rows = ordered(done)
     grid = None
     if args.grid_json:
         grid = json.loads(open(args.grid_json).read().strip().splitlines()[-1])
     with open(args.output, "w") as f:
         f.write(render(rows, grid, args.mfu))
-    print(f"wrote {args.output}")
+    if args.readme:
+        replace_block(args.readme, render_summary(done, grid, args.mfu))
+    print(f"wrote {args.output}" + (f" and the plan table of {args.readme}" if args.readme else ""))
     return 0
 
 

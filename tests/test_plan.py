@@ -180,3 +180,20 @@ def test_tpu_v4_and_v5p_slices_have_one_device_per_chip():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got == {"v4:2x2x1": [4, "TPU v4"], "v5p:2x2x1": [4, "TPU v5p"], "v5e:2x4": [8, "TPU v5e"]}
+
+
+def test_the_committed_tables_are_the_scripts_output():
+    """docs/plan_table.md and the README's plan-table block are what benchmarks/plan_table.py renders from the
+    committed compiles (benchmarks/plans/), not typed."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)  # benchmarks/ is not an installed package
+    from benchmarks import plan_table
+
+    done = plan_table.load_results(os.path.join(ROOT, "benchmarks", "plans", "plan_table.jsonl"))
+    with open(os.path.join(ROOT, "benchmarks", "plans", "grid_plan_v5e.json")) as f:
+        grid = json.loads(f.read().strip().splitlines()[-1])
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert plan_table.render_summary(done, grid, 0.4) in f.read()
+    with open(os.path.join(ROOT, "docs", "plan_table.md")) as f:
+        assert f.read() == plan_table.render(plan_table.ordered(done), grid, 0.4)
+    assert len(done) >= 11 and all(r["per_chip_bytes"] > 0 for r in done.values())
