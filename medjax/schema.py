@@ -128,7 +128,7 @@ def study_config():
         "targets": (),  # regexes over backbone paths of the 2-d kernels to adapt; empty: the family's LoRA targets
     })
     c.model.grayscale = "red"  # 1-channel data: keep the red filter of the RGB stem, or "sum"
-    c.model.remat = False  # ViT family: recompute each block's activations in the backward pass (less memory)
+    c.model.remat = False  # ViT, DINOv3, SAM ViT: recompute each block's activations in the backward pass
     c.model.scan = False  # ViT family: one nn.scan over the blocks (one compiled block; no per-block rules)
     c.model.attention_head = ml_collections.ConfigDict({
         "deit_params": "",  # a converted deit_base_patch16_224 folder (the reference's body); "": random init
