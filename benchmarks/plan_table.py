@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -183,6 +184,20 @@ def ordered(done: dict) -> list[dict]:
                                                           if k[1] in SLICES else 99))]
 
 
+def compile_row(key: str, topology: str, results: str) -> None:
+    """One row in a process of its own, which appends it to `results`: the compiles of a big model take several GiB
+    of host memory each and a process keeps some of it, so one process for the whole table ran out of memory (24 GiB)
+    where each row alone fits. A failed row is reported in one line; the others still run."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--row", f"{key}@{topology}", "--results",
+                           results], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 0:
+        print(proc.stdout.strip().splitlines()[-1], flush=True)
+        return
+    why = "killed (out of host memory?)" if proc.returncode == -9 else f"exit status {proc.returncode}"
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    print(f"{key} on {topology}: {why}: {last[:300]}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--topologies", default=",".join(SLICES))
@@ -195,25 +210,23 @@ def main(argv=None) -> int:
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
                    help="the file whose plan-table block gets the summary matrix ('' for none)")
     p.add_argument("--render-only", action="store_true", help="write the table from --results, compile nothing")
+    p.add_argument("--row", metavar="MODEL@TOPOLOGY", help=argparse.SUPPRESS)  # one row, in the child process
     args = p.parse_args(argv)
+    if args.row:
+        key, topology = args.row.split("@")
+        with plan.quiet_stderr():
+            row = plan_one(key, topology, plan.target(topology))
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        return 0
     done = load_results(args.results) if os.path.exists(args.results) else {}
     if not args.render_only:
         for topology in args.topologies.split(","):
-            with plan.quiet_stderr():
-                tgt = plan.target(topology)
             for key in args.models.split(","):
-                if (key, topology) in done:
-                    continue
-                try:
-                    with plan.quiet_stderr():
-                        row = plan_one(key, topology, tgt)
-                except Exception as e:  # noqa: BLE001 - one failed row is reported; the others still run
-                    print(f"{key} on {topology}: {type(e).__name__}: {' '.join(str(e).split())[:300]}", flush=True)
-                    continue
-                done[(key, topology)] = row
-                with open(args.results, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+                if (key, topology) not in done:
+                    compile_row(key, topology, args.results)
+        done = load_results(args.results) if os.path.exists(args.results) else {}
     rows = ordered(done)
     grid = None
     if args.grid_json:
