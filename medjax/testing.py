@@ -121,6 +121,20 @@ def apply_converted(params_dir: str, images_nchw) -> tuple:
     return config, variables, {k: np.asarray(v) for k, v in out.items()}
 
 
+def transformers_fixture_outputs(out_dir, family: str) -> dict:
+    """A family's public fixture in the transformers layout (model.safetensors + config.json) converted into
+    `out_dir` and run on its images; checks the format and that last_hidden_state and pooler_output (the expected
+    arrays) are within PARITY_TOL; returns every output."""
+    meta = convert(fixture_path(family, "model.safetensors"), str(out_dir), family, fixture_path(family, "config.json"))
+    assert meta["source"]["format"] == f"{family}_transformers"
+    _, _, got = apply_converted(str(out_dir), np.load(fixture_path(family, "images.npy")))
+    expected = np.load(fixture_path(family, "expected.npz"))
+    assert sorted(expected.files) == ["last_hidden_state", "pooler_output"]
+    for key in expected.files:
+        assert max_abs(got[key], expected[key]) <= PARITY_TOL, key
+    return got
+
+
 def max_abs(a, b):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, (a.shape, b.shape)

@@ -26,7 +26,16 @@ from medjax.models.dinov3 import DINOv3Config
 from medjax.models.dinov3.convert import swiglu_hidden
 from medjax.pretrained import flatten
 from medjax.schema import make
-from medjax.testing import PARITY_TOL, ROOT, apply_converted, fixture_path, max_abs, perturb_, train_two_steps
+from medjax.testing import (
+    PARITY_TOL,
+    ROOT,
+    apply_converted,
+    fixture_path,
+    max_abs,
+    perturb_,
+    train_two_steps,
+    transformers_fixture_outputs,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,14 +87,7 @@ def hf_models(tmp_path_factory):
 
 
 def test_public_fixture(tmp_path, family="dinov3"):
-    meta = convert(fixture_path(family, "model.safetensors"), str(tmp_path), family,
-                   fixture_path(family, "config.json"))
-    assert meta["source"]["format"] == f"{family}_transformers"
-    _, _, got = apply_converted(str(tmp_path), np.load(fixture_path(family, "images.npy")))
-    expected = np.load(fixture_path(family, "expected.npz"))
-    assert sorted(expected.files) == ["last_hidden_state", "pooler_output"]
-    for key in expected.files:
-        assert max_abs(got[key], expected[key]) <= PARITY_TOL, key
+    got = transformers_fixture_outputs(tmp_path, family)
     assert np.array_equal(got["linear_head_input"], got["pooler_output"])
 
 

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from medjax import classifier, engine, explain, models, rules
+from medjax import classifier, engine, explain, models, rules, testing
 from medjax.convert import CheckpointError, convert
 from medjax.models import VARIANTS
 from medjax.models.dinov3_convnext import DINOv3ConvNextConfig
 from medjax.pretrained import flatten
 from medjax.schema import make
-from medjax.testing import PARITY_TOL, apply_converted, fixture_path, max_abs, perturb_, train_two_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,7 +32,8 @@ def _images(shape, seed=0):
 def hf_convnext(tmp_path_factory):
     """(perturbed transformers model, its converted folder, the conversion's metadata), from save_pretrained output."""
     torch.manual_seed(20)
-    model = perturb_(transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**CONVNEXT)), seed=21).eval()
+    model = transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**CONVNEXT))
+    model = testing.perturb_(model, seed=21).eval()
     root = tmp_path_factory.mktemp("convnext")
     model.save_pretrained(root / "hf")
     meta = convert(str(root / "hf"), str(root / "jx"), "dinov3_convnext")
@@ -42,14 +42,7 @@ def hf_convnext(tmp_path_factory):
 
 
 def test_public_fixture(tmp_path, family="dinov3_convnext"):
-    meta = convert(fixture_path(family, "model.safetensors"), str(tmp_path), family,
-                   fixture_path(family, "config.json"))
-    assert meta["source"]["format"] == f"{family}_transformers"
-    _, _, got = apply_converted(str(tmp_path), np.load(fixture_path(family, "images.npy")))
-    expected = np.load(fixture_path(family, "expected.npz"))
-    assert sorted(expected.files) == ["last_hidden_state", "pooler_output"]
-    for key in expected.files:
-        assert max_abs(got[key], expected[key]) <= PARITY_TOL, key
+    got = testing.transformers_fixture_outputs(tmp_path, family)
     assert np.array_equal(got["linear_head_input"], got["pooler_output"])
 
 
@@ -57,11 +50,11 @@ def test_public_fixture(tmp_path, family="dinov3_convnext"):
 def test_transformers_parity(hf_convnext, size):
     model, params_dir, _ = hf_convnext
     images = _images((2, 3, *size), seed=size[0])
-    _, _, got = apply_converted(params_dir, images)
+    _, _, got = testing.apply_converted(params_dir, images)
     with torch.no_grad():
         ref = model(torch.from_numpy(images))
-    assert max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= PARITY_TOL
-    assert max_abs(got["pooler_output"], ref.pooler_output.numpy()) <= PARITY_TOL
+    assert testing.max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= testing.PARITY_TOL
+    assert testing.max_abs(got["pooler_output"], ref.pooler_output.numpy()) <= testing.PARITY_TOL
     assert got["last_hidden_state"].shape == (2, 1 + (size[0] // 32) * (size[1] // 32), 32)
 
 
@@ -85,10 +78,10 @@ def test_official_naming(hf_convnext, tmp_path):
                        str(tmp_path / "hub.json"))
     assert got_meta["source"]["format"] == "dinov3_convnext_hub" and got_meta["num_params"] == meta["num_params"]
     images = _images((1, 3, 64, 96), seed=3)
-    _, _, got = apply_converted(str(tmp_path / "jx"), images)
+    _, _, got = testing.apply_converted(str(tmp_path / "jx"), images)
     with torch.no_grad():
         ref = model(torch.from_numpy(images))
-    assert max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= PARITY_TOL
+    assert testing.max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= testing.PARITY_TOL
 
 
 def test_gradcam_on_the_last_stage(hf_convnext, matmul_f32):
@@ -109,7 +102,7 @@ def test_grayscale_training_moves_every_parameter():
                    "compute_dtype": "float32", "optim.lr": 1e-2, "optim.schedule": "constant",
                    "model.freeze": "full"})
     e = engine.build(config, num_classes=3, channels=1, task="multiclass", total_steps=10)
-    before, changed = train_two_steps(e, 64)
+    before, changed = testing.train_two_steps(e, 64)
     assert before["backbone/stages_0/downsample_conv/kernel"].shape[2] == 1
     assert changed == set(before)
 
@@ -154,16 +147,16 @@ def test_variant_parameter_counts_equal_upstream(name):
 @pytest.mark.slow
 def test_full_size_random_model(tmp_path, name="dinov3_convnext_tiny"):
     torch.manual_seed(0)
-    model = perturb_(transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig()), seed=1).eval()
+    model = testing.perturb_(transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig()), seed=1).eval()
     model.save_pretrained(tmp_path / "hf")
     convert(str(tmp_path / "hf"), str(tmp_path / "jx"), name)
     images = _images((1, 3, 224, 224), seed=4)
-    _, _, got = apply_converted(str(tmp_path / "jx"), images)
+    _, _, got = testing.apply_converted(str(tmp_path / "jx"), images)
     with torch.no_grad():
         ref = model(torch.from_numpy(images))
-    assert max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= 1e-4
+    assert testing.max_abs(got["last_hidden_state"], ref.last_hidden_state.numpy()) <= 1e-4
 
 
 def test_a_vit_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not a dinov3_convnext checkpoint"):
-        convert(fixture_path("dinov3", "model.safetensors"), str(tmp_path / "c"), "dinov3_convnext_tiny")
+        convert(testing.fixture_path("dinov3", "model.safetensors"), str(tmp_path / "c"), "dinov3_convnext_tiny")
