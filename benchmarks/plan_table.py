@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from medjax import plan  # noqa: E402
+from medjax.errors import atomic_write  # noqa: E402
 from medjax.schema import make  # noqa: E402
 
 # key: (table name, converter variant, image size)
@@ -67,14 +68,18 @@ def plan_one(key: str, topology: str, tgt) -> dict:
     return row
 
 
+def best_fix(row: dict) -> dict | None:
+    """The fix that fits with the fewest changes, or None."""
+    fitting = [f for f in row.get("fixes", []) if f["fits"]]
+    return min(fitting, key=lambda f: len(f["change"])) if fitting else None
+
+
 def what_it_takes(row: dict) -> str:
     if row["fits"]:
         return "as is (data parallel)"
     if "fixes" not in row:
         return "not searched"
-    fitting = [f for f in row["fixes"] if f["fits"]]
-    if fitting:
-        best = min(fitting, key=lambda f: len(f["change"]))
+    if best := best_fix(row):
         change = ", ".join(f"{k}={v}" for k, v in best["change"].items())
         return f"{change} ({best['per_chip_bytes'] / plan.GiB:.1f} GiB)"
     said = f"nothing tried fits batch {row['batch_size']}; largest batch data parallel: {row['largest_batch']}"
@@ -100,9 +105,7 @@ def summary_cell(row: dict | None) -> str:
     gib = row["per_chip_bytes"] / plan.GiB
     if row["fits"]:
         return f"{gib:.1f} GiB"
-    fitting = [f for f in row.get("fixes", []) if f["fits"]]
-    if fitting:
-        best = min(fitting, key=lambda f: len(f["change"]))
+    if best := best_fix(row):
         return f"{_short(best['change'])}: {best['per_chip_bytes'] / plan.GiB:.1f} GiB"
     with_all = row.get("largest_batch_with")
     if with_all:
@@ -122,7 +125,7 @@ def render_summary(done: dict, grid: dict | None, mfu: float) -> str:
         cells = [summary_cell(done.get((key, t))) for t in slices]
         lines.append(f"| {name} ({size} px) | " + " | ".join(cells) + " |")
     if grid:
-        hours = {gen: sum(c["flops"] for c in grid["cells"]) / (plan.CHIPS[gen].peak_flops * mfu) / 3600
+        hours = {gen: plan.chip_hours(sum(c["flops"] for c in grid["cells"]), plan.CHIPS[gen], mfu)
                  for gen in ("v5e", "v4", "v5p")}
         studies = sorted({c["study"] for c in grid["cells"]})
         lines += ["", f"The study grid ({len(grid['cells'])} cells of `configs/grid.py`, studies {', '.join(studies)}) "
@@ -136,7 +139,7 @@ def replace_block(path: str, block: str) -> None:
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
         raise SystemExit(f"error: {path}: no block between {README_START!r} and {README_END!r}")
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write(text[:start] + block + text[end + len(README_END):])
 
 
@@ -161,15 +164,18 @@ def render(rows: list[dict], grid: dict | None, mfu: float) -> str:
                   "| chip | " + " | ".join(by_study) + " | total |", "|---" * (len(by_study) + 2) + "|"]
         for gen in ("v5e", "v4", "v5p"):
             chip = plan.CHIPS[gen]
-            hours = [v / (chip.peak_flops * mfu) / 3600 for v in by_study.values()]
+            hours = [plan.chip_hours(v, chip, mfu) for v in by_study.values()]
             lines.append(f"| {chip.name} | " + " | ".join(f"{h:,.1f}" for h in hours) +
-                         f" | {total / (chip.peak_flops * mfu) / 3600:,.1f} |")
+                         f" | {plan.chip_hours(total, chip, mfu):,.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def load_results(path: str) -> dict:
-    """{(model, topology): row} of a results file (JSON lines; a later line for the same pair wins)."""
+    """{(model, topology): row} of a results file (JSON lines; a later line for the same pair wins); none yet when
+    the file does not exist."""
     done = {}
+    if not os.path.exists(path):
+        return done
     with open(path) as f:
         for line in f:
             if line.strip():
@@ -220,13 +226,13 @@ def main(argv=None) -> int:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
         return 0
-    done = load_results(args.results) if os.path.exists(args.results) else {}
+    done = load_results(args.results)
     if not args.render_only:
         for topology in args.topologies.split(","):
             for key in args.models.split(","):
                 if (key, topology) not in done:
                     compile_row(key, topology, args.results)
-        done = load_results(args.results) if os.path.exists(args.results) else {}
+        done = load_results(args.results)
     rows = ordered(done)
     grid = None
     if args.grid_json:

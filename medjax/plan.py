@@ -405,6 +405,11 @@ def step_time(flops: float, chips: int, chip: Chip, mfu: float) -> float:
     return flops / (chips * chip.peak_flops * mfu)
 
 
+def chip_hours(flops: float, chip: Chip, mfu: float) -> float:
+    """Chip-hours that `flops` take at the chip's peak bf16 rate times `mfu`."""
+    return step_time(flops, 1, chip, mfu) / 3600
+
+
 def plan(config, topology: str, *, mfu: float = 0.4, suggest: bool = True, shape=None, tgt: Target | None = None,
          eval_step: bool = True) -> dict:
     """The plan as a dict (the JSON line): see the module docstring."""
@@ -626,9 +631,8 @@ def cell_cost(config, cell: dict, images: tuple, flops: tuple, chip: Chip, chips
         steps = int(config.total_steps) or int(config.epochs) * (train_images // int(config.batch_size))
         total = (train_flops * steps * int(config.batch_size)
                  + eval_flops * (val_images * int(config.epochs) + test_images))
-    hours = total / (chips * chip.peak_flops * mfu) / 3600
     return {**{k: cell[k] for k in ("study", "model", "dataset", "head", "freeze")}, "steps": steps,
-            "flops": total, "chip_hours": hours * chips}
+            "flops": total, "chip_hours": step_time(total, chips, chip, mfu) / 3600 * chips}
 
 
 def grid_plan(grid, cells: list[dict], topology: str, mfu: float, images: dict | None = None, log=None,

@@ -186,7 +186,10 @@ def test_remat_gives_the_plain_outputs_and_gradients():
     remat, _ = models.family("sam_vit").execution(config, None, True, False)
 
     def loss(model):
-        return lambda v: (model.apply(v, x)["image_embeddings"] ** 2).mean() + model.apply(v, x)["pooled"].sum()
+        def of(v):
+            out = model.apply(v, x)
+            return (out["image_embeddings"] ** 2).mean() + out["pooled"].sum()
+        return of
 
     with jax.default_matmul_precision("float32"):
         plain_out, plain_grads = jax.value_and_grad(loss(plain_model))(variables)
