@@ -138,7 +138,8 @@ def replace_block(path: str, block: str) -> None:
     text = open(path).read()
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
-        raise SystemExit(f"error: {path}: no block between {README_START!r} and {README_END!r}")
+        print(f"error: {path}: no block between {README_START!r} and {README_END!r}", file=sys.stderr)
+        raise SystemExit(2)
     with atomic_write(path) as f:
         f.write(text[:start] + block + text[end + len(README_END):])
 
